@@ -1,0 +1,1 @@
+"""terse.backend.local"""

@@ -1,0 +1,36 @@
+"""Typed errors shared by every layer.
+
+Each user-facing error names the offending value, the limit it broke and the fix. Catch `TerseError`
+to catch everything terse raises on purpose; the `ValueError` subclasses are also plain `ValueError`s.
+"""
+
+from __future__ import annotations
+
+
+class TerseError(Exception):
+    """Base class of every error terse raises on purpose."""
+
+
+class ConfigError(TerseError, ValueError):
+    """A configuration value is invalid (raised when a config object is built)."""
+
+
+class InvalidRequestError(TerseError, ValueError):
+    """One request is invalid (too long, bad sampling values, empty prompt); other requests go on."""
+
+
+class ModelLoadError(TerseError):
+    """A model could not be loaded: unknown path or name, unsupported architecture, corrupt files."""
+
+
+class UnsupportedOperationError(TerseError):
+    """The backend cannot do what was asked (for example `score()` on a server without logprobs)."""
+
+
+
+class BackendUnavailableError(TerseError):
+    """A remote backend could not be reached or kept failing after retries."""
+
+
+class RetrievalIndexError(TerseError):
+    """A retrieval index is missing, corrupt, or does not match the embedder (see terse.retrieval)."""
