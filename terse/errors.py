@@ -34,3 +34,30 @@ class BackendUnavailableError(TerseError):
 
 class RetrievalIndexError(TerseError):
     """A retrieval index is missing, corrupt, or does not match the embedder (see terse.retrieval)."""
+
+
+class BackendTimeoutError(BackendUnavailableError):
+    """A remote backend accepted the connection but did not answer within the configured timeout."""
+
+
+class RemoteRequestError(TerseError):
+    """A remote backend rejected a request with an HTTP 4xx status; carries the server's own message.
+
+    `status_code` is the HTTP status; `error_type`, `param` and `code` are the fields of the server's
+    OpenAI-shaped error body when it sent one (else None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        error_type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.param = param
+        self.code = code
