@@ -61,3 +61,7 @@ class RemoteRequestError(TerseError):
         self.error_type = error_type
         self.param = param
         self.code = code
+
+
+class KernelInputError(TerseError, ValueError):
+    """Tensors or indices passed to a kernel launcher have the wrong shape, dtype, stride or device."""
