@@ -1,0 +1,64 @@
+"""Next-token sampling shared by the local engine and the transformers backend.
+
+Greedy rows take the argmax. Other rows sample from softmax(logits / temperature) restricted to the
+top-p nucleus, by inverse-CDF with one uniform number per row. A row with its own `torch.Generator`
+(a request with a seed) draws its number from it, so its sample does not depend on what else is in
+the batch; rows without a seed share one batched draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from terse.backend.types import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded for one request, or None when the request has no seed."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick one token per row.
+
+    logits: [B, V] (any float dtype); params and generators: one per row. Returns token ids [B] int64.
+    """
+    num_rows = logits.shape[0]
+    assert len(params) == num_rows == len(generators), "one SamplingParams and generator per row"
+    out = logits.argmax(dim=-1)  # [B]
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled_rows:
+        return out
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
+    top_ps = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
+    probs = torch.softmax(logits[rows].float() / temps[:, None], dim=-1)  # [R, V]
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    cum = sorted_probs.cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches top_p; the first token always stays.
+    sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) >= top_ps[:, None], 0.0)
+    cum = sorted_probs.cumsum(dim=-1)  # [R, V], last column = kept mass
+    uniforms = _uniforms([generators[i] for i in sampled_rows], logits.device)  # [R]
+    targets = uniforms * cum[:, -1]
+    pick = torch.searchsorted(cum, targets[:, None], right=True).clamp_(max=cum.shape[-1] - 1)  # [R, 1]
+    out[rows] = sorted_ids.gather(-1, pick).squeeze(-1)
+    return out
+
+
+def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) number per row: seeded rows from their generator, the rest from one shared draw."""
+    values = torch.rand(len(generators), device=device)
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            values[i] = torch.rand(1, generator=gen, device=device)[0]
+    return values
