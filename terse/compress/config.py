@@ -1,0 +1,154 @@
+"""Typed, validated configuration of the compressor: the budget, the protection policy, the stages.
+
+Every object is a frozen dataclass checked on construction, so a bad value fails where it was written
+with a `ConfigError` naming the value, the limit and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from terse.errors import ConfigError
+
+Reorder = Literal["original", "rank", "ends"]
+TokenPrunerName = Literal["iterative", "parallel"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long the compressed prompt may be, measured in the target model's tokenizer.
+
+    Give exactly one of `target_tokens` or `rate`. The budget covers the whole returned prompt:
+    instruction, compressed contexts and question, joined as `CompressionResult.text` holds them.
+    """
+
+    target_tokens: int | None = None
+    """Most tokens the compressed prompt may hold (>= 1)."""
+    rate: float | None = None
+    """Fraction of the original prompt's tokens to keep, in (0, 1]; the target is floor(rate * original)."""
+
+    def __post_init__(self) -> None:
+        if (self.target_tokens is None) == (self.rate is None):
+            raise ConfigError(
+                f"Budget(target_tokens={self.target_tokens!r}, rate={self.rate!r}): give exactly one, "
+                f"e.g. Budget(rate=0.25) or Budget(target_tokens=300)"
+            )
+        if self.target_tokens is not None and (
+            isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int) or self.target_tokens < 1
+        ):
+            raise ConfigError(f"target_tokens={self.target_tokens!r} must be an int >= 1, e.g. 300")
+        if self.rate is not None and not (
+            isinstance(self.rate, int | float) and math.isfinite(self.rate) and 0.0 < self.rate <= 1.0
+        ):
+            raise ConfigError(f"rate={self.rate!r} must be a number in (0, 1], e.g. 0.25 keeps a quarter")
+
+    def resolve(self, num_original_tokens: int) -> int:
+        """The target token count for a prompt of `num_original_tokens` tokens."""
+        if self.target_tokens is not None:
+            return self.target_tokens
+        assert self.rate is not None
+        return max(1, math.floor(self.rate * num_original_tokens))
+
+
+@dataclass(frozen=True)
+class ProtectionPolicy:
+    """Spans that are never cut: kept whole, with their inner whitespace, wherever they are kept.
+
+    `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops.
+    The structural flags protect spans inside the contexts that survive the coarse stage (a dropped
+    context goes whole, so its numbers do not clutter the result).
+    """
+
+    literals: tuple[str, ...] = ()
+    """Exact substrings to keep (every occurrence), e.g. ("Acme Corp", "ORDER-7731")."""
+    patterns: tuple[str, ...] = ()
+    """Regular expressions whose matches are kept (Python `re` syntax), e.g. (r"[A-Z]{3}-\\d+",)."""
+    numbers: bool = False
+    """Keep numbers, dates, versions and amounts (any word holding a digit run)."""
+    code_blocks: bool = False
+    """Keep fenced code blocks (```...```) and `inline code` whole."""
+    json_keys: bool = False
+    """Keep JSON object keys ("key":) so structured data stays parseable by eye."""
+    role_labels: bool = False
+    """Keep role labels at line starts (User:, Assistant:, System:, Q:, A:, Question:, Answer:)."""
+    markdown: bool = False
+    """Keep markdown structure: heading lines, list bullets, table pipes, block quotes, rules."""
+
+    def __post_init__(self) -> None:
+        for name in ("literals", "patterns"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, tuple):
+                raise ConfigError(f"{name}={value!r} must be a tuple of strings, e.g. {name}=('x',)")
+            if any(not isinstance(s, str) or s == "" for s in value):
+                raise ConfigError(f"{name}={value!r} must hold non-empty strings only")
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"protect pattern {pattern!r} is not a valid regex ({e}); fix or escape it") from e
+
+    @classmethod
+    def everything(cls, literals: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> ProtectionPolicy:
+        """Every structural flag on: for prompts holding code, data or transcripts."""
+        return cls(literals, patterns, True, True, True, True, True)
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    """Which stages run and how. Stages are chosen by registry name; None switches a stage off."""
+
+    ranker: str | None = "lm"
+    """Coarse context ranker: "lm" (log P(question | context) per token), "embedding", "bm25", or None."""
+    reorder: Reorder = "rank"
+    """Output order of contexts: "original", "rank" (best first) or "ends" (best at both ends)."""
+    context_budget_ratio: float = 1.4
+    """The coarse stage keeps contexts (best first) until their tokens reach this multiple of the budget."""
+    dynamic_ratio_spread: float = 0.3
+    """How much keep ratios vary by rank: the best context keeps (1 + spread) x the mean ratio, the worst
+    (1 - spread) x; 0 gives every kept context the same ratio. In [0, 1)."""
+    sentence_ranker: str | None = "same"
+    """Sentence filter ranker name, "same" for the coarse ranker ("lm" when that is None), or None (off)."""
+    sentence_budget_ratio: float = 2.0
+    """The sentence filter keeps each context's best sentences up to this multiple of its token share."""
+    token_pruner: TokenPrunerName | None = "iterative"
+    """Token-level stage: "iterative" (segments conditioned on question + kept text, prefix reused),
+    "parallel" (all segments conditioned on the question in one batched call), or None (off)."""
+    segment_tokens: int = 128
+    """Scorer tokens per segment of the token-level stage."""
+    max_prefix_tokens: int = 1024
+    """Most tokens of kept text carried as the scoring prefix; older kept text is left out past it."""
+    fit_max_probes: int = 64
+    """Most extra tokenizer probes the exact-fit stage spends filling the last few tokens of budget."""
+    context_separator: str = "\n\n"
+    """Joins compressed contexts, and the instruction / contexts / question parts of the prompt."""
+    embedding_model: str | None = None
+    """Sentence-transformers model dir for the "embedding" ranker; None means the bundled MiniLM."""
+
+    def __post_init__(self) -> None:
+        if self.reorder not in ("original", "rank", "ends"):
+            raise ConfigError(f"reorder={self.reorder!r} must be 'original', 'rank' or 'ends'")
+        if self.token_pruner not in (None, "iterative", "parallel"):
+            raise ConfigError(f"token_pruner={self.token_pruner!r} must be 'iterative', 'parallel' or None")
+        _check_range("context_budget_ratio", self.context_budget_ratio, 1.0, 100.0, "1.4")
+        _check_range("sentence_budget_ratio", self.sentence_budget_ratio, 1.0, 100.0, "2.0")
+        _check_range("dynamic_ratio_spread", self.dynamic_ratio_spread, 0.0, 0.99, "0.3")
+        for name, low in (("segment_tokens", 8), ("max_prefix_tokens", 0), ("fit_max_probes", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}={value!r} must be an int >= {low}")
+        if self.context_separator == "":
+            raise ConfigError("context_separator='' would glue contexts together; use e.g. '\\n\\n'")
+
+    def resolved_sentence_ranker(self) -> str | None:
+        """The sentence filter's ranker name after resolving "same"."""
+        if self.sentence_ranker == "same":
+            return self.ranker or "lm"
+        return self.sentence_ranker
+
+
+def _check_range(name: str, value: float, low: float, high: float, example: str) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}], e.g. {example}")
