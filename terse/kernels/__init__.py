@@ -1,1 +1,41 @@
-"""terse.kernels"""
+"""terse.kernels: dynamic sparse prefill attention (Triton kernels beside their torch references).
+
+Importing the package loads nothing heavy: names resolve lazily, and triton is imported only by the
+kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads when it runs them.
+
+| module | holds |
+|---|---|
+| `prefill` | `sparse_prefill_attention` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
+| `patterns` | per-head pattern dataclasses, JSON load/save/validate, `default_patterns` |
+| `search` | offline per-head pattern search on a sample prompt |
+| `estimate`, `estimate_blocks` | online vertical-slash and block-sparse index estimation |
+| `block_sparse`, `vertical_slash`, `a_shape` | the Triton kernels and launchers; vertical-slash index conversion |
+| `reference` | float32 dense attention under each index format's mask |
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "sparse_prefill_attention": "terse.kernels.prefill",
+    "SparsePrefillConfig": "terse.kernels.prefill",
+    "choose_prefill_path": "terse.kernels.prefill",
+    "ModelPatterns": "terse.kernels.patterns",
+    "load_patterns": "terse.kernels.patterns",
+    "save_patterns": "terse.kernels.patterns",
+    "load_or_default": "terse.kernels.patterns",
+    "default_patterns": "terse.kernels.patterns",
+    "search_model_patterns": "terse.kernels.search",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'terse.kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_LAZY)

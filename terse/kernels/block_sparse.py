@@ -1,0 +1,178 @@
+"""Causal varlen attention over a block-sparse index plus optional key columns (Triton).
+
+One program computes one (query block, head, sequence): it walks the row's listed key blocks, then the
+row's listed single key columns (gathered rows of K/V), folding each into one online softmax. The index
+format is described in `terse.kernels.reference` (its mask builder is the definition); the converter
+in `terse.kernels.vertical_slash` produces block + column rows that never overlap, so nothing is counted
+twice. GQA is native: the program reads kv head = q head // group, nothing is repeated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from terse.errors import KernelInputError
+from terse.kernels.checks import (
+    check_block_size,
+    check_device_for_triton,
+    check_index,
+    check_varlen_inputs,
+    num_blocks,
+)
+from terse.kernels.tiles import attend_tile, store_rows
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, CuSeqlensQ, CuSeqlensK, HeadIds,
+    BlockIdx, BlockCount, ColIdx, ColCount,
+    qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_bb, stride_bh, stride_bm, stride_cb, stride_ch, stride_cm,
+    stride_nb, stride_nh, stride_db, stride_dh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_COLS: tl.constexpr, IS_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CuSeqlensQ + b)
+    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_start = tl.load(CuSeqlensK + b)
+    k_len = tl.load(CuSeqlensK + b + 1) - k_start
+    h_q = tl.load(HeadIds + h)
+    h_kv = h_q // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_pos = k_len - q_len + offs_m  # absolute positions of this tile's queries
+    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + h_q * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    K_head = K + k_start * stride_kt + h_kv * stride_kh
+    V_head = V + k_start * stride_vt + h_kv * stride_vh
+
+    row_blocks = BlockIdx + b * stride_bb + h * stride_bh + pid_m * stride_bm
+    num_row_blocks = tl.load(BlockCount + b * stride_nb + h * stride_nh + pid_m)
+    for i in range(0, num_row_blocks):
+        kb = tl.load(row_blocks + i)
+        offs_k = kb * BLOCK_N + offs_n
+        in_seq = (offs_k < k_len)[:, None]
+        k = tl.load(K_head + offs_k[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+        v = tl.load(V_head + offs_k[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        visible = offs_k[None, :] <= q_pos[:, None]
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
+
+    if HAS_COLS:
+        row_cols = ColIdx + b * stride_cb + h * stride_ch + pid_m * stride_cm
+        num_row_cols = tl.load(ColCount + b * stride_db + h * stride_dh + pid_m)
+        for c in range(0, num_row_cols, BLOCK_N):
+            listed = (c + offs_n) < num_row_cols
+            cols = tl.load(row_cols + c + offs_n, mask=listed, other=0)
+            k = tl.load(K_head + cols[:, None] * stride_kt + offs_d[None, :], mask=listed[:, None], other=0.0)
+            v = tl.load(V_head + cols[:, None] * stride_vt + offs_d[None, :], mask=listed[:, None], other=0.0)
+            visible = listed[None, :] & (cols[None, :] <= q_pos[:, None])
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
+
+    store_rows(Out, acc, l_i, q_start, offs_m, q_len, h_q, stride_ot, stride_oh, offs_d)
+
+
+def resolve_head_ids(head_ids: torch.Tensor | None, num_q_heads: int, device: torch.device) -> torch.Tensor:
+    """The int32 query-head ids the index rows belong to (all heads when None)."""
+    if head_ids is None:
+        return torch.arange(num_q_heads, dtype=torch.int32, device=device)
+    if head_ids.dtype != torch.int32 or head_ids.dim() != 1 or head_ids.device != device:
+        raise KernelInputError(
+            f"head_ids is {head_ids.dtype} of shape {tuple(head_ids.shape)} on {head_ids.device}; "
+            f"expected int32 [H] on {device}"
+        )
+    return head_ids
+
+
+def kernel_config(head_dim: int, block_size_q: int) -> dict[str, int]:
+    """num_warps / num_stages per tile (tuned on the H200; see docs/benchmarks.md)."""
+    if block_size_q >= 128:
+        return {"num_warps": 8, "num_stages": 3}
+    return {"num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_idx: torch.Tensor,
+    block_count: torch.Tensor,
+    scale: float,
+    *,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
+    block_size_q: int = 64,
+    block_size_k: int = 64,
+    head_ids: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention under a block-sparse (+ columns) index -> out [total_q, Hq, D] in q's dtype.
+
+    q [total_q, Hq, D], k/v [total_k, Hkv, D]; block_idx [B, H, NQB, max_blocks], block_count
+    [B, H, NQB], col_idx [B, H, NQB, max_cols], col_count [B, H, NQB] (all int32, NQB >=
+    ceil(max_seqlen_q / block_size_q), H = len(head_ids) or Hq). Writes only the heads in `head_ids`
+    into `out` when given (mutated in place), else into a new tensor (other heads zero).
+    """
+    shape = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_device_for_triton(q)
+    check_block_size("block_size_q", block_size_q)
+    check_block_size("block_size_k", block_size_k)
+    heads = resolve_head_ids(head_ids, shape.num_q_heads, q.device)
+    num_q_blocks = num_blocks(max_seqlen_q, block_size_q)
+    rows = (shape.num_seqs, heads.numel())
+    check_index("block_idx", block_idx, rows, q.device, 4)
+    check_index("block_count", block_count, rows, q.device, 3)
+    if block_count.shape[2] < num_q_blocks or block_idx.shape[2] < num_q_blocks:
+        raise KernelInputError(
+            f"block index has {block_count.shape[2]} query blocks; max_seqlen_q={max_seqlen_q} needs "
+            f"{num_q_blocks} at block_size_q={block_size_q}"
+        )
+    has_cols = col_idx is not None
+    if has_cols != (col_count is not None):
+        raise KernelInputError("pass col_idx and col_count together (or neither)")
+    if col_idx is None or col_count is None:
+        col_idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+        col_count = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+    else:
+        check_index("col_idx", col_idx, rows, q.device, 4)
+        check_index("col_count", col_count, rows, q.device, 3)
+    if out is None:
+        out = torch.zeros_like(q) if head_ids is not None else torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise KernelInputError(f"out must match q ({tuple(q.shape)}, {q.dtype}, unit last stride)")
+    if block_count.stride(2) != 1 or col_count.stride(2) != 1:
+        raise KernelInputError("block_count and col_count need a unit last stride; pass .contiguous()")
+    grid = (num_q_blocks, heads.numel(), shape.num_seqs)
+    _block_sparse_fwd[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, heads,
+        block_idx, block_count, col_idx, col_count,
+        scale * LOG2_E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+        col_idx.stride(0), col_idx.stride(1), col_idx.stride(2),
+        block_count.stride(0), block_count.stride(1), col_count.stride(0), col_count.stride(1),
+        GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_M=block_size_q, BLOCK_N=block_size_k,
+        HAS_COLS=has_cols, IS_FP32=q.dtype == torch.float32,
+        **kernel_config(shape.head_dim, block_size_q),
+    )
+    return out
