@@ -1,0 +1,59 @@
+"""Routing between Skeleton-of-Thought and a direct answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from terse.backend.base import Backend
+from terse.errors import ConfigError
+from terse.organize.router import FixedRouter, ModelRouter, RuleRouter, make_router
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What are the steps to bake sourdough bread?",
+        "Give me some ways to reduce cloud costs.",
+        "Which products does Acme sell?",
+        "List the main features of the engine.",
+        "What are the pros and cons of remote work?",
+        "How can I improve my sleep?",
+        "Name three reasons to learn Rust.",
+    ],
+)
+def test_rules_send_list_like_questions_to_sot(question: str) -> None:
+    route = RuleRouter().route(question)
+    assert route.mode == "sot", route
+    assert route.reason.startswith("rule: ")
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Who founded Globex?",
+        "When was Alice born?",
+        "How many employees does Acme have?",
+        "Calculate the list price after three discounts.",  # calculation beats 'list'
+        "Write a function that lists the steps.",  # one coherent text beats 'steps'
+        "Is Paris in France?",
+    ],
+)
+def test_rules_send_single_answers_direct(question: str) -> None:
+    assert RuleRouter().route(question).mode == "direct"
+
+
+def test_registry_and_fixed_router(hf_backend: Backend) -> None:
+    assert isinstance(make_router("rules", hf_backend), RuleRouter)
+    assert make_router("always-sot", hf_backend).route("Who?").mode == "sot"
+    assert FixedRouter("direct").route("List ways").mode == "direct"
+    with pytest.raises(ConfigError, match="router='magic' is unknown"):
+        make_router("magic", hf_backend)
+
+
+def test_model_router_compares_yes_and_no_logprobs(hf_backend: Backend) -> None:
+    router = ModelRouter(hf_backend)
+    question = "What are the steps to bake bread?"
+    yes, no = hf_backend.score(["yes", "no"], prefix=hf_backend.render_chat(router.messages(question)))
+    route = router.route(question)
+    assert route.mode == ("sot" if yes.total_logprob > no.total_logprob else "direct")
+    assert route.reason.startswith("model: log P(yes) - log P(no) = ")
