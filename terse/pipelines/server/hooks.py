@@ -1,0 +1,123 @@
+"""Hooks: how compression, retrieval or any other layer rewrites chat traffic on its way through.
+
+A hook sees every chat request before it reaches the model (`on_request`, may return a rewritten
+request) and every whole, non-streamed answer after (`on_response`, may rewrite the choice texts).
+Streamed answers reach the client as they are produced, so `on_response` is not called for them.
+Hooks run in a worker thread (they may be slow: compression scores tokens with a model), in order.
+
+The same hooks serve `terse serve` (engine and proxy mode) and `terse.pipelines.wrap.wrap_openai`.
+Built-in hooks are named in `HOOKS` and built by `build_hook(name, options)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from terse.backend.types import Message
+from terse.errors import ConfigError
+from terse.pipelines.server.schema import ChatRequest
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The text of each choice of one whole chat answer, in choice order."""
+
+    texts: tuple[str, ...]
+
+
+@runtime_checkable
+class ChatHook(Protocol):
+    """Rewrites chat requests and answers. Must be thread-safe: requests run concurrently."""
+
+    name: str
+    """Short name for logs and headers."""
+
+    def on_request(self, request: ChatRequest) -> ChatRequest:
+        """Return the request to send (the same object when nothing changes)."""
+        ...
+
+    def on_response(self, request: ChatRequest, result: ChatResult) -> ChatResult:
+        """Return the answer to give the client (`request` is the rewritten request that was sent)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PromptAccounting:
+    """Prompt tokens before and after the hooks, counted with one counter so the difference is fair."""
+
+    original_prompt_tokens: int
+    """Tokens of the prompt as the client sent it."""
+    sent_prompt_tokens: int
+    """Tokens of the prompt the model was given."""
+
+    @property
+    def saved_prompt_tokens(self) -> int:
+        return self.original_prompt_tokens - self.sent_prompt_tokens
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-terse-original-prompt-tokens": str(self.original_prompt_tokens),
+            "x-terse-sent-prompt-tokens": str(self.sent_prompt_tokens),
+            "x-terse-saved-prompt-tokens": str(self.saved_prompt_tokens),
+        }
+
+    def usage_fields(self) -> dict[str, int]:
+        """Added under `usage["terse"]` of non-streamed answers and of the final usage chunk."""
+        return {
+            "original_prompt_tokens": self.original_prompt_tokens,
+            "sent_prompt_tokens": self.sent_prompt_tokens,
+            "saved_prompt_tokens": self.saved_prompt_tokens,
+        }
+
+
+class HookChain:
+    """Hooks applied in order on the way in and in reverse order on the way out."""
+
+    def __init__(self, hooks: Sequence[ChatHook] = ()) -> None:
+        self.hooks = tuple(hooks)
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def on_request(self, request: ChatRequest) -> ChatRequest:
+        if not request.text_only:
+            return request  # non-text parts (images, audio) are never rewritten
+        for hook in self.hooks:
+            request = hook.on_request(request)
+        return request
+
+    def on_response(self, request: ChatRequest, result: ChatResult) -> ChatResult:
+        if not request.text_only:
+            return result
+        for hook in reversed(self.hooks):
+            result = hook.on_response(request, result)
+        return result
+
+    def account(self, original: Sequence[Message], sent: Sequence[Message], count: Callable[[Sequence[Message]], int]) -> PromptAccounting:
+        """Count both prompts with `count`; counts once when the hooks changed nothing."""
+        num_original = count(original)
+        num_sent = num_original if tuple(original) == tuple(sent) else count(sent)
+        return PromptAccounting(num_original, num_sent)
+
+
+# name -> "module:factory"; a factory takes the options mapping and returns a ChatHook
+HOOKS: dict[str, str] = {
+    "compress": "terse.pipelines.server.layer_hooks:CompressHook.from_options",
+    "retrieve": "terse.pipelines.server.layer_hooks:RetrieveHook.from_options",
+}
+
+
+def build_hook(name: str, options: Mapping[str, Any]) -> ChatHook:
+    """Build a registered hook; `ConfigError` names the known hooks when `name` is not one."""
+    target = HOOKS.get(name)
+    if target is None:
+        raise ConfigError(f"unknown hook {name!r}; known hooks: {sorted(HOOKS)}")
+    module_name, _, attr_path = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    hook: ChatHook = obj(options)
+    return hook

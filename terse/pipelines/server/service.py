@@ -1,0 +1,89 @@
+"""What the HTTP layer asks of a mode (engine or proxy), and the per-request context it passes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from terse.backend.types import Message
+from terse.pipelines.server.hooks import PromptAccounting
+from terse.pipelines.server.schema import ChatRequest, CompletionRequest
+
+
+@dataclass
+class RequestContext:
+    """Per-request facts shared by the HTTP layer and the mode serving it."""
+
+    request_id: str
+    """The client's `x-request-id` when it sent a usable one, else a fresh id; echoed back."""
+    http: Request
+    """The HTTP request (to watch for the client going away)."""
+    accounting: PromptAccounting | None = None
+    """Prompt tokens before/after hooks (chat only)."""
+    client_authorization: str | None = None
+    """The client's Authorization header, for a proxy that forwards it upstream."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Headers to add to the response."""
+
+    def terse_usage(self) -> dict[str, int] | None:
+        """The accounting fields added under `usage["terse"]`, when there is accounting."""
+        return None if self.accounting is None else self.accounting.usage_fields()
+
+    def response_headers(self) -> dict[str, str]:
+        headers = {"x-request-id": self.request_id, **self.headers}
+        if self.accounting is not None:
+            headers.update(self.accounting.headers())
+        return headers
+
+
+class ChatService(Protocol):
+    """A serving mode. Methods raise `ApiError` (or terse errors mapped by `api_error_from`)."""
+
+    cheap_counting: bool
+    """True when `count_prompt_tokens` is cheap enough to run on the event loop (no tokenizer involved)."""
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens of the prompt these messages make (called from a worker thread)."""
+        ...
+
+    async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response: ...
+
+    async def completions(self, request: CompletionRequest, ctx: RequestContext) -> Response: ...
+
+    async def models(self, ctx: RequestContext) -> Response: ...
+
+    async def tokenize(self, body: dict[str, Any], ctx: RequestContext) -> Response: ...
+
+    async def detokenize(self, body: dict[str, Any], ctx: RequestContext) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def wait_for_disconnect(http: Request) -> None:
+    """Return when the client closes its connection (the request body must already be read)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def race_disconnect(work: asyncio.Future[Any], http: Request) -> Any:
+    """Await `work`; if the client disconnects first, cancel `work` and raise `ClientGoneError`."""
+    watcher = asyncio.ensure_future(wait_for_disconnect(http))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    raise ClientGoneError

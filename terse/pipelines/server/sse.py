@@ -1,0 +1,66 @@
+"""OpenAI response and stream-chunk shapes, and SSE framing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from terse.backend.types import FinishReason, Usage
+
+DONE_EVENT = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""X-Accel-Buffering: no asks reverse proxies (nginx) to pass each chunk on at once."""
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def openai_finish_reason(reason: FinishReason) -> str:
+    """OpenAI knows "stop" and "length"; an aborted request (client gone) is reported as "stop"."""
+    return "length" if reason == "length" else "stop"
+
+
+def usage_body(usage: Usage, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    }
+    if extra:
+        body["terse"] = extra
+    return body
+
+
+def chat_chunk(
+    response_id: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def text_chunk(
+    response_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(response_id: str, created: int, model: str, obj: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+
+
+def error_event(error_body: dict[str, Any]) -> bytes:
+    """A failure after the stream started: one `{"error": ...}` event (the OpenAI client raises on it)."""
+    return sse_event(error_body)
