@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {
     # name -> module that defines it; filled in as the layers land
+    "PromptCompressor": "terse.compress",
+    "Budget": "terse.compress",
 }
 
 

@@ -1,1 +1,30 @@
-"""terse.compress"""
+"""terse.compress: question-aware coarse-to-fine prompt compression to an exact token budget.
+
+    from terse.compress import Budget, PromptCompressor
+    result = PromptCompressor(scorer).compress(docs, question=q, budget=Budget(rate=0.25))
+
+See `compressor.py` for the stages and `docs/modules.md` for the module map.
+"""
+
+from terse.compress.compressor import PromptCompressor
+from terse.compress.config import Budget, CompressorConfig, ProtectionPolicy
+from terse.compress.messages import CompressedMessages, MessagePolicy, compress_messages
+from terse.compress.rankers import Ranker, register_ranker
+from terse.compress.recover import recover
+from terse.compress.result import CompressionResult, ContextReport, KeptSpan
+
+__all__ = [
+    "Budget",
+    "CompressedMessages",
+    "CompressionResult",
+    "CompressorConfig",
+    "ContextReport",
+    "KeptSpan",
+    "MessagePolicy",
+    "PromptCompressor",
+    "ProtectionPolicy",
+    "Ranker",
+    "compress_messages",
+    "recover",
+    "register_ranker",
+]

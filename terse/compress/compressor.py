@@ -46,6 +46,15 @@ class PromptCompressor:
         self._rankers: dict[str, Ranker] = {}
         self._stages = self._build_stages()
 
+    def with_config(self, config: CompressorConfig) -> PromptCompressor:
+        """A compressor with other settings sharing this one's scorer, counter and loaded rankers."""
+        other = PromptCompressor.__new__(PromptCompressor)
+        other.scorer, other.config, other.count_tokens = self.scorer, config, self.count_tokens
+        same_models = config.embedding_model == self.config.embedding_model
+        other._rankers = self._rankers if same_models else {}
+        other._stages = other._build_stages()
+        return other
+
     def _ranker(self, name: str) -> Ranker:
         if name not in self._rankers:
             self._rankers[name] = build_ranker(name, self.config, self.scorer)
@@ -72,6 +81,7 @@ class PromptCompressor:
         question: str = "",
         instruction: str = "",
         protect: ProtectionPolicy | None = None,
+        condition: str | None = None,
     ) -> CompressionResult:
         """Compress `contexts` (one string or a list) for `question` to `budget`.
 
@@ -79,6 +89,8 @@ class PromptCompressor:
         joined by `config.context_separator`; the instruction and question are kept verbatim. Raises
         `InvalidRequestError` when the instruction, question and protected spans alone exceed the
         target. Output words are whole words of the input, in their original order within a context.
+        `condition` is the text the stages rank and score against when it differs from `question`
+        (e.g. a chat turn kept elsewhere); it is not part of the returned prompt.
         """
         start = time.perf_counter()
         docs = [contexts] if isinstance(contexts, str) else list(contexts)
@@ -91,7 +103,8 @@ class PromptCompressor:
         num_original = self.count_tokens(_join([instruction, sep.join(d for d in docs if d), question], sep))
         target = budget.resolve(num_original)
         num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self.count_tokens("x")
-        env = StageEnv(self.scorer, question, self.count_tokens, self.config, max(1, target - num_fixed))
+        conditioning = question if condition is None else condition
+        env = StageEnv(self.scorer, conditioning, self.count_tokens, self.config, max(1, target - num_fixed))
         if target < num_original:
             assign_ratios(plans, env.context_budget, 0.0)
             for stage in self._stages:
