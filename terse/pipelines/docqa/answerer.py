@@ -1,0 +1,68 @@
+"""`BatchAnswerer`: questions in, answer and failure records out, for one batch.
+
+It owns the backend-facing parts of a job (context source, compressor, prompt builder, runner), so the
+same object answers batches in the single-process job and inside each Ray actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from terse.backend.base import Backend
+from terse.backend.types import SamplingParams
+from terse.pipelines.docqa.config import DocQAConfig
+from terse.pipelines.docqa.contexts import build_context_source
+from terse.pipelines.docqa.prepare import PreparedQuestion, Preparer, schedule
+from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
+from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
+from terse.retrieval.types import Document
+from terse.synth.scoring import exact_match
+
+
+def sampling_params(config: DocQAConfig) -> SamplingParams:
+    g = config.generation
+    return SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, stop=g.stop)
+
+
+def is_correct(record: QuestionRecord, answer: str) -> bool | None:
+    """Normalized exact match against the gold answer (set match for list items); None without gold."""
+    if record.answer is None and not record.items:
+        return None
+    return exact_match(answer, record.answer or "", record.items)
+
+
+def answer_record(generated: Generated) -> AnswerRecord:
+    p = generated.prepared
+    usage = QAUsage(
+        original_prompt_tokens=p.original_prompt_tokens,
+        prompt_tokens=generated.usage.prompt_tokens,
+        cached_tokens=generated.usage.cached_prompt_tokens,
+        completion_tokens=generated.usage.completion_tokens,
+        latency_s=generated.latency_s,
+    )
+    return AnswerRecord(p.record.id, generated.text, p.sources, usage, is_correct(p.record, generated.text))
+
+
+class BatchAnswerer:
+    """Prepares and answers batches of questions on one backend (see module docstring)."""
+
+    def __init__(
+        self, config: DocQAConfig, backend: Backend, corpus: Mapping[str, Document], retriever: Any | None = None
+    ) -> None:
+        source = build_context_source(corpus, config.retrieval, retriever)
+        self.preparer = Preparer(backend, corpus, source, config.compression)
+        self.runner = build_runner(backend, config.backend, sampling_params(config), config.run, config.organize)
+
+    def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:
+        """One record per question (order: prompts sharing documents together, failures first)."""
+        prepared: list[PreparedQuestion] = []
+        records: list[AnswerRecord | FailureRecord] = []
+        for question in batch:
+            try:
+                prepared.append(self.preparer.prepare(question))
+            except Exception as e:  # a question that cannot be prepared fails alone
+                records.append(failure(question.id, e))
+        outcomes: list[Outcome] = self.runner.run(schedule(prepared)) if prepared else []
+        records += [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
+        return records

@@ -1,0 +1,167 @@
+"""`DocQAJob`: a folder of documents and a file of questions in, an answers file out. Resumable.
+
+    questions.jsonl ─┐                                     ┌─► answers.jsonl   (one line per answer)
+    documents/ ──────┼─► pending ids ─► batches ─► answer ─┼─► failures.jsonl  (retried on rerun)
+    answers.jsonl ───┘   (not yet answered)                └─► summary.json
+
+A rerun reads the answers file (dropping a torn last line), skips every id in it and retries the
+rest, failures included. Each answer is written durably as soon as its batch finishes, so a killed
+job loses at most the batch in flight. Batches are formed from questions sorted by their documents,
+so questions over the same documents are generated together and share their prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from terse.backend.base import Backend
+from terse.backend.registry import load_backend
+from terse.errors import ConfigError
+from terse.pipelines.docqa.config import DocQAConfig
+from terse.pipelines.docqa.contexts import documents_of_index, is_index_dir
+from terse.pipelines.docqa.inputs import check_documents, load_corpus, read_questions
+from terse.pipelines.docqa.journal import JsonlJournal
+from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QuestionRecord
+from terse.pipelines.docqa.summary import JobSummary, summarize, write_summary
+from terse.retrieval.types import Document
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of questions just finished."""
+
+BatchFn = Callable[[Sequence[QuestionRecord]], Iterator[list[AnswerRecord | FailureRecord]]]
+"""Answers pending questions batch by batch (single process or Ray), yielding each batch's records."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where a job reads and writes."""
+
+    questions: Path
+    """Questions JSONL."""
+    documents: tuple[Path, ...]
+    """Document folders / files, or one saved retrieval index directory."""
+    output: Path
+    """Answers JSONL (appended to; its ids are skipped on rerun)."""
+
+    @property
+    def failures(self) -> Path:
+        """`<output stem>.failures.jsonl` beside the answers."""
+        return self.output.with_name(self.output.stem + ".failures.jsonl")
+
+    @property
+    def summary(self) -> Path:
+        """`<output stem>.summary.json` beside the answers."""
+        return self.output.with_name(self.output.stem + ".summary.json")
+
+
+def load_inputs(paths: JobPaths) -> tuple[list[QuestionRecord], dict[str, Document], Path | None]:
+    """Questions, corpus and (when the documents path is a saved index) that index's directory."""
+    questions = read_questions(paths.questions)
+    index_dir = paths.documents[0] if len(paths.documents) == 1 and is_index_dir(paths.documents[0]) else None
+    corpus = documents_of_index(index_dir) if index_dir is not None else load_corpus(paths.documents)
+    where = str(index_dir) if index_dir is not None else ", ".join(str(p) for p in paths.documents)
+    check_documents(questions, corpus, where)
+    return questions, corpus, index_dir
+
+
+def order_pending(questions: Sequence[QuestionRecord], done_ids: set[str]) -> list[QuestionRecord]:
+    """Unanswered questions, those naming the same documents next to each other (first-seen order)."""
+    groups: dict[tuple[str, ...], list[QuestionRecord]] = {}
+    for q in questions:
+        if q.id not in done_ids:
+            groups.setdefault(q.doc_ids, []).append(q)
+    return [q for group in groups.values() for q in group]
+
+
+class DocQAJob:
+    """Runs one job; `run()` may be called again on the same paths to resume."""
+
+    def __init__(self, config: DocQAConfig, paths: JobPaths, backend: Backend | None = None) -> None:
+        if backend is None and not config.backend:
+            raise ConfigError("no backend: set `backend` in the config or pass --backend, e.g. local:path/to/model")
+        self.config = config
+        self.paths = paths
+        self._backend = backend
+
+    def run(self, progress: ProgressFn | None = None, batch_fn: BatchFn | None = None,
+            on_start: Callable[[int], None] | None = None) -> JobSummary:
+        """Answer every pending question; return the summary (also written to `paths.summary`).
+
+        `batch_fn` replaces the single-process answering (the Ray executor passes its own);
+        `on_start` is told how many questions are pending before the first batch.
+        """
+        start = time.perf_counter()
+        questions, corpus, index_dir = load_inputs(self.paths)
+        with JsonlJournal(self.paths.output) as answers, JsonlJournal(self.paths.failures) as failures:
+            pending = order_pending(questions, answers.ids())
+            if on_start is not None:
+                on_start(len(pending))
+            run_batches = batch_fn or self._local_batches(corpus, index_dir)
+            written, latencies, stopped = self._consume(run_batches(pending) if pending else iter(()),
+                                                        answers, failures, progress)
+            failed_ids = {str(r["id"]) for r in failures.records}
+            summary = summarize(
+                len(questions),
+                [AnswerRecord.from_json(r) for r in answers.records],
+                failed_ids,
+                written,
+                latencies,
+                time.perf_counter() - start,
+                stopped,
+            )
+        write_summary(summary, self.paths.summary)
+        return summary
+
+    def _consume(self, batches: Iterator[list[AnswerRecord | FailureRecord]], answers: JsonlJournal,
+                 failures: JsonlJournal, progress: ProgressFn | None) -> tuple[int, list[float], str | None]:
+        written, latencies, num_unavailable = 0, [], 0
+        limit = self.config.run.max_consecutive_unavailable
+        for records in batches:
+            for record in records:
+                if isinstance(record, AnswerRecord):
+                    answers.append(record.to_json())
+                    written += 1
+                    latencies.append(record.usage.latency_s)
+                    num_unavailable = 0
+                else:
+                    failures.append(record.to_json())
+                    num_unavailable = num_unavailable + 1 if record.backend_unavailable else 0
+            if progress is not None:
+                progress(len(records))
+            if num_unavailable >= limit:
+                last = failures.records[-1]
+                return written, latencies, (
+                    f"backend unreachable: {num_unavailable} questions in a row failed "
+                    f"({last['error_type']}: {last['error']}); answers so far are kept, rerun to resume"
+                )
+        return written, latencies, None
+
+    def _local_batches(self, corpus: dict[str, Document], index_dir: Path | None) -> BatchFn:
+        def run_batches(pending: Sequence[QuestionRecord]) -> Iterator[list[AnswerRecord | FailureRecord]]:
+            from terse.pipelines.docqa.answerer import BatchAnswerer
+
+            backend = self._backend or load_backend(self.config.backend, **self.config.backend_options)
+            try:
+                retriever = open_index(index_dir) if self.config.retrieval.enabled else None
+                answerer = BatchAnswerer(self.config, backend, corpus, retriever)
+                size = self.config.run.batch_size
+                for i in range(0, len(pending), size):
+                    yield answerer.answer(pending[i : i + size])
+            finally:
+                if self._backend is None:
+                    backend.close()
+
+        return run_batches
+
+
+def open_index(index_dir: Path | None) -> Any | None:
+    """The saved index to search, or None (the answerer then builds one in memory if retrieval is on)."""
+    if index_dir is None:
+        return None
+    from terse.retrieval import Retriever
+
+    return Retriever.open(index_dir)

@@ -1,0 +1,148 @@
+"""Turning a question into its prompt: passages -> (compressed) contexts -> chat prompt, with sources.
+
+The prompt layout is shared part first: the fixed instructions (system turn), then the documents,
+then the question (`terse.organize.formats.qa_messages`). Questions over the same documents therefore
+share every token up to "Question:", and `schedule()` puts them next to each other so a prefix cache
+prefills that part once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from terse.backend.base import Backend
+from terse.backend.types import Message
+from terse.compress.compressor import PromptCompressor
+from terse.compress.config import Budget, CompressorConfig
+from terse.organize.formats import Context, qa_messages
+from terse.pipelines.docqa.config import CompressionConfig
+from terse.pipelines.docqa.contexts import ContextSource, passage_key, relevant_documents
+from terse.pipelines.docqa.records import Passage, QuestionRecord, Source
+from terse.retrieval.types import Document
+
+_PLACEHOLDER = "?"
+
+
+@dataclass(frozen=True)
+class PreparedQuestion:
+    """Everything needed to answer one question, decided before any generation."""
+
+    record: QuestionRecord
+    contexts: tuple[Context, ...]
+    """(doc_id, text) pairs in prompt order, as sent (compressed when compression is on)."""
+    messages: tuple[Message, ...]
+    """The chat messages (system, user)."""
+    prompt: str
+    """`messages` rendered with the backend's chat template."""
+    sources: tuple[Source, ...]
+    """Document ranges the contexts were taken from."""
+    original_prompt_tokens: int
+    """Tokens of the naive prompt (every relevant document whole)."""
+    group_key: tuple[tuple[str, int, int], ...]
+    """Equal keys mean identical documents part: such questions are scheduled together."""
+
+
+class NaivePromptCounter:
+    """Counts the tokens of the naive prompt, every relevant document pasted whole.
+
+    The documents part is counted once per document set (with a placeholder question) and the question
+    is added, so a large corpus is tokenized once, not once per question; the count is exact up to the
+    tokenizer merging across the seam around the question (a token or two).
+    """
+
+    def __init__(self, backend: Backend, corpus: Mapping[str, Document]) -> None:
+        self.backend = backend
+        self.corpus = corpus
+        self._base: dict[tuple[str, ...], int] = {}
+        self._placeholder_tokens = backend.count_tokens(_PLACEHOLDER)
+
+    def count(self, question: QuestionRecord) -> int:
+        key = question.doc_ids or ("*",)
+        if key not in self._base:
+            docs = [(d.id, d.text) for d in relevant_documents(question, self.corpus)]
+            prompt = self.backend.render_chat(qa_messages(_PLACEHOLDER, docs))
+            self._base[key] = self.backend.count_tokens(prompt) - self._placeholder_tokens
+        return self._base[key] + self.backend.count_tokens(question.question)
+
+
+class Preparer:
+    """Builds `PreparedQuestion`s from questions: context source, optional compressor, chat template."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        corpus: Mapping[str, Document],
+        source: ContextSource,
+        compression: CompressionConfig,
+    ) -> None:
+        self.backend = backend
+        self.source = source
+        self.compression = compression
+        self.naive = NaivePromptCounter(backend, corpus)
+        self.compressor = _build_compressor(backend, compression) if compression.enabled else None
+
+    def prepare(self, question: QuestionRecord) -> PreparedQuestion:
+        """Passages, compression and prompt of one question. Raises what the stages raise."""
+        passages = self.source.passages(question)
+        if self.compressor is None:
+            contexts = [(p.doc_id, p.text) for p in passages]
+            sources = [Source(p.doc_id, p.char_start, p.char_end) for p in passages]
+        else:
+            contexts, sources = self._compress(question, passages)
+        messages = qa_messages(question.question, contexts)
+        return PreparedQuestion(
+            record=question,
+            contexts=tuple(contexts),
+            messages=tuple(messages),
+            prompt=self.backend.render_chat(messages),
+            sources=tuple(sources),
+            original_prompt_tokens=self.naive.count(question),
+            group_key=passage_key(passages),
+        )
+
+    def _compress(self, question: QuestionRecord, passages: Sequence[Passage]) -> tuple[list[Context], list[Source]]:
+        assert self.compressor is not None
+        if not passages:
+            return [], []
+        c = self.compression
+        budget = Budget(target_tokens=c.target_tokens) if c.target_tokens is not None else Budget(rate=c.rate)
+        result = self.compressor.compress([p.text for p in passages], budget=budget, question=question.question)
+        contexts = [(passages[i].doc_id, result.contexts[i]) for i in result.context_order if result.contexts[i]]
+        sources = [
+            Source(passages[s.context_index].doc_id, passages[s.context_index].char_start + s.start,
+                   passages[s.context_index].char_start + s.end)
+            for s in result.spans
+        ]
+        return contexts, _merge_adjacent(sources)
+
+
+def _build_compressor(backend: Backend, config: CompressionConfig) -> PromptCompressor:
+    needs_scorer = config.ranker == "lm" or config.token_pruner
+    compressor_config = CompressorConfig(
+        ranker=config.ranker,
+        sentence_ranker="same" if config.ranker is not None else None,
+        token_pruner="iterative" if config.token_pruner else None,
+        reorder="original",
+    )
+    return PromptCompressor(backend if needs_scorer else None, backend, compressor_config)
+
+
+def _merge_adjacent(sources: Sequence[Source]) -> list[Source]:
+    """Join ranges of one document that touch or are separated only by whitespace-sized gaps."""
+    merged: list[Source] = []
+    for s in sorted(sources, key=lambda s: (s.doc_id, s.char_start)):
+        last = merged[-1] if merged else None
+        if last is not None and last.doc_id == s.doc_id and s.char_start <= last.char_end + 1:
+            merged[-1] = Source(s.doc_id, last.char_start, max(last.char_end, s.char_end))
+        else:
+            merged.append(s)
+    return merged
+
+
+def schedule(prepared: Sequence[PreparedQuestion]) -> list[PreparedQuestion]:
+    """Questions with identical documents parts next to each other (groups in first-seen order)."""
+    groups: dict[tuple[tuple[str, int, int], ...], list[PreparedQuestion]] = {}
+    for p in prepared:
+        groups.setdefault(p.group_key, []).append(p)
+    return [p for group in groups.values() for p in group]

@@ -1,0 +1,176 @@
+"""Runners: how prepared questions reach the backend. One contract, three implementations.
+
+`Runner.run(batch)` answers a batch and returns one outcome per question, in batch order: a
+`Generated` answer or a `FailureRecord`. A failing question never fails the batch.
+
+- `BatchRunner`: submits the whole batch before waiting (a batching engine runs it as one batch and
+  a prefix cache prefills the shared documents once). For `local:` and `hf:`.
+- `AsyncRunner`: one asyncio loop, at most `concurrency` requests in flight and at most
+  `requests_per_s` started per second. For remote `openai:` servers.
+- `OrganizedRunner`: Skeleton-of-Thought or DAG per question (terse.organize), each internally batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from terse.backend.base import Backend
+from terse.backend.handle import RequestHandle
+from terse.backend.types import SamplingParams, Usage
+from terse.errors import BackendUnavailableError, ConfigError
+from terse.pipelines.docqa.config import OrganizeConfig, RunConfig
+from terse.pipelines.docqa.prepare import PreparedQuestion
+from terse.pipelines.docqa.records import FailureRecord
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The raw answer of one question."""
+
+    prepared: PreparedQuestion
+    text: str
+    usage: Usage
+    """Summed over every request the answer took."""
+    latency_s: float
+
+
+Outcome = Generated | FailureRecord
+
+
+class Runner(Protocol):
+    """Answers batches. `run` returns one outcome per input, in input order, and does not raise for a
+    question's own failure (bad request, unreachable server): that becomes its `FailureRecord`."""
+
+    def run(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]: ...
+
+
+def failure(question_id: str, error: BaseException) -> FailureRecord:
+    message = str(error) or repr(error)
+    return FailureRecord(question_id, type(error).__name__, message,
+                         backend_unavailable=isinstance(error, BackendUnavailableError))
+
+
+class BatchRunner:
+    """Submit every prompt of the batch, then wait for each (see module docstring)."""
+
+    def __init__(self, backend: Backend, params: SamplingParams) -> None:
+        self.backend = backend
+        self.params = params
+
+    def run(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]:
+        started: list[tuple[PreparedQuestion, RequestHandle | BaseException, float]] = []
+        for p in batch:
+            t0 = time.perf_counter()
+            try:
+                started.append((p, self.backend.submit(p.prompt, self.params), t0))
+            except Exception as e:  # an invalid request fails that question only
+                started.append((p, e, t0))
+        outcomes: list[Outcome] = []
+        for p, handle, t0 in started:
+            if isinstance(handle, BaseException):
+                outcomes.append(failure(p.record.id, handle))
+                continue
+            try:
+                completion = handle.result()
+            except Exception as e:
+                outcomes.append(failure(p.record.id, e))
+                continue
+            latency = completion.metrics.get("latency", time.perf_counter() - t0)
+            outcomes.append(Generated(p, completion.text.strip(), completion.usage, latency))
+        return outcomes
+
+
+class AsyncRunner:
+    """Bounded-concurrency, rate-limited asyncio runner (see module docstring)."""
+
+    def __init__(self, backend: Backend, params: SamplingParams, config: RunConfig) -> None:
+        self.backend = backend
+        self.params = params
+        self.concurrency = config.concurrency
+        self.min_interval_s = 1.0 / config.requests_per_s if config.requests_per_s else 0.0
+
+    def run(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]:
+        return asyncio.run(self._run_all(batch))
+
+    async def _run_all(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        pacing = _Pacer(self.min_interval_s)
+        return list(await asyncio.gather(*(self._one(p, semaphore, pacing) for p in batch)))
+
+    async def _one(self, p: PreparedQuestion, semaphore: asyncio.Semaphore, pacing: _Pacer) -> Outcome:
+        async with semaphore:
+            await pacing.wait()
+            t0 = time.perf_counter()
+            try:
+                completion = await self.backend.submit(p.prompt, self.params)
+            except Exception as e:
+                return failure(p.record.id, e)
+            return Generated(p, completion.text.strip(), completion.usage, time.perf_counter() - t0)
+
+
+class _Pacer:
+    """Spaces request starts at least `min_interval_s` apart (a rate limit without bursts)."""
+
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self._next_start = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if self.min_interval_s <= 0:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            delay = self._next_start - now
+            self._next_start = max(now, self._next_start) + self.min_interval_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class OrganizedRunner:
+    """Answers each question with Skeleton-of-Thought or a DAG plan (terse.organize)."""
+
+    def __init__(self, backend: Backend, params: SamplingParams, config: OrganizeConfig) -> None:
+        self._answer = _organizer(backend, params, config)
+
+    def run(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for p in batch:
+            t0 = time.perf_counter()
+            try:
+                result = self._answer(p.record.question, p.contexts)
+            except Exception as e:
+                outcomes.append(failure(p.record.id, e))
+                continue
+            outcomes.append(Generated(p, result.text.strip(), result.usage, time.perf_counter() - t0))
+        return outcomes
+
+
+def _organizer(backend: Backend, params: SamplingParams, config: OrganizeConfig) -> Callable[..., Any]:
+    if config.mode == "dag":
+        from terse.organize.dag import DagConfig, DagRunner
+
+        return DagRunner(backend, DagConfig()).run
+    from terse.organize.skeleton import SkeletonOfThought, SoTConfig
+
+    router = "always-sot" if config.mode == "sot" else "rules"
+    return SkeletonOfThought(backend, SoTConfig(direct_params=params, router=router)).run
+
+
+def build_runner(backend: Backend, spec: str, params: SamplingParams, run: RunConfig,
+                 organize: OrganizeConfig) -> Runner:
+    """The runner a job's config asks for ("auto": async for openai: specs, batch otherwise)."""
+    if organize.mode != "off":
+        return OrganizedRunner(backend, params, organize)
+    name = run.runner
+    if name == "auto":
+        name = "async" if spec.startswith("openai:") else "batch"
+    if name == "batch":
+        return BatchRunner(backend, params)
+    if name == "async":
+        return AsyncRunner(backend, params, run)
+    raise ConfigError(f"run.runner={name!r} must be 'auto', 'batch' or 'async'")
