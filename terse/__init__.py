@@ -16,6 +16,14 @@ _LAZY: dict[str, str] = {
     # name -> module that defines it; filled in as the layers land
     "PromptCompressor": "terse.compress",
     "Budget": "terse.compress",
+    "program": "terse.pipelines.program",
+    "gen": "terse.pipelines.program",
+    "select": "terse.pipelines.program",
+    "system": "terse.pipelines.program",
+    "user": "terse.pipelines.program",
+    "assistant": "terse.pipelines.program",
+    "fork": "terse.pipelines.program",
+    "ProgramState": "terse.pipelines.program",
 }
 
 
