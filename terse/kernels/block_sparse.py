@@ -101,9 +101,11 @@ def resolve_head_ids(head_ids: torch.Tensor | None, num_q_heads: int, device: to
 
 def kernel_config(head_dim: int, block_size_q: int) -> dict[str, int]:
     """num_warps / num_stages per tile (tuned on the H200; see docs/benchmarks.md)."""
+    # H200 sweep, D=128 bf16 dense work: 64x64 w4 s3 ~390 TF/s, 128x128 w8 s3 ~380, 4 stages or 128-row
+    # tiles with 4 warps ~250-285 (bench/results/sparse_prefill_tune_h200.json)
     if block_size_q >= 128:
         return {"num_warps": 8, "num_stages": 3}
-    return {"num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+    return {"num_warps": 4, "num_stages": 3}
 
 
 def block_sparse_attention(
