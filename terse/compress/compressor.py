@@ -101,8 +101,8 @@ class PromptCompressor:
         sep = self.config.context_separator
         original = Prompt(instruction, question, sep, tuple(range(len(plans))))
         num_original = self.count_tokens(_join([instruction, sep.join(d for d in docs if d), question], sep))
-        target = budget.resolve(num_original)
         num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self.count_tokens("x")
+        target = budget.resolve(num_original, num_fixed if any(docs) else num_original)
         conditioning = question if condition is None else condition
         env = StageEnv(self.scorer, conditioning, self.count_tokens, self.config, max(1, target - num_fixed))
         if target < num_original:

@@ -21,14 +21,16 @@ TokenPrunerName = Literal["iterative", "parallel"]
 class Budget:
     """How long the compressed prompt may be, measured in the target model's tokenizer.
 
-    Give exactly one of `target_tokens` or `rate`. The budget covers the whole returned prompt:
-    instruction, compressed contexts and question, joined as `CompressionResult.text` holds them.
+    Give exactly one of `target_tokens` or `rate`. A target covers the whole returned prompt
+    (instruction, compressed contexts and question, as `CompressionResult.text` holds them); a rate
+    applies to the compressible part, with the verbatim parts (instruction, question) added on top.
     """
 
     target_tokens: int | None = None
     """Most tokens the compressed prompt may hold (>= 1)."""
     rate: float | None = None
-    """Fraction of the original prompt's tokens to keep, in (0, 1]; the target is floor(rate * original)."""
+    """Fraction of the contexts' tokens to keep, in (0, 1]:
+    target = fixed + floor(rate * (original - fixed)), where fixed counts the verbatim parts."""
 
     def __post_init__(self) -> None:
         if (self.target_tokens is None) == (self.rate is None):
@@ -45,12 +47,13 @@ class Budget:
         ):
             raise ConfigError(f"rate={self.rate!r} must be a number in (0, 1], e.g. 0.25 keeps a quarter")
 
-    def resolve(self, num_original_tokens: int) -> int:
-        """The target token count for a prompt of `num_original_tokens` tokens."""
+    def resolve(self, num_original_tokens: int, num_fixed_tokens: int = 0) -> int:
+        """The target for a prompt of `num_original_tokens`, `num_fixed_tokens` of them kept verbatim."""
         if self.target_tokens is not None:
             return self.target_tokens
         assert self.rate is not None
-        return max(1, math.floor(self.rate * num_original_tokens))
+        num_compressible = max(0, num_original_tokens - num_fixed_tokens)
+        return max(1, num_fixed_tokens + math.floor(self.rate * num_compressible))
 
 
 @dataclass(frozen=True)

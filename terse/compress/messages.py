@@ -75,8 +75,8 @@ def compress_messages(
     sizes = [count(m["content"]) if m["content"] else 0 for m in messages]
     keep = _verbatim(messages, sizes, policy)
     num_total = sum(sizes)
-    target = policy.budget.resolve(num_total)
     num_fixed = sum(s for s, k in zip(sizes, keep) if k)
+    target = policy.budget.resolve(num_total, num_fixed)
     movable = [i for i, k in enumerate(keep) if not k]
     if target >= num_total or not movable:
         return CompressedMessages([Message(role=m["role"], content=m["content"]) for m in messages], None)

@@ -57,16 +57,18 @@ def _candidates(plan: DocPlan, env: StageEnv) -> _Candidates | None:
     return _Candidates(plan, ids, text, [Span(a, b) for a, b in out], protected, ratio)
 
 
-def _prefix_room(scorer: Backend, question_block: str, segment_tokens: int, cap: int) -> int:
-    """Kept-text tokens the prefix may carry so question + prefix + segment fit the scorer's window."""
+def _window_plan(scorer: Backend, question_block: str, segment_tokens: int, cap: int) -> tuple[int, int]:
+    """(segment tokens, kept-text tokens the prefix may carry) so question + prefix + segment fit the
+    scorer's window. Segments shrink for small windows; a factor 2 covers the char-based estimate."""
     num_question = scorer.count_tokens(question_block) if question_block else 0
-    room = scorer.max_model_len - num_question - 2 * segment_tokens - 8
-    if room < 0:
+    free = scorer.max_model_len - num_question - 8
+    segment = min(segment_tokens, free // 4)
+    if segment < 4:
         raise ConfigError(
-            f"question ({num_question} tokens) + 2 x segment_tokens={segment_tokens} exceed the scorer's "
-            f"window of {scorer.max_model_len}; shorten the question or lower segment_tokens"
+            f"question ({num_question} tokens) leaves no room to score text in the scorer's window of "
+            f"{scorer.max_model_len}; shorten the question or set token_pruner=None"
         )
-    return min(cap, room)
+    return segment, min(cap, free - 2 * segment)
 
 
 def _question_block(question: str) -> str:
@@ -81,11 +83,11 @@ class IterativePruner:
     def run(self, plans: Sequence[DocPlan], env: StageEnv) -> None:
         scorer = _need_scorer(env)
         block = _question_block(env.question)
-        room = _prefix_room(scorer, block, env.config.segment_tokens, env.config.max_prefix_tokens)
+        segment, room = _window_plan(scorer, block, env.config.segment_tokens, env.config.max_prefix_tokens)
         for plan in sorted((p for p in plans if p.selected), key=lambda p: p.rank):
             cands = _candidates(plan, env)
             if cands is not None and cands.ratio < 1.0:
-                self._prune(cands, scorer, block, room, env.config.segment_tokens)
+                self._prune(cands, scorer, block, room, segment)
 
     def _prune(self, cands: _Candidates, scorer: Backend, block: str, room: int, segment_tokens: int) -> None:
         bounds = segment_bounds(cands.spans, scorer.count_tokens(cands.text), segment_tokens)
@@ -142,12 +144,12 @@ class ParallelPruner:
     def run(self, plans: Sequence[DocPlan], env: StageEnv) -> None:
         scorer = _need_scorer(env)
         block = _question_block(env.question)
-        _prefix_room(scorer, block, env.config.segment_tokens, 0)
+        segment, _ = _window_plan(scorer, block, env.config.segment_tokens, 0)
         jobs: list[tuple[_Candidates, int, int]] = []
         for plan in plans:
             cands = _candidates(plan, env) if plan.selected else None
             if cands is not None and cands.ratio < 1.0:
-                bounds = segment_bounds(cands.spans, scorer.count_tokens(cands.text), env.config.segment_tokens)
+                bounds = segment_bounds(cands.spans, scorer.count_tokens(cands.text), segment)
                 jobs.extend((cands, first, last) for first, last in bounds)
         all_keys: dict[int, list[float]] = {}
         for i in range(0, len(jobs), _BATCH):
