@@ -1,0 +1,232 @@
+"""Train terse's reference model: a small Llama on the synthetic doc-QA world, within a time budget.
+
+    PYTHONPATH=. python3 bench/train_reference.py --out DIR --tokenizer terse/models/reference \
+        --train-seconds 420
+
+Data is generated on CPU worker processes while the GPU trains (train-split worlds only); the loss is
+on assistant tokens (plain-text examples: all tokens), averaged per example. The learning rate follows
+a warmup then a cosine decay over the wall-clock budget, so the schedule ends when the time does. At
+the end: greedy exact match on the validation split, then model + tokenizer + model card are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from bench.refmodel_data import Tokenized, _init_worker, batches, tokenized_world
+from bench.refmodel_eval import evaluate
+from terse.synth.dataset import SplitConfig, build_split
+
+SIZES: dict[str, dict[str, Any]] = {
+    # ~7.6M parameters, 14.5 MiB in bf16 (tied embeddings); head_dim 64 suits attention kernels.
+    "reference": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=64),
+    # For a CPU check of the whole script in seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}
+
+
+def build_model(size: str, tok: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=32768,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **SIZES[size],
+    )
+    return LlamaForCausalLM(config)
+
+
+def example_stream(tokenizer_dir: str, num_workers: int, first_world: int) -> Iterator[list[Tokenized]]:
+    """Tokenized examples of train worlds first_world, first_world + 1, ... from a bounded worker pool.
+
+    The pool is forked here, before the caller touches CUDA (a forked child must not inherit it).
+    """
+    if num_workers == 0:
+        _init_worker(tokenizer_dir)
+        return map(tokenized_world, itertools.count(first_world))
+    pool = mp.get_context("fork").Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+    return _pooled(pool, num_workers, first_world)
+
+
+def _pooled(pool: Any, num_workers: int, first_world: int) -> Iterator[list[Tokenized]]:
+    pending: deque[Any] = deque()
+    next_world = first_world
+    while True:
+        while len(pending) < 4 * num_workers:  # bounded read-ahead: memory stays flat
+            pending.append(pool.apply_async(tokenized_world, (next_world,)))
+            next_world += 1
+        yield pending.popleft().get()
+
+
+def loss_fn(model: Any, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-example weighted next-token loss. ids, weights: [B, L]; right padding needs no attention
+    mask under causal attention (real tokens never see later pads), so SDPA runs its fused causal path."""
+    hidden = model.model(input_ids=ids).last_hidden_state  # [B, L, H]
+    w = weights[:, 1:]  # weight of predicting token t+1 from position t: [B, L-1]
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    mask = w > 0
+    logits = model.lm_head(hidden[:, :-1][mask]).float()  # only trained positions: [N, V]
+    nll = F.cross_entropy(logits, ids[:, 1:][mask], reduction="none")  # [N]
+    return (nll * w[mask]).sum() / ids.shape[0]
+
+
+def lr_at(progress: float, step: int, peak: float, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(
+    args: argparse.Namespace, model: Any, device: torch.device, examples: Iterator[list[Tokenized]]
+) -> list[dict[str, float]]:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    stream = batches(
+        examples,
+        max_batch_tokens=args.batch_tokens, buffer_size=args.buffer, seed=0,
+    )
+    log: list[dict[str, float]] = []
+    start = time.perf_counter()
+    num_tokens, step = 0, 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= args.train_seconds or (args.max_steps and step >= args.max_steps):
+            break
+        ids_np, w_np = next(stream)
+        ids = torch.from_numpy(ids_np).to(device, non_blocking=True)
+        weights = torch.from_numpy(w_np).to(device, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / args.train_seconds, step, args.lr, args.warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model, ids, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        num_tokens += int(ids_np.size)
+        step += 1
+        if step % args.log_every == 0:
+            seconds = time.perf_counter() - start
+            entry = {"step": step, "seconds": round(seconds, 1), "loss": round(loss.item(), 4),
+                     "tokens": num_tokens, "tokens_per_s": round(num_tokens / seconds), "lr": opt.param_groups[0]["lr"]}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    return log
+
+
+def model_card(args: argparse.Namespace, model: Any, log: list[dict[str, float]], metrics: dict[str, Any]) -> str:
+    num_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    last = log[-1] if log else {"step": 0, "tokens": 0, "seconds": 0, "loss": float("nan")}
+    em = "\n".join(f"| {k} | {v:.3f} | {metrics['num_questions'][k]} |" for k, v in metrics["exact_match"].items())
+    return f"""# terse reference model
+
+A small model trained on synthetic data for offline demos and benchmarks. It is **not** a general
+language model: it knows nothing about the real world and only reads documents of the synthetic
+doc-QA world that `terse.synth` generates (people, companies, cities, products with invented names),
+answering in terse's shared prompt formats (`terse.organize.formats`).
+
+- Architecture: LlamaForCausalLM, {num_params / 1e6:.2f}M parameters, {c.num_hidden_layers} layers, hidden
+  {c.hidden_size}, {c.num_attention_heads} query heads / {c.num_key_value_heads} key-value heads of dim {c.head_dim},
+  MLP {c.intermediate_size}, tied embeddings, RoPE base {c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta:g},
+  weights in bfloat16 (safetensors).
+- Tokenizer: byte-level BPE, {c.vocab_size} tokens, trained on train-split text only; BOS `<|begin|>` is
+  prepended to every encode, EOS is `<|end|>`, pad `<|pad|>`; chat template
+  `<|role|>\\ncontent<|end|>\\n` per message, generation prompt `<|assistant|>\\n`.
+- Training context: examples of up to 4096 tokens; `max_position_embeddings` is 32768 so longer inputs
+  are accepted, but quality beyond 4096 tokens was not trained or measured.
+- Data: generated on the fly from train-split worlds {args.first_world}.. (entity names disjoint from the
+  validation and test splits by construction): document QA over gold documents among distractors
+  (~250-3000 tokens), the same over retrieved-chunk contexts and over contexts with 20-70% of words
+  dropped, two-hop questions, passcode needles in filler at 128-4000 tokens, Skeleton-of-Thought
+  skeletons and point expansions for list questions, DAG plans, sub-question answers and syntheses
+  for two-hop questions, and plain document text. Loss on assistant tokens, averaged per example.
+- Training: {last['step']} steps, {last['tokens'] / 1e6:.0f}M tokens (padding included), {last['seconds']:.0f} s on one
+  NVIDIA H200, AdamW (peak lr {args.lr}, betas 0.9/0.95, weight decay 0.1), warmup then cosine decay,
+  bf16 autocast; final training loss {last['loss']:.3f}.
+- Reproduce: `PYTHONPATH=. python3 bench/train_reference.py --out DIR --train-seconds {args.train_seconds}`.
+
+## Validation exact match (greedy, full context: gold documents among distractors, ~2K tokens)
+
+| kind | exact match | questions |
+|---|---|---|
+{em}
+
+List answers count as correct when the set of items matches; needles are listed by haystack length
+in tokens. Test-split numbers through terse's layers are in the project's docs/benchmarks.md.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizer", default="terse/models/reference", help="directory of the trained tokenizer")
+    p.add_argument("--size", choices=sorted(SIZES), default="reference")
+    p.add_argument("--train-seconds", type=float, default=420.0)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    p.add_argument("--batch-tokens", type=int, default=98304)
+    p.add_argument("--buffer", type=int, default=3000, help="examples sorted together into batches")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--first-world", type=int, default=0)
+    p.add_argument("--eval-worlds", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=25)
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    examples = example_stream(args.tokenizer, args.workers, args.first_world)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = build_model(args.size, tok).to(device)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}", flush=True)
+    log = train(args, model, device, examples)
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    model.eval()
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    t0 = time.perf_counter()
+    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds)))
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(metrics["exact_match"]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
+    tok.padding_side = "right"
+    tok.save_pretrained(args.out)
+    (args.out / "README.md").write_text(model_card(args, model, log, metrics))
+    (args.out / "train_log.json").write_text(json.dumps({"log": log, "validation": metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
