@@ -80,7 +80,7 @@ class Program(Generic[R]):
 
     def __init__(self, fn: Callable[..., R]) -> None:
         self.fn = fn
-        self.name = getattr(fn, "__qualname__", repr(fn))
+        self.name = getattr(fn, "__name__", repr(fn))
         functools.update_wrapper(self, fn)
 
     def __call__(self, state: ProgramState, *args: Any, **kwargs: Any) -> R:
