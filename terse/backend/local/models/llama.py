@@ -1,0 +1,252 @@
+"""terse's Llama-family forward over the paged KV cache: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Module and parameter names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj.weight`,
+...) so a safetensors state dict loads as is. Tokens of all sequences in a step travel flattened:
+hidden states are [T, hidden] where T is the step's token count; attention.py knows which token belongs
+to which sequence and where its KV lives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from terse.backend.local.attention import AttentionMetadata, attend
+from terse.backend.local.kv_cache import KVCachePool
+from terse.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family model, read from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    """None for plain RoPE; else a dict with "rope_type" ("linear" or "llama3") and its factors."""
+    max_position_embeddings: int
+    attention_bias: bool
+    """Bias on the q/k/v projections (Qwen2; optional on Llama)."""
+    qk_norm: bool
+    """RMSNorm over head_dim on q and k before RoPE (Qwen3)."""
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Parse a config.json dict; raise `ModelLoadError` for an architecture terse does not run."""
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else str(cfg.get("model_type", "?"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"architecture {arch!r} is not supported by the local engine (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}); run this model with an 'hf:<path-or-name>' spec"
+            )
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope = dict(cfg.get("rope_parameters") or {})
+        legacy = cfg.get("rope_scaling") or {}
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ModelLoadError(
+                f"rope_type {rope_type!r} is not supported by the local engine (supported: default, "
+                f"linear, llama3); run this model with an 'hf:<path-or-name>' spec"
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=None if rope_type == "default" else {**scaling, "rope_type": rope_type},
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if window else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32) with the configured scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_len / low_freq_factor
+    high_freq_wavelen = old_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions [0, max_len), looked up per token (positions need not be sorted)."""
+
+    def __init__(self, config: ModelConfig, max_len: int, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(config).to(device)
+        positions = torch.arange(max_len, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * inv_freq[None, :]  # [max_len, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated q, k (same shapes and dtype)."""
+        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = config
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias, **kw)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, device, dtype) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, device, dtype) if c.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCachePool, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, k, positions)
+        out = attend(q, k, v, kv.layer(self.layer_index), meta)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_index, device, dtype)
+        self.mlp = MLP(config, device, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCachePool, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model. `forward` runs the decoder over a flat token batch; `compute_logits` projects
+    selected hidden rows to the vocabulary (only rows that sample or score pay for the lm_head)."""
+
+    def __init__(self, config: ModelConfig, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.rope: RotaryEmbedding | None = None
+
+    def setup_rope(self, max_len: int, device: torch.device) -> None:
+        self.rope = RotaryEmbedding(self.config, max_len, device)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCachePool, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> final hidden states [T, hidden]."""
+        assert self.rope is not None, "setup_rope() must run before forward()"
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, positions, self.rope, kv, meta)
+        normed: torch.Tensor = self.model.norm(x)
+        return normed
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in float32."""
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()
