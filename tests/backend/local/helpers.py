@@ -8,10 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-WORDS = (
-    "the quick brown fox jumps over lazy dog Alice works at Acme Corp in Paris Bob founded Globex "
-    "question answer paged cache blocks shared between requests numbers 3.14 42 code def return"
-).split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Alice", "works", "at", "Acme", "Corp", "in", "Paris", "Bob", "founded", "Globex", "question", "answer", "paged", "cache", "blocks", "shared", "between", "requests", "numbers", "3.14", "42", "code", "def", "return"]
 
 
 def mixed_prompts(num_prompts: int, seed: int = 0, max_words: int = 40) -> list[str]:
