@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from terse.backend.handle import RequestHandle
 from terse.backend.types import Completion, TokenScores, Usage
 from terse.pipelines.server.errors import api_error_from, invalid
-from terse.pipelines.server.handles import cancel_all, fit_params, merge_streams, total_usage
+from terse.pipelines.server.handles import cancel_all, fit_params, merge_streams, total_usage, wait_handle
 from terse.pipelines.server.schema import CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import (
@@ -65,7 +65,7 @@ async def complete_prompts(service: EngineService, request: CompletionRequest, c
         chunks = _stream(handles, request, ctx, response_id, created, echoes)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()})
     try:
-        completions: list[Completion] = await race_disconnect(asyncio.gather(*handles), ctx.http)
+        completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
     finally:
         cancel_all(handles)
     choices = [

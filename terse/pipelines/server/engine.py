@@ -23,7 +23,14 @@ from terse.errors import UnsupportedOperationError
 from terse.pipelines.server.completions import complete_prompts
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, api_error_from, invalid
-from terse.pipelines.server.handles import cancel_all, choice_params, fit_params, merge_streams, total_usage
+from terse.pipelines.server.handles import (
+    cancel_all,
+    choice_params,
+    fit_params,
+    merge_streams,
+    total_usage,
+    wait_handle,
+)
 from terse.pipelines.server.hooks import ChatResult, HookChain
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
@@ -92,7 +99,7 @@ class EngineService:
             chunks = self._chat_chunks(handles, request, ctx, response_id, created)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()})
         try:
-            completions: list[Completion] = await race_disconnect(asyncio.gather(*handles), ctx.http)
+            completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
         finally:
             cancel_all(handles)
         texts = ChatResult(tuple(c.text for c in completions))

@@ -44,6 +44,17 @@ def total_usage(completions: Sequence[Completion]) -> Usage:
     return Usage(first.prompt_tokens, first.cached_prompt_tokens, sum(c.usage.completion_tokens for c in completions))
 
 
+async def wait_handle(handle: RequestHandle) -> Completion:
+    """Await a handle's completion such that cancelling the waiting task leaves the request alone.
+
+    (`await handle` wraps the handle's future; cancelling that wrapper would cancel the future itself,
+    so the backend would never hear of it. Cancellation goes through `handle.cancel()` only.)
+    """
+    async for _ in handle.astream():
+        pass
+    return handle.result()
+
+
 async def merge_streams(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, str | Completion]]:
     """Yield (choice index, text delta) as deltas arrive, then (index, Completion) when each ends."""
     queue: asyncio.Queue[tuple[int, str | Completion | BaseException]] = asyncio.Queue()
@@ -52,7 +63,7 @@ async def merge_streams(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple
         try:
             async for delta in handle.astream():
                 queue.put_nowait((i, delta))
-            queue.put_nowait((i, await handle))
+            queue.put_nowait((i, handle.result()))  # done: astream only ends once the request has
         except Exception as e:  # handed to the consumer, which reports it in the stream
             queue.put_nowait((i, e))
 
