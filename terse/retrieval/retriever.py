@@ -1,0 +1,338 @@
+"""`Retriever`: documents in, ranked chunks out; dense, BM25 or hybrid; saved and reopened as a directory.
+
+    add_documents --chunk--> Chunker --texts--> Embedder --vectors--> VectorIndex (faiss)
+                                 \\--------------------------------> ChunkStore (SQLite) --> BM25Index
+    search --dense--> VectorIndex.search \\
+           --bm25---> BM25Index.search    >--hybrid: reciprocal_rank_fusion--> [Hit]
+
+Updates are incremental: a document whose content hash is unchanged is skipped, a changed one has its
+old chunks removed and only its new chunks embedded. The BM25 index is rebuilt lazily from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from terse.errors import ConfigError, InvalidRequestError, RetrievalIndexError
+from terse.retrieval.bm25 import BM25Index
+from terse.retrieval.calibration import RecallReport, build_index, calibrate, choose_kind
+from terse.retrieval.chunker import Chunker
+from terse.retrieval.config import RetrieverConfig
+from terse.retrieval.embedder import Embedder, ProgressFn, SentenceTransformerEmbedder
+from terse.retrieval.fusion import reciprocal_rank_fusion
+from terse.retrieval.loaders import load_documents
+from terse.retrieval.persistence import read_version, write_version
+from terse.retrieval.store import ChunkStore
+from terse.retrieval.types import SEARCH_MODES, AddReport, Chunk, Document, Hit, SearchMode
+from terse.retrieval.vector_index import INDEX_TYPES, VectorIndex
+
+_CHUNKS_FILE = "chunks.sqlite"
+_BM25_DIR = "bm25"
+
+
+@dataclass(frozen=True)
+class RetrieverStats:
+    """A snapshot of what an index holds."""
+
+    num_documents: int
+    """Documents indexed (including empty ones, which have no chunks)."""
+    num_chunks: int
+    """Chunks searchable."""
+    dim: int | None
+    """Embedding dimension (None before the first chunk is embedded)."""
+    index_kind: str | None
+    """flat, hnsw or ivf (None before the first chunk)."""
+    embedder: dict[str, Any]
+    """The embedder signature the index was built with."""
+    recall: RecallReport | None
+    """Last recall measurement against exact search (recall 1.0 for flat; a rejected ANN attempt keeps
+    the flat index and its failed report here)."""
+
+
+class Retriever:
+    """Chunk, embed, index and search documents. Not thread-safe: one writer, no concurrent searches."""
+
+    def __init__(self, config: RetrieverConfig | None = None, *, embedder: Embedder | None = None) -> None:
+        self.config = config or RetrieverConfig()
+        self.embedder: Embedder = embedder or SentenceTransformerEmbedder(self.config.embedder)
+        self.store = ChunkStore()
+        self.vectors: VectorIndex | None = None
+        self.recall: RecallReport | None = None
+        self._bm25: BM25Index | None = None
+        self._chunker: Chunker | None = None
+        self._ann_retry_at = 0  # auto: collection size at which a rejected ANN switch is tried again
+        self._num_calibrated = 0
+
+    # ---- building -------------------------------------------------------------------------------
+
+    @property
+    def chunker(self) -> Chunker:
+        """The chunker, counting in the embedder's tokenizer (budget checked against its window)."""
+        if self._chunker is None:
+            limit = self.embedder.max_document_tokens
+            if self.config.chunker.chunk_tokens > limit:
+                raise ConfigError(
+                    f"chunk_tokens={self.config.chunker.chunk_tokens} exceeds what the embedder reads "
+                    f"({limit} tokens after special tokens and prompt); use chunk_tokens <= {limit}"
+                )
+            self._chunker = Chunker(self.config.chunker, self.embedder)
+        return self._chunker
+
+    def add_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> AddReport:
+        """Read .txt/.md/.jsonl/.pdf files (directories recursively) and add them; see add_documents."""
+        documents = load_documents(paths)
+        if not documents:
+            raise InvalidRequestError(
+                f"no .txt, .md, .jsonl or .pdf documents found under {[str(p) for p in paths]}"
+            )
+        return self.add_documents(documents, progress)
+
+    def add_documents(self, documents: Iterable[Document], progress: ProgressFn | None = None) -> AddReport:
+        """Add or replace documents; unchanged ones (same content hash) are skipped, not re-embedded.
+
+        Embedding happens before anything is mutated, so a failure leaves the index as it was.
+        `progress(num_done, num_total)` is called as chunks are embedded.
+        """
+        docs = list(documents)
+        if not docs:
+            raise InvalidRequestError("add_documents() got no documents; pass at least one Document")
+        seen: set[str] = set()
+        for doc in docs:
+            if doc.id in seen:
+                raise InvalidRequestError(f"document id {doc.id!r} appears twice in one call; ids are unique")
+            seen.add(doc.id)
+        changed = [d for d in docs if self.store.content_hash(d.id) != d.content_hash]
+        num_updated = sum(1 for d in changed if self.store.content_hash(d.id) is not None)
+        chunks = {d.id: self.chunker.chunk(d) for d in changed}
+        texts = [c.text for d in changed for c in chunks[d.id]]
+        if not texts and num_updated == 0 and changed and self.store.num_chunks == 0:
+            raise InvalidRequestError(
+                f"the {len(changed)} document(s) given contain no text (e.g. {changed[0].id!r}); "
+                f"nothing to index"
+            )
+        vectors = self.embedder.embed_documents(texts, progress) if texts else None  # [num_texts, dim]
+        num_removed = self._apply(changed, chunks, vectors)
+        return AddReport(len(changed) - num_updated, num_updated, len(docs) - len(changed), len(texts), num_removed)
+
+    def _apply(self, changed: list[Document], chunks: dict[str, list[Chunk]], vectors: np.ndarray | None) -> int:
+        if vectors is not None and self.vectors is not None and vectors.shape[1] != self.vectors.dim:
+            raise RetrievalIndexError(
+                f"embedder returns {vectors.shape[1]}-dim vectors, the index holds {self.vectors.dim}-dim "
+                f"ones; use the embedder the index was built with"
+            )
+        removed: list[int] = []
+        for doc in changed:
+            if self.store.content_hash(doc.id) is not None:
+                removed.extend(self.store.delete_document(doc.id))
+        new_ids: list[int] = []
+        for doc in changed:
+            new_ids.extend(self.store.put_document(doc, chunks[doc.id]))
+        if removed and self.vectors is not None:
+            self.vectors.remove(np.asarray(removed, dtype=np.int64))
+        if vectors is not None:
+            if self.vectors is None:
+                # auto starts exact; _maintain_vector_index switches once an ANN index proves its recall
+                kind = "flat" if self.config.index.kind == "auto" else self.config.index.kind
+                self.vectors = INDEX_TYPES[kind](int(vectors.shape[1]), self.config.index)
+            self.vectors.add(np.asarray(new_ids, dtype=np.int64), vectors)
+        self._bm25 = None
+        self._maintain_vector_index()
+        return len(removed)
+
+    def delete(self, doc_ids: Iterable[str]) -> int:
+        """Remove documents and their chunks; returns the number of chunks removed."""
+        ids = list(doc_ids)
+        self._check_known(ids)
+        removed = [c for doc_id in ids for c in self.store.delete_document(doc_id)]
+        if removed and self.vectors is not None:
+            self.vectors.remove(np.asarray(removed, dtype=np.int64))
+        self._bm25 = None
+        self._maintain_vector_index()
+        return len(removed)
+
+    def _maintain_vector_index(self) -> None:
+        """Switch kind as the collection grows (auto), rebuild degraded structures, recalibrate."""
+        if self.vectors is None:
+            return
+        num_vectors = self.vectors.num_vectors
+        target = choose_kind(num_vectors, self.config.index)
+        auto = self.config.index.kind == "auto"
+        if target != self.vectors.kind and not (auto and target != "flat" and num_vectors < self._ann_retry_at):
+            ids, vectors = self.vectors.export()
+            candidate = build_index(target, self.vectors.dim, self.config.index, ids, vectors)
+            report = calibrate(candidate, self.config.index)
+            self.recall, self._num_calibrated = report, num_vectors
+            if report.meets_target or not auto or target == "flat":
+                self.vectors = candidate
+            else:  # keep exact search; try again once the collection has doubled
+                self._ann_retry_at = 2 * num_vectors
+        elif self.vectors.needs_rebuild():
+            ids, vectors = self.vectors.export()
+            self.vectors = build_index(self.vectors.kind, self.vectors.dim, self.config.index, ids, vectors)
+            self.recall, self._num_calibrated = calibrate(self.vectors, self.config.index), num_vectors
+        elif self.recall is None or abs(num_vectors - self._num_calibrated) > 0.25 * self._num_calibrated:
+            self.recall, self._num_calibrated = calibrate(self.vectors, self.config.index), num_vectors
+
+    # ---- searching ------------------------------------------------------------------------------
+
+    def search(
+        self, query: str, k: int = 5, mode: SearchMode = "hybrid", doc_ids: Sequence[str] | None = None
+    ) -> list[Hit]:
+        """The top-`k` chunks for `query`, best first; only chunks of `doc_ids` when given."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequestError(f"query={query!r} must be a non-empty string")
+        if not isinstance(k, int) or k < 1:
+            raise InvalidRequestError(f"k={k!r} must be an int >= 1")
+        if mode not in SEARCH_MODES:
+            raise InvalidRequestError(f"mode={mode!r} must be one of {SEARCH_MODES}")
+        if self.vectors is None or self.store.num_chunks == 0:
+            raise RetrievalIndexError("the index holds no chunks; add documents before searching")
+        allowed: list[int] | None = None
+        if doc_ids is not None:
+            self._check_known(list(doc_ids))
+            allowed = self.store.chunk_ids_of(doc_ids)
+        depth = k if mode != "hybrid" else max(k, self.config.candidate_k)
+        dense = self._dense(query, depth, allowed) if mode != "bm25" else None
+        lexical = self._lexical(query, depth, allowed) if mode != "dense" else None
+        ranked: list[tuple[int, float, tuple[int | None, int | None]]]
+        if mode == "dense":
+            assert dense is not None
+            ranked = [(i, s, (r, None)) for r, (i, s) in enumerate(zip(*dense), start=1)]
+        elif mode == "bm25":
+            assert lexical is not None
+            ranked = [(i, s, (None, r)) for r, (i, s) in enumerate(zip(*lexical), start=1)]
+        else:
+            assert dense is not None and lexical is not None
+            fused = reciprocal_rank_fusion([dense[0], lexical[0]], self.config.rrf_k)
+            ranked = [(f.item_id, f.score, (f.ranks[0], f.ranks[1])) for f in fused]
+        return self._hits(ranked[:k])
+
+    def _dense(self, query: str, depth: int, allowed: list[int] | None) -> tuple[list[int], list[float]]:
+        assert self.vectors is not None
+        query_vectors = self.embedder.embed_queries([query])  # [1, dim]
+        if query_vectors.shape[1] != self.vectors.dim:
+            raise RetrievalIndexError(
+                f"embedder returns {query_vectors.shape[1]}-dim vectors, the index holds "
+                f"{self.vectors.dim}-dim ones; open the index with the embedder it was built with"
+            )
+        allowed_ids = None if allowed is None else np.asarray(allowed, dtype=np.int64)
+        scores, ids = self.vectors.search(query_vectors, depth, allowed_ids)  # [1, depth] each
+        keep = ids[0] >= 0
+        return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
+
+    def _lexical(self, query: str, depth: int, allowed: list[int] | None) -> tuple[list[int], list[float]]:
+        if self._bm25 is None:
+            self._bm25 = BM25Index.build(*self.store.all_texts())
+        scores, ids = self._bm25.search(query, depth, allowed)
+        return [int(i) for i in ids], [float(s) for s in scores]
+
+    def _hits(self, ranked: list[tuple[int, float, tuple[int | None, int | None]]]) -> list[Hit]:
+        rows = self.store.chunks([chunk_id for chunk_id, _, _ in ranked])
+        hits = []
+        for chunk_id, score, (dense_rank, bm25_rank) in ranked:
+            _, doc_id, chunk_index, start, end, text = rows[chunk_id]
+            hits.append(Hit(chunk_id, doc_id, chunk_index, text, start, end, score, dense_rank, bm25_rank))
+        return hits
+
+    def _check_known(self, doc_ids: list[str]) -> None:
+        unknown = [d for d in doc_ids if self.store.content_hash(d) is None]
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown document id(s) {unknown[:5]!r}; the index holds {self.store.num_documents} "
+                f"documents (see Retriever.doc_ids())"
+            )
+
+    def doc_ids(self) -> list[str]:
+        """Ids of the indexed documents, sorted."""
+        return self.store.doc_ids()
+
+    def stats(self) -> RetrieverStats:
+        """Counts, index kind and the last recall measurement."""
+        return RetrieverStats(
+            self.store.num_documents,
+            self.store.num_chunks,
+            None if self.vectors is None else self.vectors.dim,
+            None if self.vectors is None else self.vectors.kind,
+            self.embedder.signature(),
+            self.recall,
+        )
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index to directory `path` atomically (see persistence.py); returns `path`."""
+        root = Path(path)
+        if self._bm25 is None and self.store.num_chunks:
+            self._bm25 = BM25Index.build(*self.store.all_texts())
+        write_version(root, self._write_files)
+        return root
+
+    def _write_files(self, directory: Path) -> dict[str, Any]:
+        self.store.save(directory / _CHUNKS_FILE)
+        if self.vectors is not None and self.vectors.num_vectors:
+            self.vectors.write(directory)
+        if self._bm25 is not None:
+            self._bm25.write(directory / _BM25_DIR)
+        return {
+            "embedder": self.embedder.signature(),
+            "dim": None if self.vectors is None else self.vectors.dim,
+            "config": self.config.to_json(),
+            "vector_index": None if self.vectors is None or not self.vectors.num_vectors else self.vectors.state(),
+            "recall": None if self.recall is None else self.recall.to_json(),
+            "num_documents": self.store.num_documents,
+            "num_chunks": self.store.num_chunks,
+            "ann_retry_at": self._ann_retry_at,
+            "num_calibrated": self._num_calibrated,
+        }
+
+    @classmethod
+    def open(cls, path: str | Path, *, embedder: Embedder | None = None, verify: bool = True) -> Retriever:
+        """Reopen a saved index without re-embedding.
+
+        Without `embedder`, the one recorded in the manifest is built (loaded on first query). A given
+        embedder must have the recorded signature; a missing/corrupt file or a mismatch raises
+        RetrievalIndexError. `verify` checks every file's sha256 (reads each file once).
+        """
+        version_dir, manifest = read_version(Path(path), verify=verify)
+        config = RetrieverConfig.from_json(manifest["config"])
+        retriever = cls(config, embedder=embedder)
+        _check_signature(path, manifest["embedder"], retriever.embedder.signature())
+        retriever.store = ChunkStore.load(version_dir / _CHUNKS_FILE)
+        retriever._read_indexes(version_dir, manifest)
+        retriever._ann_retry_at = int(manifest["ann_retry_at"])
+        retriever._num_calibrated = int(manifest["num_calibrated"])
+        retriever.recall = None if manifest["recall"] is None else RecallReport(**manifest["recall"])
+        return retriever
+
+    def _read_indexes(self, version_dir: Path, manifest: dict[str, Any]) -> None:
+        state = manifest["vector_index"]
+        dim = manifest["dim"]
+        try:
+            if state is not None:
+                self.vectors = INDEX_TYPES[state["kind"]].read(version_dir, int(dim), self.config.index, state)
+            elif dim is not None:  # every chunk was deleted: an empty index of the kind a first add picks
+                self.vectors = INDEX_TYPES[choose_kind(0, self.config.index)](int(dim), self.config.index)
+            if (version_dir / _BM25_DIR).is_dir():
+                self._bm25 = BM25Index.read(version_dir / _BM25_DIR)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            raise RetrievalIndexError(f"cannot read the index files in {str(version_dir)!r} ({e}); rebuild") from e
+        num_vectors = 0 if self.vectors is None else self.vectors.num_vectors
+        if num_vectors != self.store.num_chunks:
+            raise RetrievalIndexError(
+                f"index in {str(version_dir)!r} holds {num_vectors} vectors for {self.store.num_chunks} chunks; rebuild"
+            )
+
+
+def _check_signature(path: str | Path, recorded: dict[str, Any], given: dict[str, Any]) -> None:
+    if recorded != given:
+        diff = {k: (recorded.get(k), given.get(k)) for k in set(recorded) | set(given) if recorded.get(k) != given.get(k)}
+        raise RetrievalIndexError(
+            f"index at {str(path)!r} was built with embedder {recorded}, not {given} (differs in "
+            f"{diff}); open it with the recorded embedder settings or rebuild it with the new ones"
+        )
+
