@@ -32,8 +32,11 @@ from terse.retrieval.types import Document
 ProgressFn = Callable[[int], None]
 """Called with the number of questions just finished."""
 
-BatchFn = Callable[[Sequence[QuestionRecord]], Iterator[list[AnswerRecord | FailureRecord]]]
-"""Answers pending questions batch by batch (single process or Ray), yielding each batch's records."""
+BatchFn = Callable[
+    [Sequence[QuestionRecord], dict[str, Document], "Path | None"], Iterator[list[AnswerRecord | FailureRecord]]
+]
+"""(pending questions, corpus, saved index dir or None) -> each batch's records, as batches finish.
+Implemented here (single process) and by the Ray executor."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,9 @@ class DocQAJob:
             pending = order_pending(questions, answers.ids())
             if on_start is not None:
                 on_start(len(pending))
-            run_batches = batch_fn or self._local_batches(corpus, index_dir)
-            written, latencies, stopped = self._consume(run_batches(pending) if pending else iter(()),
+            run_batches = batch_fn or self.local_batches
+            batches = run_batches(pending, corpus, index_dir) if pending else iter(())
+            written, latencies, stopped = self._consume(batches,
                                                         answers, failures, progress)
             failed_ids = {str(r["id"]) for r in failures.records}
             summary = summarize(
@@ -140,22 +144,22 @@ class DocQAJob:
                 )
         return written, latencies, None
 
-    def _local_batches(self, corpus: dict[str, Document], index_dir: Path | None) -> BatchFn:
-        def run_batches(pending: Sequence[QuestionRecord]) -> Iterator[list[AnswerRecord | FailureRecord]]:
-            from terse.pipelines.docqa.answerer import BatchAnswerer
+    def local_batches(
+        self, pending: Sequence[QuestionRecord], corpus: dict[str, Document], index_dir: Path | None
+    ) -> Iterator[list[AnswerRecord | FailureRecord]]:
+        """The single-process `BatchFn`: one backend, batches of `run.batch_size` in order."""
+        from terse.pipelines.docqa.answerer import BatchAnswerer
 
-            backend = self._backend or load_backend(self.config.backend, **self.config.backend_options)
-            try:
-                retriever = open_index(index_dir) if self.config.retrieval.enabled else None
-                answerer = BatchAnswerer(self.config, backend, corpus, retriever)
-                size = self.config.run.batch_size
-                for i in range(0, len(pending), size):
-                    yield answerer.answer(pending[i : i + size])
-            finally:
-                if self._backend is None:
-                    backend.close()
-
-        return run_batches
+        backend = self._backend or load_backend(self.config.backend, **self.config.backend_options)
+        try:
+            retriever = open_index(index_dir) if self.config.retrieval.enabled else None
+            answerer = BatchAnswerer(self.config, backend, corpus, retriever)
+            size = self.config.run.batch_size
+            for i in range(0, len(pending), size):
+                yield answerer.answer(pending[i : i + size])
+        finally:
+            if self._backend is None:
+                backend.close()
 
 
 def open_index(index_dir: Path | None) -> Any | None:
