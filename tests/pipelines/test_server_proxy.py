@@ -1,0 +1,211 @@
+"""`terse serve` in proxy mode: in front of a second terse server (engine mode, tiny model) and in front of
+scripted upstreams that fail, stall or check headers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from terse.backend import load_backend
+from terse.backend.openai_http import RetryPolicy
+from terse.pipelines.server import ProxyConfig, ServerConfig, ServerThread, proxy_app
+from terse.pipelines.server.hooks import ChatResult
+from terse.pipelines.server.schema import ChatRequest
+from tests.pipelines.test_server import MESSAGES, MODEL, start_engine_server
+
+FAST_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.01, max_backoff_s=0.02, jitter=0.0)
+
+
+class KeepLastUserMessage:
+    """A test hook: drops everything but the last message (a crude 'compression'); shouts answers."""
+
+    name = "keep-last"
+
+    def on_request(self, request: ChatRequest) -> ChatRequest:
+        return request.with_messages(request.messages[-1:])
+
+    def on_response(self, request: ChatRequest, result: ChatResult) -> ChatResult:
+        return ChatResult(tuple(t.upper() for t in result.texts))
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_llama: Path) -> Iterator[ServerThread]:
+    server = start_engine_server(load_backend(f"hf:{tiny_llama}"))
+    yield server
+    server.stop()
+
+
+def start_proxy(upstream_url: str, hooks: tuple[Any, ...] = (), **proxy: Any) -> ServerThread:
+    server_config = ServerConfig(api_key=proxy.pop("api_key", None))
+    config = ProxyConfig(upstream_url=upstream_url, retry=proxy.pop("retry", FAST_RETRY), **proxy)
+    return ServerThread(proxy_app(config, server_config, hooks)).start()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: ServerThread) -> Iterator[ServerThread]:
+    server = start_proxy(f"{upstream.url}/v1")
+    yield server
+    server.stop()
+
+
+def clients(*servers: ServerThread) -> list[openai.OpenAI]:
+    return [openai.OpenAI(api_key="unused", base_url=f"{s.url}/v1", max_retries=0, timeout=60) for s in servers]
+
+
+def test_proxy_answers_like_the_upstream(upstream: ServerThread, proxy: ServerThread) -> None:
+    direct, via = clients(upstream, proxy)
+    args: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+    want = direct.chat.completions.create(**args)
+    raw = via.chat.completions.with_raw_response.create(**args, extra_headers={"x-request-id": "prx-1"})
+    got = raw.parse()
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.id == "chatcmpl-prx-1"  # the request id travelled upstream
+    assert raw.headers["x-request-id"] == "prx-1" and raw.headers["x-terse-saved-prompt-tokens"] == "0"
+    assert got.usage is not None and want.usage is not None
+    assert got.usage.completion_tokens == want.usage.completion_tokens
+    chunks = list(via.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].message.content
+    assert chunks[-1].usage is not None
+    completion = via.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    assert completion.choices[0].text == direct.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0
+    ).choices[0].text
+    assert [m.id for m in via.models.list().data] == [MODEL]
+
+
+def test_upstream_client_errors_pass_through(proxy: ServerThread) -> None:
+    (via,) = clients(proxy)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        via.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        via.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4000)
+    malformed = httpx.post(f"{proxy.url}/v1/chat/completions", content=b"{nope", timeout=30)
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+
+
+def test_hooks_rewrite_requests_and_answers_with_accounting(upstream: ServerThread) -> None:
+    proxy = start_proxy(f"{upstream.url}/v1", hooks=(KeepLastUserMessage(),))
+    try:
+        direct, via = clients(upstream, proxy)
+        args: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "temperature": 0}
+        raw = via.chat.completions.with_raw_response.create(messages=MESSAGES, **args)
+        got = raw.parse()
+        want = direct.chat.completions.create(messages=MESSAGES[-1:], **args)
+        assert got.choices[0].message.content == (want.choices[0].message.content or "").upper()
+        saved = int(raw.headers["x-terse-saved-prompt-tokens"])
+        assert saved > 0
+        assert saved == int(raw.headers["x-terse-original-prompt-tokens"]) - int(raw.headers["x-terse-sent-prompt-tokens"])
+        assert got.usage is not None and got.model_extra is not None
+        assert got.usage.model_extra is not None and got.usage.model_extra["terse"]["saved_prompt_tokens"] == saved
+    finally:
+        proxy.stop()
+
+
+def test_upstream_down_gives_502_after_logged_retries(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="terse.backend.openai")
+    proxy = start_proxy("http://127.0.0.1:9/v1")  # port 9 (discard): nothing listens on loopback
+    try:
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, timeout=30)
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert "cannot reach http://127.0.0.1:9/v1/chat/completions" in error["message"]
+        assert error["code"] == "upstream_unavailable"
+        retries = [r for r in caplog.records if r.message.startswith("retrying http://127.0.0.1:9")]
+        assert len(retries) == FAST_RETRY.max_retries
+        assert httpx.get(f"{proxy.url}/health").status_code == 200  # still serving
+    finally:
+        proxy.stop()
+
+
+@dataclasses.dataclass
+class Script:
+    """What the scripted upstream does: fail the first calls, stall, and remember what it saw."""
+
+    num_failures: int = 0
+    delay_s: float = 0.0
+    calls: int = 0
+    authorizations: list[str | None] = dataclasses.field(default_factory=list)
+
+
+def scripted_upstream(script: Script) -> ServerThread:
+    async def chat(request: Request) -> Response:
+        script.calls += 1
+        script.authorizations.append(request.headers.get("authorization"))
+        if script.calls <= script.num_failures:
+            return JSONResponse({"error": {"message": "overloaded"}}, 503, headers={"retry-after": "0"})
+        await asyncio.sleep(script.delay_s)
+        body = await request.json()
+        message = {"role": "assistant", "content": f"echo {body['messages'][-1]['content']}"}
+        return JSONResponse({
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        })
+
+    return ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+
+
+def test_upstream_5xx_then_ok_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="terse.backend.openai")
+    script = Script(num_failures=2)
+    stub = scripted_upstream(script)
+    proxy = start_proxy(f"{stub.url}/v1")
+    try:
+        (via,) = clients(proxy)
+        answer = via.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+        assert answer.choices[0].message.content == "echo Where does Alice work?"
+        assert script.calls == 3
+        assert sum("HTTP 503" in r.message for r in caplog.records) == 2
+        script.calls, script.num_failures = 0, 5  # more failures than retries: the client sees a 502
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=30)
+        assert response.status_code == 502 and "overloaded" in response.json()["error"]["message"]
+    finally:
+        proxy.stop()
+        stub.stop()
+
+
+def test_slow_upstream_gives_504() -> None:
+    script = Script(delay_s=1.0)
+    stub = scripted_upstream(script)
+    proxy = start_proxy(f"{stub.url}/v1", timeout_s=0.2)
+    try:
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=30)
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert error["code"] == "upstream_timeout" and "did not answer in time" in error["message"]
+        assert script.calls == 1  # a slow server is not hammered with retries
+    finally:
+        proxy.stop()
+        stub.stop()
+
+
+def test_keys_client_key_checked_upstream_key_sent() -> None:
+    script = Script()
+    stub = scripted_upstream(script)
+    guarded = start_proxy(f"{stub.url}/v1", api_key="terse-key", upstream_api_key="upstream-key")
+    open_proxy = start_proxy(f"{stub.url}/v1")
+    try:
+        body = json.dumps({"model": "m", "messages": MESSAGES})
+        url = f"{guarded.url}/v1/chat/completions"
+        assert httpx.post(url, content=body, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert script.calls == 0  # rejected before anything went upstream
+        ok = httpx.post(url, content=body, headers={"authorization": "Bearer terse-key"})
+        assert ok.status_code == 200 and script.authorizations == ["Bearer upstream-key"]
+        httpx.post(f"{open_proxy.url}/v1/chat/completions", content=body, headers={"authorization": "Bearer sk-user"})
+        assert script.authorizations[-1] == "Bearer sk-user"  # transparent proxy: the client's key goes upstream
+    finally:
+        for server in (guarded, open_proxy, stub):
+            server.stop()
