@@ -12,7 +12,7 @@ from typing import Any
 from terse.backend.base import Backend
 from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
-from terse.pipelines.docqa.contexts import build_context_source
+from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
 from terse.pipelines.docqa.prepare import PreparedQuestion, Preparer, schedule
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
 from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
@@ -48,8 +48,18 @@ class BatchAnswerer:
     """Prepares and answers batches of questions on one backend (see module docstring)."""
 
     def __init__(
-        self, config: DocQAConfig, backend: Backend, corpus: Mapping[str, Document], retriever: Any | None = None
+        self,
+        config: DocQAConfig,
+        backend: Backend,
+        corpus: Mapping[str, Document],
+        retriever: Any | None = None,
+        questions: Sequence[QuestionRecord] = (),
     ) -> None:
+        """`retriever` reuses an opened index; otherwise one is built over the documents `questions`
+        need (`documents_to_index`)."""
+        if retriever is None and config.retrieval.enabled:
+            retriever = open_or_build_index(documents_to_index(questions, corpus, config.retrieval),
+                                            config.retrieval)
         source = build_context_source(corpus, config.retrieval, retriever)
         self.preparer = Preparer(backend, corpus, source, config.compression)
         self.runner = build_runner(backend, config.backend, sampling_params(config), config.run, config.organize)

@@ -67,6 +67,17 @@ class RetrievedChunks:
         return [Passage(h.doc_id, h.char_start, h.char_end, h.text) for h in ordered]
 
 
+def documents_to_index(
+    questions: Sequence[QuestionRecord], corpus: Mapping[str, Document], config: RetrievalConfig
+) -> Mapping[str, Document]:
+    """What a run must index: the documents its questions name when every question names some and no
+    persistent index is kept (embedding the rest would be wasted), else the whole corpus."""
+    if config.index_dir is not None or not questions or any(not q.doc_ids for q in questions):
+        return corpus
+    needed = {d for q in questions for d in q.doc_ids}
+    return {d: doc for d, doc in corpus.items() if d in needed}
+
+
 def open_or_build_index(corpus: Mapping[str, Document], config: RetrievalConfig) -> Any:
     """A terse.retrieval `Retriever` over `corpus`: reopened from `config.index_dir` when it holds one
     (documents added or changed since are indexed incrementally), built in memory otherwise."""

@@ -153,7 +153,7 @@ class DocQAJob:
         backend = self._backend or load_backend(self.config.backend, **self.config.backend_options)
         try:
             retriever = open_index(index_dir) if self.config.retrieval.enabled else None
-            answerer = BatchAnswerer(self.config, backend, corpus, retriever)
+            answerer = BatchAnswerer(self.config, backend, corpus, retriever, pending)
             size = self.config.run.batch_size
             for i in range(0, len(pending), size):
                 yield answerer.answer(pending[i : i + size])

@@ -68,8 +68,8 @@ class AnswerActor:
             from terse.pipelines.docqa.answerer import BatchAnswerer
             from terse.pipelines.docqa.job import open_index
 
-            enabled = self.index_dir and self.config.retrieval.enabled
-            retriever = open_index(Path(self.index_dir)) if enabled else None
+            use_index = self.index_dir is not None and self.config.retrieval.enabled
+            retriever = open_index(Path(self.index_dir)) if use_index and self.index_dir else None
             self._answerer = BatchAnswerer(self.config, self.backend, self.corpus, retriever)
         return self._answerer
 
@@ -116,7 +116,7 @@ def ray_batches(job: DocQAJob, options: RayOptions) -> BatchFn:
         ray = ensure_ray(options)
         config = job.config
         if config.retrieval.enabled and index_dir is None:
-            index_dir = _build_shared_index(job, corpus)
+            index_dir = _build_shared_index(job, corpus, pending)
         corpus_ref = ray.put({d.id: (d.text, d.metadata) for d in corpus.values()})
         num_gpus = options.num_gpus_per_actor
         if num_gpus is None:
@@ -146,13 +146,14 @@ def _record(kind: str, line: str) -> AnswerRecord | FailureRecord:
     return AnswerRecord.from_json(data) if kind == "answer" else FailureRecord.from_json(data)
 
 
-def _build_shared_index(job: DocQAJob, corpus: dict[str, Document]) -> Path:
+def _build_shared_index(job: DocQAJob, corpus: dict[str, Document], pending: Sequence[QuestionRecord]) -> Path:
     """Build the retrieval index once in the driver, saved beside the answers for the actors."""
     from dataclasses import replace
 
-    from terse.pipelines.docqa.contexts import open_or_build_index
+    from terse.pipelines.docqa.contexts import documents_to_index, open_or_build_index
 
     configured = job.config.retrieval.index_dir
     index_dir = Path(configured) if configured else job.paths.output.with_name(job.paths.output.stem + ".index")
-    open_or_build_index(corpus, replace(job.config.retrieval, index_dir=str(index_dir)))
+    needed = documents_to_index(pending, corpus, job.config.retrieval)
+    open_or_build_index(needed, replace(job.config.retrieval, index_dir=str(index_dir)))
     return index_dir
