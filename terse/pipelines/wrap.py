@@ -1,0 +1,146 @@
+"""`wrap_openai(client, *hooks)`: run terse's chat hooks inside an application that uses the `openai` client.
+
+    client = wrap_openai(openai.OpenAI(), CompressHook(...))
+    client.chat.completions.create(model=..., messages=...)   # messages pass through the hooks first
+
+The wrapper is a thin proxy: `chat.completions.create` (sync or async client) runs every hook's
+`on_request` on the messages, calls the real client, and runs `on_response` on whole (non-streamed)
+answers; everything else is the wrapped client's own attribute. Whole answers also get
+`usage.terse = {"original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens"}`, counted with
+`count_prompt_tokens` (default: ~4 characters per token plus 4 per message, as proxy mode estimates).
+Requests whose messages have non-text parts (images, audio) pass through untouched, as in the server.
+The `openai` package itself is not imported here: any object of the same shape works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from terse.backend.types import Message
+from terse.errors import InvalidRequestError
+from terse.pipelines.server.config import ServerConfig
+from terse.pipelines.server.errors import ApiError
+from terse.pipelines.server.hooks import ChatHook, ChatResult, HookChain, PromptAccounting
+from terse.pipelines.server.schema import ChatRequest, parse_chat
+
+# the wrapper checks the request's shape, not a server's size limits
+_NO_LIMITS = ServerConfig(max_messages=1_000_000, max_tokens_limit=10_000_000, max_n=1_000_000)
+
+
+def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
+    """~4 characters per token plus 4 tokens of template overhead per message."""
+    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in messages)
+
+
+class _Prepared:
+    """One call's request before/after hooks, and how to finish its answer."""
+
+    def __init__(self, chain: HookChain, count: Callable[[Sequence[Message]], int], kwargs: dict[str, Any]) -> None:
+        self.chain = chain
+        self.kwargs = kwargs
+        body = {"model": kwargs.get("model"), "messages": kwargs.get("messages")}
+        try:
+            self.original: ChatRequest = parse_chat(_plain(body), _NO_LIMITS)
+        except ApiError as e:
+            raise InvalidRequestError(f"chat.completions.create: {e.message}") from e
+        self.sent = chain.on_request(self.original)
+        self.accounting = chain.account(self.original.messages, self.sent.messages, count)
+        if self.sent.messages != self.original.messages:
+            self.kwargs = {**kwargs, "messages": [dict(m) for m in self.sent.messages]}
+
+    def finish(self, response: Any) -> Any:
+        if self.kwargs.get("stream"):
+            return response  # streamed text reached the caller as produced; hooks see whole answers only
+        choices = getattr(response, "choices", None) or []
+        texts = ChatResult(tuple(str(getattr(c.message, "content", "") or "") for c in choices))
+        texts = self.chain.on_response(self.sent, texts)
+        for choice, text in zip(choices, texts.texts):
+            choice.message.content = text
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            # a usage type that refuses extra fields keeps its own: the answer itself is unaffected
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                usage.terse = self.accounting.usage_fields()
+        return response
+
+
+def _plain(body: dict[str, Any]) -> dict[str, Any]:
+    """Messages may be pydantic objects or TypedDicts; the parser wants JSON-like dicts."""
+    messages = body.get("messages")
+    if isinstance(messages, list | tuple):
+        body["messages"] = [m if isinstance(m, dict) else dict(m) for m in messages]
+    return body
+
+
+class _Completions:
+    def __init__(self, inner: Any, chain: HookChain, count: Callable[[Sequence[Message]], int]) -> None:
+        self._inner = inner
+        self._chain = chain
+        self._count = count
+        # the async client's create is a plain function (a decorator) around a coroutine function
+        is_async = inspect.iscoroutinefunction(inspect.unwrap(inner.create))
+        self.create = self._acreate if is_async else self._create
+
+    def _create(self, **kwargs: Any) -> Any:
+        prepared = _Prepared(self._chain, self._count, kwargs)
+        return prepared.finish(self._inner.create(**prepared.kwargs))
+
+    async def _acreate(self, **kwargs: Any) -> Any:
+        # hooks may be slow (compression runs a model): keep them off the event loop
+        prepared = await asyncio.to_thread(_Prepared, self._chain, self._count, kwargs)
+        response = await self._inner.create(**prepared.kwargs)
+        return await asyncio.to_thread(prepared.finish, response)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Chat:
+    def __init__(self, inner: Any, completions: _Completions) -> None:
+        self._inner = inner
+        self.completions = completions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class WrappedOpenAI:
+    """An `openai.OpenAI` / `openai.AsyncOpenAI` whose chat completions pass through hooks."""
+
+    def __init__(
+        self,
+        client: Any,
+        hooks: Sequence[ChatHook],
+        count_prompt_tokens: Callable[[Sequence[Message]], int] = estimate_prompt_tokens,
+    ) -> None:
+        self.wrapped = client
+        self.hooks = HookChain(hooks)
+        self.chat = _Chat(client.chat, _Completions(client.chat.completions, self.hooks, count_prompt_tokens))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+def wrap_openai(
+    client: Any,
+    *hooks: ChatHook,
+    count_prompt_tokens: Callable[[Sequence[Message]], int] = estimate_prompt_tokens,
+) -> WrappedOpenAI:
+    """Wrap `client` so its `chat.completions.create` calls pass through `hooks` (see module docstring).
+
+    The client is not modified; use the returned object in its place.
+    """
+    return WrappedOpenAI(client, hooks, count_prompt_tokens)
+
+
+def last_accounting(response: Any) -> PromptAccounting | None:
+    """The prompt accounting a wrapped call attached to its answer's usage, if any."""
+    fields = getattr(getattr(response, "usage", None), "terse", None)
+    if not isinstance(fields, dict):
+        return None
+    return PromptAccounting(fields["original_prompt_tokens"], fields["sent_prompt_tokens"])
