@@ -5,6 +5,7 @@ most, and the exact-fit stage then keeps words in that priority order until the 
 
     tier 0  protected words (user literals anywhere; structural spans in selected contexts)
     tier 1  words of selected contexts, in sentences the sentence filter keeps, by token key
+            (by sentence rank when no token stage ran)
     tier 2  words of selected contexts in filtered-out sentences, best sentence first
     tier 3  words of contexts the coarse stage dropped, best context first
 
@@ -72,8 +73,10 @@ class DocPlan:
         if self.sentence_kept is not None and sentence not in self.sentence_kept:
             assert self.sentence_rank is not None
             return (2, float(self.sentence_rank[sentence]), self.rank, word)
-        key = self.word_keys[word] if self.word_keys is not None else 0.0
-        return (1, key, self.rank, word)
+        if self.word_keys is not None:
+            return (1, self.word_keys[word], self.rank, word)
+        # no token stage: whole sentences, best first, so the fit cuts the least relevant ones
+        return (1, float(self.sentence_rank[sentence]) if self.sentence_rank else 0.0, self.rank, word)
 
 
 @dataclass

@@ -35,8 +35,17 @@ class Ranker(Protocol):
 
 
 def terms(text: str) -> list[str]:
-    """Lower-cased search terms: letter/digit runs, each CJK character alone, stopwords left out."""
-    return [t for t in (m.group(0).lower() for m in _TERM_RE.finditer(text)) if t not in _STOPWORDS]
+    """Lower-cased, lightly stemmed search terms: letter/digit runs, each CJK character alone, no stopwords."""
+    words = (m.group(0).lower() for m in _TERM_RE.finditer(text))
+    return [_stem(t) for t in words if t not in _STOPWORDS]
+
+
+def _stem(term: str) -> str:
+    """Strip one common English inflection ("works", "worked", "working" -> "work"); keeps stems >= 3."""
+    for suffix in ("ing", "ed", "s"):
+        if term.endswith(suffix) and len(term) - len(suffix) >= 3 and not term.endswith("ss"):
+            return term[: -len(suffix)]
+    return term
 
 
 class BM25Ranker:

@@ -4,11 +4,13 @@ A model answering from a compressed prompt quotes compressed text ("Acme Corp Pa
 gaps where words were deleted. Compressed words are whole original words in order, so each maps to
 one original word (greedy in-order alignment). Every run of at least `min_run` response words that
 equals a run of consecutive compressed words is replaced by the original text from the first to the
-last word of that run, deleted words and original whitespace included.
+last word of that run, deleted words and original whitespace included. Words match with trailing
+punctuation ignored ("2019." quotes "2019"); the response keeps its own trailing punctuation.
 """
 
 from __future__ import annotations
 
+import string
 from collections import defaultdict
 
 from terse.compress.words import split_words
@@ -21,9 +23,9 @@ def recover(original: str, compressed: str, response: str, *, min_run: int = 2) 
     o_words = split_words(original)
     c_words = split_words(compressed)
     r_words = split_words(response)
-    o_text = [original[a:b] for a, b in o_words]
-    c_text = [compressed[a:b] for a, b in c_words]
-    r_text = [response[a:b] for a, b in r_words]
+    o_text = [_bare(original[a:b]) for a, b in o_words]
+    c_text = [_bare(compressed[a:b]) for a, b in c_words]
+    r_text = [_bare(response[a:b]) for a, b in r_words]
     to_original = _align(c_text, o_text)
     positions: dict[str, list[int]] = defaultdict(list)
     for k, word in enumerate(c_text):
@@ -32,17 +34,25 @@ def recover(original: str, compressed: str, response: str, *, min_run: int = 2) 
     pos = 0
     i = 0
     while i < len(r_text):
-        k, length = _longest_run(r_text, i, c_text, positions[r_text[i]], to_original)
+        k, length = _longest_run(r_text, i, c_text, positions.get(r_text[i], []), to_original)
         if length >= min_run:
             first, last = to_original[k], to_original[k + length - 1]
             pieces.append(response[pos : r_words[i].start])
-            pieces.append(original[o_words[first].start : o_words[last].end])
-            pos = r_words[i + length - 1].end
+            pieces.append(original[o_words[first].start : o_words[last].start + len(o_text[last])])
+            pos = r_words[i + length - 1].start + len(r_text[i + length - 1])
             i += length
         else:
             i += 1
     pieces.append(response[pos:])
     return "".join(pieces)
+
+
+def _bare(word: str) -> str:
+    """The word without trailing punctuation (a word of punctuation only stays as it is)."""
+    return word.rstrip(_TRAILING) or word
+
+
+_TRAILING = string.punctuation + "。、！？…»”’"
 
 
 def _align(c_text: list[str], o_text: list[str]) -> list[int]:

@@ -90,13 +90,13 @@ class IterativePruner:
                 self._prune(cands, scorer, block, room, segment)
 
     def _prune(self, cands: _Candidates, scorer: Backend, block: str, room: int, segment_tokens: int) -> None:
-        bounds = segment_bounds(cands.spans, scorer.count_tokens(cands.text), segment_tokens)
+        num_total = float(scorer.count_tokens(cands.text))
+        planned = cands.ratio * num_total
+        bounds = segment_bounds(cands.spans, num_total, segment_tokens)
         keys = [math.inf] * len(cands.word_ids)
         kept_words: list[tuple[str, float]] = []  # (word text, scorer tokens) in the prefix window
         kept_tokens = 0.0
         num_done = 0.0
-        planned: float | None = None
-        num_total = 0.0
         for first, last in bounds:
             seg_start = cands.spans[first].start
             seg_text = cands.text[seg_start : cands.spans[last - 1].end]
@@ -106,9 +106,6 @@ class IterativePruner:
             local = [Span(a - seg_start + len(lead), b - seg_start + len(lead)) for a, b in cands.spans[first:last]]
             stats = word_stats(scores, local)
             seg_tokens = sum(stats.num_tokens)
-            if planned is None:  # from the first segment's density, the whole context's token count
-                num_total = seg_tokens * len(cands.text) / max(1, len(seg_text))
-                planned = cands.ratio * num_total
             ratio = min(1.0, max(_MIN_RATIO, (planned - kept_tokens) / max(1.0, num_total - num_done)))
             seg_keys = keys_for_segment(stats.surprisal, stats.num_tokens, cands.protected[first:last], ratio)
             for j, key in enumerate(seg_keys):
