@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("terse.pipelines.cli_demo", "run the bundled demo job"),
+    "compress": ("terse.pipelines.cli_compress", "compress files or stdin to a token budget (question-aware)"),
     "docqa": ("terse.pipelines.cli_docqa", "answer a file of questions over a folder of documents (resumable)"),
     "serve": ("terse.pipelines.cli_serve", "OpenAI-compatible server: local model or proxy to an upstream API"),
 }
