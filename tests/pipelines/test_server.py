@@ -25,11 +25,12 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 class RecordingBackend:
-    """Delegates to a real backend and keeps every handle it returns (to watch cancellation)."""
+    """Delegates to a real backend and keeps every prompt and handle (to watch what ran and cancellation)."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.handles: list[RequestHandle] = []
+        self.prompts: list[Any] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -44,6 +45,7 @@ class RecordingBackend:
 
     def submit(self, prompt: Any, params: SamplingParams) -> RequestHandle:
         handle = self.inner.submit(prompt, params)
+        self.prompts.append(prompt)
         self.handles.append(handle)
         return handle
 
