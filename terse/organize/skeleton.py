@@ -204,8 +204,8 @@ class SoTStream:
 
     def result(self) -> SoTResult:
         """The finished result; runs the remaining work first when iteration did not finish."""
-        if self._result is None:
-            for _ in self if not self._started else ():
+        if self._result is None and not self._started:
+            for _ in self:
                 pass
         if self._result is None:
             raise RuntimeError("the stream was abandoned before it finished; call run() instead")

@@ -23,9 +23,10 @@ With no chat messages, `tail` is raw text and generation continues it as is.
 from __future__ import annotations
 
 import concurrent.futures
+import linecache
+import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,12 @@ _PACKAGE_DIR = str(Path(__file__).parent)
 
 def _program_site() -> str:
     """The innermost stack frame outside this package: the program line that wrote the expression."""
-    for frame in reversed(traceback.extract_stack()):
-        if not frame.filename.startswith(_PACKAGE_DIR):
-            return f'File "{frame.filename}", line {frame.lineno}, in {frame.name}: {frame.line}'
-    return "<unknown>"
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    code = frame.f_code
+    line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+    return f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}: {line}'
 
 
 class RunContext:
