@@ -57,3 +57,12 @@ def test_model_router_compares_yes_and_no_logprobs(hf_backend: Backend) -> None:
     route = router.route(question)
     assert route.mode == ("sot" if yes.total_logprob > no.total_logprob else "direct")
     assert route.reason.startswith("model: log P(yes) - log P(no) = ")
+
+
+def test_rules_route_the_synthetic_benchmark_by_question_kind() -> None:
+    from terse.synth.dataset import SplitConfig, build_split
+
+    data = build_split("validation", SplitConfig(num_worlds=1, questions_per_kind=15, needle_lengths=(), needle_depths=()))
+    router = RuleRouter()
+    routed = {(q.kind, router.route(q.question).mode) for q in data.questions}
+    assert routed == {("list", "sot"), ("single", "direct"), ("multi", "direct")}
