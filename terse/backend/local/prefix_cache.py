@@ -102,6 +102,7 @@ class RadixPrefixCache(PrefixCache):
         self.root.lock_count = 1  # the root is never evicted
         self._clock = 0
         self._num_cached_blocks = 0
+        self.num_evicted_blocks = 0
 
     @property
     def num_cached_blocks(self) -> int:
@@ -214,6 +215,7 @@ class RadixPrefixCache(PrefixCache):
             assert parent is not None
             del parent.children[self._key(leaf.token_ids, 0)]
             num_freed += self.allocator.decref(leaf.block_ids)
+            self.num_evicted_blocks += len(leaf.block_ids)
             self._num_cached_blocks -= len(leaf.block_ids)
             leaf.parent = None
             if parent is not self.root and parent.is_leaf and parent.lock_count == 0:

@@ -23,13 +23,15 @@ class Reference:
     def __init__(self, path: Path) -> None:
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model.generation_config.eos_token_id = None  # stop only where a test asks
 
     def greedy(self, prompt: str | list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
+        """Greedy continuation; stops at `eos_token_ids` (none: runs `max_new_tokens`)."""
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
         with torch.no_grad():
             out = self.model.generate(
                 torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
+                eos_token_id=eos_token_ids or None, pad_token_id=0,
             )
         generated: list[int] = out[0, len(ids):].tolist()
         return generated
