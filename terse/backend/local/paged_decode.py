@@ -18,7 +18,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(
+def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
     q_ptr, kv_ptr, tables_ptr, lens_ptr, acc_ptr, m_ptr, l_ptr,
     stride_qb, stride_qh,
     stride_kv, stride_kvblk, stride_kvtok, stride_kvh,
