@@ -1,1 +1,35 @@
-"""terse.organize"""
+"""terse.organize: output parallelization. Skeleton-of-Thought (`SkeletonOfThought`) expands a short
+skeleton's points in one batch; DAG decomposition (`DagRunner`, needs networkx) answers planned
+sub-questions in waves. The shared prompt formats live in `terse.organize.formats` (no dependencies
+beyond the backend types, so training-data code can import them alone); routing in `terse.organize.router`.
+
+The names below load on first use, so importing `terse.organize.formats` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DagConfig": "terse.organize.dag",
+    "DagResult": "terse.organize.dag",
+    "DagRunner": "terse.organize.dag",
+    "PointAnswer": "terse.organize.skeleton",
+    "SkeletonOfThought": "terse.organize.skeleton",
+    "SoTConfig": "terse.organize.skeleton",
+    "SoTResult": "terse.organize.skeleton",
+    "Route": "terse.organize.router",
+    "Router": "terse.organize.router",
+    "RuleRouter": "terse.organize.router",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'terse.organize' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_LAZY)
