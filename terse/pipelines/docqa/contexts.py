@@ -64,7 +64,7 @@ class RetrievedChunks:
         for rank, hit in enumerate(hits):
             first_rank.setdefault(hit.doc_id, rank)
         ordered = sorted(hits, key=lambda h: (first_rank[h.doc_id], h.char_start))
-        return [Passage(h.doc_id, h.char_start, h.char_end, h.text) for h in ordered]
+        return [Passage(h.doc_id, h.char_start, h.char_end, h.text, f"{h.doc_id}#{h.chunk_index}") for h in ordered]
 
 
 def documents_to_index(

@@ -30,7 +30,8 @@ class PreparedQuestion:
 
     record: QuestionRecord
     contexts: tuple[Context, ...]
-    """(doc_id, text) pairs in prompt order, as sent (compressed when compression is on)."""
+    """(label, text) pairs in prompt order, as sent (compressed when compression is on); the label is the
+    doc id, or "doc_id#n" for chunk n of it."""
     messages: tuple[Message, ...]
     """The chat messages (system, user)."""
     prompt: str
@@ -86,7 +87,7 @@ class Preparer:
         """Passages, compression and prompt of one question. Raises what the stages raise."""
         passages = self.source.passages(question)
         if self.compressor is None:
-            contexts = [(p.doc_id, p.text) for p in passages]
+            contexts = [(p.name, p.text) for p in passages]
             sources = [Source(p.doc_id, p.char_start, p.char_end) for p in passages]
         else:
             contexts, sources = self._compress(question, passages)
@@ -108,7 +109,7 @@ class Preparer:
         c = self.compression
         budget = Budget(target_tokens=c.target_tokens) if c.target_tokens is not None else Budget(rate=c.rate)
         result = self.compressor.compress([p.text for p in passages], budget=budget, question=question.question)
-        contexts = [(passages[i].doc_id, result.contexts[i]) for i in result.context_order if result.contexts[i]]
+        contexts = [(passages[i].name, result.contexts[i]) for i in result.context_order if result.contexts[i]]
         sources = [
             Source(passages[s.context_index].doc_id, passages[s.context_index].char_start + s.start,
                    passages[s.context_index].char_start + s.end)

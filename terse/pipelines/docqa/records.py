@@ -32,6 +32,13 @@ class Passage:
     char_start: int
     char_end: int
     text: str
+    label: str = ""
+    """How the prompt names the passage: the doc id for a whole document, "doc_id#n" for its chunk n
+    (the layout the reference model is trained on); empty means the doc id."""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.doc_id
 
 
 @dataclass(frozen=True)
