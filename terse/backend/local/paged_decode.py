@@ -1,7 +1,8 @@
 """Triton paged-decode attention: one query per sequence over its KV blocks, split along the context.
 
 Work split (flash-decoding): program (b, h, s) handles sequence b, KV head h (and the GROUP query heads
-sharing it) and the s-th of NUM_SPLITS contiguous ranges of the sequence's pages. Each program
+sharing it) and the s-th of NUM_SPLITS contiguous ranges of that sequence's pages (ranges follow each
+sequence's own length, so a short context in a long padded table still uses every split). Each program
 writes a partial (max, sum, weighted values); a small torch reduction merges the splits:
 
     out = sum_s exp(m_s - m) * acc_s / sum_s exp(m_s - m) * l_s,   m = max_s m_s
@@ -25,7 +26,6 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     stride_tb,
     stride_ab, stride_ah, stride_as,
     scale,
-    max_blocks,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
@@ -33,8 +33,8 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
-    num_pages = tl.cdiv(ctx_len, BLOCK_SIZE)
-    pages_per_split = tl.cdiv(max_blocks, NUM_SPLITS)
+    num_pages = (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    pages_per_split = (num_pages + NUM_SPLITS - 1) // NUM_SPLITS  # split this sequence's own pages
     page_lo = split * pages_per_split
     page_hi = tl.minimum(page_lo + pages_per_split, num_pages)
 
@@ -97,7 +97,6 @@ def paged_decode_triton(
         block_tables.stride(0),
         m.stride(0), m.stride(1), m.stride(2),
         head_dim**-0.5,
-        max_blocks,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits,
     )
