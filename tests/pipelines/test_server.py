@@ -235,6 +235,19 @@ def _wait_aborted(backend: RecordingBackend, num_before: int) -> RequestHandle:
     raise AssertionError("the request was not cancelled after the client went away")
 
 
+def assert_kv_blocks_released(backend: Any) -> None:
+    """Local engine: once nothing runs, every KV block is free or held by the prefix cache alone."""
+    engine = backend.inner
+    if not hasattr(engine, "allocator"):
+        return  # the hf backend has no block pool: the aborted handle is the whole check
+    cache = engine.prefix_cache
+    held = lambda: engine.allocator.num_free_blocks + (cache.num_cached_blocks if cache is not None else 0)
+    deadline = time.monotonic() + 10
+    while held() != engine.num_kv_blocks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held() == engine.num_kv_blocks
+
+
 LONG = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
 
 
@@ -247,6 +260,7 @@ def test_client_disconnect_mid_stream_cancels_the_request(served: Any) -> None:
     handle = _wait_aborted(backend, num_before)  # the connection closed when the block ended
     assert handle.cancel_requested and handle.result().finish_reason == "abort"
     assert handle.result().usage.completion_tokens < 1500
+    assert_kv_blocks_released(backend)
 
 
 def test_client_disconnect_while_waiting_cancels_the_request(served: Any) -> None:
@@ -256,6 +270,7 @@ def test_client_disconnect_while_waiting_cancels_the_request(served: Any) -> Non
         httpx.post(f"{server.url}/v1/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=0.5))
     handle = _wait_aborted(backend, num_before)
     assert handle.cancel_requested and handle.result().finish_reason == "abort"
+    assert_kv_blocks_released(backend)
 
 
 def test_openai_backend_against_terse_serve_generates_and_scores(served: Any) -> None:
