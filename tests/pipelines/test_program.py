@@ -193,6 +193,14 @@ def test_stream_a_variable_and_await_a_run(backend: Backend) -> None:
     awaited = asyncio.run(qa.arun("Where does Alice work?", backend=backend))
     assert awaited["answer"] == run.result()["answer"]
 
+    async def stream_async() -> list[str]:
+        started = qa.submit("Where does Alice work?", backend=backend)
+        deltas = [d async for d in started.astream("answer")]
+        assert "".join(deltas) == (await started)["answer"]
+        return deltas
+
+    assert "".join(asyncio.run(stream_async())) == awaited["answer"]
+
 
 def test_programs_compose(backend: Backend) -> None:
     @program

@@ -12,7 +12,7 @@ import concurrent.futures
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from terse.backend.base import Backend
@@ -69,6 +69,12 @@ class ProgramRun(Generic[R]):
     def stream(self, name: str) -> Iterator[str]:
         """Text deltas of the root state's `gen(name)` as they are generated."""
         return self.state.stream(name)
+
+    async def astream(self, name: str) -> AsyncIterator[str]:
+        """`async for delta in run.astream(name)`: the async form of `stream`."""
+        handle = await asyncio.to_thread(self.state.handle, name)
+        async for delta in handle.astream():
+            yield delta
 
     def __await__(self) -> Any:
         return asyncio.wrap_future(self._future).__await__()

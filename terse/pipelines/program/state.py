@@ -201,13 +201,17 @@ class ProgramState:
     def stream(self, name: str) -> Iterator[str]:
         """Text deltas of the first `gen(name)` of this state as they are generated; waits for it to
         be submitted. Raises `VariableError` if the run ends without such a gen."""
+        yield from self.handle(name)
+
+    def handle(self, name: str) -> RequestHandle:
+        """The request of the first `gen(name)` of this state, once submitted (blocks until then);
+        `VariableError` if the run ends without one."""
         with self._cond:
             while name not in self._handles:
                 if self._closed or self._error is not None:
                     raise VariableError(f"the program did not generate {name!r} in this state")
                 self._cond.wait()
-            handle = self._handles[name]
-        yield from handle
+            return self._handles[name]
 
     @property
     def usage(self) -> Usage:
