@@ -79,6 +79,7 @@ def _block_sparse_fwd(
         for c in range(0, num_row_cols, BLOCK_N):
             listed = (c + offs_n) < num_row_cols
             cols = tl.load(row_cols + c + offs_n, mask=listed, other=0)
+            listed = listed & (cols >= 0) & (cols < k_len)  # never read rows outside the sequence
             k = tl.load(K_head + cols[:, None] * stride_kt + offs_d[None, :], mask=listed[:, None], other=0.0)
             v = tl.load(V_head + cols[:, None] * stride_vt + offs_d[None, :], mask=listed[:, None], other=0.0)
             visible = listed[None, :] & (cols[None, :] <= q_pos[:, None])

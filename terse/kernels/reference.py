@@ -7,9 +7,11 @@ definition (causal always, query i of a sequence at absolute position k_len - q_
 block-sparse    block_idx [B, H, num_q_blocks, max_blocks] int32, block_count [B, H, num_q_blocks] int32.
                 Query block m holds local queries m*block_size_q .. (m+1)*block_size_q - 1; it attends to
                 key blocks block_idx[b, h, m, :count] (block n = keys n*block_size_k .. (n+1)*block_size_k - 1).
-                Entries past the count are ignored; listed blocks must be distinct.
+                Entries past the count are ignored, as are blocks past the keys; listed blocks must be
+                distinct and >= 0.
                 Optional columns col_idx [B, H, num_q_blocks, max_cols] / col_count: single key positions the
-                block attends to as well; they must not fall inside one of the row's listed blocks.
+                block attends to as well (positions outside 0 .. k_len - 1 are ignored); they must not
+                fall inside one of the row's listed blocks.
 vertical-slash  vertical_idx [B, H, num_vertical] int32 key positions, slash_idx [B, H, num_slash] int32
                 diagonal offsets d (query at absolute position p sees key p - d); -1 pads, values >= k_len
                 are ignored. A chosen column is attended by every query at or after it. A chosen diagonal

@@ -56,6 +56,19 @@ def _trim(rows: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([rows, pad], dim=-1)
 
 
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per last-dim row: the kept values in their order, first; SENTINEL after. -> (rows, counts).
+
+    A cumulative sum gives each kept value its slot (O(n), unlike a sort); trimmed to the longest row.
+    """
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    slot = torch.where(keep, torch.cumsum(keep, dim=-1) - 1, width)  # non-kept -> a spill column
+    rows = values.new_full((*values.shape[:-1], width + 1), SENTINEL)
+    rows.scatter_(-1, slot, values)
+    return rows[..., :width].contiguous(), counts
+
+
 def _convert_chunk(
     vertical_idx: torch.Tensor,
     slash_idx: torch.Tensor,
@@ -73,8 +86,10 @@ def _convert_chunk(
     last_q = offset + row_end - 1  # [B, NQB]
     row_valid = (m * block_size_q)[None, :] < q_lens[:, None]  # [B, NQB]
 
-    # diagonals -> candidate key blocks: [B, H, NQB, NS, span]
-    d = slash_idx.long()[:, :, None, :]  # [B, H, 1, NS]
+    # diagonals -> candidate key blocks [B, H, NQB, NS * span]. With the offsets in descending order each
+    # diagonal's block range starts at or after the previous one's start, and each range is contiguous,
+    # so a running maximum turns the candidates into a sorted list in which repeats sit side by side.
+    d = slash_idx.sort(dim=-1, descending=True).values.long()[:, :, None, :]  # [B, H, 1, NS]
     d_valid = (d >= 0) & (d < k_lens[:, None, None, None])
     lo = torch.clamp(first_q[:, None, :, None] - d, min=0)
     hi = last_q[:, None, :, None] - d
@@ -82,21 +97,21 @@ def _convert_chunk(
     span = (block_size_q - 1) // block_size_k + 2
     cand = (lo // block_size_k)[..., None] + torch.arange(span, device=device)
     cand_valid = valid[..., None] & (cand <= (hi // block_size_k)[..., None])
-    flat = cand.flatten(-2).to(torch.int32)
-    block_rows, block_count = _sorted_unique_rows(flat, cand_valid.flatten(-2))
-    block_rows = _trim(block_rows, block_count, int(block_count.max()) if block_count.numel() else 0).contiguous()
+    ordered = torch.where(cand_valid, cand, -1).flatten(-2).to(torch.int32).cummax(dim=-1).values
+    previous = torch.nn.functional.pad(ordered[..., :-1], (1, 0), value=-1)
+    block_rows, block_count = _compact(ordered, (ordered >= 0) & (ordered != previous))
 
     # columns: distinct per head, then per row: causal-reachable and not inside a listed block
     cols, _ = _sorted_unique_rows(
         vertical_idx, (vertical_idx >= 0) & (vertical_idx < k_lens[:, None, None].to(torch.int32))
-    )  # [B, H, NV]
+    )  # [B, H, NV], ascending
     cols_b = cols[:, :, None, :].expand(-1, -1, num_q_blocks, -1)  # [B, H, NQB, NV]
     col_blocks = (cols_b // block_size_k).contiguous()
     pos = torch.searchsorted(block_rows, col_blocks).clamp(max=block_rows.shape[-1] - 1)
     in_block = torch.gather(block_rows, -1, pos) == col_blocks
     keep = (cols_b < SENTINEL) & (cols_b <= last_q[:, None, :, None]) & ~in_block
     keep &= row_valid[:, None, :, None]
-    col_rows, col_count = _sorted_unique_rows(cols_b, keep)
+    col_rows, col_count = _compact(cols_b.contiguous(), keep)
     return block_rows, block_count, col_rows, col_count
 
 

@@ -78,3 +78,17 @@ def test_every_diagonal_is_dense_attention():
     vi = torch.full((2, 2, 1), -1, dtype=torch.int32)
     out = vertical_slash_attention(*batch.args, vi, si, 0.125, block_size_q=16, block_size_k=16)
     assert rel_err(out, dense_causal(batch, 0.125)) < 1e-5
+
+
+def test_random_conversion_rows_are_sorted_distinct_and_disjoint():
+    gen = torch.Generator().manual_seed(3)
+    vi = torch.randint(-1, 300, (2, 3, 40), generator=gen, dtype=torch.int32)
+    si = torch.randint(-1, 300, (2, 3, 30), generator=gen, dtype=torch.int32)
+    index = convert_vertical_slash(vi, si, cumulative([100, 256]), cumulative([256, 256]), 256, block_size_q=32, block_size_k=16)
+    for b in range(2):
+        for h in range(3):
+            for m in range(index.block_count.shape[2]):
+                blocks = index.block_idx[b, h, m, : index.block_count[b, h, m]].tolist()
+                cols = index.col_idx[b, h, m, : index.col_count[b, h, m]].tolist()
+                assert blocks == sorted(set(blocks)) and cols == sorted(set(cols))
+                assert not {c // 16 for c in cols} & set(blocks)
