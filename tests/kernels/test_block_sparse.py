@@ -101,3 +101,19 @@ def test_launcher_rejects_bad_inputs():
         block_sparse_attention(*short.args[:5], 16, 16, idx, count, 0.1, block_size_q=16, block_size_k=16)
     with pytest.raises(KernelInputError, match="block_size_q=48"):
         block_sparse_attention(*batch.args, idx, count, 0.1, block_size_q=48)
+
+
+def test_columns_past_a_sequence_never_read_the_next_one():
+    batch = make_batch([24, 40], [24, 70], 2, 1, 64, seed=8)
+    batch.k[24:] = float("nan")  # sequence 1's keys and values: any read from sequence 0 would show
+    batch.v[24:] = float("nan")
+    nqb = num_blocks(40, 16)
+    idx = torch.zeros(2, 2, nqb, 1, dtype=torch.int32)
+    count = torch.ones(2, 2, nqb, dtype=torch.int32)
+    cols = torch.tensor([20, 33, 47], dtype=torch.int32).expand(2, 2, nqb, 3).contiguous()
+    col_count = torch.full((2, 2, nqb), 3, dtype=torch.int32)
+    kw = {"block_size_q": 16, "block_size_k": 16, "col_idx": cols, "col_count": col_count}
+    out = block_sparse_attention(*batch.args, idx, count, 0.125, **kw)
+    ref = reference_block_sparse_attention(*batch.args, idx, count, 0.125, **kw)
+    assert torch.isfinite(out[:24]).all()
+    assert rel_err(out[:24], ref[:24]) < 1e-5
