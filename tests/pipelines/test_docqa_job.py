@@ -46,7 +46,9 @@ def config_for(model: Path, **sections: dict[str, Any]) -> DocQAConfig:
 def test_job_answers_scores_and_accounts(tiny_llama: Path, synth: tuple[Path, Path], tmp_path: Path) -> None:
     docs, questions = synth
     paths = JobPaths(questions, (docs,), tmp_path / "answers.jsonl")
-    summary = DocQAJob(config_for(tiny_llama), paths).run()
+    # min_context_tokens=0: every question goes through retrieval (top-k chunks), then compression
+    config = config_for(tiny_llama, retrieval={"min_context_tokens": 0, "top_k": 3})
+    summary = DocQAJob(config, paths).run()
 
     records = read_jsonl(paths.output)
     gold = read_jsonl(questions)
@@ -68,9 +70,31 @@ def test_job_answers_scores_and_accounts(tiny_llama: Path, synth: tuple[Path, Pa
         assert getattr(summary, field) == sum(r["usage"][key] for r in records)
     assert json.loads(paths.summary.read_text())["num_answered"] == len(gold)
 
-    again = DocQAJob(config_for(tiny_llama), paths).run()
+    again = DocQAJob(config, paths).run()
     assert again.num_answered_this_run == 0 and again.num_answered == len(gold)
     assert read_jsonl(paths.output) == records
+
+
+def test_small_contexts_skip_retrieval_and_are_compressed_whole(
+    tiny_llama: Path, synth: tuple[Path, Path], tmp_path: Path
+) -> None:
+    docs, questions = synth
+    from terse.pipelines.docqa.answerer import BatchAnswerer
+    from terse.pipelines.docqa.inputs import load_corpus, read_questions
+
+    corpus = load_corpus([docs])
+    backend = load_backend(f"hf:{tiny_llama}")
+    try:
+        built: list[int] = []
+        config = config_for(tiny_llama, retrieval={"min_context_tokens": 100_000})
+        answerer = BatchAnswerer(config, backend, corpus, questions=read_questions(questions))
+        answerer.preparer.source.make_retriever = lambda: built.append(1)  # type: ignore[attr-defined]
+        prepared = answerer.preparer.prepare(read_questions(questions)[0])
+    finally:
+        backend.close()
+    assert built == []  # the index was never needed
+    assert {label for label, _ in prepared.contexts} <= set(prepared.record.doc_ids)
+    assert backend.count_tokens(prepared.prompt) <= prepared.original_prompt_tokens // 2
 
 
 def test_whole_documents_without_retrieval_or_compression_cost_the_naive_prompt(

@@ -33,8 +33,8 @@ def test_ray_matches_single_process_and_resumes(tiny_llama: Path, tmp_path: Path
     docs, questions = write_synthetic(tmp_path / "data", questions_per_kind=2, context_tokens=256)
     # one prompt per forward pass, so answers cannot depend on how questions were batched
     config = DocQAConfig(backend=f"hf:{tiny_llama}", backend_options={"max_batch_size": 1}).with_overrides(
-        generation={"max_tokens": 6}, compression={"target_tokens": 160}, run={"progress": False,
-                                                                              "batch_size": 2}
+        generation={"max_tokens": 6}, compression={"target_tokens": 160},
+        retrieval={"min_context_tokens": 0}, run={"progress": False, "batch_size": 2}
     )
     local = JobPaths(questions, (docs,), tmp_path / "local.jsonl")
     DocQAJob(config, local).run()

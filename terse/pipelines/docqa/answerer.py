@@ -13,7 +13,7 @@ from terse.backend.base import Backend
 from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
 from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
-from terse.pipelines.docqa.prepare import PreparedQuestion, Preparer, schedule
+from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, Preparer, schedule
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
 from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
 from terse.retrieval.types import Document
@@ -55,13 +55,17 @@ class BatchAnswerer:
         retriever: Any | None = None,
         questions: Sequence[QuestionRecord] = (),
     ) -> None:
-        """`retriever` reuses an opened index; otherwise one is built over the documents `questions`
-        need (`documents_to_index`)."""
-        if retriever is None and config.retrieval.enabled:
-            retriever = open_or_build_index(documents_to_index(questions, corpus, config.retrieval),
-                                            config.retrieval)
-        source = build_context_source(corpus, config.retrieval, retriever)
-        self.preparer = Preparer(backend, corpus, source, config.compression)
+        """`retriever` reuses an opened index; otherwise one is built, when a question first needs it,
+        over the documents `questions` need (`documents_to_index`)."""
+
+        def make_retriever() -> Any:
+            if retriever is not None:
+                return retriever
+            return open_or_build_index(documents_to_index(questions, corpus, config.retrieval), config.retrieval)
+
+        naive = NaivePromptCounter(backend, corpus)
+        source = build_context_source(corpus, config.retrieval, naive.documents_part, make_retriever)
+        self.preparer = Preparer(backend, corpus, source, config.compression, naive)
         self.runner = build_runner(backend, config.backend, sampling_params(config), config.run, config.organize)
 
     def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:

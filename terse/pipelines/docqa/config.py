@@ -69,9 +69,17 @@ class RetrievalConfig:
     index_dir: str | None = None
     """Directory of a persisted index: reused when it exists, written after building otherwise; None
     keeps the index in memory for this run only."""
+    min_context_tokens: int = 4096
+    """Retrieve only for questions whose documents exceed this many tokens (generation tokenizer);
+    smaller contexts go whole to compression, whose BM25 coarse stage ranks them at no model cost.
+    Why: embedding a chunk costs about as much as a small generation model reading it, so below a few
+    thousand tokens retrieval is slower than letting compression select. 0 always retrieves."""
 
     def __post_init__(self) -> None:
         _positive_int("retrieval.top_k", self.top_k, 4)
+        _require(isinstance(self.min_context_tokens, int) and self.min_context_tokens >= 0,
+                 f"retrieval.min_context_tokens={self.min_context_tokens!r} must be an int >= 0 "
+                 f"(0 always retrieves), e.g. 4096")
         _require(self.mode in ("dense", "bm25", "hybrid"), f"retrieval.mode={self.mode!r} must be "
                  "'dense', 'bm25' or 'hybrid'")
         _require(isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 8,

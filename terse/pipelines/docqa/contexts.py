@@ -6,11 +6,12 @@ its document by character offsets. Two sources, chosen through `build_context_so
 - `WholeDocuments`: the question's documents (all documents when it names none), pasted whole.
 - `RetrievedChunks`: the top-k chunks of a terse.retrieval index, searched within the question's
   documents when it names some.
+- `RoutedContexts` (the default): whole documents below `min_context_tokens`, retrieval above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,6 +79,22 @@ def documents_to_index(
     return {d: doc for d, doc in corpus.items() if d in needed}
 
 
+def may_need_retrieval(
+    questions: Sequence[QuestionRecord], corpus: Mapping[str, Document], config: RetrievalConfig
+) -> bool:
+    """Whether any question may be routed to retrieval, without a tokenizer: characters / 2 over-
+    estimates tokens for the tokenizers terse meets, so a question that needs the index is never missed."""
+    if not config.enabled:
+        return False
+    if config.min_context_tokens == 0:
+        return True
+    sizes: dict[tuple[str, ...], int] = {}
+    for q in questions:
+        if q.doc_ids not in sizes:
+            sizes[q.doc_ids] = sum(len(d.text) for d in relevant_documents(q, corpus))
+    return any(num_chars / 2 > config.min_context_tokens for num_chars in sizes.values())
+
+
 def open_or_build_index(corpus: Mapping[str, Document], config: RetrievalConfig) -> Any:
     """A terse.retrieval `Retriever` over `corpus`: reopened from `config.index_dir` when it holds one
     (documents added or changed since are indexed incrementally), built in memory otherwise."""
@@ -120,13 +137,42 @@ def documents_of_index(index_dir: str | Path) -> dict[str, Document]:
     return corpus
 
 
+class RoutedContexts:
+    """Whole documents for questions whose documents fit `config.min_context_tokens`, retrieved chunks
+    above it. The index is opened or built on the first question that needs it (never, if none does)."""
+
+    def __init__(
+        self,
+        corpus: Mapping[str, Document],
+        config: RetrievalConfig,
+        context_tokens: Callable[[QuestionRecord], int],
+        make_retriever: Callable[[], Any],
+    ) -> None:
+        self.whole = WholeDocuments(corpus)
+        self.config = config
+        self.context_tokens = context_tokens
+        self.make_retriever = make_retriever
+        self._retrieved: RetrievedChunks | None = None
+
+    def passages(self, question: QuestionRecord) -> list[Passage]:
+        if self.config.min_context_tokens and self.context_tokens(question) <= self.config.min_context_tokens:
+            return self.whole.passages(question)
+        if self._retrieved is None:
+            self._retrieved = RetrievedChunks(self.make_retriever(), self.config)
+        return self._retrieved.passages(question)
+
+
 def build_context_source(
-    corpus: Mapping[str, Document], config: RetrievalConfig, retriever: Any | None = None
+    corpus: Mapping[str, Document],
+    config: RetrievalConfig,
+    context_tokens: Callable[[QuestionRecord], int],
+    make_retriever: Callable[[], Any],
 ) -> ContextSource:
-    """The source the config asks for; `retriever` reuses an already opened index."""
+    """The source the config asks for. `context_tokens(q)` counts the tokens of q's documents;
+    `make_retriever()` opens or builds the index (called at most once, when first needed)."""
     if not config.enabled:
         return WholeDocuments(corpus)
-    return RetrievedChunks(retriever or open_or_build_index(corpus, config), config)
+    return RoutedContexts(corpus, config, context_tokens, make_retriever)
 
 
 def passage_key(passages: Sequence[Passage]) -> tuple[tuple[str, int, int], ...]:

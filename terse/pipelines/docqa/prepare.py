@@ -59,12 +59,17 @@ class NaivePromptCounter:
         self._placeholder_tokens = backend.count_tokens(_PLACEHOLDER)
 
     def count(self, question: QuestionRecord) -> int:
+        """Tokens of the naive prompt of `question`."""
+        return self.documents_part(question) + self.backend.count_tokens(question.question)
+
+    def documents_part(self, question: QuestionRecord) -> int:
+        """Tokens of the naive prompt without the question (chat template, instructions, documents)."""
         key = question.doc_ids or ("*",)
         if key not in self._base:
             docs = [(d.id, d.text) for d in relevant_documents(question, self.corpus)]
             prompt = self.backend.render_chat(qa_messages(_PLACEHOLDER, docs))
             self._base[key] = self.backend.count_tokens(prompt) - self._placeholder_tokens
-        return self._base[key] + self.backend.count_tokens(question.question)
+        return self._base[key]
 
 
 class Preparer:
@@ -76,11 +81,12 @@ class Preparer:
         corpus: Mapping[str, Document],
         source: ContextSource,
         compression: CompressionConfig,
+        naive: NaivePromptCounter | None = None,
     ) -> None:
         self.backend = backend
         self.source = source
         self.compression = compression
-        self.naive = NaivePromptCounter(backend, corpus)
+        self.naive = naive or NaivePromptCounter(backend, corpus)
         self.compressor = _build_compressor(backend, compression) if compression.enabled else None
 
     def prepare(self, question: QuestionRecord) -> PreparedQuestion:

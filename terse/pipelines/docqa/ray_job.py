@@ -22,6 +22,7 @@ from typing import Any
 
 from terse.errors import ConfigError
 from terse.pipelines.docqa.config import DocQAConfig
+from terse.pipelines.docqa.contexts import may_need_retrieval
 from terse.pipelines.docqa.job import BatchFn, DocQAJob
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QuestionRecord
 from terse.retrieval.types import Document
@@ -115,7 +116,7 @@ def ray_batches(job: DocQAJob, options: RayOptions) -> BatchFn:
             index_dir: Path | None) -> Iterator[list[AnswerRecord | FailureRecord]]:
         ray = ensure_ray(options)
         config = job.config
-        if config.retrieval.enabled and index_dir is None:
+        if index_dir is None and may_need_retrieval(pending, corpus, config.retrieval):
             index_dir = _build_shared_index(job, corpus, pending)
         corpus_ref = ray.put({d.id: (d.text, d.metadata) for d in corpus.values()})
         num_gpus = options.num_gpus_per_actor
