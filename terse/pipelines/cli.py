@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("terse.pipelines.cli_compress", "compress files or stdin to a token budget (question-aware)"),
     "docqa": ("terse.pipelines.cli_docqa", "answer a file of questions over a folder of documents (resumable)"),
     "serve": ("terse.pipelines.cli_serve", "OpenAI-compatible server: local model or proxy to an upstream API"),
+    "index": ("terse.pipelines.cli_index", "build or update a retrieval index from documents"),
+    "search": ("terse.pipelines.cli_search", "search a retrieval index (dense, BM25 or hybrid)"),
 }
 
 

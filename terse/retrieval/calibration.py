@@ -63,15 +63,23 @@ def build_index(kind: str, dim: int, config: IndexConfig, ids: np.ndarray, vecto
 def measure_recall(
     index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, query_rows: np.ndarray, k: int
 ) -> float:
-    """recall@k of `index` against exact search over (`ids`, `vectors`) for the rows `query_rows`."""
+    """recall@k of `index` against exact search over (`ids`, `vectors`) for the rows `query_rows`.
+
+    A returned vector counts as a true neighbour when its exact score reaches the k-th exact score
+    (within 1e-5): among tied vectors any choice is correct, whatever order each index breaks ties in.
+    """
     k = min(k, ids.size)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
     queries = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)  # [num_queries, dim]
-    _, exact_rows = exact.search(queries, k)  # [num_queries, k] row positions
-    _, approx_ids = index.search(queries, k)  # [num_queries, k] ids
-    hits = sum(len(set(ids[row]) & set(found)) for row, found in zip(exact_rows, approx_ids))
-    return hits / (k * queries.shape[0])
+    exact_scores, _ = exact.search(queries, k)  # [num_queries, k]
+    _, approx_ids = index.search(queries, k)  # [num_queries, k] ids, -1 padded
+    row_of = {int(i): row for row, i in enumerate(ids)}
+    num_hits = 0
+    for query, kth_score, found in zip(queries, exact_scores[:, -1], approx_ids):
+        rows = [row_of[int(i)] for i in found if int(i) in row_of]
+        num_hits += int(np.sum(vectors[rows] @ query >= kth_score - 1e-5))
+    return num_hits / (k * queries.shape[0])
 
 
 def calibrate(index: VectorIndex, config: IndexConfig) -> RecallReport:

@@ -184,8 +184,19 @@ class Retriever:
         self, query: str, k: int = 5, mode: SearchMode = "hybrid", doc_ids: Sequence[str] | None = None
     ) -> list[Hit]:
         """The top-`k` chunks for `query`, best first; only chunks of `doc_ids` when given."""
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidRequestError(f"query={query!r} must be a non-empty string")
+        return self.search_batch([query], k, mode, doc_ids)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[str],
+        k: int = 5,
+        mode: SearchMode = "hybrid",
+        doc_ids: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
+        """`search` for many queries at once (queries embedded in batches): one hit list per query."""
+        for query in queries:
+            if not isinstance(query, str) or not query.strip():
+                raise InvalidRequestError(f"query={query!r} must be a non-empty string")
         if not isinstance(k, int) or k < 1:
             raise InvalidRequestError(f"k={k!r} must be an int >= 1")
         if mode not in SEARCH_MODES:
@@ -197,33 +208,39 @@ class Retriever:
             self._check_known(list(doc_ids))
             allowed = self.store.chunk_ids_of(doc_ids)
         depth = k if mode != "hybrid" else max(k, self.config.candidate_k)
-        dense = self._dense(query, depth, allowed) if mode != "bm25" else None
-        lexical = self._lexical(query, depth, allowed) if mode != "dense" else None
-        ranked: list[tuple[int, float, tuple[int | None, int | None]]]
-        if mode == "dense":
-            assert dense is not None
-            ranked = [(i, s, (r, None)) for r, (i, s) in enumerate(zip(*dense), start=1)]
-        elif mode == "bm25":
-            assert lexical is not None
-            ranked = [(i, s, (None, r)) for r, (i, s) in enumerate(zip(*lexical), start=1)]
-        else:
-            assert dense is not None and lexical is not None
-            fused = reciprocal_rank_fusion([dense[0], lexical[0]], self.config.rrf_k)
-            ranked = [(f.item_id, f.score, (f.ranks[0], f.ranks[1])) for f in fused]
-        return self._hits(ranked[:k])
+        dense = self._dense(queries, depth, allowed) if mode != "bm25" else None
+        results = []
+        for i, query in enumerate(queries):
+            lexical = self._lexical(query, depth, allowed) if mode != "dense" else None
+            ranked: list[tuple[int, float, tuple[int | None, int | None]]]
+            if dense is None:
+                assert lexical is not None
+                ranked = [(c, s, (None, r)) for r, (c, s) in enumerate(zip(*lexical), start=1)]
+            elif lexical is None:
+                ranked = [(c, s, (r, None)) for r, (c, s) in enumerate(zip(*dense[i]), start=1)]
+            else:
+                fused = reciprocal_rank_fusion([dense[i][0], lexical[0]], self.config.rrf_k)
+                ranked = [(f.item_id, f.score, (f.ranks[0], f.ranks[1])) for f in fused]
+            results.append(self._hits(ranked[:k]))
+        return results
 
-    def _dense(self, query: str, depth: int, allowed: list[int] | None) -> tuple[list[int], list[float]]:
+    def _dense(
+        self, queries: Sequence[str], depth: int, allowed: list[int] | None
+    ) -> list[tuple[list[int], list[float]]]:
         assert self.vectors is not None
-        query_vectors = self.embedder.embed_queries([query])  # [1, dim]
+        query_vectors = self.embedder.embed_queries(queries)  # [num_queries, dim]
         if query_vectors.shape[1] != self.vectors.dim:
             raise RetrievalIndexError(
                 f"embedder returns {query_vectors.shape[1]}-dim vectors, the index holds "
                 f"{self.vectors.dim}-dim ones; open the index with the embedder it was built with"
             )
         allowed_ids = None if allowed is None else np.asarray(allowed, dtype=np.int64)
-        scores, ids = self.vectors.search(query_vectors, depth, allowed_ids)  # [1, depth] each
-        keep = ids[0] >= 0
-        return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
+        scores, ids = self.vectors.search(query_vectors, depth, allowed_ids)  # [num_queries, depth] each
+        keep = ids >= 0
+        return [
+            ([int(c) for c in ids[row][keep[row]]], [float(s) for s in scores[row][keep[row]]])
+            for row in range(ids.shape[0])
+        ]
 
     def _lexical(self, query: str, depth: int, allowed: list[int] | None) -> tuple[list[int], list[float]]:
         if self._bm25 is None:

@@ -1,0 +1,74 @@
+"""`terse index <docs...> -o <dir>`: build or incrementally update a retrieval index.
+
+An existing index at `-o` is reopened with its recorded settings: new documents are added, changed
+ones (by content hash) re-embedded, unchanged ones skipped. Progress goes to stderr, a summary to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("docs", nargs="+", help="files or directories (.txt, .md, .jsonl with id+text, .pdf)")
+    parser.add_argument("-o", "--output", required=True, help="index directory (created or updated)")
+    parser.add_argument("--model", default=None, help="sentence-transformers name or path (default: bundled MiniLM)")
+    parser.add_argument("--query-prompt", default=None, help="text prepended to queries (e.g. 'query: ')")
+    parser.add_argument("--document-prompt", default=None, help="text prepended to chunks (e.g. 'passage: ')")
+    parser.add_argument("--chunk-tokens", type=int, default=200, help="token budget per chunk (default 200)")
+    parser.add_argument("--overlap-tokens", type=int, default=32, help="overlap between chunks (default 32)")
+    parser.add_argument(
+        "--index-kind", choices=["auto", "flat", "hnsw", "ivf"], default="auto", help="vector index (default auto)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per embedding batch (default 64)")
+    parser.add_argument("--device", default="cpu", help="torch device for the embedder (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from terse.errors import TerseError
+    from terse.retrieval import ChunkerConfig, EmbedderConfig, IndexConfig, Retriever, RetrieverConfig
+    from terse.retrieval.persistence import CURRENT
+
+    output = Path(args.output)
+    bar = tqdm(total=0, unit="chunk", desc="embedding", disable=args.no_progress, file=sys.stderr)
+
+    def progress(num_done: int, num_total: int) -> None:
+        bar.total = num_total
+        bar.update(num_done - bar.n)
+
+    try:
+        if (output / CURRENT).is_file():
+            retriever = Retriever.open(output)
+        else:
+            config = RetrieverConfig(
+                chunker=ChunkerConfig(args.chunk_tokens, args.overlap_tokens),
+                embedder=EmbedderConfig(
+                    **({"model": args.model} if args.model else {}),
+                    query_prompt=args.query_prompt,
+                    document_prompt=args.document_prompt,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                ),
+                index=IndexConfig(kind=args.index_kind),
+            )
+            retriever = Retriever(config)
+        report = retriever.add_paths(args.docs, progress)
+        retriever.save(output)
+    except TerseError as e:
+        bar.close()
+        print(f"terse index: error: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    stats = retriever.stats()
+    recall = "" if stats.recall is None else f", recall@{stats.recall.k} vs exact {stats.recall.recall:.3f}"
+    print(
+        f"indexed {output}: {report.num_added} added, {report.num_updated} updated, {report.num_unchanged} "
+        f"unchanged; {report.num_chunks_added} chunks embedded, {report.num_chunks_removed} removed; "
+        f"{stats.num_documents} documents, {stats.num_chunks} chunks, {stats.index_kind} index{recall}"
+    )
+    return 0

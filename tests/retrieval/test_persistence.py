@@ -1,0 +1,202 @@
+"""Save/open round trips, crash safety, incremental updates by content hash, and typed errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from terse.errors import InvalidRequestError, RetrievalIndexError
+from terse.retrieval import ChunkerConfig, Document, IndexConfig, Retriever, RetrieverConfig, persistence
+from terse.retrieval.bm25 import BM25Index
+from terse.retrieval.calibration import RecallReport
+from tests.retrieval.conftest import HashEmbedder
+
+ANIMALS = ["otter", "heron", "badger", "lynx", "marten", "ibis", "vole", "stoat"]
+
+
+def _docs(version: int = 0) -> list[Document]:
+    return [
+        Document(f"{a}.txt", f"The {a} lives near water number {i}. Version {version} of the {a} notes. "
+                 f"It eats fish and the {a} sleeps by day.", {"source": f"{a}.txt"})
+        for i, a in enumerate(ANIMALS)
+    ]
+
+
+def _config(**index: object) -> RetrieverConfig:
+    return RetrieverConfig(chunker=ChunkerConfig(chunk_tokens=12, overlap_tokens=2), index=IndexConfig(**index))  # type: ignore[arg-type]
+
+
+class CountingEmbedder(HashEmbedder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_documents_embedded = 0
+
+    def embed_documents(self, texts, progress=None):  # type: ignore[no-untyped-def]
+        self.num_documents_embedded += len(texts)
+        return super().embed_documents(texts, progress)
+
+
+def _results(retriever: Retriever) -> list[list[tuple[int, str, float]]]:
+    return [
+        [(h.chunk_id, h.doc_id, round(h.score, 6)) for h in retriever.search(f"where does the {a} live", 4, mode)]
+        for a in ANIMALS[:3]
+        for mode in ("dense", "bm25", "hybrid")
+    ]
+
+
+def test_round_trip_reopens_without_embedding(tmp_path: Path) -> None:
+    retriever = Retriever(_config(), embedder=HashEmbedder())
+    retriever.add_documents(_docs())
+    retriever.save(tmp_path / "idx")
+    embedder = CountingEmbedder()
+    reopened = Retriever.open(tmp_path / "idx", embedder=embedder)
+    assert _results(reopened) == _results(retriever)
+    assert embedder.num_documents_embedded == 0
+    assert reopened.stats() == retriever.stats()
+    assert reopened.doc_ids() == sorted(d.id for d in _docs())
+    hit = reopened.search("badger", 1, "bm25")[0]
+    assert _docs()[2].text[hit.char_start : hit.char_end] == hit.text
+    # reopened indexes update incrementally and save again
+    assert reopened.add_documents([Document("newt.txt", "A newt swims in the pond.")]).num_added == 1
+    assert embedder.num_documents_embedded == 1
+    reopened.save(tmp_path / "idx")
+    assert Retriever.open(tmp_path / "idx", embedder=HashEmbedder()).search("newt", 1, "bm25")[0].doc_id == "newt.txt"
+    assert sorted(os.listdir(tmp_path / "idx")) == ["CURRENT", "v000002"]
+
+
+@pytest.mark.parametrize("fail_in", ["bm25", "pointer"])
+def test_crash_during_save_leaves_old_index_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str
+) -> None:
+    root = tmp_path / "idx"
+    retriever = Retriever(_config(), embedder=HashEmbedder())
+    retriever.add_documents(_docs())
+    retriever.save(root)
+    before = _results(retriever)
+    retriever.add_documents(_docs(version=1))
+    if fail_in == "bm25":  # data files half written
+        monkeypatch.setattr(BM25Index, "write", lambda self, directory: (_ for _ in ()).throw(OSError("disk full")))
+    else:  # new version complete on disk but CURRENT never swapped
+
+        real_replace = os.replace
+
+        def replace(src: str, dst: str) -> None:
+            if Path(dst).name == persistence.CURRENT:
+                raise OSError("power cut")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(persistence.os, "replace", replace)
+    with pytest.raises(OSError):
+        retriever.save(root)
+    monkeypatch.undo()
+    old = Retriever.open(root, embedder=HashEmbedder())
+    assert _results(old) == before
+    assert "Version 0" in old.search("otter", 1, "bm25")[0].text
+    retriever.save(root)  # the next save succeeds and cleans up what the crash left
+    assert Retriever.open(root, embedder=HashEmbedder()).search("otter", 1, "bm25")[0].text.count("Version 1")
+    assert [p for p in os.listdir(root) if p != "CURRENT"] == ["v000003" if fail_in == "pointer" else "v000002"]
+
+
+def test_update_by_content_hash_and_delete() -> None:
+    embedder = CountingEmbedder()
+    retriever = Retriever(_config(), embedder=embedder)
+    first = retriever.add_documents(_docs())
+    assert (first.num_added, first.num_updated, first.num_unchanged) == (8, 0, 0)
+    num_chunks = retriever.stats().num_chunks
+    embedded = embedder.num_documents_embedded
+    same = retriever.add_documents(_docs())
+    assert (same.num_unchanged, same.num_chunks_added) == (8, 0) and embedder.num_documents_embedded == embedded
+    old_ids = {h.chunk_id for h in retriever.search("otter", 50, "bm25", doc_ids=["otter.txt"])}
+    changed = [Document("otter.txt", "The otter moved to the mountains. It now eats berries.")]
+    report = retriever.add_documents(changed)
+    assert (report.num_updated, report.num_chunks_removed) == (1, len(old_ids))
+    hits = retriever.search("otter mountains berries", 50, "hybrid", doc_ids=["otter.txt"])
+    assert [h.text for h in hits] == [changed[0].text]  # 12 tokens: one chunk
+    assert not old_ids & {h.chunk_id for h in hits}  # chunk ids are never reused
+    assert all("Version" not in h.text for h in retriever.search("otter water", 20, "dense") if h.doc_id == "otter.txt")
+    removed = retriever.delete(["heron.txt", "lynx.txt"])
+    assert removed > 0 and retriever.stats().num_chunks == num_chunks - len(old_ids) + 1 - removed
+    assert all(h.doc_id not in ("heron.txt", "lynx.txt") for h in retriever.search("heron lynx", 50, "hybrid"))
+    with pytest.raises(InvalidRequestError, match="heron.txt"):
+        retriever.delete(["heron.txt"])
+
+
+def test_hnsw_deletes_survive_reopen(tmp_path: Path) -> None:
+    docs = [Document(f"d{i}", f"Item {i} has colour {i % 7} and weight {i % 11}.") for i in range(120)]
+    retriever = Retriever(_config(kind="hnsw", num_recall_queries=50), embedder=HashEmbedder())
+    retriever.add_documents(docs)
+    retriever.delete([f"d{i}" for i in range(10)])
+    assert retriever.vectors is not None and retriever.vectors.kind == "hnsw"
+    retriever.save(tmp_path / "idx")
+    reopened = Retriever.open(tmp_path / "idx", embedder=HashEmbedder())
+    hits = reopened.search("Item 3 has colour 3", 110, "dense")
+    assert len(hits) == 110 and not {f"d{i}" for i in range(10)} & {h.doc_id for h in hits}
+
+
+def test_auto_switches_to_hnsw_only_after_measuring_recall(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = [Document(f"d{i}", f"Record {i} mentions town {i % 13} and river {i % 17}.") for i in range(150)]
+    retriever = Retriever(_config(flat_max_vectors=100, num_recall_queries=50), embedder=HashEmbedder())
+    retriever.add_documents(docs[:90])
+    assert retriever.stats().index_kind == "flat"
+    retriever.add_documents(docs[90:])
+    stats = retriever.stats()
+    assert stats.index_kind == "hnsw" and stats.recall is not None
+    assert stats.recall.kind == "hnsw" and stats.recall.recall >= 0.95 and stats.recall.num_queries == 50
+
+    def failing(index: object, config: IndexConfig) -> RecallReport:
+        return RecallReport("hnsw", 0.5, 10, 50, 150, "ef_search", 2048, False)
+
+    monkeypatch.setattr("terse.retrieval.retriever.calibrate", failing)
+    rejected = Retriever(_config(flat_max_vectors=100), embedder=HashEmbedder())
+    rejected.add_documents(docs)
+    assert rejected.stats().index_kind == "flat" and rejected.stats().recall.recall == 0.5  # type: ignore[union-attr]
+
+
+def test_open_errors_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(RetrievalIndexError, match="no index at"):
+        Retriever.open(tmp_path / "missing", embedder=HashEmbedder())
+    root = tmp_path / "idx"
+    retriever = Retriever(_config(), embedder=HashEmbedder())
+    retriever.add_documents(_docs())
+    retriever.save(root)
+    with pytest.raises(RetrievalIndexError, match="built with embedder"):
+        Retriever.open(root, embedder=HashEmbedder(name="other-model"))
+    with pytest.raises(RetrievalIndexError, match="built with embedder"):
+        Retriever.open(root)  # the default MiniLM embedder is not the one recorded
+    version = root / "v000001"
+    data = bytearray((version / "vectors.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (version / "vectors.faiss").write_bytes(bytes(data))
+    with pytest.raises(RetrievalIndexError, match="corrupt"):
+        Retriever.open(root, embedder=HashEmbedder())
+    (version / "chunks.sqlite").unlink()
+    with pytest.raises(RetrievalIndexError, match="missing"):
+        Retriever.open(root, embedder=HashEmbedder())
+    (version / "manifest.json").write_text("{not json")
+    with pytest.raises(RetrievalIndexError, match="not JSON"):
+        Retriever.open(root, embedder=HashEmbedder())
+
+
+def test_bad_input_is_typed() -> None:
+    retriever = Retriever(_config(), embedder=HashEmbedder())
+    with pytest.raises(RetrievalIndexError, match="no chunks"):
+        retriever.search("anything")
+    with pytest.raises(InvalidRequestError, match="no documents"):
+        retriever.add_documents([])
+    with pytest.raises(InvalidRequestError, match="contain no text"):
+        retriever.add_documents([Document("a", ""), Document("b", "  \n")])
+    with pytest.raises(InvalidRequestError, match="appears twice"):
+        retriever.add_documents([Document("a", "x"), Document("a", "y")])
+    retriever.add_documents(_docs())
+    with pytest.raises(InvalidRequestError, match="query"):
+        retriever.search("   ")
+    with pytest.raises(InvalidRequestError, match="k=0"):
+        retriever.search("otter", k=0)
+    with pytest.raises(InvalidRequestError, match="mode='sparse'"):
+        retriever.search("otter", mode="sparse")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="unknown document"):
+        retriever.search("otter", doc_ids=["nope.txt"])
+    with pytest.raises(InvalidRequestError, match="non-empty string"):
+        Document("", "text")
