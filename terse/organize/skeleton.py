@@ -244,7 +244,12 @@ class SoTStream:
         finally:
             for handle in handles[len(answers) :]:  # abandoned mid-way: free the engine
                 handle.cancel()
-        stage = Stage("points", tuple(a.completion for a in answers), time.perf_counter() - start)
+        # A slow consumer between yields must not count as model time: use the backend's own
+        # per-request latencies when it reports them.
+        completions = tuple(a.completion for a in answers)
+        latencies = [c.metrics["latency"] for c in completions if "latency" in c.metrics]
+        wall_s = max(latencies) if len(latencies) == len(completions) else time.perf_counter() - start
+        stage = Stage("points", completions, wall_s)
         text = merge_points(points, [a.expansion for a in answers])
         skeleton_text = skeleton.completions[0].text if skeleton else format_skeleton(points)
         stages = (skeleton, stage) if skeleton else (stage,)
