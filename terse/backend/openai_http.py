@@ -96,17 +96,20 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _retry_delay(
-    policy: RetryPolicy, attempt: int, response: httpx.Response | None, url: str
+def retry_delay(
+    policy: RetryPolicy, attempt: int, status_code: int | None, retry_after_header: str | None, url: str
 ) -> float | None:
-    """The wait before the next attempt, or None when this failure must not be retried."""
+    """The wait before re-send `attempt + 1`, or None when this failure must not be retried.
+
+    `status_code` None means the request failed without a response (connection error).
+    """
     if attempt >= policy.max_retries:
         return None
     retry_after = None
-    if response is not None:
-        if response.status_code not in RETRYABLE_STATUS_CODES:
+    if status_code is not None:
+        if status_code not in RETRYABLE_STATUS_CODES:
             return None
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(retry_after_header)
         if retry_after is not None and retry_after > policy.max_retry_after_s:
             logger.warning(
                 "%s asked to retry after %.1f s, more than max_retry_after_s=%.1f; not retrying",
@@ -116,10 +119,21 @@ def _retry_delay(
     return policy.backoff_s(attempt, retry_after)
 
 
-def _log_retry(url: str, why: str, attempt: int, policy: RetryPolicy, delay_s: float) -> None:
+def _retry_delay(policy: RetryPolicy, attempt: int, response: httpx.Response | None, url: str) -> float | None:
+    if response is None:
+        return retry_delay(policy, attempt, None, None, url)
+    return retry_delay(policy, attempt, response.status_code, response.headers.get("retry-after"), url)
+
+
+def log_retry(url: str, why: str, attempt: int, policy: RetryPolicy, delay_s: float) -> None:
     logger.warning(
         "retrying %s after %s (retry %d/%d) in %.2f s", url, why, attempt + 1, policy.max_retries, delay_s
     )
+
+
+def unavailable_error(url: str, e: Exception, num_attempts: int) -> TerseError:
+    """The typed error for a request that got no response: timeout (read) or unreachable (else)."""
+    return _unavailable(url, e, num_attempts)
 
 
 def _unavailable(url: str, e: Exception, num_attempts: int) -> TerseError:
@@ -159,7 +173,7 @@ def send_with_retries(client: httpx.Client, request: httpx.Request, policy: Retr
                 return response
             response.close()
             why = f"HTTP {response.status_code}"
-        _log_retry(url, why, attempt, policy, delay)
+        log_retry(url, why, attempt, policy, delay)
         time.sleep(delay)
         attempt += 1
 
@@ -186,7 +200,7 @@ async def asend_with_retries(
                 return response
             await response.aclose()
             why = f"HTTP {response.status_code}"
-        _log_retry(url, why, attempt, policy, delay)
+        log_retry(url, why, attempt, policy, delay)
         await asyncio.sleep(delay)
         attempt += 1
 
@@ -268,18 +282,22 @@ def error_from_response(response: httpx.Response) -> TerseError:
 
     4xx -> `RemoteRequestError` with the server's message; 5xx -> `BackendUnavailableError`.
     """
+    return error_from_body(response.status_code, response.content, str(response.request.url))
+
+
+def error_from_body(status_code: int, content: bytes, url: str) -> TerseError:
+    """`error_from_response` for a status and raw body from any HTTP client."""
     try:
-        body: Any = response.json()
+        body: Any = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        body = response.text[:500]
+        body = content[:500].decode("utf-8", "replace")
     message, error_type, param, code = _error_fields(body)
-    url = str(response.request.url)
-    if 400 <= response.status_code < 500:
+    if 400 <= status_code < 500:
         return RemoteRequestError(
-            f"{url} rejected the request (HTTP {response.status_code}): {message}",
-            status_code=response.status_code,
+            f"{url} rejected the request (HTTP {status_code}): {message}",
+            status_code=status_code,
             error_type=error_type,
             param=param,
             code=code,
         )
-    return BackendUnavailableError(f"{url} failed (HTTP {response.status_code}): {message}")
+    return BackendUnavailableError(f"{url} failed (HTTP {status_code}): {message}")

@@ -54,9 +54,15 @@ def start_proxy(upstream_url: str, hooks: tuple[Any, ...] = (), **proxy: Any) ->
     return ServerThread(proxy_app(config, server_config, hooks)).start()
 
 
+@pytest.fixture(scope="module", params=["h11", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Both upstream transports run every proxy test."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def proxy(upstream: ServerThread) -> Iterator[ServerThread]:
-    server = start_proxy(f"{upstream.url}/v1")
+def proxy(upstream: ServerThread, transport: str) -> Iterator[ServerThread]:
+    server = start_proxy(f"{upstream.url}/v1", transport=transport)
     yield server
     server.stop()
 
@@ -96,8 +102,8 @@ def test_upstream_client_errors_pass_through(proxy: ServerThread) -> None:
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
 
 
-def test_hooks_rewrite_requests_and_answers_with_accounting(upstream: ServerThread) -> None:
-    proxy = start_proxy(f"{upstream.url}/v1", hooks=(KeepLastUserMessage(),))
+def test_hooks_rewrite_requests_and_answers_with_accounting(upstream: ServerThread, transport: str) -> None:
+    proxy = start_proxy(f"{upstream.url}/v1", hooks=(KeepLastUserMessage(),), transport=transport)
     try:
         direct, via = clients(upstream, proxy)
         args: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "temperature": 0}
@@ -114,9 +120,9 @@ def test_hooks_rewrite_requests_and_answers_with_accounting(upstream: ServerThre
         proxy.stop()
 
 
-def test_upstream_down_gives_502_after_logged_retries(caplog: pytest.LogCaptureFixture) -> None:
+def test_upstream_down_gives_502_after_logged_retries(caplog: pytest.LogCaptureFixture, transport: str) -> None:
     caplog.set_level(logging.WARNING, logger="terse.backend.openai")
-    proxy = start_proxy("http://127.0.0.1:9/v1")  # port 9 (discard): nothing listens on loopback
+    proxy = start_proxy("http://127.0.0.1:9/v1", transport=transport)  # port 9 (discard): nothing listens on loopback
     try:
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, timeout=30)
         assert response.status_code == 502
@@ -140,7 +146,7 @@ class Script:
     authorizations: list[str | None] = dataclasses.field(default_factory=list)
 
 
-def scripted_upstream(script: Script) -> ServerThread:
+def _stub_app(script: Script) -> Starlette:
     async def chat(request: Request) -> Response:
         script.calls += 1
         script.authorizations.append(request.headers.get("authorization"))
@@ -155,14 +161,18 @@ def scripted_upstream(script: Script) -> ServerThread:
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
         })
 
-    return ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
-def test_upstream_5xx_then_ok_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+def scripted_upstream(script: Script) -> ServerThread:
+    return ServerThread(_stub_app(script)).start()
+
+
+def test_upstream_5xx_then_ok_is_retried(caplog: pytest.LogCaptureFixture, transport: str) -> None:
     caplog.set_level(logging.WARNING, logger="terse.backend.openai")
     script = Script(num_failures=2)
     stub = scripted_upstream(script)
-    proxy = start_proxy(f"{stub.url}/v1")
+    proxy = start_proxy(f"{stub.url}/v1", transport=transport)
     try:
         (via,) = clients(proxy)
         answer = via.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
@@ -177,10 +187,10 @@ def test_upstream_5xx_then_ok_is_retried(caplog: pytest.LogCaptureFixture) -> No
         stub.stop()
 
 
-def test_slow_upstream_gives_504() -> None:
+def test_slow_upstream_gives_504(transport: str) -> None:
     script = Script(delay_s=1.0)
     stub = scripted_upstream(script)
-    proxy = start_proxy(f"{stub.url}/v1", timeout_s=0.2)
+    proxy = start_proxy(f"{stub.url}/v1", timeout_s=0.2, transport=transport)
     try:
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=30)
         assert response.status_code == 504
@@ -192,11 +202,11 @@ def test_slow_upstream_gives_504() -> None:
         stub.stop()
 
 
-def test_keys_client_key_checked_upstream_key_sent() -> None:
+def test_keys_client_key_checked_upstream_key_sent(transport: str) -> None:
     script = Script()
     stub = scripted_upstream(script)
-    guarded = start_proxy(f"{stub.url}/v1", api_key="terse-key", upstream_api_key="upstream-key")
-    open_proxy = start_proxy(f"{stub.url}/v1")
+    guarded = start_proxy(f"{stub.url}/v1", api_key="terse-key", upstream_api_key="upstream-key", transport=transport)
+    open_proxy = start_proxy(f"{stub.url}/v1", transport=transport)
     try:
         body = json.dumps({"model": "m", "messages": MESSAGES})
         url = f"{guarded.url}/v1/chat/completions"
@@ -209,3 +219,39 @@ def test_keys_client_key_checked_upstream_key_sent() -> None:
     finally:
         for server in (guarded, open_proxy, stub):
             server.stop()
+
+
+def test_upstream_restart_between_requests_is_survived(transport: str) -> None:
+    """A kept-alive connection the upstream closed (restart, idle timeout) is replaced, not reported."""
+    first = scripted_upstream(Script())
+    port = first.port
+    proxy = start_proxy(f"http://127.0.0.1:{port}/v1", transport=transport)
+    try:
+        (via,) = clients(proxy)
+        assert via.chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content
+        first.stop()
+        script = Script()
+        second = ServerThread(_stub_app(script), port=port).start()
+        try:
+            answer = via.chat.completions.create(model="m", messages=MESSAGES)
+            assert answer.choices[0].message.content == "echo Where does Alice work?" and script.calls == 1
+        finally:
+            second.stop()
+    finally:
+        proxy.stop()
+
+
+def test_client_disconnect_through_the_proxy_cancels_upstream_generation(tiny_llama: Path, transport: str) -> None:
+    from tests.pipelines.test_server import LONG, RecordingBackend, _wait_aborted
+
+    backend = RecordingBackend(load_backend(f"hf:{tiny_llama}"))
+    upstream = start_engine_server(backend)
+    proxy = start_proxy(f"{upstream.url}/v1", transport=transport)
+    try:
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+        handle = _wait_aborted(backend, 0)  # proxy dropped its upstream connection; the engine stopped
+        assert handle.result().finish_reason == "abort"
+    finally:
+        proxy.stop()
+        upstream.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import httpx
 from fastapi import FastAPI
 
 from terse.backend.base import Backend
@@ -26,10 +25,8 @@ def proxy_app(
     proxy: ProxyConfig,
     config: ServerConfig | None = None,
     hooks: Sequence[ChatHook] = (),
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Forward to `proxy.upstream_url` after `hooks`."""
     config = config or ServerConfig()
     chain = HookChain(hooks)
-    return create_app(ProxyService(proxy, config, chain, transport=transport), config, chain)
+    return create_app(ProxyService(proxy, config, chain), config, chain)

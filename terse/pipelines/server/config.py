@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from terse.backend.openai_http import RetryPolicy
 from terse.errors import ConfigError
@@ -59,6 +60,9 @@ class ProxyConfig:
     """Pooled upstream connections (keep-alive) shared by all clients."""
     tokenizer: str | None = None
     """Tokenizer path/name for exact prompt accounting; None estimates ~4 characters per token."""
+    transport: Literal["auto", "httpx", "h11"] = "auto"
+    """Upstream HTTP client: "h11" (lean keep-alive pool, http:// only), "httpx" (any URL, https), "auto"
+    (h11 for http://, httpx otherwise)."""
 
     def __post_init__(self) -> None:
         if not self.upstream_url.startswith(("http://", "https://")):
@@ -70,5 +74,9 @@ class ProxyConfig:
             raise ConfigError(
                 f"timeouts must be > 0 (timeout_s={self.timeout_s}, connect_timeout_s={self.connect_timeout_s})"
             )
+        if self.transport not in ("auto", "httpx", "h11"):
+            raise ConfigError(f"transport={self.transport!r} must be 'auto', 'httpx' or 'h11'")
+        if self.transport == "h11" and not self.upstream_url.startswith("http://"):
+            raise ConfigError(f"transport='h11' speaks plain http:// only; use 'httpx' for {self.upstream_url!r}")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections={self.max_connections} must be >= 1")

@@ -6,6 +6,9 @@
   travels in the `x-terse-*` headers. Whole answers get `usage.terse` too, and the hooks' `on_response`.
 - Upstream failures before the first byte are retried (`ProxyConfig.retry`, logged on
   "terse.backend.openai"); then: unreachable -> 502, no answer in time -> 504, 4xx -> passed through.
+- The upstream client is an `Upstream` transport (`upstream.py`): a lean h11 keep-alive pool for
+  http:// upstreams, httpx for https://. A client that disconnects makes the proxy drop its upstream
+  connection, so the upstream stops generating too.
 - Authorization upstream: `upstream_api_key` when set; else the client's own header is forwarded, unless
   terse checks its own api key (that key is terse's, never the upstream's).
 """
@@ -18,19 +21,19 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from terse.backend.openai_http import asend_with_retries, error_from_response
+from terse.backend.openai_http import error_from_body
 from terse.backend.types import Message
-from terse.errors import BackendTimeoutError, BackendUnavailableError
+from terse.errors import BackendUnavailableError
 from terse.pipelines.server.config import ProxyConfig, ServerConfig
 from terse.pipelines.server.errors import api_error_from
 from terse.pipelines.server.hooks import ChatResult, HookChain
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import DONE_EVENT, SSE_HEADERS, error_event
+from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
 """Estimate of chat-template overhead per message (role markers, separators) without a tokenizer."""
@@ -40,22 +43,13 @@ class ProxyService:
     """Forwards to one upstream. See the module docstring."""
 
     def __init__(
-        self,
-        config: ProxyConfig,
-        server: ServerConfig,
-        hooks: HookChain,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, config: ProxyConfig, server: ServerConfig, hooks: HookChain, *, upstream: Upstream | None = None
     ) -> None:
         self.config = config
         self.server = server
         self.hooks = hooks
         self._base_url = config.upstream_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
-            transport=transport,
-        )
+        self._upstream = upstream if upstream is not None else make_upstream(config)
         self._tokenizer: Any = None
         self.cheap_counting = config.tokenizer is None
         if config.tokenizer is not None:
@@ -80,49 +74,47 @@ class ProxyService:
             headers["authorization"] = ctx.client_authorization
         return headers
 
-    async def _send(self, method: str, url: str, body: Any, ctx: RequestContext) -> httpx.Response:
+    async def _send(self, method: str, url: str, body: Any, ctx: RequestContext) -> UpstreamResponse:
         content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = self._headers(ctx)
         if content is not None:
             headers["content-type"] = "application/json"
-        request = self._client.build_request(method, url, content=content, headers=headers)
-        send = asyncio.ensure_future(asend_with_retries(self._client, request, self.config.retry))
-        response: httpx.Response = await race_disconnect(send, ctx.http)
+        send = asyncio.ensure_future(self._upstream.send(method, url, content, headers))
+        response: UpstreamResponse = await race_disconnect(send, ctx.http)
         return response
 
-    async def _forward(self, method: str, path: str, body: Any, ctx: RequestContext, *, stream: bool) -> Response:
-        """Send upstream and relay: errors mapped, streams passed through, JSON returned as JSON."""
-        response = await self._send(method, f"{self._base_url}{path}", body, ctx)
-        if response.status_code >= 400:
-            await response.aread()
-            await response.aclose()
-            error = error_from_response(response)
-            if response.status_code < 500:  # the client's own mistake: its status and message, as sent
-                return Response(response.content, response.status_code, headers=ctx.response_headers(),
-                                media_type=response.headers.get("content-type", "application/json"))
-            raise api_error_from(error)
-        if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
+    async def _forward(
+        self, method: str, path: str, body: Any, ctx: RequestContext, *, stream: bool, root: bool = False
+    ) -> Response:
+        """Send upstream and relay: errors mapped, streams passed through, JSON returned as JSON.
+
+        `root` addresses the server root (`/tokenize`) instead of the API root (`/v1/...`).
+        """
+        base = self._base_url.removesuffix("/v1") if root else self._base_url
+        response = await self._send(method, f"{base}{path}", body, ctx)
+        media_type = response.headers.get("content-type", "application/json")
+        if stream and response.status_code < 400 and media_type.startswith("text/event-stream"):
             return StreamingResponse(
-                self._relay(response, ctx), media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()}
+                self._relay(response), media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()}
             )
         try:
-            await response.aread()
-        except httpx.HTTPError as e:
-            raise api_error_from(_transport_error(e, str(response.request.url))) from e
+            content = await response.aread()
         finally:
             await response.aclose()
-        return Response(response.content, response.status_code, headers=ctx.response_headers(),
-                        media_type=response.headers.get("content-type", "application/json"))
+        if response.status_code >= 500:
+            raise api_error_from(error_from_body(response.status_code, content, response.url))
+        # 2xx, and 4xx (the client's own mistake): the upstream's status and body, as sent
+        return Response(content, response.status_code, headers=ctx.response_headers(), media_type=media_type)
 
-    async def _relay(self, response: httpx.Response, ctx: RequestContext) -> AsyncIterator[bytes]:
+    async def _relay(self, response: UpstreamResponse) -> AsyncIterator[bytes]:
         try:
             async for chunk in response.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as e:  # upstream broke off mid-stream: say so in-band, end properly
-            yield error_event(api_error_from(_transport_error(e, str(response.request.url))).body())
+        except BackendUnavailableError as e:  # upstream broke off or stalled mid-stream: say so in-band
+            yield error_event(api_error_from(e).body())
             yield DONE_EVENT
         finally:
-            await response.aclose()
+            await response.aclose()  # early (client gone): drops the connection, the upstream sees it
 
     # -- endpoints -------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
@@ -159,18 +151,8 @@ class ProxyService:
         return await self._forward_root("/detokenize", body, ctx)
 
     async def _forward_root(self, path: str, body: dict[str, Any], ctx: RequestContext) -> Response:
-        root = self._base_url.removesuffix("/v1")
-        response = await self._send("POST", f"{root}{path}", body, ctx)
-        content = await response.aread()
-        await response.aclose()
-        return Response(content, response.status_code, headers=ctx.response_headers(),
-                        media_type=response.headers.get("content-type", "application/json"))
+        return await self._forward("POST", path, body, ctx, stream=False, root=True)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._upstream.aclose()
 
-
-def _transport_error(e: httpx.HTTPError, url: str) -> Exception:
-    if isinstance(e, httpx.TimeoutException):
-        return BackendTimeoutError(f"{url} stopped sending for longer than the timeout: {type(e).__name__}")
-    return BackendUnavailableError(f"{url} broke off the response: {type(e).__name__}: {e}")
