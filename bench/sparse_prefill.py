@@ -255,37 +255,37 @@ def computed_density(block_count: torch.Tensor, col_count: torch.Tensor | None, 
 
 def sparse_pipelines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: argparse.Namespace
                      ) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (estimate-only fn returning the index, full fn: estimate + kernel)."""
-    from terse.kernels.block_sparse import block_sparse_attention
+    """name -> (estimate-only fn returning the index, full fn: the engine entry point, estimation included)."""
+    from terse.kernels.patterns import BlockSparsePattern, VerticalSlashPattern
+    from terse.kernels.prefill import SparsePrefillConfig, sparse_prefill_attention
 
     length, device = q.shape[0], q.device
     c = cu([length], str(device))
     bq, bk, scale = args.block_q, args.block_k, HEAD_DIM**-0.5
-    heads = NUM_Q_HEADS
-    nv = torch.full((heads,), args.vs_vertical, device=device)
-    ns = torch.full((heads,), args.vs_slash, device=device)
-    nb = torch.full((heads,), args.bs_blocks, device=device)
-    mass = torch.full((heads,), args.mass, device=device)
+    vs = VerticalSlashPattern(num_vertical=args.vs_vertical, num_slash=args.vs_slash, target_mass=args.mass)
+    bs = BlockSparsePattern(num_blocks=args.bs_blocks, target_mass=args.mass)
     est_cfg = EstimateConfig(num_local_diagonals=bk)
+    config = SparsePrefillConfig(min_sparse_q_len=1, block_size_q=bq, block_size_k=bk, estimate=est_cfg)
+    heads = NUM_Q_HEADS
 
     def vs_index() -> Any:
-        vi, si = estimate_vertical_slash(q, k, c, c, length, length, nv, ns, mass, scale, config=est_cfg)
+        vi, si = estimate_vertical_slash(
+            q, k, c, c, length, length, torch.full((heads,), vs.num_vertical, device=device),
+            torch.full((heads,), vs.num_slash, device=device), torch.full((heads,), vs.target_mass, device=device),
+            scale, config=est_cfg,
+        )
         return convert_vertical_slash(vi, si, c, c, length, block_size_q=bq, block_size_k=bk)
 
-    def vs_full() -> Any:
-        idx = vs_index()
-        return block_sparse_attention(q, k, v, c, c, length, length, idx.block_idx, idx.block_count, scale,
-                                      col_idx=idx.col_idx, col_count=idx.col_count, block_size_q=bq, block_size_k=bk)
-
     def bs_index() -> Any:
-        return estimate_block_sparse(q, k, c, c, length, length, nb, mass, scale, block_size_q=bq, block_size_k=bk)
+        return estimate_block_sparse(
+            q, k, c, c, length, length, torch.full((heads,), bs.num_blocks, device=device),
+            torch.full((heads,), bs.target_mass, device=device), scale, block_size_q=bq, block_size_k=bk,
+        )
 
-    def bs_full() -> Any:
-        bidx, bcnt = bs_index()
-        return block_sparse_attention(q, k, v, c, c, length, length, bidx, bcnt, scale,
-                                      block_size_q=bq, block_size_k=bk)
+    def run(pattern: Any) -> Callable[[], Any]:
+        return lambda: sparse_prefill_attention(q, k, v, c, c, length, length, [pattern] * heads, scale, config=config)
 
-    return {"vertical_slash": (vs_index, vs_full), "block_sparse": (bs_index, bs_full)}
+    return {"vertical_slash": (vs_index, run(vs)), "block_sparse": (bs_index, run(bs))}
 
 
 def dense_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class VerticalSlashPattern:
     """Most key columns kept (sinks included)."""
     num_slash: int = 256
     """Most diagonals kept (local diagonals included)."""
-    target_mass: float = 1.0
+    target_mass: float = 0.95
     """Stop adding columns/diagonals once their estimated mass reaches this share (1.0: the caps decide)."""
 
     def __post_init__(self) -> None:
@@ -89,7 +89,7 @@ class BlockSparsePattern:
     kind: ClassVar[str] = "block_sparse"
     num_blocks: int = 64
     """Most key blocks per query block (sink and diagonal blocks included)."""
-    target_mass: float = 1.0
+    target_mass: float = 0.95
     """Stop adding blocks once their estimated mass reaches this share (1.0: the cap decides)."""
 
     def __post_init__(self) -> None:

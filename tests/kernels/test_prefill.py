@@ -36,7 +36,7 @@ def test_triton_and_torch_paths_agree_on_mixed_heads():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_full_budgets_reproduce_dense_attention(backend):
     batch = make_batch([33, 64], [80, 64], 4, 2, 64, seed=12)
-    patterns = [VerticalSlashPattern(100, 100), BlockSparsePattern(100), AShapePattern(0, 100), DensePattern()]
+    patterns = [VerticalSlashPattern(100, 100, 1.0), BlockSparsePattern(100, 1.0), AShapePattern(0, 100), DensePattern()]
     out = sparse_prefill_attention(*batch.args, patterns, 0.125, config=config(backend))
     assert rel_err(out, dense_causal(batch, 0.125)) < 1e-5
 
