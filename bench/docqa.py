@@ -1,0 +1,158 @@
+"""terse's default doc-QA pipeline against the naive job, same model, same questions, same run.
+
+naive: every document of the question pasted whole, no retrieval, no compression, one question per
+       call, prefix cache off (the engine is built with enable_prefix_cache=False).
+terse: the default DocQAConfig (context-size routing, question-aware compression to 240 tokens,
+       shared-prefix-first prompts, 16 questions per batch, prefix cache on).
+
+Both answer the synthetic doc-QA benchmark (terse.synth, test split: single-hop, multi-hop and list
+questions, each over ~`--context-tokens` of documents: gold documents among distractors) greedily
+with the same stop strings and max tokens. Wall time is the whole job (reading inputs, preparing
+prompts, generating, writing answers); models are loaded and warmed up beforehand. Medians of
+`--repeats` runs, each run into a fresh answers file.
+
+    .venv/bin/python bench/docqa.py                         # the shipped reference model, local engine
+    .venv/bin/python bench/docqa.py --model DIR --scheme hf
+    .venv/bin/python bench/docqa.py --random-reference-shape   # random weights, reference shape + tokenizer:
+                                                               # timings only (accuracy is meaningless)
+
+Prints a table last and writes raw numbers to bench/results/docqa_<label>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import transformers
+
+import terse
+from terse.backend.base import Backend
+from terse.backend.registry import load_backend
+from terse.backend.types import SamplingParams
+from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths, JobSummary
+from terse.pipelines.docqa.sample import REFERENCE_MODEL_DIR, reference_model_dir, write_synthetic
+
+
+def random_reference_shape(directory: Path) -> Path:
+    """A random Llama of the reference model's shape with the reference tokenizer (timings only)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=640, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def load(spec: str, scheme: str, prefix_cache: bool) -> Backend:
+    options: dict[str, Any] = {"enable_prefix_cache": prefix_cache} if scheme == "local" else {}
+    backend = load_backend(spec, **options)
+    backend.generate([backend.render_chat([{"role": "user", "content": "warm up " * 50}])],
+                     SamplingParams(max_tokens=4))
+    return backend
+
+
+def run_job(config: DocQAConfig, backend: Backend, docs: Path, questions: Path, workdir: Path,
+            name: str, repeats: int) -> tuple[JobSummary, list[float]]:
+    walls: list[float] = []
+    summary = None
+    for r in range(repeats):
+        paths = JobPaths(questions, (docs,), workdir / f"{name}-{r}.jsonl")
+        t0 = time.perf_counter()
+        summary = DocQAJob(config, paths, backend=backend).run()
+        walls.append(time.perf_counter() - t0)
+        print(f"  {name} run {r + 1}/{repeats}: {walls[-1]:.2f} s, accuracy {summary.accuracy}", file=sys.stderr)
+    assert summary is not None
+    return summary, walls
+
+
+def row(name: str, s: JobSummary, wall: float) -> dict[str, Any]:
+    return {"variant": name, "questions": s.num_questions, "answered": s.num_answered, "accuracy": s.accuracy,
+            "prompt_tokens": s.prompt_tokens, "original_prompt_tokens": s.original_prompt_tokens,
+            "cached_tokens": s.cached_tokens, "completion_tokens": s.completion_tokens,
+            "wall_s_median": wall, "questions_per_s": s.num_questions / wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped reference model)")
+    p.add_argument("--scheme", choices=["local", "hf"], default="local", help="backend: terse engine or transformers")
+    p.add_argument("--random-reference-shape", action="store_true", help="random weights of the reference shape")
+    p.add_argument("--num-worlds", type=int, default=2)
+    p.add_argument("--questions-per-kind", type=int, default=8)
+    p.add_argument("--context-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--label", default=None)
+    args = p.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="terse-bench-docqa-"))
+    if args.random_reference_shape:
+        model, label = random_reference_shape(workdir / "model"), "random-reference-shape"
+    else:
+        model = args.model or reference_model_dir()
+        if model is None:
+            sys.exit("no reference model in this checkout: pass --model DIR or --random-reference-shape")
+        label = "reference" if args.model is None else Path(model).name
+    label = args.label or f"{label}-{args.scheme}"
+    docs, questions = write_synthetic(workdir / "data", num_worlds=args.num_worlds,
+                                      questions_per_kind=args.questions_per_kind, context_tokens=args.context_tokens)
+    spec = f"{args.scheme}:{model}"
+    generation = {"max_tokens": args.max_tokens}
+    naive_config = DocQAConfig(backend=spec).with_overrides(
+        retrieval={"enabled": False}, compression={"enabled": False}, generation=generation,
+        run={"batch_size": 1, "progress": False})
+    terse_config = DocQAConfig(backend=spec).with_overrides(generation=generation, run={"progress": False})
+
+    naive_backend = load(spec, args.scheme, prefix_cache=False)
+    naive, naive_walls = run_job(naive_config, naive_backend, docs, questions, workdir, "naive", args.repeats)
+    naive_backend.close()
+    terse_backend = load(spec, args.scheme, prefix_cache=True)
+    ours, terse_walls = run_job(terse_config, terse_backend, docs, questions, workdir, "terse", args.repeats)
+    terse_backend.close()
+
+    rows = [row("naive", naive, statistics.median(naive_walls)), row("terse default", ours, statistics.median(terse_walls))]
+    result = {
+        "label": label, "model": str(model), "backend": spec,
+        "hardware": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"terse": terse.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "workload": {"num_worlds": args.num_worlds, "questions_per_kind": args.questions_per_kind,
+                     "context_tokens": args.context_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats},
+        "terse_config": terse_config.to_dict(), "rows": rows,
+        "walls_s": {"naive": naive_walls, "terse": terse_walls},
+        "token_reduction": naive.prompt_tokens / max(1, ours.prompt_tokens),
+        "speedup": statistics.median(naive_walls) / statistics.median(terse_walls),
+    }
+    out = Path(__file__).parent / "results" / f"docqa_{label}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{label}: {naive.num_questions} questions, {spec}, median of {args.repeats} runs ({out})")
+    print(f"{'variant':<14} {'accuracy':>9} {'tokens sent':>12} {'cached':>8} {'wall s':>8} {'q/s':>7}")
+    for r in rows:
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
+        print(f"{r['variant']:<14} {acc:>9} {r['prompt_tokens']:>12,} {r['cached_tokens']:>8,} "
+              f"{r['wall_s_median']:>8.2f} {r['questions_per_s']:>7.2f}")
+    print(f"tokens: {result['token_reduction']:.2f}x fewer   wall time: {result['speedup']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
