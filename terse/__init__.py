@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "assistant": "terse.pipelines.program",
     "fork": "terse.pipelines.program",
     "ProgramState": "terse.pipelines.program",
+    "DocQAJob": "terse.pipelines.docqa",
+    "DocQAConfig": "terse.pipelines.docqa",
 }
 
 
