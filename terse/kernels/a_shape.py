@@ -33,12 +33,12 @@ def _a_shape_fwd(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CuSeqlensQ + b)
-    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
+    q_start = tl.load(CuSeqlensQ + b).to(tl.int64)  # 64-bit offsets: 1M tokens x 32 heads x 128 > 2**31
+    q_len = (tl.load(CuSeqlensQ + b + 1) - q_start).to(tl.int32)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_start = tl.load(CuSeqlensK + b)
-    k_len = tl.load(CuSeqlensK + b + 1) - k_start
+    k_start = tl.load(CuSeqlensK + b).to(tl.int64)
+    k_len = (tl.load(CuSeqlensK + b + 1) - k_start).to(tl.int32)
     h_q = tl.load(HeadIds + h)
     h_kv = h_q // GROUP
     num_sink = tl.load(NumSinkTokens + h)
@@ -65,16 +65,16 @@ def _a_shape_fwd(
     for kb in range(0, sink_end):
         offs_k = kb * BLOCK_N + offs_n
         in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
         rel = q_pos[:, None] - offs_k[None, :]
         visible = (rel >= 0) & ((offs_k[None, :] < num_sink) | (rel < window))
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
     for kb in range(window_start, end_block):
         offs_k = kb * BLOCK_N + offs_n
         in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
         rel = q_pos[:, None] - offs_k[None, :]
         visible = (rel >= 0) & ((offs_k[None, :] < num_sink) | (rel < window))
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)

@@ -40,12 +40,12 @@ def _block_sparse_fwd(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CuSeqlensQ + b)
-    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
+    q_start = tl.load(CuSeqlensQ + b).to(tl.int64)  # 64-bit offsets: 1M tokens x 32 heads x 128 > 2**31
+    q_len = (tl.load(CuSeqlensQ + b + 1) - q_start).to(tl.int32)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_start = tl.load(CuSeqlensK + b)
-    k_len = tl.load(CuSeqlensK + b + 1) - k_start
+    k_start = tl.load(CuSeqlensK + b).to(tl.int64)
+    k_len = (tl.load(CuSeqlensK + b + 1) - k_start).to(tl.int32)
     h_q = tl.load(HeadIds + h)
     h_kv = h_q // GROUP
 
@@ -62,26 +62,27 @@ def _block_sparse_fwd(
     K_head = K + k_start * stride_kt + h_kv * stride_kh
     V_head = V + k_start * stride_vt + h_kv * stride_vh
 
-    row_blocks = BlockIdx + b * stride_bb + h * stride_bh + pid_m * stride_bm
-    num_row_blocks = tl.load(BlockCount + b * stride_nb + h * stride_nh + pid_m)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    row_blocks = BlockIdx + b64 * stride_bb + h64 * stride_bh + pid_m.to(tl.int64) * stride_bm
+    num_row_blocks = tl.load(BlockCount + b64 * stride_nb + h64 * stride_nh + pid_m)
     for i in range(0, num_row_blocks):
         kb = tl.load(row_blocks + i)
         offs_k = kb * BLOCK_N + offs_n
         in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
         visible = offs_k[None, :] <= q_pos[:, None]
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
 
     if HAS_COLS:
-        row_cols = ColIdx + b * stride_cb + h * stride_ch + pid_m * stride_cm
-        num_row_cols = tl.load(ColCount + b * stride_db + h * stride_dh + pid_m)
+        row_cols = ColIdx + b64 * stride_cb + h64 * stride_ch + pid_m.to(tl.int64) * stride_cm
+        num_row_cols = tl.load(ColCount + b64 * stride_db + h64 * stride_dh + pid_m)
         for c in range(0, num_row_cols, BLOCK_N):
             listed = (c + offs_n) < num_row_cols
             cols = tl.load(row_cols + c + offs_n, mask=listed, other=0)
             listed = listed & (cols >= 0) & (cols < k_len)  # never read rows outside the sequence
-            k = tl.load(K_head + cols[:, None] * stride_kt + offs_d[None, :], mask=listed[:, None], other=0.0)
-            v = tl.load(V_head + cols[:, None] * stride_vt + offs_d[None, :], mask=listed[:, None], other=0.0)
+            k = tl.load(K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=listed[:, None], other=0.0)
+            v = tl.load(V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=listed[:, None], other=0.0)
             visible = listed[None, :] & (cols[None, :] <= q_pos[:, None])
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
 
