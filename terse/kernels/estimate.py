@@ -133,6 +133,10 @@ def estimate_vertical_slash(
         q_end, k_start, k_end = starts_q[b + 1], starts_k[b], starts_k[b + 1]
         k_len = k_end - k_start
         num_rows = min(config.last_q_len, q_end - starts_q[b])
+        if num_rows == 0:  # no new queries: nothing to attend, nothing to estimate
+            verticals.append(torch.full((heads.numel(), 1), SENTINEL, dtype=torch.int32, device=q.device))
+            slashes.append(torch.full((heads.numel(), 1), SENTINEL, dtype=torch.int32, device=q.device))
+            continue
         column, diagonal = _vertical_slash_scores(
             q[q_end - num_rows : q_end], k[k_start:k_end], heads, scale, k_len
         )

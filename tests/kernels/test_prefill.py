@@ -75,3 +75,15 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelInputError, match="Triton kernels need CUDA"):
         check_device_for_triton(batch.q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sequence_without_new_queries(backend):
+    batch = make_batch([0, 40], [30, 40], 4, 2, 64, seed=14)
+    out = sparse_prefill_attention(*batch.args, MIXED, 0.125, config=config(backend))
+    reference = sparse_prefill_attention(
+        batch.q, batch.k[30:], batch.v[30:], batch.cu_seqlens_q[1:] - 0, batch.cu_seqlens_k[1:] - 30, 40, 40,
+        MIXED, 0.125, config=config("torch"),
+    )
+    assert out.shape == (40, 4, 64)
+    assert rel_err(out, reference) < 1e-5
