@@ -113,6 +113,11 @@ def paged_decode_torch(
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
+def paged_decode_supported(block_size: int, head_dim: int) -> bool:
+    """Whether the Triton paged-decode kernel handles this pool layout (else the torch path runs)."""
+    return block_size >= 16 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

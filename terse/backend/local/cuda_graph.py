@@ -32,7 +32,8 @@ class DecodeGraphs:
         n, nb, dev = max_batch_size, runner.max_blocks_per_seq, runner.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
+        scratch_slot = runner.pool.scratch_block * runner.block_size  # capture writes must not touch real blocks
+        self.slots = torch.full((n,), scratch_slot, dtype=torch.int64, device=dev)
         self.block_tables = torch.full((n, nb), runner.pool.scratch_block, dtype=torch.int64, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(n, runner.model.config.hidden_size, dtype=runner.pool.kv.dtype, device=dev)

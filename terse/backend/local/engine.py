@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
+from terse.backend.local.attention import paged_decode_supported
 from terse.backend.local.build import num_kv_blocks, resolve_device, resolve_dtype, resolve_max_model_len
 from terse.backend.local.config import EngineConfig
 from terse.backend.local.kv_cache import BlockAllocator, KVCachePool
@@ -97,7 +98,7 @@ class LocalEngine(BackendBase):
             device=self.device,
             max_model_len=self._max_model_len,
             prefill_path=self.config.prefill_attention,
-            use_triton_decode=self.device.type == "cuda",
+            use_triton_decode=self.device.type == "cuda" and paged_decode_supported(self.config.kv_block_size, model_config.head_dim),
         )
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs))

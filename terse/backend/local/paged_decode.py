@@ -27,7 +27,7 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     stride_ab, stride_ah, stride_as,
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -55,14 +55,20 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
         tok_off = offs_t[:, None] * stride_kvtok + offs_d[None, :]
         k = tl.load(kv_ptr + base + tok_off)  # [BLOCK_SIZE, D]
         v = tl.load(kv_ptr + stride_kv + base + tok_off)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_SIZE]
+        if IEEE:  # float32 pools: full-precision dots (the default would round operands to tf32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_PAD, BLOCK_SIZE]
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         valid = (page * BLOCK_SIZE + offs_t) < ctx_len
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     out_off = b * stride_ab + heads * stride_ah + split * stride_as
@@ -98,7 +104,7 @@ def paged_decode_triton(
         m.stride(0), m.stride(1), m.stride(2),
         head_dim**-0.5,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
     )
     m_max = m.max(dim=-1, keepdim=True).values  # [B, H, 1]
     weights = torch.exp(m - m_max)  # empty splits: exp(-inf) = 0
