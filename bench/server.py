@@ -255,27 +255,29 @@ def main() -> None:
     import torch
     import uvicorn
 
-    results: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
+    out = Path(__file__).resolve().parent / "results" / "server.json"
+    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}  # parts run apart merge
+    results.update({
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-        "load_average_at_start": os.getloadavg(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "fastapi": fastapi.__version__,
                      "uvicorn": uvicorn.__version__, "httpx": httpx.__version__},
-    }
-    if args.part in ("proxy", "all"):
-        results["proxy"] = bench_proxy(args.rounds)
-    if args.part in ("engine", "all"):
-        results["engine"] = bench_engine(args.duration, args.max_tokens)
-    results["load_average_at_end"] = os.getloadavg()
-    out = Path(__file__).resolve().parent / "results" / "server.json"
+    })
+    command = " ".join(["python", *sys.argv])
+    for part, run in (("proxy", lambda: bench_proxy(args.rounds)),
+                      ("engine", lambda: bench_engine(args.duration, args.max_tokens))):
+        if args.part in (part, "all"):
+            load_before = os.getloadavg()
+            rows = run()
+            results[part] = {"command": command, "load_average_before": load_before,
+                             "load_average_after": os.getloadavg(), "rows": rows}
     out.write_text(json.dumps(results, indent=2))
     print(f"\nraw results: {out}")
-    for row in results.get("proxy", []):
+    for row in results.get("proxy", {}).get("rows", []):
         print(f"proxy  stream={row['stream']!s:5} clients={row['num_clients']:3}  direct p50 {row['direct_p50_ms']:7.2f} ms"
               f"  proxy p50 {row['proxy_p50_ms']:7.2f} ms  added p50 {row['added_p50_ms']:6.2f} ms"
               f"  added p99 {row['added_p99_ms']:7.2f} ms  proxy CPU {row['proxy_cpu_ms_per_request']:5.2f} ms/req"
               f"  failures {len(row['failures'])}")
-    for row in results.get("engine", []):
+    for row in results.get("engine", {}).get("rows", []):
         print(f"engine {row['backend']:5} clients={row['num_clients']:3}  {row['requests_per_s']:6.2f} req/s"
               f"  {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:8.1f} ms  p99 {row['ttft_p99_ms']:8.1f} ms"
               f"  failures {row['failures']}")
