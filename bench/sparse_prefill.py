@@ -217,28 +217,17 @@ def index_recall(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, bloc
                  col_idx: torch.Tensor | None, col_count: torch.Tensor | None, bq: int, bk: int,
                  num_rows: int = 64) -> float:
     """Mean over heads and sampled query rows of the dense attention mass inside the index's mask."""
+    from terse.kernels.search import RowIndex, dense_row_probs, rows_mask
+
     length, num_q, d = q.shape
-    group = num_q // k.shape[1]
     rows = torch.linspace(length // 4, length - 1, num_rows, device=q.device).long()
-    nkb = num_blocks(length, bk)
     kept = []
-    for h in range(num_q):
-        scores = (q[rows, h].float() @ k[:, h // group].float().T) * d**-0.5  # [R, L]
-        future = torch.arange(length, device=q.device)[None, :] > rows[:, None]
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), -1)
-        m = rows // bq
-        sel = torch.zeros(num_rows, nkb + 1, dtype=torch.bool, device=q.device)
-        ids = block_idx[0, h, m].long()
-        valid = torch.arange(ids.shape[-1], device=q.device)[None, :] < block_count[0, h, m, None]
-        sel.scatter_(1, torch.where(valid, ids.clamp(max=nkb), nkb), True)
-        mask = sel[:, :nkb].repeat_interleave(bk, dim=1)[:, :length]
-        if col_idx is not None and col_count is not None:
-            cols = col_idx[0, h, m].long()
-            cvalid = torch.arange(cols.shape[-1], device=q.device)[None, :] < col_count[0, h, m, None]
-            cmask = torch.zeros(num_rows, length + 1, dtype=torch.bool, device=q.device)
-            cmask.scatter_(1, torch.where(cvalid, cols.clamp(max=length), length), True)
-            mask |= cmask[:, :length]
-        kept.append((probs * mask).sum(-1).mean().item())
+    for h in range(num_q):  # one head at a time: [R, L] float32 at 1M tokens is 256 MB
+        group = num_q // k.shape[1]
+        probs = dense_row_probs(q[:, h : h + 1], k[:, h // group : h // group + 1], rows, d**-0.5)[0]
+        index = RowIndex(block_idx[0, h], block_count[0, h],
+                         None if col_idx is None else col_idx[0, h], None if col_count is None else col_count[0, h])
+        kept.append((probs * rows_mask(index, rows, length, bq, bk)).sum(-1).mean().item())
     return sum(kept) / len(kept)
 
 

@@ -110,6 +110,24 @@ def kernel_config(head_dim: int, block_size_q: int) -> dict[str, int]:
     return {"num_warps": 4, "num_stages": 3}
 
 
+def _check_block_index(
+    block_idx: torch.Tensor,
+    block_count: torch.Tensor,
+    rows: tuple[int, int],
+    num_q_blocks: int,
+    device: torch.device,
+    max_seqlen_q: int,
+    block_size_q: int,
+) -> None:
+    check_index("block_idx", block_idx, rows, device, 4)
+    check_index("block_count", block_count, rows, device, 3)
+    if block_count.shape[2] < num_q_blocks or block_idx.shape[2] < num_q_blocks:
+        raise KernelInputError(
+            f"block index has {block_count.shape[2]} query blocks; max_seqlen_q={max_seqlen_q} needs "
+            f"{num_q_blocks} at block_size_q={block_size_q}"
+        )
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -143,13 +161,7 @@ def block_sparse_attention(
     heads = resolve_head_ids(head_ids, shape.num_q_heads, q.device)
     num_q_blocks = num_blocks(max_seqlen_q, block_size_q)
     rows = (shape.num_seqs, heads.numel())
-    check_index("block_idx", block_idx, rows, q.device, 4)
-    check_index("block_count", block_count, rows, q.device, 3)
-    if block_count.shape[2] < num_q_blocks or block_idx.shape[2] < num_q_blocks:
-        raise KernelInputError(
-            f"block index has {block_count.shape[2]} query blocks; max_seqlen_q={max_seqlen_q} needs "
-            f"{num_q_blocks} at block_size_q={block_size_q}"
-        )
+    _check_block_index(block_idx, block_count, rows, num_q_blocks, q.device, max_seqlen_q, block_size_q)
     has_cols = col_idx is not None
     if has_cols != (col_count is not None):
         raise KernelInputError("pass col_idx and col_count together (or neither)")
@@ -163,8 +175,6 @@ def block_sparse_attention(
         out = torch.zeros_like(q) if head_ids is not None else torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise KernelInputError(f"out must match q ({tuple(q.shape)}, {q.dtype}, unit last stride)")
-    if block_count.stride(2) != 1 or col_count.stride(2) != 1:
-        raise KernelInputError("block_count and col_count need a unit last stride; pass .contiguous()")
     grid = (num_q_blocks, heads.numel(), shape.num_seqs)
     _block_sparse_fwd[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, heads,

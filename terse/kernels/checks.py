@@ -54,6 +54,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _check_qkv_tensor(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+    if t.dim() != 3:
+        raise KernelInputError(
+            f"{name} has shape {tuple(t.shape)}; expected 3 dims [tokens, heads, head_dim] "
+            "(varlen layout: concatenate the sequences along dim 0)"
+        )
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"{name} has dtype {t.dtype}; expected one of {SUPPORTED_DTYPES}: cast it")
+    if t.stride(-1) != 1:
+        raise KernelInputError(f"{name} has stride {t.stride(-1)} along head_dim; expected 1: pass {name}.contiguous()")
+    if t.device != q.device or t.dtype != q.dtype:
+        raise KernelInputError(
+            f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; put all on one device/dtype"
+        )
+
+
 def check_varlen_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,21 +85,7 @@ def check_varlen_inputs(
     synchronization); on the GPU the caller vouches for q_len <= k_len and the max_seqlen bounds.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise KernelInputError(
-                f"{name} has shape {tuple(t.shape)}; expected 3 dims [tokens, heads, head_dim] "
-                "(varlen layout: concatenate the sequences along dim 0)"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise KernelInputError(f"{name} has dtype {t.dtype}; expected one of {SUPPORTED_DTYPES}: cast it")
-        if t.stride(-1) != 1:
-            raise KernelInputError(
-                f"{name} has stride {t.stride(-1)} along head_dim; expected 1: pass {name}.contiguous()"
-            )
-        if t.device != q.device or t.dtype != q.dtype:
-            raise KernelInputError(
-                f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; put all on one device/dtype"
-            )
+        _check_qkv_tensor(name, t, q)
     if k.shape != v.shape:
         raise KernelInputError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
     num_q_heads, head_dim = q.shape[1], q.shape[2]

@@ -79,12 +79,13 @@ class HeadScore(NamedTuple):
     cost: float
 
 
-class _RowIndex(NamedTuple):
-    # one head's index in block form: block_idx [NQB, W], block_count [NQB], col_idx [NQB, C], col_count [NQB]
-    block_idx: torch.Tensor
-    block_count: torch.Tensor
-    col_idx: torch.Tensor | None
-    col_count: torch.Tensor | None
+class RowIndex(NamedTuple):
+    """One head's index in block form (the input of `rows_mask`)."""
+
+    block_idx: torch.Tensor  # [NQB, W] int32
+    block_count: torch.Tensor  # [NQB] int32
+    col_idx: torch.Tensor | None  # [NQB, C] int32
+    col_count: torch.Tensor | None  # [NQB] int32
 
 
 def sample_rows(length: int, num_rows: int, device: torch.device) -> torch.Tensor:
@@ -103,7 +104,7 @@ def dense_row_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale:
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
-def rows_mask(index: _RowIndex, rows: torch.Tensor, length: int, block_size_q: int, block_size_k: int) -> torch.Tensor:
+def rows_mask(index: RowIndex, rows: torch.Tensor, length: int, block_size_q: int, block_size_k: int) -> torch.Tensor:
     """The index's mask on the given rows of a q_len = k_len = length prompt -> [R, L] bool."""
     m = rows // block_size_q
     num_k_blocks = num_blocks(length, block_size_k)
@@ -127,7 +128,7 @@ def _dense_tiles(length: int, block_size_q: int, block_size_k: int) -> int:
     return int((last_q // block_size_k + 1).sum())
 
 
-def _a_shape_index(pattern: AShapePattern, length: int, bq: int, bk: int) -> _RowIndex:
+def _a_shape_index(pattern: AShapePattern, length: int, bq: int, bk: int) -> RowIndex:
     # the blocks the a-shape kernel visits, with its token-exact mask folded in at row level below
     nqb, nkb = num_blocks(length, bq), num_blocks(length, bk)
     m = torch.arange(nqb)
@@ -137,12 +138,12 @@ def _a_shape_index(pattern: AShapePattern, length: int, bq: int, bk: int) -> _Ro
     window = (n <= (last_q // bk)[:, None]) & ((n + 1) * bk - 1 >= (first_q - pattern.window_len + 1)[:, None])
     listed = sink | window
     ids = torch.where(listed, n, 1 << 30).sort(-1).values.to(torch.int32)
-    return _RowIndex(ids, listed.sum(-1).to(torch.int32), None, None)
+    return RowIndex(ids, listed.sum(-1).to(torch.int32), None, None)
 
 
 def _candidate_indices(
     pattern: HeadPattern, q: torch.Tensor, k: torch.Tensor, scale: float, config: SearchConfig
-) -> list[_RowIndex]:
+) -> list[RowIndex]:
     """Per head, the index `pattern` estimates on this sample."""
     length, num_heads, device = q.shape[0], q.shape[1], q.device
     cu = torch.tensor([0, length], dtype=torch.int32, device=device)
@@ -157,7 +158,7 @@ def _candidate_indices(
         )
         idx = convert_vertical_slash(vi, si, cu, cu, length, block_size_q=bq, block_size_k=bk)
         return [
-            _RowIndex(idx.block_idx[0, h], idx.block_count[0, h], idx.col_idx[0, h], idx.col_count[0, h])
+            RowIndex(idx.block_idx[0, h], idx.block_count[0, h], idx.col_idx[0, h], idx.col_count[0, h])
             for h in range(num_heads)
         ]
     if isinstance(pattern, BlockSparsePattern):
@@ -165,11 +166,11 @@ def _candidate_indices(
             q, k, cu, cu, length, length, torch.full((num_heads,), pattern.num_blocks),
             torch.full((num_heads,), pattern.target_mass), scale, block_size_q=bq, block_size_k=bk,
         )
-        return [_RowIndex(bidx[0, h], bcnt[0, h], None, None) for h in range(num_heads)]
+        return [RowIndex(bidx[0, h], bcnt[0, h], None, None) for h in range(num_heads)]
     raise ConfigError(f"cannot search candidate {pattern!r}; use a_shape, vertical_slash or block_sparse")
 
 
-def _cost(index: _RowIndex, dense_tiles: int, block_size_k: int) -> float:
+def _cost(index: RowIndex, dense_tiles: int, block_size_k: int) -> float:
     tiles = int(index.block_count.sum())
     if index.col_count is not None:
         tiles += int(torch.ceil(index.col_count.float() / block_size_k).sum())
