@@ -21,6 +21,7 @@ from terse.backend.types import SamplingParams
 from terse.errors import InvalidRequestError
 from terse.pipelines.cli import main
 from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths
+from terse.pipelines.docqa.job import load_inputs
 from terse.pipelines.docqa.sample import reference_model_dir, write_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(documents.jsonl, questions.jsonl): 6 seeded questions, each over ~256 tokens of documents."""
-    return write_synthetic(tmp_path_factory.mktemp("synth"), questions_per_kind=2, context_tokens=256)
+    """(documents.jsonl, questions.jsonl): 6 seeded questions, each over ~256 tokens of documents; only
+    the documents the questions name are kept, so indexing the whole corpus stays cheap."""
+    docs, questions = write_synthetic(tmp_path_factory.mktemp("synth"), questions_per_kind=2, context_tokens=256)
+    needed = {d for q in read_jsonl(questions) for d in q["doc_ids"]}
+    docs.write_text("".join(json.dumps(d) + "\n" for d in read_jsonl(docs) if d["id"] in needed))
+    return docs, questions
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -47,7 +52,8 @@ def test_job_answers_scores_and_accounts(tiny_llama: Path, synth: tuple[Path, Pa
     docs, questions = synth
     paths = JobPaths(questions, (docs,), tmp_path / "answers.jsonl")
     # min_context_tokens=0: every question goes through retrieval (top-k chunks), then compression
-    config = config_for(tiny_llama, retrieval={"min_context_tokens": 0, "top_k": 3})
+    index_dir = tmp_path / "index"
+    config = config_for(tiny_llama, retrieval={"min_context_tokens": 0, "top_k": 3, "index_dir": str(index_dir)})
     summary = DocQAJob(config, paths).run()
 
     records = read_jsonl(paths.output)
@@ -73,6 +79,23 @@ def test_job_answers_scores_and_accounts(tiny_llama: Path, synth: tuple[Path, Pa
     again = DocQAJob(config, paths).run()
     assert again.num_answered_this_run == 0 and again.num_answered == len(gold)
     assert read_jsonl(paths.output) == records
+
+    # the persisted index alone is a valid documents input: texts rebuilt from chunks, offsets exact
+    _, from_index, found_dir = load_inputs(JobPaths(questions, (index_dir,), tmp_path / "x.jsonl"))
+    assert found_dir == index_dir and set(from_index) == set(corpus)
+    for doc_id, doc in from_index.items():
+        original = corpus[doc_id]
+        assert len(doc.text) == len(original)
+        assert all(a == b or a == " " for a, b in zip(doc.text, original))
+
+
+def test_organized_answers(tiny_llama: Path, synth: tuple[Path, Path], tmp_path: Path) -> None:
+    docs, questions = synth
+    config = config_for(tiny_llama, organize={"mode": "auto"}, retrieval={"enabled": False})
+    paths = JobPaths(questions, (docs,), tmp_path / "answers.jsonl")
+    summary = DocQAJob(config, paths).run()
+    assert summary.num_answered == summary.num_questions and summary.num_failed == 0
+    assert summary.prompt_tokens > 0 and summary.completion_tokens > 0
 
 
 def test_small_contexts_skip_retrieval_and_are_compressed_whole(
