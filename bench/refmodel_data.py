@@ -54,8 +54,14 @@ def _init_worker(tokenizer_dir: str) -> None:
     _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+ANSWER_WEIGHT = 1.0
+"""Loss weight tag of assistant (answer) tokens."""
+LM_WEIGHT = 0.5
+"""Loss weight tag of prompt and plain-text tokens (language modelling; weighted by --lm-weight)."""
+
+
 def tokenize_example(tok: object, e: Example) -> Tokenized:
-    """BOS + prompt (weight 0) + completion + EOS (weight 1); plain text: BOS + text + EOS, all weight 1.
+    """BOS + prompt (LM tag) + completion + EOS (answer tag); plain text: BOS + text + EOS, all LM tag.
 
     Prompt and completion are encoded apart: the prompt ends with "\\n", a pre-token boundary of the
     byte-level pre-tokenizer, so this equals encoding the joined text, as a backend does at inference.
@@ -66,8 +72,10 @@ def tokenize_example(tok: object, e: Example) -> Tokenized:
     if not e.prompt:
         prompt_ids = prompt_ids[:1]
     ids = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
-    weights = np.zeros(len(ids), dtype=np.float32)
-    weights[len(prompt_ids) :] = 1.0
+    weights = np.full(len(ids), LM_WEIGHT, dtype=np.float32)
+    if e.prompt:
+        weights[len(prompt_ids) :] = ANSWER_WEIGHT
+    weights[0] = 0.0  # nothing predicts BOS
     return Tokenized(ids, weights, e.kind)
 
 

@@ -12,6 +12,7 @@ the end: greedy exact match on the validation split, then model + tokenizer + mo
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from bench.refmodel_data import Tokenized, _init_worker, batches, tokenized_world
+from bench.refmodel_data import ANSWER_WEIGHT, LM_WEIGHT, Tokenized, _init_worker, batches, tokenized_world
 from bench.refmodel_eval import evaluate
 from terse.synth.dataset import SplitConfig, build_split
 
@@ -37,6 +38,12 @@ SIZES: dict[str, dict[str, Any]] = {
     # ~7.6M parameters, 14.5 MiB in bf16 (tied embeddings); head_dim 64 suits attention kernels.
     "reference": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2, head_dim=64),
+    # ~3.7M parameters: what two CPU cores can train in tens of minutes.
+    "small": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=32),
+    # ~1.3M parameters: the CPU fallback when no GPU time is left.
+    "cpu": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32),
     # For a CPU check of the whole script in seconds.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
@@ -59,38 +66,51 @@ def build_model(size: str, tok: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def example_stream(tokenizer_dir: str, num_workers: int, first_world: int) -> Iterator[list[Tokenized]]:
+def example_stream(tokenizer_dir: str, num_workers: int, first_world: int, max_len: int) -> Iterator[list[Tokenized]]:
     """Tokenized examples of train worlds first_world, first_world + 1, ... from a bounded worker pool.
 
     The pool is forked here, before the caller touches CUDA (a forked child must not inherit it).
     """
     if num_workers == 0:
         _init_worker(tokenizer_dir)
-        return map(tokenized_world, itertools.count(first_world))
+        return map(functools.partial(tokenized_world, max_len=max_len), itertools.count(first_world))
     pool = mp.get_context("fork").Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_dir,))
-    return _pooled(pool, num_workers, first_world)
+    return _pooled(pool, num_workers, first_world, max_len)
 
 
-def _pooled(pool: Any, num_workers: int, first_world: int) -> Iterator[list[Tokenized]]:
+def _pooled(pool: Any, num_workers: int, first_world: int, max_len: int) -> Iterator[list[Tokenized]]:
     pending: deque[Any] = deque()
     next_world = first_world
     while True:
         while len(pending) < 4 * num_workers:  # bounded read-ahead: memory stays flat
-            pending.append(pool.apply_async(tokenized_world, (next_world,)))
+            pending.append(pool.apply_async(tokenized_world, (next_world, max_len)))
             next_world += 1
         yield pending.popleft().get()
 
 
-def loss_fn(model: Any, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-example weighted next-token loss. ids, weights: [B, L]; right padding needs no attention
-    mask under causal attention (real tokens never see later pads), so SDPA runs its fused causal path."""
+def loss_fn(model: Any, ids: torch.Tensor, weights: torch.Tensor, lm_weight: float) -> torch.Tensor:
+    """Answer loss (mean per example, then over examples) + lm_weight x token-mean LM loss on prompts.
+
+    ids, weights: [B, L]; weights tag answer tokens ANSWER_WEIGHT and prompt / plain-text tokens
+    LM_WEIGHT (0 = padding). Right padding needs no attention mask under causal attention (real tokens
+    never see later pads), so SDPA runs its fused causal path. The LM term matters: names repeat inside
+    documents, and predicting those repeats is what teaches the copying that answering needs; answer
+    tokens alone are ~0.5% of a batch, too sparse a signal.
+    """
     hidden = model.model(input_ids=ids).last_hidden_state  # [B, L, H]
-    w = weights[:, 1:]  # weight of predicting token t+1 from position t: [B, L-1]
-    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
-    mask = w > 0
-    logits = model.lm_head(hidden[:, :-1][mask]).float()  # only trained positions: [N, V]
-    nll = F.cross_entropy(logits, ids[:, 1:][mask], reduction="none")  # [N]
-    return (nll * w[mask]).sum() / ids.shape[0]
+    w = weights[:, 1:]  # tag of predicting token t+1 from position t: [B, L-1]
+    targets = ids[:, 1:]  # [B, L-1]
+    trained = w > 0
+    nll = torch.zeros_like(w)
+    logits = model.lm_head(hidden[:, :-1][trained]).float()  # [N, V]
+    nll[trained] = F.cross_entropy(logits, targets[trained], reduction="none")
+    answer = (w > (ANSWER_WEIGHT + LM_WEIGHT) / 2).float()  # [B, L-1]
+    rows = answer.sum(dim=1)  # answer tokens per example: [B]
+    has_answer = rows > 0
+    answer_loss = ((nll * answer).sum(dim=1)[has_answer] / rows[has_answer]).mean() if has_answer.any() else nll.sum() * 0
+    lm = trained.float() - answer
+    lm_loss = (nll * lm).sum() / lm.sum().clamp_min(1.0)
+    return answer_loss + lm_weight * lm_loss
 
 
 def lr_at(progress: float, step: int, peak: float, warmup_steps: int) -> float:
@@ -125,7 +145,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(elapsed / args.train_seconds, step, args.lr, args.warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model, ids, weights)
+            loss = loss_fn(model, ids, weights, args.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-world", type=int, default=0)
     p.add_argument("--eval-worlds", type=int, default=4)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM loss on prompt tokens")
+    p.add_argument("--max-len", type=int, default=4096, help="longest training example in tokens")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    examples = example_stream(args.tokenizer, args.workers, args.first_world)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    examples = example_stream(args.tokenizer, args.workers, args.first_world, args.max_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -51,8 +51,9 @@ def _contexts(docs: Sequence[Document], gold_ids: Sequence[str], rng: random.Ran
 
 
 def _context_chars(rng: random.Random) -> int:
-    # Log-uniform 250..3000 tokens at ~4 chars/token: short contexts give many cheap examples.
-    return round(4 * 250 * (12 ** rng.random()))
+    # Log-uniform 100..3000 tokens at ~4 chars/token: short contexts (often the gold documents and one
+    # or two distractors) make the lookup easy to learn and give many cheap examples.
+    return round(4 * 100 * (30 ** rng.random()))
 
 
 def _chunked(contexts: list[Context], gold_ids: set[str], answer_words: set[str], rng: random.Random) -> list[Context]:
