@@ -119,26 +119,32 @@ def dense_attention(batch: PrefillBatch, out: torch.Tensor, seq_ids: Sequence[in
         out[cq[b] : cq[b + 1]] = o[0].transpose(0, 1)
 
 
+TORCH_ROWS_PER_CHUNK = 2048  # query rows per SDPA call on the torch path (bounds the float mask it builds)
+
+
 def _torch_masked(
     batch: PrefillBatch,
     head_ids: torch.Tensor,
-    mask_of: Callable[[int, int, int], torch.Tensor],
+    mask_of: Callable[[int, int, int, int], torch.Tensor],
     out: torch.Tensor,
 ) -> None:
-    # mask_of(b, q_len, k_len) -> [H, q_len, k_len] bool for the heads in head_ids
+    # mask_of(b, q_len, k_len, i) -> [1, q_len, k_len] bool for the i-th head of head_ids; one head at a
+    # time and query rows in chunks keep memory at one head's mask instead of all heads'
     group = batch.q.shape[1] // batch.k.shape[1]
-    heads = head_ids.long()
     cq, ck = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
     for b, (q_len, k_len) in enumerate(batch.lengths()):
         if q_len == 0:
             continue
-        q_b = batch.q[cq[b] : cq[b + 1], heads].transpose(0, 1)  # [H, q_len, D]
-        k_b = batch.k[ck[b] : ck[b + 1], heads // group].transpose(0, 1)  # [H, k_len, D]
-        v_b = batch.v[ck[b] : ck[b + 1], heads // group].transpose(0, 1)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q_b, k_b, v_b, attn_mask=mask_of(b, q_len, k_len), scale=batch.scale
-        )
-        out[cq[b] : cq[b + 1], heads] = o.nan_to_num(0.0).transpose(0, 1).to(out.dtype)
+        for i, head in enumerate(head_ids.tolist()):
+            mask = mask_of(b, q_len, k_len, i)[0]  # [q_len, k_len]
+            k_h = batch.k[ck[b] : ck[b + 1], head // group]  # [k_len, D]
+            v_h = batch.v[ck[b] : ck[b + 1], head // group]
+            for r in range(0, q_len, TORCH_ROWS_PER_CHUNK):
+                rows = slice(cq[b] + r, cq[b] + min(r + TORCH_ROWS_PER_CHUNK, q_len))
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    batch.q[rows, head], k_h, v_h, attn_mask=mask[r : r + TORCH_ROWS_PER_CHUNK], scale=batch.scale
+                )  # [rows, D]
+                out[rows, head] = o.nan_to_num(0.0).to(out.dtype)
 
 
 def _run_a_shape(batch: PrefillBatch, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
@@ -156,7 +162,11 @@ def _run_a_shape(batch: PrefillBatch, head_ids: torch.Tensor, patterns: list[Hea
             block_size_k=batch.config.block_size_k, head_ids=head_ids, out=out,
         )
         return
-    _torch_masked(batch, head_ids, lambda b, q_len, k_len: a_shape_mask(num_sink, window, q_len, k_len), out)
+    _torch_masked(
+        batch, head_ids,
+        lambda b, q_len, k_len, i: a_shape_mask(num_sink[i : i + 1], window[i : i + 1], q_len, k_len),
+        out,
+    )
 
 
 def _budget(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -186,8 +196,8 @@ def _run_vertical_slash(
         return
     _torch_masked(
         batch, head_ids,
-        lambda b, q_len, k_len: vertical_slash_mask(
-            vertical_idx[b], slash_idx[b], q_len, k_len, cfg.block_size_q, cfg.block_size_k
+        lambda b, q_len, k_len, i: vertical_slash_mask(
+            vertical_idx[b, i : i + 1], slash_idx[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
         ),
         out,
     )
@@ -215,8 +225,8 @@ def _run_block_sparse(
         return
     _torch_masked(
         batch, head_ids,
-        lambda b, q_len, k_len: block_sparse_mask(
-            block_idx[b], block_count[b], q_len, k_len, cfg.block_size_q, cfg.block_size_k
+        lambda b, q_len, k_len, i: block_sparse_mask(
+            block_idx[b, i : i + 1], block_count[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
         ),
         out,
     )

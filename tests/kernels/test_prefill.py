@@ -87,3 +87,13 @@ def test_sequence_without_new_queries(backend):
     )
     assert out.shape == (40, 4, 64)
     assert rel_err(out, reference) < 1e-5
+
+
+def test_torch_path_row_chunks(monkeypatch):
+    import terse.kernels.prefill as prefill
+
+    batch = make_batch([40, 70], [100, 70], 4, 2, 64, seed=15)
+    whole = sparse_prefill_attention(*batch.args, MIXED, 0.125, config=config("torch"))
+    monkeypatch.setattr(prefill, "TORCH_ROWS_PER_CHUNK", 16)
+    chunked = sparse_prefill_attention(*batch.args, MIXED, 0.125, config=config("torch"))
+    assert rel_err(chunked, whole) < 1e-6
