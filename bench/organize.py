@@ -120,7 +120,8 @@ def make_backend(args: argparse.Namespace) -> tuple[Backend, str]:
 
 
 def contexts(nonce: str, doc_repeats: int) -> list[tuple[str, str]]:
-    """The benchmark document, led by a nonce so that no run reuses another run's cached prefix."""
+    """The benchmark document, led by a nonce so that no run reuses another run's cached prefix
+    (with `doc_repeats == 0` only the nonce, as a one-line document)."""
     return [("acme", f"(ref {nonce}) " + DOCUMENT * doc_repeats)]
 
 
@@ -224,7 +225,7 @@ def environment(args: argparse.Namespace, model_desc: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
 

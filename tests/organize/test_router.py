@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from terse.backend.base import Backend
-from terse.errors import ConfigError
-from terse.organize.router import FixedRouter, ModelRouter, RuleRouter, make_router
+from terse.errors import ConfigError, UnsupportedOperationError
+from terse.organize.router import FixedRouter, ModelRouter, Route, RuleRouter, make_router
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,21 @@ def test_rules_route_the_synthetic_benchmark_by_question_kind() -> None:
     router = RuleRouter()
     routed = {(q.kind, router.route(q.question).mode) for q in data.questions}
     assert routed == {("list", "sot"), ("single", "direct"), ("multi", "direct")}
+
+
+class _CannotScore:
+    """A backend without log-probabilities (an OpenAI-compatible server that returns none)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def render_chat(self, messages: list) -> str:  # type: ignore[type-arg]
+        return self.inner.render_chat(messages)
+
+    def score(self, texts: list, *, prefix: str = "") -> list:  # type: ignore[type-arg]
+        raise UnsupportedOperationError("no logprobs")
+
+
+def test_model_router_falls_back_to_rules_without_logprobs(hf_backend: Backend) -> None:
+    route = ModelRouter(_CannotScore(hf_backend)).route("What are the steps to bake bread?")  # type: ignore[arg-type]
+    assert route == Route("sot", "model cannot score; rule: asks for steps")

@@ -104,3 +104,13 @@ def test_router_direct_skips_the_skeleton(hf_backend: Backend) -> None:
 def test_expand_needs_points(hf_backend: Backend) -> None:
     with pytest.raises(InvalidRequestError, match="points=\\(\\) is empty"):
         SkeletonOfThought(hf_backend, CONFIG).expand("How?", (), [])
+
+
+def test_abandoned_stream_cancels_the_rest_and_has_no_result(hf_backend: Backend) -> None:
+    stream = SkeletonOfThought(hf_backend, CONFIG).stream("How to bake bread?", DOCS, POINTS)
+    iterator = iter(stream)
+    first = next(iterator)
+    assert first.index == 0 and first.point == "Mix the dough"
+    iterator.close()  # the consumer stops early: remaining expansions are cancelled
+    with pytest.raises(RuntimeError, match="abandoned before it finished"):
+        stream.result()
