@@ -97,3 +97,16 @@ def test_torch_path_row_chunks(monkeypatch):
     monkeypatch.setattr(prefill, "TORCH_ROWS_PER_CHUNK", 16)
     chunked = sparse_prefill_attention(*batch.args, MIXED, 0.125, config=config("torch"))
     assert rel_err(chunked, whole) < 1e-6
+
+
+def test_entry_point_imports_without_triton():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, terse.kernels as k; k.sparse_prefill_attention; k.load_or_default; print('triton' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PATH": ""}, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.stdout.strip() == "False"
