@@ -17,23 +17,18 @@ SAMPLE_DATA_DIR = Path(terse.__file__).parent / "pipelines" / "sample_data"
 """Where the bundled sample data lives (documents + questions.jsonl), when this install has it."""
 
 REFERENCE_MODEL_DIR = Path(terse.__file__).parent / "models" / "reference"
-"""Where the shipped reference model lives, when this install has it."""
+"""Where the shipped reference model lives (its tokenizer is there even without the weights)."""
 
 
 def reference_model_dir() -> Path | None:
     """The shipped reference model's directory, or None when this installation has none."""
-    for module_name, attr in (("terse.models", "reference_model_dir"), ("terse.synth", "reference_model_dir"),
-                              ("terse.models", "reference_model_path")):
-        try:
-            module = __import__(module_name, fromlist=[attr])
-            found = getattr(module, attr, None)
-            if callable(found):
-                path = Path(found())
-                if (path / "config.json").is_file():
-                    return path
-        except Exception:  # a helper that is absent or broken: fall through to the known location
-            continue
-    return REFERENCE_MODEL_DIR if (REFERENCE_MODEL_DIR / "config.json").is_file() else None
+    from terse.errors import ModelLoadError
+    from terse.models import reference_model_path
+
+    try:
+        return reference_model_path()
+    except ModelLoadError:
+        return None
 
 
 def bundled_sample() -> tuple[Path, Path] | None:
