@@ -32,8 +32,31 @@ class PrefillSpan:
     q_len: int
     context_len: int
     """Tokens with KV after this step (cached + earlier chunks + this chunk)."""
-    block_table: torch.Tensor
-    """[ceil(context_len / block_size)] int64 block ids."""
+    block_table: list[int]
+    """Block ids covering the context: ceil(context_len / block_size) of them."""
+
+
+@dataclass
+class PrefillGroup:
+    """Prefill spans attended in one padded SDPA call over KV gathered through their block tables.
+
+    The GROUP query heads sharing a KV head are folded into the query axis, so plain (non-GQA) SDPA
+    with a boolean mask runs on the memory-efficient kernel:
+
+        q: [N, KVH, GROUP * max_q, D]   k, v: [N, KVH, max_blocks * block_size, D]
+        mask[n, 0, g * max_q + i, j] = key j is visible to query i of span n
+    """
+
+    span_rows: torch.Tensor
+    """[N, max_q] int64 flat row of each query slot (padding slots repeat a valid row)."""
+    valid_rows: torch.Tensor
+    """[num valid] int64 flat rows, in the order of `valid` below."""
+    valid: torch.Tensor
+    """[N, max_q] bool: real query slots."""
+    block_tables: torch.Tensor
+    """[N, max_blocks] int64 (padding: any valid block; masked out)."""
+    mask: torch.Tensor
+    """[N, 1, GROUP * max_q, max_blocks * block_size] bool."""
 
 
 @dataclass
@@ -49,30 +72,64 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor
     """[num_decode_tokens] int32: keys each decode query sees (its own token included)."""
     prefills: list[PrefillSpan] = field(default_factory=list)
+    prefill_groups: list[PrefillGroup] = field(default_factory=list)
+    """Batched form of the spans that read cached KV (see `build_prefill_groups`)."""
     prefill_path: str = "dense"
     use_triton_decode: bool = False
 
 
 class PrefillAttention(Protocol):
-    """Attention of one sequence's chunk. q: [q_len, H, D]; k, v: [context_len, KVH, D] (all keys up to
-    and including the chunk). Query i sits at position context_len - q_len + i and sees keys <= it.
-    Returns [q_len, H, D]."""
+    """Attention of every prefill span of a step. q: [T, H, D], k, v: [T, KVH, D] (the step's fresh
+    rows); layer_kv: [2, NB, bs, KVH, D] (already holding the step's K/V). Writes the rows of
+    `meta.prefills` into `out` ([T, H, D]); span n's query i sits at position context_len - q_len + i
+    and sees keys <= it."""
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
+        meta: AttentionMetadata, out: torch.Tensor,
+    ) -> None: ...
 
 
-def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention through torch SDPA (flash / memory-efficient kernels where available)."""
-    q_len, ctx_len = q.shape[0], k.shape[0]
+# A prompt computed from scratch in one chunk at least this long runs alone on the causal (flash) kernel
+# with its fresh K/V; shorter chunks and chunks over cached context are batched through the pool.
+MIN_SOLO_PREFILL_LEN = 256
+
+
+def is_solo_span(span: PrefillSpan) -> bool:
+    return span.context_len == span.q_len and span.q_len >= MIN_SOLO_PREFILL_LEN
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One chunk with all its keys: q: [q_len, H, D]; k, v: [q_len, KVH, D] -> [q_len, H, D]."""
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H, S, D]
-    if q_len == ctx_len:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-    else:
-        offset = ctx_len - q_len
-        q_pos = torch.arange(q_len, device=q.device)[:, None] + offset
-        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos  # [q_len, ctx_len]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1)
+    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+
+
+def grouped_attention(q: torch.Tensor, layer_kv: torch.Tensor, group: PrefillGroup) -> torch.Tensor:
+    """Padded batch of spans (see `PrefillGroup`). q: [T, H, D] -> [num valid rows, H, D]."""
+    num_spans, max_q = group.span_rows.shape
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = layer_kv.shape[-2]
+    g = num_heads // num_kv_heads
+    qp = q[group.span_rows].view(num_spans, max_q, num_kv_heads, g, head_dim)
+    qp = qp.permute(0, 2, 3, 1, 4).reshape(num_spans, num_kv_heads, g * max_q, head_dim)
+    kv = layer_kv[:, group.block_tables].flatten(2, 3)  # [2, N, S, KVH, D]
+    out = F.scaled_dot_product_attention(qp, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=group.mask)
+    out = out.view(num_spans, num_kv_heads, g, max_q, head_dim).permute(0, 3, 1, 2, 4)  # [N, max_q, KVH, G, D]
+    return out.reshape(num_spans, max_q, num_heads, head_dim)[group.valid]
+
+
+def dense_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
+    meta: AttentionMetadata, out: torch.Tensor,
+) -> None:
+    """Long fresh chunks alone on the causal kernel; all other spans in padded groups."""
+    for span in meta.prefills:
+        if is_solo_span(span):
+            rows = slice(span.q_start, span.q_start + span.q_len)
+            out[rows] = causal_attention(q[rows], k[rows], v[rows])
+    for group in meta.prefill_groups:
+        out[group.valid_rows] = grouped_attention(q, layer_kv, group)
 
 
 # name -> prefill path; a sparse path registers itself here and is chosen with
@@ -80,15 +137,46 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 PREFILL_PATHS: dict[str, PrefillAttention] = {"dense": dense_prefill}
 
 
+def build_prefill_groups(
+    spans: list[PrefillSpan], *, block_size: int, num_q_per_kv: int, device: torch.device,
+    max_key_rows: int = 1 << 18,
+) -> list[PrefillGroup]:
+    """Pack the non-solo spans, longest context first, into groups of at most `max_key_rows` padded
+    keys (N * max_blocks * block_size), and build their index and mask tensors once per step."""
+    todo = sorted((s for s in spans if not is_solo_span(s)), key=lambda s: -s.context_len)
+    groups: list[list[PrefillSpan]] = []
+    for span in todo:
+        # Sorted by context, so a group's first span sets its padded key length.
+        if groups and (len(groups[-1]) + 1) * _padded_len(groups[-1][0], block_size) <= max_key_rows:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return [_make_group(g, block_size, num_q_per_kv, device) for g in groups]
+
+
+def _padded_len(span: PrefillSpan, block_size: int) -> int:
+    return -(-span.context_len // block_size) * block_size
+
+
+def _make_group(spans: list[PrefillSpan], block_size: int, g: int, device: torch.device) -> PrefillGroup:
+    max_q = max(s.q_len for s in spans)
+    max_blocks = max(len(s.block_table) for s in spans)
+    rows = [s.block_table + [s.block_table[0]] * (max_blocks - len(s.block_table)) for s in spans]
+    tables = torch.tensor(rows, dtype=torch.int64, device=device)
+    q_len = torch.tensor([s.q_len for s in spans], device=device)[:, None]  # [N, 1]
+    ctx = torch.tensor([s.context_len for s in spans], device=device)[:, None, None]  # [N, 1, 1]
+    start = torch.tensor([s.q_start for s in spans], device=device)[:, None]
+    i = torch.arange(max_q, device=device)[None, :]  # [1, max_q]
+    valid = i < q_len  # [N, max_q]
+    span_rows = start + torch.where(valid, i, 0)
+    j = torch.arange(max_blocks * block_size, device=device)[None, None, :]
+    mask = (j <= (ctx - q_len[:, :, None]) + i[:, :, None]) & (j < ctx)  # [N, max_q, S]
+    mask = mask[:, None].expand(-1, g, -1, -1).reshape(len(spans), 1, g * max_q, -1)
+    return PrefillGroup(span_rows, span_rows[valid], valid, tables, mask)
+
+
 def register_prefill_path(name: str, path: PrefillAttention) -> None:
     PREFILL_PATHS[name] = path
-
-
-def gather_kv(layer_kv: torch.Tensor, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """layer_kv: [2, NB, bs, KVH, D], block_table: [nb] -> k, v: [context_len, KVH, D]."""
-    kv = layer_kv[:, block_table]  # [2, nb, bs, KVH, D]
-    kv = kv.reshape(2, -1, *kv.shape[-2:])[:, :context_len]
-    return kv[0], kv[1]
 
 
 def paged_decode_torch(
@@ -143,12 +231,5 @@ def attend(
     out = torch.empty_like(q)
     if num_dec:
         out[:num_dec] = _decode_fn(meta)(q[:num_dec], layer_kv, meta.decode_block_tables, meta.decode_context_lens)
-    prefill = PREFILL_PATHS[meta.prefill_path]
-    for span in meta.prefills:
-        rows = slice(span.q_start, span.q_start + span.q_len)
-        if span.context_len == span.q_len:  # nothing cached before the chunk: use the fresh K/V
-            span_k, span_v = k[rows], v[rows]
-        else:
-            span_k, span_v = gather_kv(layer_kv, span.block_table, span.context_len)
-        out[rows] = prefill(q[rows], span_k, span_v)
+    PREFILL_PATHS[meta.prefill_path](q, k, v, layer_kv, meta, out)
     return out

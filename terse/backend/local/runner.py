@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from terse.backend.local.attention import AttentionMetadata, PrefillSpan
+from terse.backend.local.attention import AttentionMetadata, PrefillSpan, build_prefill_groups
 from terse.backend.local.cuda_graph import DecodeGraphs
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM
@@ -87,8 +87,7 @@ class ModelRunner:
             positions += range(start, end)
             slots += self._slots(seq, start, end)
             if is_prefill:
-                table = self._tensor(seq.block_table[: -(-end // self.block_size)])
-                spans.append(PrefillSpan(row0, end - start, end, table))
+                spans.append(PrefillSpan(row0, end - start, end, seq.block_table[: -(-end // self.block_size)]))
             if seq.num_logprob_start is not None:
                 for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
                     score_rows.append((row0 + p - start, seq, seq.token_ids[p + 1]))
@@ -98,12 +97,17 @@ class ModelRunner:
             hidden = self.graphs.run(decode_seqs, input_ids, positions, slots)
         else:
             max_blocks = max((len(s.block_table) for s in decode_seqs), default=1)
+            cfg = self.model.config
+            groups = build_prefill_groups(
+                spans, block_size=self.block_size, num_q_per_kv=cfg.num_heads // cfg.num_kv_heads, device=self.device
+            )
             meta = AttentionMetadata(
                 slot_mapping=self._tensor(slots),
                 num_decode_tokens=len(decode_seqs),
                 decode_block_tables=self.padded_tables(decode_seqs, max_blocks),
                 decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in decode_seqs], torch.int32),
                 prefills=spans,
+                prefill_groups=groups,
                 prefill_path=self.prefill_path,
                 use_triton_decode=self.use_triton_decode,
             )
