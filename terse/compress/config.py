@@ -103,8 +103,9 @@ class ProtectionPolicy:
 class CompressorConfig:
     """Which stages run and how. Stages are chosen by registry name; None switches a stage off."""
 
-    ranker: str | None = "lm"
-    """Coarse context ranker: "lm" (log P(question | context) per token), "embedding", "bm25", or None."""
+    ranker: str | None = "bm25"
+    """Coarse context ranker: "bm25" (lexical, nearly free), "lm" (mean log P(question | context) from the
+    scorer: one extra pass over every context), "embedding" (MiniLM cosine), or None (input order)."""
     reorder: Reorder = "rank"
     """Output order of contexts: "original", "rank" (best first) or "ends" (best at both ends)."""
     context_budget_ratio: float = 1.4
@@ -112,7 +113,7 @@ class CompressorConfig:
     dynamic_ratio_spread: float = 0.3
     """How much keep ratios vary by rank: the best context keeps (1 + spread) x the mean ratio, the worst
     (1 - spread) x; 0 gives every kept context the same ratio. In [0, 1)."""
-    sentence_ranker: str | None = "same"
+    sentence_ranker: str | None = "bm25"
     """Sentence filter ranker name, "same" for the coarse ranker ("lm" when that is None), or None (off)."""
     sentence_budget_ratio: float = 2.0
     """The sentence filter keeps each context's best sentences up to this multiple of its token share."""

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default="", help="question to condition on (kept verbatim, last)")
     parser.add_argument("--instruction", default="", help="instruction kept verbatim, first")
     parser.add_argument("--scorer", help="scoring backend spec, e.g. hf:path/to/model (default: reference model)")
-    parser.add_argument("--ranker", default="lm", choices=["lm", "embedding", "bm25", "none"],
-                        help="coarse context ranker (default lm)")
+    parser.add_argument("--ranker", default="bm25", choices=["bm25", "lm", "embedding", "none"],
+                        help="coarse context ranker (default bm25)")
     parser.add_argument("--pruner", default="iterative", choices=["iterative", "parallel", "none"],
                         help="token-level stage (default iterative)")
     parser.add_argument("--reorder", default="rank", choices=["original", "rank", "ends"],

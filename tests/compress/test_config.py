@@ -44,7 +44,8 @@ def test_compressor_config_validation() -> None:
         CompressorConfig(segment_tokens=2)
     with pytest.raises(ConfigError, match="dynamic_ratio_spread"):
         CompressorConfig(dynamic_ratio_spread=1.5)
-    assert CompressorConfig(ranker=None).resolved_sentence_ranker() == "lm"
-    assert CompressorConfig(ranker="bm25").resolved_sentence_ranker() == "bm25"
+    assert CompressorConfig(ranker=None, sentence_ranker="same").resolved_sentence_ranker() == "lm"
+    assert CompressorConfig(ranker="embedding", sentence_ranker="same").resolved_sentence_ranker() == "embedding"
+    assert CompressorConfig().resolved_sentence_ranker() == "bm25"
     with pytest.raises(ConfigError, match="keep_roles"):
         MessagePolicy(Budget(rate=0.5), keep_roles=("boss",))  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ def test_controller_spends_what_protected_words_left() -> None:
 @pytest.mark.parametrize("ranker", ["lm", "bm25"])
 def test_real_scorer_meets_budgets(hf_scorer: Backend, pruner: str, ranker: str) -> None:
     data = make_docset(seed=4, num_docs=6)
-    config = CompressorConfig(ranker=ranker, token_pruner=pruner)
+    config = CompressorConfig(ranker=ranker, sentence_ranker="same", token_pruner=pruner)
     compressor = PromptCompressor(hf_scorer, config=config)
     for budget in (Budget(rate=0.2), Budget(target_tokens=90)):
         result = compressor.compress(data.docs, question=data.question, budget=budget)

@@ -1,0 +1,254 @@
+"""Compression speed: terse.compress vs the `llmlingua` package, same scorer model, inputs and target.
+
+    .venv/bin/python bench/compress.py --baseline-python <venv with llmlingua 0.2.2>/bin/python
+
+Both tools load the same model directory (a random Llama-shaped model with the reference tokenizer,
+or the reference model itself when it is installed) and compress the same generated multi-document
+question sets to the same target token count. Token counts are taken with the scorer's tokenizer for
+both (llmlingua's tiktoken counter is replaced by it, which also keeps it offline). Figures: input
+tokens compressed per second, median seconds per example, budget overshoot, answer retention.
+
+The file doubles as the baseline runner: the baseline interpreter executes it with
+`--llmlingua-runner IN OUT`, so module-level imports stay standard-library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "terse" / "models" / "reference"
+
+# (name, llmlingua compress_prompt kwargs): LongLLMLingua's question-aware recipe and plain LLMLingua
+BASELINES: dict[str, dict[str, Any]] = {
+    "longllmlingua": {
+        "rank_method": "longllmlingua", "condition_in_question": "after_condition", "reorder_context": "sort",
+        "dynamic_context_compression_ratio": 0.3, "condition_compare": True, "context_budget": "+100",
+    },
+    "llmlingua": {},
+}
+# (name, CompressorConfig kwargs)
+TERSE: dict[str, dict[str, Any]] = {
+    "terse default (bm25+iterative)": {},
+    "terse bm25+parallel": {"token_pruner": "parallel"},
+    "terse lm+iterative": {"ranker": "lm", "token_pruner": "iterative"},
+    "terse lm+parallel": {"ranker": "lm", "token_pruner": "parallel"},
+}
+
+NAMES = ["Alice", "Boris", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Junko", "Kofi", "Lena",
+         "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Yara"]
+COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Wonka", "Cyberdyne", "Soylent"]
+CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Quito", "Perth", "Porto", "Dakar", "Hanoi", "Tunis"]
+FILLER = [
+    "The weather that year was mild and the harvest was better than anyone expected.",
+    "Local newspapers wrote at length about the new bridge over the river and its cost.",
+    "Many visitors came for the summer festival in the old town, filling every hotel.",
+    "The museum opened a new wing dedicated to modern sculpture and industrial design.",
+    "Trains between the two largest cities now run every hour, even on public holidays.",
+    "A long report on public libraries was published in the spring by the city council.",
+    "Engineers argued for months about the budget of the new water treatment plant.",
+    "The school added evening classes in languages, accounting and basic programming.",
+    "Several cafes on the main square changed owners during the first half of the year.",
+    "A storm in late autumn damaged roofs in the northern districts but nobody was hurt.",
+]
+
+
+# -- baseline runner (runs inside the llmlingua venv; standard library + llmlingua only) -------------
+def llmlingua_runner(in_path: str, out_path: str) -> None:
+    job = json.loads(Path(in_path).read_text())
+    import tiktoken
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(job["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+
+    class SameTokenizerCounter:
+        """Stands in for tiktoken's encoding: the scorer's tokenizer, so both tools count alike, offline."""
+
+        def encode(self, text: str, **_: Any) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        def decode(self, ids: list[int], **_: Any) -> str:
+            return str(tokenizer.decode(ids))
+
+    tiktoken.encoding_for_model = lambda name: SameTokenizerCounter()
+    tiktoken.get_encoding = lambda name: SameTokenizerCounter()
+    from llmlingua import PromptCompressor
+
+    compressor = PromptCompressor(job["model"], device_map="cpu")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, kwargs in job["baselines"].items():
+        first = job["examples"][0]
+        compressor.compress_prompt(first["docs"], question=first["question"], target_token=first["target"], **kwargs)
+        results[name] = []
+        for ex in job["examples"]:
+            t0 = time.perf_counter()
+            out = compressor.compress_prompt(ex["docs"], question=ex["question"], target_token=ex["target"], **kwargs)
+            results[name].append({"seconds": time.perf_counter() - t0, "text": out["compressed_prompt"]})
+    Path(out_path).write_text(json.dumps(results))
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+def make_example(rng: random.Random, num_docs: int, num_filler: int) -> dict[str, Any]:
+    people = rng.sample(NAMES, num_docs)
+    docs, answers = [], []
+    for name in people:
+        company = rng.choice(COMPANIES)
+        answers.append(company)
+        sentences = [
+            f"{name} lives in {rng.choice(CITIES)} and has worked at {company} since {rng.randint(1990, 2024)}.",
+            f"On weekends {name} likes to go {rng.choice(['sailing', 'climbing', 'cycling', 'fishing'])}.",
+            *rng.sample(FILLER, num_filler),
+        ]
+        rng.shuffle(sentences)
+        docs.append(" ".join(sentences))
+    gold = rng.randrange(num_docs)
+    return {"docs": docs, "question": f"Where does {people[gold]} work?", "answer": answers[gold], "gold": gold}
+
+
+# -- scorer model -----------------------------------------------------------------------------------
+def build_model(directory: Path, hidden: int, layers: int) -> Path:
+    """A random Llama-shaped model with the reference tokenizer, loadable by transformers 4.44 and 5.x."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(REFERENCE / "tokenizer.json"), bos_token="<|begin|>", eos_token="<|end|>",
+        pad_token="<|pad|>",
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    # older transformers / tokenizers read neither v5 class names, rope_parameters nor list-form merges
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["rope_theta"] = 10000.0
+    (directory / "config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((directory / "tokenizer_config.json").read_text())
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (directory / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok = json.loads((directory / "tokenizer.json").read_text())
+    tok["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    (directory / "tokenizer.json").write_text(json.dumps(tok))
+    return directory
+
+
+# -- terse side -------------------------------------------------------------------------------------
+def run_terse(model_dir: Path, examples: list[dict[str, Any]], threads: int) -> dict[str, list[dict[str, Any]]]:
+    import torch
+
+    import terse
+    from terse.compress import Budget, CompressorConfig, PromptCompressor
+
+    torch.set_num_threads(threads)
+    scorer = terse.load_backend(f"hf:{model_dir}", device="cpu", dtype="float32")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, kwargs in TERSE.items():
+        compressor = PromptCompressor(scorer, config=CompressorConfig(**kwargs))
+        first = examples[0]
+        compressor.compress(first["docs"], question=first["question"], budget=Budget(target_tokens=first["target"]))
+        results[name] = []
+        for ex in examples:
+            t0 = time.perf_counter()
+            out = compressor.compress(ex["docs"], question=ex["question"], budget=Budget(target_tokens=ex["target"]))
+            results[name].append({"seconds": time.perf_counter() - t0, "text": out.text, "timings": out.timings})
+    scorer.close()
+    return results
+
+
+def summarize(name: str, runs: list[dict[str, Any]], examples: list[dict[str, Any]], count: Any) -> dict[str, Any]:
+    seconds = [r["seconds"] for r in runs]
+    compressed = [count(r["text"]) for r in runs]
+    return {
+        "method": name,
+        "input_tokens_per_s": sum(ex["num_original"] for ex in examples) / sum(seconds),
+        "median_s": statistics.median(seconds),
+        "mean_compressed_tokens": statistics.mean(compressed),
+        "mean_target": statistics.mean(ex["target"] for ex in examples),
+        "num_over_budget": sum(c > ex["target"] for c, ex in zip(compressed, examples)),
+        "max_over_budget": max(c - ex["target"] for c, ex in zip(compressed, examples)),
+        "answer_kept": sum(ex["answer"] in r["text"] for r, ex in zip(runs, examples)) / len(examples),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--llmlingua-runner":
+        llmlingua_runner(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline-python", required=True, help="python of a venv with llmlingua 0.2.2")
+    parser.add_argument("--examples", type=int, default=6)
+    parser.add_argument("--docs", type=int, default=10, help="documents per example")
+    parser.add_argument("--filler", type=int, default=6, help="filler sentences per document")
+    parser.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the target (4 = 4x)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compress_speed.json"))
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if (REFERENCE / "config.json").exists():
+            model_dir, model_desc = REFERENCE, "reference model"
+        else:
+            model_dir = build_model(Path(tmp) / "scorer", args.hidden, args.layers)
+            model_desc = f"random Llama-shaped, hidden {args.hidden}, {args.layers} layers, reference tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+        rng = random.Random(0)
+        examples = [make_example(rng, args.docs, args.filler) for _ in range(args.examples)]
+        for ex in examples:
+            ex["num_original"] = count("\n\n".join([*ex["docs"], ex["question"]]))
+            ex["target"] = int(ex["num_original"] / args.ratio)
+        job = {"model": str(model_dir), "examples": examples, "baselines": BASELINES, "threads": args.threads}
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "baseline.json"
+        job_path.write_text(json.dumps(job))
+        t0 = time.perf_counter()
+        ours = run_terse(model_dir, examples, args.threads)
+        print(f"terse runs: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        subprocess.run([args.baseline_python, __file__, "--llmlingua-runner", str(job_path), str(out_path)], check=True)
+        print(f"llmlingua runs: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        theirs = json.loads(out_path.read_text())
+    rows = [summarize(n, r, examples, count) for n, r in {**ours, **theirs}.items()]
+    report = {
+        "model": model_desc, "threads": args.threads, "num_examples": len(examples), "docs": args.docs,
+        "mean_original_tokens": statistics.mean(ex["num_original"] for ex in examples), "ratio": args.ratio,
+        "rows": rows,
+        "terse_stage_seconds": {n: [r["timings"] for r in runs] for n, runs in ours.items()},
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    best_baseline = max(r["input_tokens_per_s"] for r in rows if not r["method"].startswith("terse"))
+    print(f"\n{model_desc}; {len(examples)} examples x {args.docs} docs, "
+          f"~{report['mean_original_tokens']:.0f} tokens each, target = original / {args.ratio:g}")
+    print(f"{'method':<36}{'tok/s':>9}{'vs best llmlingua':>19}{'median s':>10}{'tokens/target':>16}"
+          f"{'over':>6}{'answer kept':>13}")
+    for r in rows:
+        print(f"{r['method']:<36}{r['input_tokens_per_s']:>9.0f}{r['input_tokens_per_s'] / best_baseline:>18.2f}x"
+              f"{r['median_s']:>10.2f}{r['mean_compressed_tokens']:>8.0f}/{r['mean_target']:<7.0f}"
+              f"{r['num_over_budget']:>6}{r['answer_kept']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
