@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "ProgramState": "terse.pipelines.program",
     "DocQAJob": "terse.pipelines.docqa",
     "DocQAConfig": "terse.pipelines.docqa",
+    "Retriever": "terse.retrieval",
 }
 
 

@@ -65,20 +65,26 @@ def measure_recall(
 ) -> float:
     """recall@k of `index` against exact search over (`ids`, `vectors`) for the rows `query_rows`.
 
-    A returned vector counts as a true neighbour when its exact score reaches the k-th exact score
-    (within 1e-5): among tied vectors any choice is correct, whatever order each index breaks ties in.
+    Each query is an indexed vector, so both result lists drop the query's own id (it would be a free
+    hit and make recall look better than on unseen queries). A returned vector counts as a true
+    neighbour when its exact score reaches the exact k-th score (within 1e-5): among tied vectors any
+    choice is correct, whichever way each index breaks ties.
     """
-    k = min(k, ids.size)
+    k = min(k, ids.size - 1)
+    if k < 1:
+        return 1.0
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
     queries = np.ascontiguousarray(vectors[query_rows], dtype=np.float32)  # [num_queries, dim]
-    exact_scores, _ = exact.search(queries, k)  # [num_queries, k]
-    _, approx_ids = index.search(queries, k)  # [num_queries, k] ids, -1 padded
+    exact_scores, exact_rows = exact.search(queries, k + 1)  # [num_queries, k + 1]
+    _, approx_ids = index.search(queries, k + 1)  # [num_queries, k + 1] ids, -1 padded
     row_of = {int(i): row for row, i in enumerate(ids)}
     num_hits = 0
-    for query, kth_score, found in zip(queries, exact_scores[:, -1], approx_ids):
-        rows = [row_of[int(i)] for i in found if int(i) in row_of]
-        num_hits += int(np.sum(vectors[rows] @ query >= kth_score - 1e-5))
+    for q, query_row in enumerate(query_rows):
+        others = exact_scores[q][exact_rows[q] != query_row]
+        kth_score = others[k - 1]
+        rows = [row_of[int(i)] for i in approx_ids[q] if int(i) in row_of and row_of[int(i)] != query_row][:k]
+        num_hits += int(np.sum(vectors[rows] @ queries[q] >= kth_score - 1e-5))
     return num_hits / (k * queries.shape[0])
 
 

@@ -5,7 +5,7 @@
       v000007/
         manifest.json      format, embedder signature and dimension, config, stats, file checksums
         chunks.sqlite      documents + chunks (store.py)
-        vectors.faiss      the vector index (+ vectors.tombstones.npy for HNSW)
+        vectors.faiss      the vector index (+ vectors.ids.npy: id of each position; HNSW tombstones)
         bm25/              the BM25 index (bm25s numpy/JSON files)
 
 A save writes a complete new version into a hidden temporary directory, fsyncs it, renames it to its

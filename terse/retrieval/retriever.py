@@ -201,7 +201,7 @@ class Retriever:
             raise InvalidRequestError(f"k={k!r} must be an int >= 1")
         if mode not in SEARCH_MODES:
             raise InvalidRequestError(f"mode={mode!r} must be one of {SEARCH_MODES}")
-        if self.vectors is None or self.store.num_chunks == 0:
+        if self.vectors is None or self.vectors.num_vectors == 0:  # vectors and chunks are 1:1
             raise RetrievalIndexError("the index holds no chunks; add documents before searching")
         allowed: list[int] | None = None
         if doc_ids is not None:

@@ -38,6 +38,12 @@ CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('next_chunk_id', 0);
 """
 
+def _memory_db() -> sqlite3.Connection:
+    # Not bound to the creating thread: a Retriever may be built on one thread and used on another
+    # (one at a time; the Retriever is not thread-safe).
+    return sqlite3.connect(":memory:", check_same_thread=False)
+
+
 ChunkRow = tuple[int, str, int, int, int, str]
 """(chunk_id, doc_id, chunk_index, char_start, char_end, text)"""
 
@@ -47,7 +53,7 @@ class ChunkStore:
 
     def __init__(self, connection: sqlite3.Connection | None = None) -> None:
         if connection is None:
-            connection = sqlite3.connect(":memory:")
+            connection = _memory_db()
             connection.executescript(_SCHEMA)
         self.db = connection
 
@@ -57,7 +63,7 @@ class ChunkStore:
         source = None
         try:
             source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            memory = sqlite3.connect(":memory:")
+            memory = _memory_db()
             source.backup(memory)
             check = memory.execute("PRAGMA integrity_check").fetchone()[0]
             if check != "ok":

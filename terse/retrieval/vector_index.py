@@ -25,6 +25,7 @@ faiss: Any = _faiss
 
 _FAISS_FILE = "vectors.faiss"
 _TOMBSTONE_FILE = "vectors.tombstones.npy"
+_IDS_FILE = "vectors.ids.npy"
 
 
 class VectorIndex(ABC):
@@ -126,47 +127,78 @@ class VectorIndex(ABC):
         return out_scores, out_ids
 
 
-class _IdMapIndex(VectorIndex):
-    """Shared plumbing for kinds wrapped in faiss.IndexIDMap2 (flat, HNSW)."""
+class _PositionalIndex(VectorIndex):
+    """Shared plumbing for flat and HNSW: faiss stores vectors by position, `position_ids` maps each
+    position to its id (ascending, since ids are added in increasing order).
 
-    def __init__(self, dim: int, config: IndexConfig, index: Any = None) -> None:
+    The mapping lives in numpy rather than in faiss.IndexIDMap because IndexIDMap translates labels in
+    an OpenMP loop even for one query, and on a busy machine that parallel region alone costs tens of
+    milliseconds while the search itself takes tens of microseconds.
+    """
+
+    def __init__(self, dim: int, config: IndexConfig, inner: Any = None, position_ids: Any = None) -> None:
         super().__init__(dim, config)
-        self.index = index if index is not None else faiss.IndexIDMap2(self._make_inner())
+        self.inner = inner if inner is not None else self._make_inner()
+        self.position_ids = (
+            np.zeros(0, dtype=np.int64) if position_ids is None else position_ids
+        )  # [num_stored] int64
 
     @abstractmethod
     def _make_inner(self) -> Any: ...
 
     @property
     def num_vectors(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.inner.ntotal)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+        ids = ids.astype(np.int64)
+        assert np.all(np.diff(ids) > 0) and (
+            self.position_ids.size == 0 or ids.size == 0 or ids[0] > self.position_ids[-1]
+        ), "ids must be added in increasing order"
+        self.inner.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.position_ids = np.concatenate([self.position_ids, ids])
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        positions = np.searchsorted(self.position_ids, ids)
+        assert np.all(self.position_ids[np.minimum(positions, self.position_ids.size - 1)] == ids), "unknown id"
+        return positions.astype(np.int64)
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return self.position_ids[self._live_mask()]
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if ids.size else np.zeros(
-            (0, self.dim), dtype=np.float32
-        )
+        if ids.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.asarray(self.inner.reconstruct_batch(self._positions(ids)), dtype=np.float32)
 
     def export(self) -> tuple[np.ndarray, np.ndarray]:
-        all_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        num_stored = int(self.index.ntotal)
-        vectors = self.index.index.reconstruct_n(0, num_stored) if num_stored else np.zeros((0, self.dim))
-        keep = self._live_mask(all_ids)
-        return all_ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
+        num_stored = int(self.inner.ntotal)
+        if num_stored == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.inner.reconstruct_n(0, num_stored)  # [num_stored, dim]
+        keep = self._live_mask()
+        return self.position_ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
 
-    def _live_mask(self, all_ids: np.ndarray) -> np.ndarray:
-        return np.ones(all_ids.shape[0], dtype=bool)
+    def _live_mask(self) -> np.ndarray:
+        return np.ones(self.position_ids.shape[0], dtype=bool)
+
+    def _to_ids(self, scores: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = positions >= 0
+        ids = np.where(found, self.position_ids[np.where(found, positions, 0)], -1)
+        return np.where(found, scores, -np.inf).astype(np.float32), ids.astype(np.int64)
 
     def write(self, directory: Path) -> list[str]:
-        faiss.write_index(self.index, str(directory / _FAISS_FILE))
-        return [_FAISS_FILE]
+        faiss.write_index(self.inner, str(directory / _FAISS_FILE))
+        np.save(directory / _IDS_FILE, self.position_ids)
+        return [_FAISS_FILE, _IDS_FILE]
+
+    @classmethod
+    def _read_parts(cls, directory: Path) -> tuple[Any, np.ndarray]:
+        position_ids = np.load(directory / _IDS_FILE, allow_pickle=False).astype(np.int64)
+        return faiss.read_index(str(directory / _FAISS_FILE)), position_ids
 
 
-class FlatIndex(_IdMapIndex):
+class FlatIndex(_PositionalIndex):
     """Exact search (faiss IndexFlatIP): recall 1 by construction, cost linear in the collection."""
 
     kind = "flat"
@@ -175,26 +207,28 @@ class FlatIndex(_IdMapIndex):
         return faiss.IndexFlatIP(self.dim)
 
     def remove(self, ids: np.ndarray) -> None:
-        self.index.remove_ids(ids.astype(np.int64))
+        positions = self._positions(ids.astype(np.int64))
+        self.inner.remove_ids(positions)  # IndexFlat compacts, keeping the order of the rest
+        self.position_ids = np.delete(self.position_ids, positions)
 
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, ids
+        scores, positions = self.inner.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return self._to_ids(scores, positions)
 
     @classmethod
     def read(cls, directory: Path, dim: int, config: IndexConfig, state: dict[str, Any]) -> VectorIndex:
-        return cls(dim, config, faiss.read_index(str(directory / _FAISS_FILE)))
+        return cls(dim, config, *cls._read_parts(directory))
 
 
-class HNSWIndex(_IdMapIndex):
+class HNSWIndex(_PositionalIndex):
     """Graph search (faiss IndexHNSWFlat). HNSW cannot delete: removed ids become tombstones masked at
     search time; the owner rebuilds the graph once `needs_rebuild()` says they are too many."""
 
     kind = "hnsw"
     knob_name = "ef_search"
 
-    def __init__(self, dim: int, config: IndexConfig, index: Any = None) -> None:
-        super().__init__(dim, config, index)
+    def __init__(self, dim: int, config: IndexConfig, inner: Any = None, position_ids: Any = None) -> None:
+        super().__init__(dim, config, inner, position_ids)
         self.ef_search = config.hnsw_ef_search
         self.tombstones: set[int] = set()
         self._selector: Any = None  # faiss selector over the tombstones; kept alive with the params
@@ -206,24 +240,21 @@ class HNSWIndex(_IdMapIndex):
 
     @property
     def num_vectors(self) -> int:
-        return int(self.index.ntotal) - len(self.tombstones)
+        return int(self.inner.ntotal) - len(self.tombstones)
 
-    def ids(self) -> np.ndarray:
-        all_ids = super().ids()
-        return all_ids[self._live_mask(all_ids)]
-
-    def _live_mask(self, all_ids: np.ndarray) -> np.ndarray:
+    def _live_mask(self) -> np.ndarray:
         if not self.tombstones:
-            return np.ones(all_ids.shape[0], dtype=bool)
-        return ~np.isin(all_ids, np.fromiter(self.tombstones, dtype=np.int64))
+            return np.ones(self.position_ids.shape[0], dtype=bool)
+        return ~np.isin(self.position_ids, np.fromiter(self.tombstones, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
+        self._positions(ids.astype(np.int64))  # checks they exist
         self.tombstones.update(int(i) for i in ids)
         self._selector = None
 
     def needs_rebuild(self) -> bool:
         """True when tombstones exceed `max_tombstone_fraction` of the stored vectors."""
-        return len(self.tombstones) > self.config.max_tombstone_fraction * max(1, int(self.index.ntotal))
+        return len(self.tombstones) > self.config.max_tombstone_fraction * max(1, int(self.inner.ntotal))
 
     def knob_candidates(self) -> list[int]:
         return [self.config.hnsw_ef_search * 2**i for i in range(6)]
@@ -236,11 +267,12 @@ class HNSWIndex(_IdMapIndex):
         params.efSearch = max(self.ef_search, k)
         if self.tombstones:
             if self._selector is None:
-                batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
+                dead = self._positions(np.fromiter(sorted(self.tombstones), dtype=np.int64))
+                batch = faiss.IDSelectorBatch(dead)
                 self._selector = (batch, faiss.IDSelectorNot(batch))
             params.sel = self._selector[1]
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        return scores, ids
+        scores, positions = self.inner.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        return self._to_ids(scores, positions)
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "ef_search": self.ef_search}
@@ -252,7 +284,7 @@ class HNSWIndex(_IdMapIndex):
 
     @classmethod
     def read(cls, directory: Path, dim: int, config: IndexConfig, state: dict[str, Any]) -> VectorIndex:
-        index = cls(dim, config, faiss.read_index(str(directory / _FAISS_FILE)))
+        index = cls(dim, config, *cls._read_parts(directory))
         index.ef_search = int(state["ef_search"])
         index.tombstones = {int(i) for i in np.load(directory / _TOMBSTONE_FILE, allow_pickle=False)}
         return index
