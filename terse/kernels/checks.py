@@ -78,8 +78,11 @@ def check_varlen_inputs(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    head_dims: tuple[int, ...] | None = SUPPORTED_HEAD_DIMS,
 ) -> VarlenShape:
     """Check q/k/v and the cumulative lengths of a varlen batch; return its sizes.
+
+    `head_dims` lists the head dims allowed (the Triton kernels'); None allows any (torch code).
 
     Lengths are checked on the host only when the tensors live on the CPU (a device read would force a
     synchronization); on the GPU the caller vouches for q_len <= k_len and the max_seqlen bounds.
@@ -92,8 +95,11 @@ def check_varlen_inputs(
     num_kv_heads = k.shape[1]
     if k.shape[2] != head_dim:
         raise KernelInputError(f"k head_dim {k.shape[2]} != q head_dim {head_dim}; they must match")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise KernelInputError(f"head_dim {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if head_dims is not None and head_dim not in head_dims:
+        raise KernelInputError(
+            f"head_dim {head_dim} is not supported by the Triton kernels; use one of {head_dims} "
+            "(or the torch path: SparsePrefillConfig(backend='torch'))"
+        )
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise KernelInputError(
             f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads; GQA needs "

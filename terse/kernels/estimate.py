@@ -124,7 +124,7 @@ def estimate_vertical_slash(
 
     num_vertical, num_slash: int [H] caps; target_mass: float [H]; H = len(head_ids) or Hq.
     """
-    check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     heads = torch.arange(q.shape[1], device=q.device) if head_ids is None else head_ids.long().to(q.device)
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     verticals: list[torch.Tensor] = []

@@ -63,7 +63,7 @@ def estimate_block_sparse(
     num_blocks_per_row: int [H] caps of key blocks per query block; target_mass: float [H]. NQB covers
     max_seqlen_q; rows past a sequence's end have count 0.
     """
-    shape = check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    shape = check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     device = q.device
     heads = torch.arange(q.shape[1], device=device) if head_ids is None else head_ids.long().to(device)
     caps, masses = num_blocks_per_row.to(device), target_mass.to(device)

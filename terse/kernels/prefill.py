@@ -32,7 +32,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from terse.errors import ConfigError, KernelInputError
-from terse.kernels.checks import check_block_size, check_varlen_inputs
+from terse.kernels.checks import SUPPORTED_HEAD_DIMS, check_block_size, check_varlen_inputs
 from terse.kernels.estimate import EstimateConfig, estimate_vertical_slash
 from terse.kernels.estimate_blocks import estimate_block_sparse
 from terse.kernels.patterns import (
@@ -56,7 +56,8 @@ class SparsePrefillConfig:
     block_size_k: int = 64
     """Key tile and index block size (16, 32, 64 or 128)."""
     backend: Literal["auto", "triton", "torch"] = "auto"
-    """auto: Triton kernels on CUDA, torch on the CPU; triton on the CPU needs TRITON_INTERPRET=1."""
+    """auto: Triton kernels on CUDA (head dims 64 / 128), torch otherwise; triton on the CPU needs
+    TRITON_INTERPRET=1."""
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     """Online estimation knobs (last queries, forced sinks and local diagonals)."""
 
@@ -260,7 +261,7 @@ def sparse_prefill_attention(
 ) -> torch.Tensor:
     """One layer's causal prefill attention with per-head sparse patterns -> out [total_q, Hq, D]."""
     config = config or SparsePrefillConfig()
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     if len(layer_patterns) != q.shape[1]:
         raise KernelInputError(
             f"{len(layer_patterns)} head patterns for {q.shape[1]} query heads; pass one per query head "
@@ -269,7 +270,11 @@ def sparse_prefill_attention(
     for pattern in layer_patterns:
         if getattr(pattern, "kind", None) not in PATTERN_KINDS:
             raise KernelInputError(f"{pattern!r} is not a head pattern; use one of {sorted(PATTERN_KINDS)}")
-    use_triton = config.backend == "triton" or (config.backend == "auto" and q.device.type == "cuda")
+    # auto: Triton on CUDA for the head dims it is compiled for, the torch path otherwise
+    kernel_head_dim = q.shape[2] in SUPPORTED_HEAD_DIMS
+    use_triton = config.backend == "triton" or (
+        config.backend == "auto" and q.device.type == "cuda" and kernel_head_dim
+    )
     batch = PrefillBatch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, config, use_triton)
     out = torch.empty_like(q)
     lengths = batch.lengths()

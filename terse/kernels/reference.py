@@ -184,7 +184,7 @@ def reference_block_sparse_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `block_sparse_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     masks = []
     for b, (q_len, k_len) in enumerate(_seq_lengths(cu_seqlens_q, cu_seqlens_k)):
         cols = (col_idx[b], col_count[b]) if col_idx is not None and col_count is not None else (None, None)
@@ -213,7 +213,7 @@ def reference_vertical_slash_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `vertical_slash_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     masks = [
         vertical_slash_mask(vertical_idx[b], slash_idx[b], q_len, k_len, block_size_q, block_size_k)
         for b, (q_len, k_len) in enumerate(_seq_lengths(cu_seqlens_q, cu_seqlens_k))
@@ -236,7 +236,7 @@ def reference_a_shape_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `a_shape_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     masks = [
         a_shape_mask(num_sink_tokens, window_len, q_len, k_len)
         for q_len, k_len in _seq_lengths(cu_seqlens_q, cu_seqlens_k)

@@ -110,3 +110,12 @@ def test_entry_point_imports_without_triton():
         env={"PATH": ""}, cwd=Path(__file__).resolve().parents[2],
     )
     assert result.stdout.strip() == "False"
+
+
+def test_torch_path_takes_any_head_dim_and_triton_names_its_limit():
+    batch = make_batch([30], [50], 4, 2, 16, seed=16)
+    patterns = [VerticalSlashPattern(100, 100, 1.0), BlockSparsePattern(100, 1.0), AShapePattern(0, 100), DensePattern()]
+    out = sparse_prefill_attention(*batch.args, patterns, 0.25, config=config("auto"))  # CPU: torch path
+    assert rel_err(out, dense_causal(batch, 0.25)) < 1e-5
+    with pytest.raises(KernelInputError, match="head_dim 16 is not supported by the Triton kernels"):
+        sparse_prefill_attention(*batch.args, patterns, 0.25, config=config("triton"))
