@@ -62,7 +62,7 @@ def hf_twin(engine: LocalEngine) -> torch.nn.Module:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=engine.device)
-    model.load_state_dict(engine.runner.model.state_dict(), assign=True)
+    model.load_state_dict(engine.runner.model.checkpoint_state_dict(), assign=True)
     with torch.device(engine.device):  # buffers computed at construction (RoPE frequencies)
         model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
     model.generation_config.eos_token_id = None

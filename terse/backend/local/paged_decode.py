@@ -3,7 +3,7 @@
 Work split (flash-decoding): program (b, h, s) handles sequence b, KV head h (and the GROUP query heads
 sharing it) and the s-th of NUM_SPLITS contiguous ranges of that sequence's pages (ranges follow each
 sequence's own length, so a short context in a long padded table still uses every split). Each program
-writes a partial (max, sum, weighted values); a small torch reduction merges the splits:
+writes a partial (max, sum, weighted values); a second small kernel merges the splits:
 
     out = sum_s exp(m_s - m) * acc_s / sum_s exp(m_s - m) * l_s,   m = max_s m_s
 
@@ -77,6 +77,24 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
 
 
+@triton.jit
+def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
+    acc_ptr, m_ptr, l_ptr, out_ptr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0)  # one (sequence, head)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    m = tl.load(m_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    l_sum = tl.load(l_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
+    acc = tl.load(acc_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_mask[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits: exp(-inf) = 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
 def paged_decode_triton(
     q: torch.Tensor, layer_kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
     num_splits: int = 16,
@@ -106,7 +124,8 @@ def paged_decode_triton(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
     )
-    m_max = m.max(dim=-1, keepdim=True).values  # [B, H, 1]
-    weights = torch.exp(m - m_max)  # empty splits: exp(-inf) = 0
-    out = (acc * weights[..., None]).sum(dim=2) / (l_sum * weights).sum(dim=2)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    _merge_splits_kernel[(num_seqs * num_heads,)](
+        acc, m, l_sum, out, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim
+    )
+    return out

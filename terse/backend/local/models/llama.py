@@ -133,16 +133,41 @@ class RotaryEmbedding:
         self.cos = emb.cos()
         self.sin = emb.sin()
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated q, k (same shapes and dtype)."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, D] in `dtype` (looked up once per step, used by every layer)."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, sin: [T, 1, D] -> x rotated (same shape and dtype)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    has_bias = first.bias is not None
+    out_features = sum(lin.out_features for lin in linears)
+    fused = nn.Linear(first.in_features, out_features, bias=has_bias, device="meta", dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+        if has_bias:
+            fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused
+
+
+def _split_into(
+    state: dict[str, torch.Tensor], prefix: str, fused: str, names: tuple[str, ...], sizes: list[int]
+) -> None:
+    for kind in ("weight", "bias"):
+        tensor = state.pop(f"{prefix}{fused}.{kind}", None)
+        if tensor is not None:
+            for name, part in zip(names, tensor.split(sizes)):
+                state[f"{prefix}{name}.{kind}"] = part
 
 
 class RMSNorm(nn.Module):
@@ -171,17 +196,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, device, dtype) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, device, dtype) if c.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one GEMM instead of three
+
+    def fuse(self) -> None:
+        """Replace q/k/v projections by one concatenated projection (same results, fewer launches)."""
+        self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCachePool, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: KVCachePool, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_proj is not None:
+            q_flat, k_flat, v_flat = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q_flat, k_flat, v_flat = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q_flat.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k_flat.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v_flat.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, k, positions)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attend(q, k, v, kv.layer(self.layer_index), meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -193,9 +229,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -207,9 +252,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: KVCachePool, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: KVCachePool, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,6 +277,31 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.rope: RotaryEmbedding | None = None
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up projections (after loading weights under the checkpoint's names)."""
+        for layer in self.decoder_layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the checkpoint's (unfused) names; fused weights are returned as views."""
+        state = dict(self.state_dict())
+        c = self.config
+        for i, layer in enumerate(self.decoder_layers):
+            prefix = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv_proj is not None:
+                names = ("q_proj", "k_proj", "v_proj")
+                sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+                _split_into(state, prefix + "self_attn.", "qkv_proj", names, sizes)
+            if mlp.gate_up_proj is not None:
+                _split_into(state, prefix + "mlp.", "gate_up_proj", ("gate_proj", "up_proj"), [c.intermediate_size] * 2)
+        return state
+
     def setup_rope(self, max_len: int, device: torch.device) -> None:
         self.rope = RotaryEmbedding(self.config, max_len, device)
 
@@ -241,8 +311,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] int64 -> final hidden states [T, hidden]."""
         assert self.rope is not None, "setup_rope() must run before forward()"
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rope.lookup(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, kv, meta)
+            x = layer(x, rope, kv, meta)
         normed: torch.Tensor = self.model.norm(x)
         return normed
 

@@ -74,6 +74,7 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: torch.device, dt
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.fuse()
     return model.eval()
 
 
@@ -88,4 +89,5 @@ def random_model(config: ModelConfig, *, device: torch.device, dtype: torch.dtyp
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+    model.fuse()
     return model.eval()
