@@ -200,3 +200,34 @@ def test_bad_input_is_typed() -> None:
         retriever.search("otter", doc_ids=["nope.txt"])
     with pytest.raises(InvalidRequestError, match="non-empty string"):
         Document("", "text")
+
+
+def test_hnsw_graph_is_rebuilt_past_the_tombstone_share() -> None:
+    docs = [Document(f"d{i}", f"Entry {i} about harbour {i % 9}.") for i in range(100)]
+    retriever = Retriever(_config(kind="hnsw", max_tombstone_fraction=0.2, num_recall_queries=30),
+                          embedder=HashEmbedder())
+    retriever.add_documents(docs)
+    retriever.delete([f"d{i}" for i in range(15)])
+    assert len(retriever.vectors.tombstones) == 15  # type: ignore[union-attr]
+    retriever.delete([f"d{i}" for i in range(15, 25)])  # 25 of 100 > 20%: rebuilt without them
+    assert retriever.vectors is not None and retriever.vectors.kind == "hnsw"
+    assert len(retriever.vectors.tombstones) == 0 and retriever.vectors.num_vectors == 75  # type: ignore[attr-defined]
+    assert {h.doc_id for h in retriever.search("Entry about harbour", 100, "dense")} == {f"d{i}" for i in range(25, 100)}
+
+
+def test_auto_uses_ivf_for_large_collections_and_reopens(tmp_path: Path) -> None:
+    docs = [Document(f"d{i}", f"Note {i} on bridge {i % 11} and tower {i % 7}.") for i in range(400)]
+    config = _config(flat_max_vectors=50, ivf_min_vectors=200, num_recall_queries=50, min_recall=0.9)
+    retriever = Retriever(config, embedder=HashEmbedder())
+    retriever.add_documents(docs)
+    stats = retriever.stats()
+    assert stats.index_kind == "ivf" and stats.recall is not None and stats.recall.recall >= 0.9
+    retriever.delete(["d3"])
+    retriever.save(tmp_path / "idx")
+    reopened = Retriever.open(tmp_path / "idx", embedder=HashEmbedder())
+    assert reopened.stats().index_kind == "ivf" and reopened.stats().num_chunks == 399
+    assert _results_for(reopened, "Note 5 on bridge 5") == _results_for(retriever, "Note 5 on bridge 5")
+
+
+def _results_for(retriever: Retriever, query: str) -> list[tuple[int, float]]:
+    return [(h.chunk_id, round(h.score, 6)) for h in retriever.search(query, 5, "dense")]

@@ -69,3 +69,15 @@ def test_ann_recall_against_exact_on_minilm_vectors(indexed: Retriever, kind: st
     exact = set(np.ravel(indexed.vectors.search(queries, 5)[1]))
     approx = set(np.ravel(ann.search(queries, 5)[1]))
     assert len(exact & approx) >= 9
+
+
+def test_prompts_change_the_vector_space(minilm: SentenceTransformerEmbedder) -> None:
+    from terse.retrieval.config import EmbedderConfig
+
+    prompted = SentenceTransformerEmbedder(EmbedderConfig(query_prompt="query: ", document_prompt="passage: "))
+    assert prompted.model is minilm.model  # one loaded model per process and device
+    text = ["The lighthouse was built in 1871."]
+    assert not np.allclose(prompted.embed_queries(text), minilm.embed_queries(text))
+    np.testing.assert_allclose(np.linalg.norm(prompted.embed_documents(text), axis=1), 1.0, rtol=1e-5)
+    assert prompted.max_document_tokens == minilm.max_document_tokens - len(minilm.token_offsets("passage: "))
+    assert prompted.signature() != minilm.signature()
