@@ -73,10 +73,10 @@ def run_role(role: str, port: int, target: str) -> None:
 
     if role == "stub":
         app = stub_app()
-    elif role == "proxy":
+    elif role.startswith("proxy-"):
         from terse.pipelines.server import ProxyConfig, proxy_app
 
-        app = proxy_app(ProxyConfig(upstream_url=target))
+        app = proxy_app(ProxyConfig(upstream_url=target, transport=role.removeprefix("proxy-")))  # type: ignore[arg-type]
     else:
         from terse.backend import load_backend
         from terse.pipelines.server import ServerConfig, engine_app
@@ -170,34 +170,41 @@ def pct(values: list[float], q: float) -> float:
 # -- the two parts -------------------------------------------------------------------------------------
 def bench_proxy(rounds: int) -> list[dict[str, Any]]:
     stub, stub_url = start("stub")
-    proxy, proxy_url = start("proxy", f"{stub_url}/v1")
+    proxies = {t: start(f"proxy-{t}", f"{stub_url}/v1") for t in ("h11", "httpx")}
+    sides = {"direct": (stub, stub_url), **{f"proxy-{t}": p for t, p in proxies.items()}}
     rows = []
     try:
         for stream in (False, True):
             for num_clients in (1, 64):
                 n = 300 if num_clients == 1 else 1280
-                samples: dict[str, list[float]] = {"direct": [], "proxy": []}
+                samples: dict[str, list[float]] = {side: [] for side in sides}
+                cpu_s = dict.fromkeys(sides, 0.0)
                 failures: list[str] = []
-                proxy_cpu_s = 0.0
-                for _ in range(rounds):  # alternate so drift from machine load hits both sides alike
-                    for side, url in (("direct", stub_url), ("proxy", proxy_url)):
-                        cpu0 = cpu_seconds(proxy.pid)
+                for _ in range(rounds):  # alternate so drift from machine load hits every side alike
+                    for side, (proc, url) in sides.items():
+                        cpu0 = cpu_seconds(proc.pid)
                         out = asyncio.run(closed_loop(url, "stub", num_clients, stream=stream, max_tokens=8, num_requests=n))
-                        proxy_cpu_s += cpu_seconds(proxy.pid) - cpu0 if side == "proxy" else 0.0
+                        cpu_s[side] += cpu_seconds(proc.pid) - cpu0
                         failures += [f"{side}: {f}" for f in out["failures"]]
                         samples[side] += out["latencies"]
-                row = {"stream": stream, "num_clients": num_clients, "num_requests": len(samples["proxy"]),
-                       "failures": failures, "proxy_cpu_ms_per_request": proxy_cpu_s / len(samples["proxy"]) * 1e3}
-                for q in (50, 99):
-                    row[f"direct_p{q}_ms"] = pct(samples["direct"], q) * 1e3
-                    row[f"proxy_p{q}_ms"] = pct(samples["proxy"], q) * 1e3
-                    row[f"added_p{q}_ms"] = row[f"proxy_p{q}_ms"] - row[f"direct_p{q}_ms"]
-                rows.append(row)
-                print(row, flush=True)
+                for side in sides:
+                    if side == "direct":
+                        continue
+                    row: dict[str, Any] = {"transport": side.removeprefix("proxy-"), "stream": stream,
+                                           "num_clients": num_clients, "num_requests": len(samples[side]),
+                                           "failures": failures,
+                                           "stub_cpu_ms_per_request": cpu_s["direct"] / len(samples["direct"]) * 1e3,
+                                           "proxy_cpu_ms_per_request": cpu_s[side] / len(samples[side]) * 1e3}
+                    for q in (50, 99):
+                        row[f"direct_p{q}_ms"] = pct(samples["direct"], q) * 1e3
+                        row[f"proxy_p{q}_ms"] = pct(samples[side], q) * 1e3
+                        row[f"added_p{q}_ms"] = row[f"proxy_p{q}_ms"] - row[f"direct_p{q}_ms"]
+                    rows.append(row)
+                    print(row, flush=True)
     finally:
-        for p in (proxy, stub):
-            p.terminate()
-            p.wait()
+        for proc, _ in (*proxies.values(), (stub, stub_url)):
+            proc.terminate()
+            proc.wait()
     return rows
 
 
@@ -273,7 +280,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"\nraw results: {out}")
     for row in results.get("proxy", {}).get("rows", []):
-        print(f"proxy  stream={row['stream']!s:5} clients={row['num_clients']:3}  direct p50 {row['direct_p50_ms']:7.2f} ms"
+        print(f"proxy {row['transport']:5} stream={row['stream']!s:5} clients={row['num_clients']:3}  direct p50 {row['direct_p50_ms']:7.2f} ms"
               f"  proxy p50 {row['proxy_p50_ms']:7.2f} ms  added p50 {row['added_p50_ms']:6.2f} ms"
               f"  added p99 {row['added_p99_ms']:7.2f} ms  proxy CPU {row['proxy_cpu_ms_per_request']:5.2f} ms/req"
               f"  failures {len(row['failures'])}")
