@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("terse.pipelines.cli_serve", "OpenAI-compatible server: local model or proxy to an upstream API"),
     "index": ("terse.pipelines.cli_index", "build or update a retrieval index from documents"),
     "search": ("terse.pipelines.cli_search", "search a retrieval index (dense, BM25 or hybrid)"),
+    "sparse-patterns": ("terse.kernels.cli_patterns", "search per-head sparse prefill patterns for a model"),
 }
 
 
