@@ -27,6 +27,7 @@ _LAZY: dict[str, str] = {
     "DocQAJob": "terse.pipelines.docqa",
     "DocQAConfig": "terse.pipelines.docqa",
     "Retriever": "terse.retrieval",
+    "wrap_openai": "terse.pipelines.wrap",
 }
 
 

@@ -293,3 +293,35 @@ def test_openai_backend_against_terse_serve_generates_and_scores(served: Any) ->
         assert remote_scores.logprobs == pytest.approx(local_scores.logprobs, abs=1e-4, nan_ok=True)
     finally:
         remote.close()
+
+
+def test_too_many_messages_is_refused(tiny_llama: Path) -> None:
+    server = start_engine_server(load_backend(f"hf:{tiny_llama}"), max_messages=4)
+    try:
+        body = json.dumps({"model": MODEL, "messages": MESSAGES * 3, "max_tokens": 2})
+        response = _post(f"{server.url}/v1/chat/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+        assert "limit of 4" in response.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_cli_serve_wires_engine_mode(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import uvicorn
+
+    from terse.pipelines import cli_serve
+
+    captured: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
+    monkeypatch.setenv("TERSE_API_KEY", "k")
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    args = parser.parse_args(["--model", f"hf:{tiny_llama}", "--served-model-name", MODEL, "--port", "0"])
+    assert cli_serve.run(args) == 0
+    assert captured["host"] == "127.0.0.1"  # loopback unless --host says otherwise
+    with ServerThread(captured["app"]) as server:
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        models = httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer k"}).json()
+        assert [m["id"] for m in models["data"]] == [MODEL]

@@ -105,6 +105,13 @@ def create_app(service: ChatService, config: ServerConfig, hooks: HookChain | No
         await service.aclose()
 
     app = FastAPI(title="terse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    _install_error_handlers(app)
+    _add_routes(app, service, config, hooks, gate)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's `{"error": {...}}` with the request id."""
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> Response:
@@ -127,6 +134,8 @@ def create_app(service: ChatService, config: ServerConfig, hooks: HookChain | No
         log("request %s failed: %s", getattr(request.state, "request_id", "?"), e)
         return _error_response(request, error)
 
+
+def _add_routes(app: FastAPI, service: ChatService, config: ServerConfig, hooks: HookChain, gate: _Gate) -> None:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -163,8 +172,6 @@ def create_app(service: ChatService, config: ServerConfig, hooks: HookChain | No
     async def detokenize(request: Request) -> Response:
         ctx = gate.context(request)
         return await service.detokenize(_object(await gate.json_body(request)), ctx)
-
-    return app
 
 
 def _object(body: Any) -> dict[str, Any]:
