@@ -2,8 +2,8 @@
 
     ranked:   c3  c0  c5  c1  c4  c2          (by ranker score, best first)
     tokens:   90  120 60  200 80  150
-    budget x context_budget_ratio = 300  ->  keep c3 c0 c5 (270 tokens; c1 would pass 300)
-    ratios:   mean r = budget / 270, spread by rank: c3 r(1+s), c0 r, c5 r(1-s)
+    budget x context_budget_ratio = 300  ->  keep c3 c0 c5 c1 (c1 crosses 300: kept, the rest dropped)
+    ratios:   mean r = budget / 470, spread by rank: c3 r(1+s) ... c1 r(1-s)
 
 At least one context is always kept. Dropped contexts stay in the plan (tier 3) so the exact-fit
 stage can still fill leftover budget with them, best first.
@@ -38,13 +38,10 @@ class CoarseStage:
             plans[i].score = scores[i]
         limit = env.context_budget * env.config.context_budget_ratio
         used = 0
-        for position, i in enumerate(order):
-            plans[i].selected = position == 0 or used + plans[i].num_tokens <= limit
-            if plans[i].selected:
-                used += plans[i].num_tokens
-            else:
-                # once one context does not fit, the worse ones do not either: the cut is by rank
-                limit = -1
+        for i in order:
+            # the context that crosses the limit is kept too, so the selection always covers the budget
+            plans[i].selected = used < limit
+            used += plans[i].num_tokens if plans[i].selected else 0
         assign_ratios([plans[i] for i in order if plans[i].selected], env.context_budget, env.config.dynamic_ratio_spread)
 
 

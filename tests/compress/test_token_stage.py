@@ -106,3 +106,20 @@ def test_non_ascii_with_a_real_scorer(hf_scorer: Backend) -> None:
     result = compressor.compress(docs, question="Où étudient les élèves?", budget=Budget(rate=0.4))
     check_result(result, docs, hf_scorer.count_tokens)
     assert "\ufffd" not in result.text
+
+
+def test_iterative_prefixes_hit_the_local_engines_prefix_cache(tiny_llama: object) -> None:
+    import terse
+
+    engine = terse.load_backend(f"local:{tiny_llama}")
+    try:
+        data = make_docset(seed=8, num_docs=4, num_filler=6)
+        config = CompressorConfig(token_pruner="iterative", segment_tokens=32)
+        question = f"{data.question} Answer with the company name only, as it is written in the documents."
+        before = engine.stats["num_cached_tokens"]  # type: ignore[attr-defined]
+        result = PromptCompressor(engine, config=config).compress(data.docs, question=question, budget=Budget(rate=0.3))
+        check_result(result, data.docs, engine.count_tokens)
+        # each segment's prefix (question + kept text) was prefilled by the call before it
+        assert engine.stats["num_cached_tokens"] - before > 0  # type: ignore[attr-defined]
+    finally:
+        engine.close()
