@@ -14,6 +14,7 @@ import pytest
 import terse
 from terse.backend.base import Backend
 from terse.backend.handle import RequestHandle
+from terse.backend.local.engine import LocalEngine
 from terse.backend.types import Message, SamplingParams, TokenScores
 from terse.errors import InvalidRequestError, UnsupportedOperationError
 from terse.pipelines.program import (
@@ -33,9 +34,10 @@ P = SamplingParams(max_tokens=5)
 SYS: Message = {"role": "system", "content": "Be brief."}
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_llama: Path) -> Iterator[Backend]:
-    b = terse.load_backend(f"hf:{tiny_llama}")
+@pytest.fixture(scope="module", params=["hf", "local"])
+def backend(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Backend]:
+    """Every test runs on plain transformers and on terse's engine (same tiny weights)."""
+    b = terse.load_backend(f"{request.param}:{tiny_llama}")
     yield b
     b.close()
 
@@ -142,9 +144,11 @@ def test_select_without_logprobs_says_it_needs_them(backend: Backend) -> None:
 
 
 def test_fork_branches_share_the_prefix_and_join(backend: Backend) -> None:
+    request = "Give ideas for a paged KV cache that stores keys and values in fixed-size blocks. " * 4
+
     @program
     def ideas(s: ProgramState) -> list[str]:
-        s += user("Give ideas.")
+        s += user(request)
         s += "Idea:"
         forks = s.fork(3)
         for i, f in enumerate(forks):
@@ -154,11 +158,13 @@ def test_fork_branches_share_the_prefix_and_join(backend: Backend) -> None:
         return forks.values("idea")
 
     out = ideas.run(backend=backend)
-    base = backend.render_chat([{"role": "user", "content": "Give ideas."}]) + "Idea:"
+    base = backend.render_chat([{"role": "user", "content": request}]) + "Idea:"
     expected = [_gen(backend, base + f" {i + 1}.") for i in range(3)]
     assert out.return_value == expected
     assert out.text == base  # the parent is unchanged by its branches
     assert out.usage.completion_tokens == 15
+    if isinstance(backend, LocalEngine):  # the branches' shared prefix was prefilled once
+        assert out.usage.cached_prompt_tokens >= 2 * (backend.count_tokens(base) // 2)
     with pytest.raises(VariableError, match=r"forks\[0\]\['idea'\]"):
         out["idea"]
 
