@@ -31,7 +31,8 @@ _IDS_FILE = "vectors.ids.npy"
 class VectorIndex(ABC):
     """Inner-product search over vectors keyed by int64 ids.
 
-    Contract: `add` takes ids not present yet; `remove` takes present ids; `search` returns
+    Contract: `add` takes ids greater than every id added before (the retriever allocates them in
+    increasing order); `remove` takes present ids; `search` returns
     ([num_queries, k] float32 scores, [num_queries, k] int64 ids) sorted best first, padded with
     id -1 / score -inf when fewer than k live vectors qualify; removed ids never come back.
     """
