@@ -18,9 +18,10 @@ vertical-slash  vertical_idx [B, H, num_vertical] int32 key positions, slash_idx
                 is taken at block granularity: in each query block it selects every key block it passes
                 through (the whole block is computed), which is what the kernel computes:
 
-                    keys ->   block 0   block 1   block 2         diagonal d = 3, block_size 4
-                    q blk 1   . . . .   # # # #   . . . .         queries 4..7 see keys 1..4: blocks 0, 1
-                    (abs 4-7) ^ selected by the diagonal (keys 1..3) and block 1 (key 4)
+                    keys ->     block 0    block 1    block 2     diagonal d = 3, block_size 4:
+                    q blk 1     . d d d    d . . .    . . . .     queries 4..7 hit keys 1..4 (d),
+                    (abs 4-7)   # # # #    # # # #    . . . .     so blocks 0 and 1 are computed (#),
+                                                                  causal mask applied inside them
 a-shape         num_sink_tokens [H], window_len [H] int32: query at position p sees key j iff j <= p and
                 (j < num_sink_tokens or p - j < window_len). window_len >= k_len is dense causal attention.
 
