@@ -28,6 +28,8 @@ _LAZY: dict[str, str] = {
     "DocQAConfig": "terse.pipelines.docqa",
     "Retriever": "terse.retrieval",
     "wrap_openai": "terse.pipelines.wrap",
+    "LocalEngine": "terse.backend.local.engine",
+    "EngineConfig": "terse.backend.local.config",
 }
 
 
