@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from terse.backend.handle import RequestHandle
 from terse.backend.types import Completion, TokenScores, Usage
@@ -23,7 +23,7 @@ from terse.pipelines.server.schema import CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import (
     DONE_EVENT,
-    SSE_HEADERS,
+    SSEResponse,
     error_event,
     openai_finish_reason,
     sse_event,
@@ -63,7 +63,7 @@ async def complete_prompts(service: EngineService, request: CompletionRequest, c
     echoes = [await _echo_text(service, request, p) for p in request.prompts]
     if request.stream:
         chunks = _stream(handles, request, ctx, response_id, created, echoes)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()})
+        return SSEResponse(chunks, ctx.response_headers(), on_close=lambda: _cancel_soon(handles))
     try:
         completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
     finally:
@@ -122,6 +122,10 @@ async def _stream(
     finally:
         cancel_all(handles)
     yield DONE_EVENT
+
+
+async def _cancel_soon(handles: list[RequestHandle]) -> None:
+    cancel_all(handles)
 
 
 def _logprobs_body(text: str, scores: TokenScores) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from terse.backend.base import Backend
 from terse.backend.handle import RequestHandle
@@ -36,7 +36,7 @@ from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import (
     DONE_EVENT,
-    SSE_HEADERS,
+    SSEResponse,
     chat_chunk,
     error_event,
     openai_finish_reason,
@@ -46,6 +46,10 @@ from terse.pipelines.server.sse import (
 )
 
 logger = logging.getLogger("terse.server")
+
+
+async def _cancel_soon(handles: list[RequestHandle]) -> None:
+    cancel_all(handles)
 
 
 class EngineService:
@@ -97,7 +101,7 @@ class EngineService:
         response_id, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         if request.stream:
             chunks = self._chat_chunks(handles, request, ctx, response_id, created)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()})
+            return SSEResponse(chunks, ctx.response_headers(), on_close=lambda: _cancel_soon(handles))
         try:
             completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
         finally:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from terse.backend.openai_http import error_from_body
 from terse.backend.types import Message
@@ -32,7 +32,7 @@ from terse.pipelines.server.errors import api_error_from
 from terse.pipelines.server.hooks import ChatResult, HookChain
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
-from terse.pipelines.server.sse import DONE_EVENT, SSE_HEADERS, error_event
+from terse.pipelines.server.sse import DONE_EVENT, SSEResponse, error_event
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
@@ -94,9 +94,7 @@ class ProxyService:
         response = await self._send(method, f"{base}{path}", body, ctx)
         media_type = response.headers.get("content-type", "application/json")
         if stream and response.status_code < 400 and media_type.startswith("text/event-stream"):
-            return StreamingResponse(
-                self._relay(response), media_type="text/event-stream", headers={**SSE_HEADERS, **ctx.response_headers()}
-            )
+            return SSEResponse(self._relay(response), ctx.response_headers(), on_close=response.aclose)
         try:
             content = await response.aread()
         finally:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from terse.backend.types import FinishReason, Usage
 
@@ -64,3 +68,23 @@ def usage_chunk(response_id: str, created: int, model: str, obj: str, usage: dic
 def error_event(error_body: dict[str, Any]) -> bytes:
     """A failure after the stream started: one `{"error": ...}` event (the OpenAI client raises on it)."""
     return sse_event(error_body)
+
+
+class SSEResponse(StreamingResponse):
+    """An SSE stream whose `on_close` runs however the response ends: finished, failed, or the client
+    gone, even before the first chunk (when the body generator never starts, so its own `finally`
+    would never run). `on_close` must be idempotent: it cancels engine handles or drops an upstream
+    connection.
+    """
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], headers: dict[str, str], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
