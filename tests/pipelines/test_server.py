@@ -325,3 +325,15 @@ def test_cli_serve_wires_engine_mode(tiny_llama: Path, monkeypatch: pytest.Monke
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         models = httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer k"}).json()
         assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_cached_prompt_tokens_reach_the_client(client: openai.OpenAI, served: Any) -> None:
+    """The local engine's prefix cache shows up as usage.prompt_tokens_details.cached_tokens."""
+    if not hasattr(served[1].inner, "prefix_cache") or served[1].inner.prefix_cache is None:
+        pytest.skip("only the local engine has a prefix cache")
+    long_messages = [{"role": "system", "content": "The quick brown fox jumps over the lazy dog. " * 20}, MESSAGES[1]]
+    args: dict[str, Any] = {"model": MODEL, "messages": long_messages, "max_tokens": 2, "temperature": 0}
+    client.chat.completions.create(**args)
+    again = client.chat.completions.create(**args)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
