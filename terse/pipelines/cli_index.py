@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     bar.close()
     stats = retriever.stats()
-    recall = "" if stats.recall is None else f", recall@{stats.recall.k} vs exact {stats.recall.recall:.3f}"
+    recall = ""
+    if stats.recall is not None and stats.recall.kind != "flat":  # flat is exact: nothing to report
+        recall = f", {stats.recall.kind} recall@{stats.recall.k} vs exact {stats.recall.recall:.3f}"
+        if stats.recall.kind != stats.index_kind:
+            recall += " (below the floor: kept exact search)"
     print(
         f"indexed {output}: {report.num_added} added, {report.num_updated} updated, {report.num_unchanged} "
         f"unchanged; {report.num_chunks_added} chunks embedded, {report.num_chunks_removed} removed; "
