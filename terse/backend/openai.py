@@ -14,6 +14,8 @@ llama.cpp, `terse serve`).
 - Concurrency is bounded: at most `max_concurrency` requests run at once (a worker pool of that size over
   one pooled `httpx.Client`); later submits queue.
 - `Completion.token_ids` are the local tokenizer's encoding of the text when a tokenizer is given, else ().
+- `handle.cancel()` takes effect at the next SSE event (the stream is then closed, which a terse or
+  vLLM server sees as a disconnect and stops generating); a request still queued is never sent.
 """
 
 from __future__ import annotations
