@@ -74,7 +74,7 @@ class DecodeGraphs:
         self.input_ids[:size].copy_(r._tensor(input_ids + [0] * pad))
         self.positions[:size].copy_(r._tensor(positions + [0] * pad))
         self.slots[:size].copy_(r._tensor(slots + [scratch_slot] * pad))
-        self.context_lens[:size].copy_(r._tensor([s.num_computed_tokens + 1 for s in seqs] + [1] * pad, torch.int32))
+        self.context_lens[:size].copy_(r._tensor([s.num_kv_tokens + 1 for s in seqs] + [1] * pad, torch.int32))
         self.block_tables[:size].fill_(r.pool.scratch_block)
         width = max(len(s.block_table) for s in seqs)
         self.block_tables[:num, :width].copy_(r.padded_tables(seqs, width))

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
-from terse.backend.local.attention import paged_decode_supported
+from terse.backend.local.attention import PREFILL_PATHS, paged_decode_supported
 from terse.backend.local.build import num_kv_blocks, resolve_device, resolve_dtype, resolve_max_model_len
 from terse.backend.local.config import EngineConfig
 from terse.backend.local.kv_cache import BlockAllocator, KVCachePool
@@ -63,6 +63,7 @@ class LocalEngine(BackendBase):
 
     def __init__(self, parts: EngineParts, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
+        _check_seams(self.config)
         self._model_name = parts.model_name
         self.tokenizer = parts.tokenizer
         self._tok_lock = threading.Lock()  # Rust tokenizers may refuse concurrent use
@@ -218,6 +219,12 @@ class LocalEngine(BackendBase):
         self._thread.join(timeout=30)
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of admitted prompt tokens whose KV came from the prefix cache (0.0 before any request)."""
+        admitted = self.scheduler.num_admitted_prompt_tokens
+        return self.scheduler.num_cached_tokens / admitted if admitted else 0.0
+
+    @property
     def stats(self) -> dict[str, int]:
         """Counters since start: steps, prefill/decode/cached tokens, preemptions, failed steps."""
         return {
@@ -343,6 +350,20 @@ class LocalEngine(BackendBase):
         self._requests.pop(request.seq.seq_id, None)
         self.scheduler.finish(request.seq)
         request.fail(error)
+
+
+def _check_seams(config: EngineConfig) -> None:
+    """Fail at construction (not at the first request) for a prefill path or KV policy that is not there."""
+    if config.prefill_attention not in PREFILL_PATHS:
+        raise ConfigError(
+            f"prefill_attention={config.prefill_attention!r} is not a registered prefill path "
+            f"(known: {sorted(PREFILL_PATHS)}); use 'dense' or register the path first"
+        )
+    if config.default_streaming_kv is not None:
+        try:
+            policy_for(config.default_streaming_kv)
+        except InvalidRequestError as e:
+            raise ConfigError(f"default_streaming_kv: {e}") from e
 
 
 def _make_config(config_fields: dict[str, Any]) -> EngineConfig:

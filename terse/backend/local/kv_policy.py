@@ -26,6 +26,14 @@ class KVPolicy(Protocol):
         """Most blocks the sequence can ever hold (to reject one that cannot fit in the pool alone)."""
         ...
 
+    def num_sink_blocks(self, block_size: int) -> int:
+        """Leading blocks kept for the whole life of the sequence when others are released."""
+        ...
+
+    def num_releasable_blocks(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
+        """Blocks after the sinks the next `num_new_tokens` no longer attend to (0: keep everything)."""
+        ...
+
 
 class DenseKVPolicy:
     """Every computed token keeps its KV: blocks = ceil(tokens / block_size)."""
@@ -38,10 +46,16 @@ class DenseKVPolicy:
         max_tokens = min(seq.max_len, seq.num_prompt_tokens + seq.params.max_tokens)
         return -(-max_tokens // block_size)
 
+    def num_sink_blocks(self, block_size: int) -> int:
+        return 0
+
+    def num_releasable_blocks(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
+        return 0
+
 
 DENSE = DenseKVPolicy()
 
-# StreamingKV settings -> policy. Empty until a streaming policy registers itself.
+# StreamingKV settings -> policy; terse.backend.local.streaming registers "sink_window" on import.
 STREAMING_POLICIES: dict[str, Callable[[StreamingKV], KVPolicy]] = {}
 
 
@@ -49,6 +63,8 @@ def policy_for(streaming_kv: StreamingKV | None) -> KVPolicy:
     """The policy for one request: dense when `streaming_kv` is None."""
     if streaming_kv is None:
         return DENSE
+    import terse.backend.local.streaming  # noqa: F401  (registers the sink + window policy)
+
     factory = STREAMING_POLICIES.get("sink_window")
     if factory is None:
         raise InvalidRequestError(

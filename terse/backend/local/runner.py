@@ -3,7 +3,10 @@
 Flat layout of one step (see attention.py): decode tokens first, then prefill chunks. Per token the
 runner provides its id, its position in its sequence and its KV slot:
 
-    slot(p) = block_table[p // block_size] * block_size + p % block_size
+    slot(p) = block_table[c // block_size] * block_size + c % block_size,  c = p - num_dropped_tokens
+
+(c = p for the dense cache; a streaming sequence's table skips its released blocks, see streaming.py).
+The RoPE position of a token stays p.
 
 Only rows that need logits go through the lm_head: the last token of a chunk that completes its
 sequence (it samples the next token), and every scored position of a scoring request.
@@ -18,9 +21,10 @@ import torch
 from terse.backend.local.attention import AttentionMetadata, PrefillSpan, build_prefill_groups
 from terse.backend.local.cuda_graph import DecodeGraphs
 from terse.backend.local.kv_cache import KVCachePool
-from terse.backend.local.models.llama import LlamaForCausalLM
+from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence
+from terse.backend.local.streaming import apply_sink_rotation
 from terse.backend.sampling import sample_next
 
 
@@ -59,8 +63,8 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        bs, table, dropped = self.block_size, seq.block_table, seq.num_dropped_tokens
+        return [table[c // bs] * bs + c % bs for c in range(start - dropped, end - dropped)]
 
     def padded_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
         """[len(seqs), num_blocks] block tables padded with the scratch block."""
@@ -71,6 +75,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
+        if plan.sink_rotations:
+            inv_freq = rope_inv_freq(self.model.config)
+            for rotation in plan.sink_rotations:
+                apply_sink_rotation(self.pool.kv, rotation, inv_freq)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -87,7 +95,8 @@ class ModelRunner:
             positions += range(start, end)
             slots += self._slots(seq, start, end)
             if is_prefill:
-                spans.append(PrefillSpan(row0, end - start, end, seq.block_table[: -(-end // self.block_size)]))
+                kv_end = end - seq.num_dropped_tokens
+                spans.append(PrefillSpan(row0, end - start, kv_end, seq.block_table[: -(-kv_end // self.block_size)]))
             if seq.num_logprob_start is not None:
                 for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
                     score_rows.append((row0 + p - start, seq, seq.token_ids[p + 1]))
@@ -105,7 +114,7 @@ class ModelRunner:
                 slot_mapping=self._tensor(slots),
                 num_decode_tokens=len(decode_seqs),
                 decode_block_tables=self.padded_tables(decode_seqs, max_blocks),
-                decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in decode_seqs], torch.int32),
+                decode_context_lens=self._tensor([s.num_kv_tokens + 1 for s in decode_seqs], torch.int32),
                 prefills=spans,
                 prefill_groups=groups,
                 prefill_path=self.prefill_path,

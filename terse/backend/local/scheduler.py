@@ -27,6 +27,7 @@ from terse.backend.local.kv_cache import BlockAllocator
 from terse.backend.local.kv_policy import KVPolicy
 from terse.backend.local.prefix_cache import PrefixCache, RadixNode
 from terse.backend.local.sequence import Sequence, SequenceStatus
+from terse.backend.local.streaming import SinkRotation, place_new_blocks, release_old_blocks
 
 
 class ScheduledChunk(NamedTuple):
@@ -42,6 +43,8 @@ class StepPlan:
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    sink_rotations: list[SinkRotation] = field(default_factory=list)
+    """Streaming sequences whose sink copies the runner rewrites before the step (see streaming.py)."""
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -145,14 +148,20 @@ class Scheduler:
                 self.prefix_cache.lock(node)  # before allocating: allocation may evict
             seq.block_table = list(cached_blocks)
             seq.num_computed_tokens = num_cached
-            num_needed = self._policies[seq.seq_id].num_blocks_needed(seq, num_new, self.block_size)
+            policy = self._policies[seq.seq_id]
+            # A long cached prefix may reach past a streaming window: those blocks are never referenced.
+            released = release_old_blocks(seq, policy, num_new, self.block_size)
+            num_needed = policy.num_blocks_needed(seq, num_new, self.block_size)
             if not self._make_free(num_needed):
                 if self.prefix_cache is not None and node is not None:
                     self.prefix_cache.unlock(node)
-                seq.block_table, seq.num_computed_tokens = [], 0
+                seq.block_table, seq.num_computed_tokens, seq.num_dropped_tokens = [], 0, 0
                 break
-            self.allocator.incref(cached_blocks)
-            seq.block_table += self.allocator.allocate(num_needed)
+            self.allocator.incref(seq.block_table)
+            self._add_blocks(seq, num_needed, bool(released), plan)
+            if released and self.prefix_cache is not None and node is not None:
+                self.prefix_cache.unlock(node)  # streaming from the start: the tree may evict this path
+                node = None
             seq.num_cached_tokens = num_cached
             self.num_admitted_prompt_tokens += seq.num_tokens
             self.num_cached_tokens += num_cached
@@ -214,15 +223,35 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_new: int, scheduled: set[int], plan: StepPlan) -> bool:
         """Give `seq` the blocks `num_new` more tokens need, preempting later-admitted unscheduled
         sequences if blocks run out. False when `seq` itself had to be preempted."""
-        num_needed = self._policies[seq.seq_id].num_blocks_needed(seq, num_new, self.block_size)
+        policy = self._policies[seq.seq_id]
+        released = release_old_blocks(seq, policy, num_new, self.block_size)
+        if released:
+            self._drop_released(seq, released)
+        num_needed = policy.num_blocks_needed(seq, num_new, self.block_size)
         while not self._make_free(num_needed):
             victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
             victim = victims[-1] if victims else seq
             self._preempt(victim, plan)
             if victim is seq:
                 return False
-        seq.block_table += self.allocator.allocate(num_needed)
+        self._add_blocks(seq, num_needed, bool(released), plan)
         return True
+
+    def _add_blocks(self, seq: Sequence, num_blocks: int, released: bool, plan: StepPlan) -> None:
+        new_blocks = self.allocator.allocate(num_blocks)
+        rotation = place_new_blocks(seq, self._policies[seq.seq_id], new_blocks, self.block_size, released)
+        if rotation is not None:
+            plan.sink_rotations.append(rotation)
+
+    def _drop_released(self, seq: Sequence, released: list[int]) -> None:
+        """Drop this sequence's references on blocks a streaming policy released. At the first release
+        it also unpins its prefix-cache path: its table no longer maps positions to blocks one to one,
+        and pinned prompt blocks would keep its memory from staying flat."""
+        self.allocator.decref(released)
+        if self.prefix_cache is not None and seq.num_dropped_tokens == len(released) * self.block_size:
+            node = self._locked.pop(seq.seq_id, None)
+            if node is not None:
+                self.prefix_cache.unlock(node)
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
@@ -230,6 +259,7 @@ class Scheduler:
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
+        plan.sink_rotations = [r for r in plan.sink_rotations if r.seq_id != seq.seq_id]
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
@@ -239,11 +269,14 @@ class Scheduler:
             node = self._locked.pop(seq.seq_id, None)
             if node is not None:
                 self.prefix_cache.unlock(node)
-        self.allocator.decref(seq.block_table)
+        self.allocator.decref(seq.block_table + seq.sink_source_blocks)
         seq.block_table = []
+        seq.sink_source_blocks = []
 
     def _insert_computed(self, seq: Sequence) -> None:
         assert self.prefix_cache is not None
+        if seq.num_dropped_tokens:
+            return  # a streaming table past its first release no longer maps positions to blocks
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full == 0:
             return

@@ -49,6 +49,11 @@ class Sequence:
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache at the latest admission."""
     num_preemptions: int = 0
+    num_dropped_tokens: int = 0
+    """Tokens whose KV a streaming policy released (whole blocks after the sinks): a kept token at
+    position p sits at index p - num_dropped_tokens of the block table's KV (see streaming.py)."""
+    sink_source_blocks: list[int] = field(default_factory=list)
+    """Streaming only: the original sink blocks, held while `block_table` starts with rotated copies."""
     status: SequenceStatus = SequenceStatus.WAITING
     prompt_logprobs: list[float] = field(default_factory=list)
     """Scoring requests: log P(token_ids[p + 1] | token_ids[:p + 1]) for p from num_logprob_start on."""
@@ -76,6 +81,11 @@ class Sequence:
         return self.token_ids[len(self.prompt_ids) :]
 
     @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens whose KV the sequence still holds (all of them under the dense cache)."""
+        return self.num_computed_tokens - self.num_dropped_tokens
+
+    @property
     def is_prefilling(self) -> bool:
         """True while more than one token lacks KV (a decode step computes exactly one)."""
         return self.num_tokens - self.num_computed_tokens > 1
@@ -100,6 +110,8 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Forget all KV (the caller has released the blocks): the sequence will prefill again."""
         self.block_table = []
+        self.sink_source_blocks = []
+        self.num_dropped_tokens = 0
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.prompt_logprobs = []

@@ -28,7 +28,9 @@ def test_solo_and_grouped_spans_match_reference() -> None:
     # a short fresh prompt, a one-token chunk.
     shapes = [(0, 300), (37, 7), (0, 5), (12, 1)]
     perm = torch.randperm(num_blocks, generator=gen).tolist()
-    spans, slots, full_k, full_v, q_rows = [], [], [], [], 0
+    spans: list[PrefillSpan] = []
+    slots: list[int] = []
+    q_rows = 0
     for cached, new in shapes:
         ctx = cached + new
         table = [perm.pop() for _ in range(-(-ctx // BS))]

@@ -122,6 +122,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+_FP32_ANGLE_LIMIT = 1 << 15  # positions below this keep float32 angles, as the reference implementation
+
+
 class RotaryEmbedding:
     """cos/sin tables for positions [0, max_len), looked up per token (positions need not be sorted)."""
 
@@ -132,6 +135,13 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
         self.cos = emb.cos()
         self.sin = emb.sin()
+        if max_len > _FP32_ANGLE_LIMIT:
+            # float32 angles lose ~p * 6e-8 rad; long (streaming) positions take float64 angles instead.
+            far = torch.arange(_FP32_ANGLE_LIMIT, max_len, dtype=torch.float64, device=device)
+            far_freqs = far[:, None] * inv_freq.double()[None, :]
+            far_emb = torch.cat((far_freqs, far_freqs), dim=-1)
+            self.cos[_FP32_ANGLE_LIMIT:] = far_emb.cos().float()
+            self.sin[_FP32_ANGLE_LIMIT:] = far_emb.sin().float()
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] -> cos, sin: [T, 1, D] in `dtype` (looked up once per step, used by every layer)."""
