@@ -3,7 +3,8 @@
 - The request body goes upstream as received (unknown fields such as tools or response_format pass
   through) with only `messages` replaced when a hook rewrote them.
 - Streams are passed through byte for byte as the upstream sends them (no re-encoding); accounting then
-  travels in the `x-terse-*` headers. Whole answers get `usage.terse` too, and the hooks' `on_response`.
+  travels in the `x-terse-*` headers. With hooks, whole answers also get `usage.terse` and the hooks'
+  `on_response`; without hooks they are relayed untouched (headers only).
 - Upstream failures before the first byte are retried (`ProxyConfig.retry`, logged on
   "terse.backend.openai"); then: unreachable -> 502, no answer in time -> 504, 4xx -> passed through.
 - The upstream client is an `Upstream` transport (`upstream.py`): a lean h11 keep-alive pool for
@@ -117,8 +118,8 @@ class ProxyService:
     # -- endpoints -------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
         forwarded = await self._forward("POST", "/chat/completions", request.upstream_body(), ctx, stream=request.stream)
-        if request.stream or forwarded.status_code >= 400:
-            return forwarded
+        if request.stream or forwarded.status_code >= 400 or not self.hooks:
+            return forwarded  # no hooks: nothing saved, the x-terse-* headers say so without re-encoding
         return await self._finish_chat(forwarded, request, ctx)
 
     async def _finish_chat(self, forwarded: Response, request: ChatRequest, ctx: RequestContext) -> Response:
