@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/compress.py --baseline-python <venv with llmlingua 0.2.2>/bin/python
 
-Both tools load the same model directory (a random Llama-shaped model with the reference tokenizer,
-or the reference model itself when it is installed) and compress the same generated multi-document
+Both tools load the same model (a random Llama-shaped model with the reference tokenizer; the files
+are rewritten for llmlingua's older transformers, same weights) and compress the same generated multi-document
 question sets to the same target token count. Token counts are taken with the scorer's tokenizer for
 both (llmlingua's tiktoken counter is replaced by it, which also keeps it offline). Figures: input
 tokens compressed per second, median seconds per example, budget overshoot, answer retention.
+
+`bench/compress.py --quality` (reference model only): answer retention and gold-document-first rate
+at 2x / 4x / 8x on validation questions of the synthetic doc-QA benchmark, per ranker.
 
 The file doubles as the baseline runner: the baseline interpreter executes it with
 `--llmlingua-runner IN OUT`, so module-level imports stay standard-library only.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,7 +122,7 @@ def make_example(rng: random.Random, num_docs: int, num_filler: int) -> dict[str
 
 # -- scorer model -----------------------------------------------------------------------------------
 def build_model(directory: Path, hidden: int, layers: int) -> Path:
-    """A random Llama-shaped model with the reference tokenizer, loadable by transformers 4.44 and 5.x."""
+    """A random Llama-shaped model with the reference tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -139,17 +143,32 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
                 p.normal_(0.0, 0.05)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    # older transformers / tokenizers read neither v5 class names, rope_parameters nor list-form merges
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg["rope_theta"] = 10000.0
-    (directory / "config.json").write_text(json.dumps(cfg))
-    tcfg = json.loads((directory / "tokenizer_config.json").read_text())
-    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (directory / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    tok = json.loads((directory / "tokenizer.json").read_text())
-    tok["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    (directory / "tokenizer.json").write_text(json.dumps(tok))
     return directory
+
+
+def compatible_copy(src: Path, dst: Path) -> Path:
+    """The same weights and tokenizer in a form transformers 4.44 / tokenizers 0.19 read: top-level
+    rope_theta, a pre-v5 tokenizer class name, and merges written as "a b" strings."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.setdefault("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((dst / "tokenizer_config.json").read_text())
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dst / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    tok["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    if cfg.get("tie_word_embeddings"):
+        # 4.44 + accelerate leave a tied lm_head on the meta device: store it explicitly (same values)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(dst / "model.safetensors"))
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        cfg["tie_word_embeddings"] = False
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 # -- terse side -------------------------------------------------------------------------------------
@@ -190,9 +209,62 @@ def summarize(name: str, runs: list[dict[str, Any]], examples: list[dict[str, An
     }
 
 
+# -- quality proxy on the synthetic doc-QA benchmark ----------------------------------------------------
+QUALITY_CONFIGS: dict[str, dict[str, Any]] = {
+    "bm25 + iterative": {},
+    "embedding + iterative": {"ranker": "embedding", "sentence_ranker": "embedding"},
+    "lm + iterative": {"ranker": "lm", "sentence_ranker": "lm"},
+    "no ranking, iterative only": {"ranker": None, "sentence_ranker": None},
+}
+
+
+def run_quality(model_dir: Path, num_questions: int, ratios: list[float], threads: int) -> dict[str, Any]:
+    """Answer retention (all answer items still in the compressed prompt) and gold-document-first rate
+    at each ratio, on validation-split single- and multi-hop questions (gold among distractors)."""
+    import torch
+
+    import terse
+    from terse.compress import Budget, CompressorConfig, PromptCompressor
+    from terse.synth.dataset import SplitConfig, build_split
+
+    torch.set_num_threads(threads)
+    data = build_split("validation", SplitConfig(num_worlds=1, questions_per_kind=num_questions, needle_lengths=()))
+    questions = [q for q in data.questions if q.kind in ("single", "multi") and q.context_doc_ids]
+    scorer = terse.load_backend(f"hf:{model_dir}", device="cpu", dtype="float32")
+    rows = []
+    for name, kwargs in QUALITY_CONFIGS.items():
+        compressor = PromptCompressor(scorer, config=CompressorConfig(**kwargs))
+        for ratio in ratios:
+            kept = first = 0
+            for q in questions:
+                docs = [data.document(d).text for d in q.context_doc_ids]
+                num = scorer.count_tokens("\n\n".join([*docs, q.question]))
+                out = compressor.compress(docs, question=q.question, budget=Budget(target_tokens=int(num / ratio)))
+                items = q.items or (q.answer,)
+                kept += all(item in out.text for item in items)
+                gold = {i for i, d in enumerate(q.context_doc_ids) if d in q.doc_ids}
+                first += bool(out.context_order) and out.context_order[0] in gold
+            rows.append({"config": name, "ratio": ratio, "answer_kept": kept / len(questions),
+                         "gold_first": first / len(questions), "num_questions": len(questions)})
+            print(f"{name:<28}{ratio:>4g}x  answer kept {kept / len(questions):.2f}  "
+                  f"gold first {first / len(questions):.2f}", file=sys.stderr)
+    scorer.close()
+    return {"model": str(model_dir.name), "rows": rows}
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--llmlingua-runner":
         llmlingua_runner(sys.argv[2], sys.argv[3])
+        return
+    if len(sys.argv) >= 2 and sys.argv[1] == "--quality":
+        if not (REFERENCE / "config.json").exists():
+            raise SystemExit("the quality proxy needs the reference model (terse/models/reference/)")
+        report = run_quality(REFERENCE, num_questions=6, ratios=[2.0, 4.0, 8.0], threads=1)
+        out = ROOT / "bench" / "results" / "compress_quality.json"
+        out.write_text(json.dumps(report, indent=2))
+        print(f"{'config':<28}{'ratio':>6}{'answer kept':>13}{'gold first':>12}")
+        for r in report["rows"]:
+            print(f"{r['config']:<28}{r['ratio']:>5g}x{r['answer_kept']:>13.2f}{r['gold_first']:>12.2f}")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline-python", required=True, help="python of a venv with llmlingua 0.2.2")
@@ -200,6 +272,9 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=10, help="documents per example")
     parser.add_argument("--filler", type=int, default=6, help="filler sentences per document")
     parser.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the target (4 = 4x)")
+    parser.add_argument("--scorer", choices=["random", "reference"], default="random",
+                        help="random: a Llama-shaped model built here (transformers 4.44 cannot load the "
+                             "reference model: its head_dim 64 differs from hidden / heads)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools")
@@ -209,7 +284,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        if (REFERENCE / "config.json").exists():
+        if args.scorer == "reference":
             model_dir, model_desc = REFERENCE, "reference model"
         else:
             model_dir = build_model(Path(tmp) / "scorer", args.hidden, args.layers)
@@ -221,7 +296,8 @@ def main() -> None:
         for ex in examples:
             ex["num_original"] = count("\n\n".join([*ex["docs"], ex["question"]]))
             ex["target"] = int(ex["num_original"] / args.ratio)
-        job = {"model": str(model_dir), "examples": examples, "baselines": BASELINES, "threads": args.threads}
+        baseline_dir = compatible_copy(model_dir, Path(tmp) / "scorer-compat")
+        job = {"model": str(baseline_dir), "examples": examples, "baselines": BASELINES, "threads": args.threads}
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "baseline.json"
         job_path.write_text(json.dumps(job))
         t0 = time.perf_counter()
