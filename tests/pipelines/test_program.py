@@ -261,6 +261,8 @@ def test_mistakes_raise_at_the_line_that_wrote_them() -> None:
         user(gen("x"))  # type: ignore[arg-type]
     with pytest.raises(ProgramError, match="at least one non-empty string"):
         select("x", [])
+    with pytest.raises(ProgramError, match="at least one non-empty string"):
+        select("x", "yes")  # a string is not a list of choices
     with pytest.raises(ProgramError, match="must be a terse.SamplingParams"):
         gen("x", {"max_tokens": 3})  # type: ignore[arg-type]
 

@@ -87,12 +87,12 @@ def select(name: str, choices: Sequence[str]) -> Select:
 
     Needs a backend that returns log-probabilities; others raise `UnsupportedOperationError`.
     """
-    choices = tuple(choices)
-    if isinstance(choices, str) or len(choices) < 1 or not all(isinstance(c, str) and c for c in choices):
+    if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
         raise ProgramError(
-            f"select({name!r}, choices={choices!r}): give a sequence of at least one non-empty string"
+            f"select({name!r}, choices={choices!r}): give a sequence of at least one non-empty string, "
+            f"e.g. select({name!r}, ['yes', 'no'])"
         )
-    return Select(name, choices)
+    return Select(name, tuple(choices))
 
 
 def _turn(role: Role, parts: Sequence[Part], *, allow_generation: bool) -> Turn:
