@@ -37,6 +37,7 @@ from terse.backend.tokenization import (
 from terse.backend.types import Completion, FinishReason, Message, SamplingParams, TokenScores, Usage
 from terse.errors import ConfigError, InvalidRequestError, ModelLoadError
 
+_BATCH_WINDOW_S = 0.005  # how long the worker waits for more requests before starting a batch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -171,9 +172,11 @@ class HFBackend(BackendBase):
             if first is None:
                 return
             batch = [first]
+            # Callers submit a batch one request at a time; a short window lets it arrive whole.
+            deadline = time.perf_counter() + _BATCH_WINDOW_S
             while len(batch) < self._max_batch_size:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
                 if nxt is None:
