@@ -272,6 +272,7 @@ class LocalEngine(BackendBase):
                 self._wakeup.clear()
                 continue
             self._step()
+        self._drain_inbox()  # requests submitted while closing are failed too, never left hanging
         for request in list(self._requests.values()):
             self._fail(request, BackendUnavailableError("the local engine was closed before this request ended"))
 

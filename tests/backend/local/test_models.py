@@ -13,8 +13,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from terse.backend.local.engine import LocalEngine
-from terse.backend.types import SamplingParams, StreamingKV
-from terse.errors import ConfigError, ModelLoadError
+from terse.backend.types import SamplingParams
+from terse.errors import BackendUnavailableError, ConfigError, ModelLoadError
 from tests.backend.local.helpers import Reference
 
 PROMPT = "Alice works at Acme Corp in Paris; Bob founded Globex in 1998. The quick brown fox jumps over the lazy dog."
@@ -70,8 +70,6 @@ def test_loader_errors(tiny_model_factory: Callable[..., Path], tmp_path: Path) 
         LocalEngine.from_spec(str(variant(src, tmp_path / "nohead", {}, drop=("lm_head.weight",))))
     with pytest.raises(ConfigError, match=r"prefill_attention='sparse' is not a registered prefill path"):
         LocalEngine.from_spec(str(src), prefill_attention="sparse")
-    with pytest.raises(ConfigError, match=r"default_streaming_kv: .*not supported"):
-        LocalEngine.from_spec(str(src), default_streaming_kv=StreamingKV())
 
 
 def test_failed_step_fails_its_requests_only(tiny_model_factory: Callable[..., Path]) -> None:
@@ -93,3 +91,13 @@ def test_failed_step_fails_its_requests_only(tiny_model_factory: Callable[..., P
         assert second.result(timeout=60).usage.completion_tokens == 4
         assert engine.num_failed_steps == 1
         assert engine.allocator.num_free_blocks == engine.num_kv_blocks
+
+
+def test_close_fails_unfinished_requests(tiny_model_factory: Callable[..., Path]) -> None:
+    engine = LocalEngine.from_spec(str(tiny_model_factory("llama")), kv_block_size=4)
+    handle = engine.submit("The quick brown fox", SamplingParams(max_tokens=1000, ignore_eos=True))
+    engine.close()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        handle.result(timeout=60)
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        engine.submit("again", SamplingParams())
