@@ -34,6 +34,8 @@ class PrefillSpan:
     """Tokens with KV after this step (cached + earlier chunks + this chunk)."""
     block_table: list[int]
     """Block ids covering the context: ceil(context_len / block_size) of them."""
+    sparse: bool = False
+    """Attended by the engine's sparse prefill (see sparse_prefill.py), not by the dense paths."""
 
 
 @dataclass
@@ -76,6 +78,8 @@ class AttentionMetadata:
     """Batched form of the spans that read cached KV (see `build_prefill_groups`)."""
     prefill_path: str = "dense"
     use_triton_decode: bool = False
+    sparse_prefill: SparsePrefillFn | None = None
+    """Attends the spans marked `sparse` (set when EngineConfig.sparse_prefill is enabled)."""
 
 
 class PrefillAttention(Protocol):
@@ -90,13 +94,21 @@ class PrefillAttention(Protocol):
     ) -> None: ...
 
 
+class SparsePrefillFn(Protocol):
+    """Writes the rows of `meta.prefills` marked sparse into `out`, for layer `layer_index`."""
+
+    def __call__(
+        self, q: torch.Tensor, layer_kv: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor, layer_index: int
+    ) -> None: ...
+
+
 # A prompt computed from scratch in one chunk at least this long runs alone on the causal (flash) kernel
 # with its fresh K/V; shorter chunks and chunks over cached context are batched through the pool.
 MIN_SOLO_PREFILL_LEN = 256
 
 
 def is_solo_span(span: PrefillSpan) -> bool:
-    return span.context_len == span.q_len and span.q_len >= MIN_SOLO_PREFILL_LEN
+    return span.context_len == span.q_len and span.q_len >= MIN_SOLO_PREFILL_LEN and not span.sparse
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -143,7 +155,7 @@ def build_prefill_groups(
 ) -> list[PrefillGroup]:
     """Pack the non-solo spans, longest context first, into groups of at most `max_key_rows` padded
     keys (N * max_blocks * block_size), and build their index and mask tensors once per step."""
-    todo = sorted((s for s in spans if not is_solo_span(s)), key=lambda s: -s.context_len)
+    todo = sorted((s for s in spans if not is_solo_span(s) and not s.sparse), key=lambda s: -s.context_len)
     groups: list[list[PrefillSpan]] = []
     for span in todo:
         # Sorted by context, so a group's first span sets its padded key length.
@@ -218,7 +230,8 @@ def _decode_fn(meta: AttentionMetadata) -> DecodeFn:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor, meta: AttentionMetadata
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor, meta: AttentionMetadata,
+    layer_index: int = 0,
 ) -> torch.Tensor:
     """q: [T, H, D], k, v: [T, KVH, D] for the step's tokens; layer_kv: [2, NB, bs, KVH, D]
     (mutated: the step's K/V are written in). Returns [T, H, D]."""
@@ -232,4 +245,6 @@ def attend(
     if num_dec:
         out[:num_dec] = _decode_fn(meta)(q[:num_dec], layer_kv, meta.decode_block_tables, meta.decode_context_lens)
     PREFILL_PATHS[meta.prefill_path](q, k, v, layer_kv, meta, out)
+    if meta.sparse_prefill is not None:
+        meta.sparse_prefill(q, layer_kv, meta, out, layer_index)
     return out

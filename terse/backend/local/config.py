@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from terse.backend.local.sparse_prefill import SparsePrefillSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
 
@@ -48,6 +49,8 @@ class EngineConfig:
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     prefill_attention: str = "dense"
     """Name of the prefill attention path (see `terse.backend.local.attention.PREFILL_PATHS`)."""
+    sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
+    """Sparse prefill of long uncached prompt chunks (off by default; see `sparse_prefill.py`)."""
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -74,5 +77,10 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1 or None")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2 or None (model default)")
+        if not isinstance(self.sparse_prefill, SparsePrefillSettings):
+            raise ConfigError(
+                f"sparse_prefill={self.sparse_prefill!r} must be a SparsePrefillSettings, e.g. "
+                f"SparsePrefillSettings(enabled=True)"
+            )
         if not self.prefill_attention:
             raise ConfigError("prefill_attention must name a prefill path, e.g. 'dense'")

@@ -24,6 +24,7 @@ from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence
+from terse.backend.local.sparse_prefill import SparsePrefill
 from terse.backend.local.streaming import apply_sink_rotation
 from terse.backend.sampling import sample_next
 
@@ -46,6 +47,7 @@ class ModelRunner:
         max_model_len: int,
         prefill_path: str = "dense",
         use_triton_decode: bool = False,
+        sparse_prefill: SparsePrefill | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -55,6 +57,7 @@ class ModelRunner:
         self.prefill_path = prefill_path
         self.use_triton_decode = use_triton_decode
         self.graphs: DecodeGraphs | None = None
+        self.sparse_prefill = sparse_prefill
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         self.graphs = DecodeGraphs(self, max_batch_size)
@@ -96,7 +99,9 @@ class ModelRunner:
             slots += self._slots(seq, start, end)
             if is_prefill:
                 kv_end = end - seq.num_dropped_tokens
-                spans.append(PrefillSpan(row0, end - start, kv_end, seq.block_table[: -(-kv_end // self.block_size)]))
+                sparse = self.sparse_prefill is not None and self.sparse_prefill.is_sparse(end - start)
+                table = seq.block_table[: -(-kv_end // self.block_size)]
+                spans.append(PrefillSpan(row0, end - start, kv_end, table, sparse))
             if seq.num_logprob_start is not None:
                 for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
                     score_rows.append((row0 + p - start, seq, seq.token_ids[p + 1]))
@@ -119,6 +124,7 @@ class ModelRunner:
                 prefill_groups=groups,
                 prefill_path=self.prefill_path,
                 use_triton_decode=self.use_triton_decode,
+                sparse_prefill=self.sparse_prefill if any(s.sparse for s in spans) else None,
             )
             hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
         self._score(hidden, score_rows)

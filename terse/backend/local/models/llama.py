@@ -228,7 +228,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attend(q, k, v, kv.layer(self.layer_index), meta)  # [T, H, D]
+        out = attend(q, k, v, kv.layer(self.layer_index), meta, self.layer_index)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
