@@ -33,6 +33,7 @@ from terse.backend.local.requests import Request, validate_prompt
 from terse.backend.local.runner import ModelRunner
 from terse.backend.local.scheduler import Scheduler
 from terse.backend.local.sequence import Sequence as Seq
+from terse.backend.local.sparse_prefill import build_sparse_prefill
 from terse.backend.sampling import make_generator
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
@@ -100,6 +101,9 @@ class LocalEngine(BackendBase):
             max_model_len=self._max_model_len,
             prefill_path=self.config.prefill_attention,
             use_triton_decode=self.device.type == "cuda" and paged_decode_supported(self.config.kv_block_size, model_config.head_dim),
+            sparse_prefill=build_sparse_prefill(
+                self.config.sparse_prefill, parts.model_name, model_config.num_layers, model_config.num_heads
+            ),
         )
         if self.device.type == "cuda" and self.config.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs))
