@@ -115,9 +115,10 @@ class RadixPrefixCache(PrefixCache):
     def _key(self, token_ids: Sequence[int], start: int) -> tuple[int, ...]:
         return tuple(token_ids[start : start + self.block_size])
 
-    def _num_matching_blocks(self, node: RadixNode, token_ids: Sequence[int], start: int) -> int:
+    def _num_matching_blocks(self, node: RadixNode, token_ids: Sequence[int], start: int, end: int) -> int:
+        """Whole blocks of `node` equal to token_ids[start:end]."""
         bs, n = self.block_size, 0
-        limit = min(len(node.token_ids), len(token_ids) - start) // bs
+        limit = min(len(node.token_ids), end - start) // bs
         while n < limit and node.token_ids[n * bs : (n + 1) * bs] == list(token_ids[start + n * bs : start + (n + 1) * bs]):
             n += 1
         return n
@@ -145,7 +146,7 @@ class RadixPrefixCache(PrefixCache):
             child = node.children.get(self._key(token_ids, pos))
             if child is None:
                 break
-            n = self._num_matching_blocks(child, token_ids[:num_full], pos)
+            n = self._num_matching_blocks(child, token_ids, pos, num_full)
             if n * self.block_size < len(child.token_ids):
                 child = self._split(child, n)
             child.last_access = now

@@ -136,12 +136,15 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan, budget: int, scheduled: set[int]) -> int:
+        if budget == 0 or len(self.running) >= self.max_num_seqs or not self.waiting:
+            return budget  # skip ordering the queue (a prefix match per request) when nobody can enter
+        prefilling = [s for s in self.running if s.is_prefilling]
         for seq in self._admission_order():
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             node, cached_blocks = self._match(seq)
             num_cached = len(cached_blocks) * self.block_size
-            if self._should_wait_for_sibling(seq, num_cached):
+            if self._should_wait_for_sibling(seq, num_cached, prefilling):
                 continue
             num_new = min(seq.num_tokens - num_cached, budget)
             if self.prefix_cache is not None and node is not None:
@@ -170,6 +173,8 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.is_prefilling:
+                prefilling.append(seq)
             plan.prefills.append(ScheduledChunk(seq, num_new))
             scheduled.add(seq.seq_id)
             budget -= num_new
@@ -192,9 +197,9 @@ class Scheduler:
         result = self.prefix_cache.match(seq.token_ids[: seq.max_cacheable_prefix_len])
         return result.node, result.block_ids
 
-    def _should_wait_for_sibling(self, seq: Sequence, num_cached: int) -> bool:
-        """True when a running sequence is about to compute more of this one's prefix than the cache
-        holds: waiting a step or two lets this one reuse those blocks instead of computing them too."""
+    def _should_wait_for_sibling(self, seq: Sequence, num_cached: int, prefilling: list[Sequence]) -> bool:
+        """True when a running sequence (of `prefilling`) is about to compute more of this one's prefix
+        than the cache holds: waiting a step or two lets this one reuse those blocks instead."""
         if self.prefix_cache is None:
             return False
         bs = self.block_size
@@ -202,11 +207,10 @@ class Scheduler:
         if start + bs > seq.max_cacheable_prefix_len:
             return False
         next_block = seq.token_ids[start : start + bs]
-        for other in self.running:
+        for other in prefilling:
             # `other` has not computed that block yet (computed blocks are already in the cache).
             if (
-                other.is_prefilling
-                and other.num_computed_tokens < start + bs
+                other.num_computed_tokens < start + bs
                 and other.token_ids[start : start + bs] == next_block
             ):
                 return True
