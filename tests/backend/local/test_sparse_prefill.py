@@ -71,18 +71,21 @@ def test_settings_validate_and_match_the_kernel_default(llama: Path, tmp_path: P
 
 
 def test_full_budget_patterns_match_dense_greedy_with_prefix_hits(llama: Path, tmp_path: Path) -> None:
-    shared = prompt_ids(0, 64)
-    prompts = [shared + prompt_ids(1 + i, 40 + 7 * i) for i in range(3)] + [prompt_ids(9, 10)]
+    shared = prompt_ids(0, 128)
+    prompts = [shared + prompt_ids(1 + i, 100 + 7 * i) for i in range(3)] + [prompt_ids(9, 10)]
     settings = SparsePrefillSettings(
         enabled=True, patterns_path=patterns_file(tmp_path, FULL), min_sparse_q_len=32, backend="torch"
     )
     with make_engine(llama) as dense_eng:
         expected = [c.token_ids for c in dense_eng.generate(prompts, GREEDY)]
+        dense_kv = [prompt_kv(dense_eng, p) for p in prompts[:3]]
     with make_engine(llama, settings) as eng:
         first = eng.generate(prompts[:1], GREEDY)  # publishes the shared prefix
-        rest = eng.generate(prompts[1:], GREEDY)  # 64 cached tokens each: q_len < k_len in the kernels
+        rest = eng.generate(prompts[1:], GREEDY)  # 128 cached tokens each: q_len < k_len in the kernels
         assert [c.token_ids for c in first + rest] == expected
-        assert all(c.usage.cached_prompt_tokens >= 64 for c in rest[:2])
+        for p, kv in zip(prompts[:3], dense_kv):  # every layer: the attention outputs matched dense
+            torch.testing.assert_close(prompt_kv(eng, p), kv, atol=1e-5, rtol=1e-5)
+        assert all(c.usage.cached_prompt_tokens >= 128 for c in rest[:2])
         sparse = eng.runner.sparse_prefill
         assert sparse is not None and sparse.num_sparse_spans == 3  # the 10-token prompt stays dense
 
