@@ -255,3 +255,38 @@ def test_client_disconnect_through_the_proxy_cancels_upstream_generation(tiny_ll
     finally:
         proxy.stop()
         upstream.stop()
+
+
+def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_event(transport: str) -> None:
+    """An upstream that sends one SSE event and then drops the connection: the client gets that event,
+    an OpenAI-shaped error event and [DONE], not a hung or truncated stream."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        conn.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        conn.close()  # mid-body: no terminating chunk
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    proxy = start_proxy(f"http://127.0.0.1:{port}/v1", transport=transport)
+    try:
+        body = {"model": "m", "messages": MESSAGES, "stream": True}
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[0] == event.decode().strip()
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "upstream_unavailable"
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        proxy.stop()
+        listener.close()
+        thread.join(5)
