@@ -326,6 +326,9 @@ class LocalEngine(BackendBase):
 
     def _on_token(self, request: Request, token_id: int) -> None:
         seq = request.seq
+        if seq.params.max_tokens == 0:  # prefill only (e.g. to warm the prefix cache): keep no token
+            self._finish(request, "length")
+            return
         seq.token_ids.append(token_id)
         request.mark_first_token()
         try:

@@ -101,3 +101,12 @@ def test_close_fails_unfinished_requests(tiny_model_factory: Callable[..., Path]
         handle.result(timeout=60)
     with pytest.raises(BackendUnavailableError, match="closed"):
         engine.submit("again", SamplingParams())
+
+
+def test_max_tokens_zero_prefills_and_warms_the_cache(tiny_model_factory: Callable[..., Path]) -> None:
+    with LocalEngine.from_spec(str(tiny_model_factory("llama")), kv_block_size=4) as engine:
+        warm = engine.submit(PROMPT, SamplingParams(max_tokens=0)).result(timeout=60)
+        assert (warm.text, warm.token_ids, warm.finish_reason) == ("", (), "length")
+        assert warm.usage.completion_tokens == 0
+        out = engine.submit(PROMPT + " And then", SamplingParams(max_tokens=2)).result(timeout=60)
+        assert out.usage.cached_prompt_tokens >= (warm.usage.prompt_tokens - 1) // 4 * 4
