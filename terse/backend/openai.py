@@ -180,11 +180,14 @@ class OpenAIBackend(BackendBase):
             return self._tokenizer
 
     # -- plain JSON calls --------------------------------------------------------------------------
-    def _post_json(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", url, payload)
+    def _post_json(self, url: str, payload: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        return self._call("POST", url, payload, request_id)
 
-    def _call(self, method: str, url: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        request = self._client.build_request(method, url, json=payload)
+    def _call(
+        self, method: str, url: str, payload: dict[str, Any] | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"x-request-id": request_id} if request_id else None
+        request = self._client.build_request(method, url, json=payload, headers=headers)
         response = send_with_retries(self._client, request, self.config.retry)
         try:
             response.read()
@@ -249,7 +252,8 @@ class OpenAIBackend(BackendBase):
         self, handle: RequestHandle, url: str, payload: dict[str, Any], chat: bool, t0: float
     ) -> Completion:
         payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        request = self._client.build_request("POST", url, json=payload)
+        # the handle's id travels as x-request-id, so server logs and this process name the same request
+        request = self._client.build_request("POST", url, json=payload, headers={"x-request-id": handle.request_id})
         response = send_with_retries(self._client, request, self.config.retry)
         pieces: list[str] = []
         reason: object = None
@@ -282,7 +286,7 @@ class OpenAIBackend(BackendBase):
     def _run_whole(
         self, handle: RequestHandle, url: str, payload: dict[str, Any], chat: bool, t0: float
     ) -> Completion:
-        body = self._post_json(url, payload)
+        body = self._post_json(url, payload, handle.request_id)
         choice = (body.get("choices") or [{}])[0]
         text = ((choice.get("message") or {}).get("content") if chat else choice.get("text")) or ""
         handle.emit(text)

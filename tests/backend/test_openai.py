@@ -42,6 +42,7 @@ def make_backend(handler: Callable[[httpx.Request], httpx.Response], **options: 
 
 
 def stream_ok(request: httpx.Request) -> httpx.Response:
+    assert request.headers["x-request-id"].startswith("req-")
     body = json.loads(request.content)
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     chat = request.url.path.endswith("chat/completions")
