@@ -337,3 +337,16 @@ def test_cached_prompt_tokens_reach_the_client(client: openai.OpenAI, served: An
     again = client.chat.completions.create(**args)
     assert again.usage is not None and again.usage.prompt_tokens_details is not None
     assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
+
+
+def test_model_without_chat_template_explains_itself(tiny_llama: Path) -> None:
+    backend = load_backend(f"hf:{tiny_llama}")
+    backend.tokenizer.chat_template = None  # type: ignore[attr-defined]
+    server = start_engine_server(backend)
+    try:
+        response = _post(f"{server.url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES}))
+        assert response.status_code == 500 and "chat template" in response.json()["error"]["message"]
+        ok = _post(f"{server.url}/v1/completions", json.dumps({"model": MODEL, "prompt": "The quick", "max_tokens": 2}))
+        assert ok.status_code == 200  # plain completions still work
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ from terse.errors import (
     BackendUnavailableError,
     InvalidRequestError,
     RemoteRequestError,
+    TerseError,
     UnsupportedOperationError,
 )
 
@@ -70,4 +71,6 @@ def api_error_from(e: Exception) -> ApiError:
         return ApiError(504, f"the model server did not answer in time: {e}", code="upstream_timeout")
     if isinstance(e, BackendUnavailableError):
         return ApiError(502, f"the model server is unavailable: {e}", code="upstream_unavailable")
+    if isinstance(e, TerseError):  # raised on purpose, with a message written for the user (no template, ...)
+        return ApiError(500, str(e), code="server_error")
     return ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal_error")
