@@ -232,6 +232,8 @@ class H11Upstream:
             conn.writer.write(data)
             await conn.writer.drain()
             event = await self.next_event(conn)
+            while isinstance(event, h11.InformationalResponse):  # 1xx (none expected: no Expect sent)
+                event = await self.next_event(conn)
         except (ConnectionResetError, BrokenPipeError, h11.RemoteProtocolError) as e:
             if fresh:
                 raise
