@@ -137,7 +137,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         results["kv_pool_mib"] = engine.num_kv_blocks * _bytes_per_block(engine) / 2**20
     finally:
         engine.close()
-    cfg = EngineConfig(**(common | {"max_num_batched_tokens": max(args.window * args.streams, 4096)}))
+    # Recompute prefills `window` tokens per stream per token; cap a step at 64K tokens of activations.
+    cfg = EngineConfig(**(common | {"max_num_batched_tokens": max(args.window, min(args.window * args.streams, 65536))}))
     engine = LocalEngine.from_random(model_config(args.shape, max_len), cfg)
     try:
         results["recompute_tokens_per_s"] = recompute_rate(engine, args.streams, args.window, args.recompute_reps)

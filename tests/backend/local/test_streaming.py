@@ -17,7 +17,8 @@ from terse.backend.local.engine import LocalEngine
 from terse.backend.local.models.llama import rope_inv_freq
 from terse.backend.local.models.loader import read_model_config
 from terse.backend.local.scheduler import StepPlan
-from terse.backend.local.streaming import StreamingKVPolicy
+from terse.backend.local.sequence import Sequence
+from terse.backend.local.streaming import StreamingKVPolicy, place_new_blocks, release_old_blocks
 from terse.backend.types import SamplingParams, StreamingKV
 from terse.errors import InvalidRequestError
 
@@ -68,6 +69,22 @@ def test_policy_counts_and_bound() -> None:
     policy = StreamingKVPolicy(sink_tokens=2, window_tokens=10)
     assert policy.num_sink_blocks(BS) == 1
     assert policy.max_decode_blocks(BS) == 2 * 1 + 3 + 1
+    # The module docstring's example: sinks 4, window 8, first query at position 21 releases b1, b2.
+    diagram = StreamingKVPolicy(sink_tokens=4, window_tokens=8)
+    seq = Sequence(0, list(range(22)), SamplingParams(), max_len=64)
+    seq.num_computed_tokens, seq.block_table = 21, [10, 11, 12, 13, 14, 15]
+    assert diagram.num_releasable_blocks(seq, 1, BS) == 2
+    assert release_old_blocks(seq, diagram, 1, BS) == [11, 12]
+    assert (seq.block_table, seq.num_dropped_tokens) == ([10, 13, 14, 15], 8)
+    assert diagram.num_releasable_blocks(seq, 1, BS) == 0
+    assert diagram.num_blocks_needed(seq, 1, BS) == 1  # the private sink copy; 21 - 8 + 1 tokens fit 4 blocks
+    rotation = place_new_blocks(seq, diagram, [20], BS, released=True)
+    assert rotation is not None and (rotation.src_block_ids, rotation.dst_block_ids, rotation.shift) == ([10], [20], 8)
+    assert (seq.block_table, seq.sink_source_blocks) == ([20, 13, 14, 15], [10])
+    fresh = Sequence(1, [0] * 20, SamplingParams(), max_len=64)
+    for first_query, expected in ((14, 0), (15, 1)):  # releases start at sinks + window + one block = 16 tokens
+        fresh.num_computed_tokens = first_query
+        assert diagram.num_releasable_blocks(fresh, 1, BS) == expected
     with pytest.raises(InvalidRequestError, match="window_tokens=0"):
         StreamingKV(sink_tokens=4, window_tokens=0)
 
