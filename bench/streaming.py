@@ -213,6 +213,40 @@ def print_tables(results: dict[str, Any]) -> None:
             print(f"{name:<28} " + " ".join(f"{p:8.2f}" for p in ppl))
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """KV memory and tokens/s vs tokens generated (streaming, dense, recompute) and perplexity per segment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("speed", "quality") if k in results]
+    fig, axes = plt.subplots(1, len(panels) + ("speed" in results), figsize=(5 * (len(panels) + 1), 3.6))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    if "speed" in results:
+        s = results["speed"]
+        for mode, style in (("streaming", "-o"), ("dense", "-s")):
+            xs = [p["tokens"] for p in s[mode]["points"]]
+            axes[0].plot(xs, [p["kv_mib"] for p in s[mode]["points"]], style, label=mode, ms=3)
+            axes[1].plot(xs, [p["tokens_per_s"] for p in s[mode]["points"]], style, label=mode, ms=3)
+        axes[0].axhline(s["kv_pool_mib"], color="gray", ls=":", label="KV pool")
+        axes[1].axhline(s["recompute_tokens_per_s"], color="red", ls="--", label="window recompute")
+        axes[0].set(xlabel="tokens generated per stream", ylabel="KV MiB in use", title="KV memory")
+        axes[1].set(xlabel="tokens generated per stream", ylabel="decode tokens/s", title="decode speed")
+        axes[0].legend(fontsize=8)
+        axes[1].legend(fontsize=8)
+    if "quality" in results:
+        q = results["quality"]
+        ax = axes[-1]
+        for name, ppl in q["perplexity"].items():
+            ax.plot([(i + 1) * q["segment_tokens"] for i in range(len(ppl))], ppl, "-o", label=name, ms=3)
+        ax.axvline(4096, color="gray", ls=":", label="training length")
+        ax.set(xlabel="token position (segment end)", ylabel="perplexity", title="reference model", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -229,7 +263,12 @@ def main() -> None:
     parser.add_argument("--quality-window", type=int, default=1024)
     parser.add_argument("--segment", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--plot", type=Path, help="write a png of the curves here")
+    parser.add_argument("--replot", type=Path, help="only plot an earlier JSON result (with --plot)")
     args = parser.parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.plot)
+        return
     results: dict[str, Any] = {
         "args": vars(args), "torch": torch.__version__, "platform": platform.platform(),
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
@@ -242,8 +281,10 @@ def main() -> None:
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"streaming_{args.shape}_{args.device}.json"
-    path.write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwrote {path}")
+    if args.plot is not None:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
