@@ -79,7 +79,27 @@ class RequestHandle:
                 return
 
     def __await__(self) -> Generator[Any, None, Completion]:
-        return asyncio.wrap_future(self._future).__await__()
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> Completion:
+        """Await the result. Cancelling the awaiting task cancels the request (never the shared future)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        def wake(_: object) -> None:
+            loop.call_soon_threadsafe(settle)
+
+        self._future.add_done_callback(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return self._future.result()
 
     async def astream(self) -> AsyncIterator[str]:
         """Async iteration over text deltas (from the start)."""

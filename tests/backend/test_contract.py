@@ -84,6 +84,24 @@ def test_handle_streams_replays_and_awaits() -> None:
     assert parts == ["a", "b"] and result.text == "ab"
 
 
+def test_cancelling_an_awaiting_task_cancels_the_request() -> None:
+    cancelled: list[str] = []
+
+    async def scenario() -> RequestHandle:
+        handle = RequestHandle("r4", on_cancel=lambda: cancelled.append("r4"))
+        task = asyncio.ensure_future(handle._wait_async())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return handle
+
+    handle = asyncio.run(scenario())
+    assert cancelled == ["r4"] and not handle.done()
+    handle.finish(_completion("late"))  # the backend can still settle the request normally
+    assert handle.result().text == "late"
+
+
 def test_handle_failure_and_timeout() -> None:
     handle = RequestHandle("r3")
     with pytest.raises(TimeoutError, match="r3"):
