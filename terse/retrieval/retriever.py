@@ -282,8 +282,16 @@ class Retriever:
     # ---- persistence ----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to directory `path` atomically (see persistence.py); returns `path`."""
+        """Write the index to directory `path` atomically (see persistence.py); returns `path`.
+
+        An approximate index whose last recall measurement predates changes is re-measured first, so
+        the manifest records the recall of exactly what is saved.
+        """
         root = Path(path)
+        if self.vectors is not None and self.recall is not None and self.recall.kind == self.vectors.kind and (
+            self.recall.num_vectors != self.vectors.num_vectors
+        ):
+            self.recall, self._num_calibrated = calibrate(self.vectors, self.config.index), self.vectors.num_vectors
         if self._bm25 is None and self.store.num_chunks:
             self._bm25 = BM25Index.build(*self.store.all_texts())
         write_version(root, self._write_files)

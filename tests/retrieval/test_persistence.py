@@ -231,3 +231,14 @@ def test_auto_uses_ivf_for_large_collections_and_reopens(tmp_path: Path) -> None
 
 def _results_for(retriever: Retriever, query: str) -> list[tuple[int, float]]:
     return [(h.chunk_id, round(h.score, 6)) for h in retriever.search(query, 5, "dense")]
+
+
+def test_save_records_the_recall_of_what_it_saves(tmp_path: Path) -> None:
+    docs = [Document(f"d{i}", f"Record {i} mentions town {i % 13} and river {i % 17}.") for i in range(170)]
+    retriever = Retriever(_config(flat_max_vectors=100, num_recall_queries=50), embedder=HashEmbedder())
+    retriever.add_documents(docs[:150])
+    retriever.add_documents(docs[150:])  # +13%: below the 25% that re-measures on add
+    assert retriever.stats().recall.num_vectors == 150  # type: ignore[union-attr]
+    retriever.save(tmp_path / "idx")
+    recall = Retriever.open(tmp_path / "idx", embedder=HashEmbedder()).stats().recall
+    assert recall is not None and recall.kind == "hnsw" and recall.num_vectors == 170
