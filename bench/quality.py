@@ -55,13 +55,13 @@ class Setting:
 SETTINGS = [
     Setting("full"),
     Setting("retrieval-k5", contexts="retrieval", kinds=("single", "multi", "list")),
-    Setting("compress-2x", contexts="compress", rate=0.5, kinds=("single", "multi", "list")),
     Setting("compress-4x", contexts="compress", rate=0.25, kinds=("single", "multi", "list")),
-    Setting("sot", answer="sot", kinds=("list",)),
-    Setting("dag", answer="dag", kinds=("multi",)),
     Setting("local-dense", engine={"prefill_attention": "dense"}),
     Setting("local-sparse-prefill", engine={"prefill_attention": "sparse"}),
     Setting("local-streaming-kv-1k", engine={"prefill_attention": "dense"}, streaming_window=1024),
+    Setting("sot", answer="sot", kinds=("list",)),
+    Setting("dag", answer="dag", kinds=("multi",)),
+    Setting("compress-2x", contexts="compress", rate=0.5, kinds=("single", "multi", "list")),
 ]
 
 
@@ -149,10 +149,17 @@ def load(spec: str, setting: Setting, cache: dict[str, Any]) -> Any:
     import terse
 
     if setting.engine or setting.streaming_window:
+        import torch
+
         model = spec.partition(":")[2]
-        key = f"local:{model}:{sorted(setting.engine.items())}"
+        fields = dict(setting.engine)
+        if not torch.cuda.is_available():
+            # The engine sizes its KV pool as a fraction of free memory; on a shared CPU host give it a
+            # fixed pool instead (65K tokens: ~0.5 GB for the reference model in float32).
+            fields.setdefault("num_kv_blocks", 4096)
+        key = f"local:{model}:{sorted(fields.items())}"
         if key not in cache:
-            cache[key] = terse.load_backend(f"local:{model}", **setting.engine)
+            cache[key] = terse.load_backend(f"local:{model}", **fields)
         return cache[key]
     if spec not in cache:
         cache[spec] = terse.load_backend(spec)
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = results["settings"][setting.name]
         print(f"[quality] {setting.name}: EM {r['exact_match']} tokens {r['prompt_tokens_per_question']}", file=sys.stderr)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))  # after every setting: a long run keeps what it did
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     if args.write_docs:
