@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 from typing import Literal
 
 Split = Literal["train", "validation", "test"]
@@ -56,13 +57,12 @@ class NamePool:
         self._split = split
         self._used: set[str] = set()
 
-    def _draw(self, make: object, key_of: object) -> str:
-        assert callable(make) and callable(key_of)
+    def _draw(self, make: Callable[[], str], key_of: Callable[[str], str]) -> str:
         for _ in range(100_000):
             name = make()
             if name not in self._used and split_of(key_of(name)) == self._split:
                 self._used.add(name)
-                return str(name)
+                return name
         raise RuntimeError(f"name space exhausted for split {self._split!r}")  # pragma: no cover
 
     def last_name(self) -> str:
