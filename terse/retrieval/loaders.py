@@ -81,7 +81,7 @@ def _read_jsonl(file: Path) -> Iterator[Document]:
 def _read_pdf(file: Path) -> str:
     try:
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
+        from pypdf.errors import PyPdfError
     except ImportError as e:
         raise InvalidRequestError(
             f"{str(file)!r} is a PDF; install the pdf extra (pip install 'terse[pdf]') to read it"
@@ -89,5 +89,5 @@ def _read_pdf(file: Path) -> str:
     try:
         reader = PdfReader(str(file))
         return "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, OSError, ValueError) as e:
+    except (PyPdfError, OSError, ValueError) as e:
         raise InvalidRequestError(f"cannot read PDF {str(file)!r}: {e}") from e

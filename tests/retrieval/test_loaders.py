@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,41 @@ def test_missing_path_and_empty_corpus(tmp_path: Path) -> None:
         retriever.add_paths([tmp_path / "empty"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pypdf") is not None, reason="pypdf installed")
-def test_pdf_without_the_extra_names_the_fix(tmp_path: Path) -> None:
+def _minimal_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` in Helvetica, with a correct cross-reference table."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pypdf") is None, reason="needs the pdf extra (pypdf)")
+def test_pdf_text_is_extracted(tmp_path: Path) -> None:
+    (tmp_path / "paper.pdf").write_bytes(_minimal_pdf("The kiln fires at dawn."))
+    (doc,) = load_documents([tmp_path])
+    assert doc.id == "paper.pdf" and "The kiln fires at dawn." in doc.text
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 truncated")
+    with pytest.raises(InvalidRequestError, match="cannot read PDF"):
+        load_documents([tmp_path / "paper.pdf"])
+
+
+def test_pdf_without_the_extra_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pypdf", None)  # import pypdf now raises ImportError
     (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4\n")
     with pytest.raises(InvalidRequestError, match=r"terse\[pdf\]"):
         load_documents([tmp_path / "doc.pdf"])
