@@ -55,8 +55,8 @@ class CompressedMessages(NamedTuple):
     messages: list[Message]
     """A new list; the input is not mutated. Turns compressed to nothing are left out."""
     result: CompressionResult | None
-    """The compression of the movable turns (contexts indexed in conversation order); None when the
-    conversation already fit the budget."""
+    """The compression of the compressible turns: its context i is the i-th compressible message, in
+    conversation order (its spans map into those messages); None when everything already fit."""
 
 
 def compress_messages(
