@@ -238,16 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     model.eval()
-    if device.type == "cuda":
-        model.to(torch.bfloat16)
-    t0 = time.perf_counter()
-    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds)))
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(metrics["exact_match"]), flush=True)
+    # Save before evaluating, so a run cut short during evaluation still leaves its weights.
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
     tok.padding_side = "right"
     tok.save_pretrained(args.out)
+    t0 = time.perf_counter()
+    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds)))
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(metrics["exact_match"]), flush=True)
     (args.out / "README.md").write_text(model_card(args, model, log, metrics))
     (args.out / "train_log.json").write_text(json.dumps({"log": log, "validation": metrics}, indent=1))
     return 0
