@@ -261,3 +261,17 @@ def test_reference_model_demo_defaults(synth: tuple[Path, Path], tmp_path: Path)
     summary = DocQAJob(config, paths).run()
     assert summary.num_answered == summary.num_questions and summary.accuracy is not None
     assert summary.prompt_tokens < summary.original_prompt_tokens
+
+
+def test_demo_runs_the_bundled_sample_and_prints_the_table(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "demo"
+    argv = ["demo", "--out-dir", str(out_dir), "--backend", f"hf:{tiny_llama}", "--limit", "2",
+            "--max-tokens", "4", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "terse docqa" in printed and "tokens saved" in printed and "accuracy (exact match)" in printed
+    assert len(read_jsonl(out_dir / "answers.jsonl")) == 2
+    assert main(argv) == 0  # a rerun resumes: nothing left to answer
+    assert "0 this run" in capsys.readouterr().out
