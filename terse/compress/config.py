@@ -120,6 +120,9 @@ class CompressorConfig:
     token_pruner: TokenPrunerName | None = "iterative"
     """Token-level stage: "iterative" (segments conditioned on question + kept text, prefix reused),
     "parallel" (all segments conditioned on the question in one batched call), or None (off)."""
+    keep_question_terms: bool = True
+    """Token stage: rank words that share a term with the question (names, key nouns) above all others;
+    conditioned on the question they look predictable, yet they are what ties a context to it."""
     segment_tokens: int = 128
     """Scorer tokens per segment of the token-level stage."""
     max_prefix_tokens: int = 1024

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 from terse.backend.base import Backend
 from terse.compress.plan import DocPlan, Stage, StageEnv
+from terse.compress.rankers import terms
 from terse.compress.scoring import keys_for_segment, segment_bounds, word_stats
 from terse.compress.words import Span, join_words
 from terse.errors import ConfigError
 
 _MIN_RATIO = 0.02
 _BATCH = 8  # segments per score() call in the parallel pruner
+_QUESTION_TERM_BONUS = 100.0  # nats: above any real surprisal
 
 
 @dataclass
@@ -44,6 +46,13 @@ class _Candidates:
     spans: list[Span]  # span of each candidate word in `text`
     protected: list[bool]
     ratio: float  # share of the candidates' tokens to keep
+    boosted: list[bool]  # words sharing a term with the question: ranked before all others
+
+
+def _boost(surprisal: list[float], boosted: Sequence[bool]) -> list[float]:
+    """Question-conditioned surprisal is low exactly on words the question already names (its entity,
+    say), which are the words worth keeping most; those words are ranked first instead."""
+    return [s + _QUESTION_TERM_BONUS if b else s for s, b in zip(surprisal, boosted)]
 
 
 def _candidates(plan: DocPlan, env: StageEnv) -> _Candidates | None:
@@ -54,7 +63,10 @@ def _candidates(plan: DocPlan, env: StageEnv) -> _Candidates | None:
     num_tokens = env.count_tokens(text)
     ratio = min(1.0, plan.keep_ratio * plan.num_tokens / max(1, num_tokens))
     protected = [plan.protected(w) for w in ids]
-    return _Candidates(plan, ids, text, [Span(a, b) for a, b in out], protected, ratio)
+    question_terms = set(terms(env.question)) if env.config.keep_question_terms else set()
+    boosted = [bool(question_terms.intersection(terms(plan.text[plan.words[w].start : plan.words[w].end])))
+               for w in ids]
+    return _Candidates(plan, ids, text, [Span(a, b) for a, b in out], protected, ratio, boosted)
 
 
 def _window_plan(scorer: Backend, question_block: str, segment_tokens: int, cap: int) -> tuple[int, int]:
@@ -107,7 +119,8 @@ class IterativePruner:
             stats = word_stats(scores, local)
             seg_tokens = sum(stats.num_tokens)
             ratio = min(1.0, max(_MIN_RATIO, (planned - kept_tokens) / max(1.0, num_total - num_done)))
-            seg_keys = keys_for_segment(stats.surprisal, stats.num_tokens, cands.protected[first:last], ratio)
+            surprisal = _boost(stats.surprisal, cands.boosted[first:last])
+            seg_keys = keys_for_segment(surprisal, stats.num_tokens, cands.protected[first:last], ratio)
             for j, key in enumerate(seg_keys):
                 keys[first + j] = key
                 if key < 1.0 or cands.protected[first + j]:
@@ -155,7 +168,8 @@ class ParallelPruner:
             for (cands, first, last), ts in zip(batch, scorer.score(texts, prefix=block)):
                 base = cands.spans[first].start
                 stats = word_stats(ts, [Span(a - base, b - base) for a, b in cands.spans[first:last]])
-                seg_keys = keys_for_segment(stats.surprisal, stats.num_tokens, cands.protected[first:last], cands.ratio)
+                surprisal = _boost(stats.surprisal, cands.boosted[first:last])
+                seg_keys = keys_for_segment(surprisal, stats.num_tokens, cands.protected[first:last], cands.ratio)
                 keys = all_keys.setdefault(id(cands), [math.inf] * len(cands.word_ids))
                 keys[first:last] = seg_keys
         for cands in {id(c): c for c, _, _ in jobs}.values():

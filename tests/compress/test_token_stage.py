@@ -123,3 +123,15 @@ def test_iterative_prefixes_hit_the_local_engines_prefix_cache(tiny_llama: objec
         assert engine.stats["num_cached_tokens"] - before > 0  # type: ignore[attr-defined]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("pruner", ["iterative", "parallel"])
+def test_words_the_question_names_are_ranked_first(pruner: str) -> None:
+    question = "What happened to low7b and low30c?"
+    for keep_terms in (True, False):
+        config = CompressorConfig(ranker=None, sentence_ranker=None, token_pruner=pruner, segment_tokens=16,
+                                  keep_question_terms=keep_terms)
+        result = PromptCompressor(WordScorer(), config=config).compress(TEXT, question=question, budget=Budget(
+            target_tokens=60 + len(question.split())))
+        kept = words_of(result.contexts[0])
+        assert ("low7b" in kept and "low30c" in kept) == keep_terms
