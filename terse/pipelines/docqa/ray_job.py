@@ -15,6 +15,8 @@ Needs the `ray` extra (`pip install 'terse[ray]'`).
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +103,20 @@ def question_from_json(data: dict[str, Any]) -> QuestionRecord:
 
 
 def ensure_ray(options: RayOptions) -> Any:
-    """Connect to (or start) the cluster unless this process already did."""
+    """Connect to (or start) the cluster unless this process already did.
+
+    A local cluster gets at least two logical CPUs more than the actors reserve: Ray Data's read and
+    output tasks need CPU slots beside the actor pool, and without them a run on a small machine stalls.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+        if options.address is None:
+            reserved = math.ceil(options.num_actors * options.num_cpus_per_actor)
+            num_cpus = max(os.cpu_count() or 1, reserved + 2)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     return ray
 
 
