@@ -105,12 +105,18 @@ class DocQAJob:
                 on_start(len(pending))
             run_batches = batch_fn or self.local_batches
             batches = run_batches(pending, corpus, index_dir) if pending else iter(())
-            written, latencies, stopped = self._consume(batches,
-                                                        answers, failures, progress)
-            failed_ids = {str(r["id"]) for r in failures.records}
+            try:
+                written, latencies, stopped = self._consume(batches, answers, failures, progress)
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:  # a stopped run releases its backend now, not at collection
+                    close()
+            # totals cover this questions file only (an answers file may hold other ids)
+            question_ids = {q.id for q in questions}
+            failed_ids = {str(r["id"]) for r in failures.records} & question_ids
             summary = summarize(
                 len(questions),
-                [AnswerRecord.from_json(r) for r in answers.records],
+                [AnswerRecord.from_json(r) for r in answers.records if str(r["id"]) in question_ids],
                 failed_ids,
                 written,
                 latencies,
