@@ -224,13 +224,13 @@ def test_kill_9_mid_run_then_rerun_answers_each_question_once(
 ) -> None:
     docs, questions = synth
     base = read_jsonl(questions)
-    many = [{**q, "id": f"{q['id']}-{i}"} for i in range(8) for q in base]  # 48 questions
+    many = [{**q, "id": f"{q['id']}-{i}"} for i in range(5) for q in base]  # 30 questions
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in many), encoding="utf-8")
     out = tmp_path / "answers.jsonl"
     argv = ["docqa", "--docs", str(docs), "--questions", str(qfile), "--out", str(out),
             "--backend", f"hf:{tiny_llama}", "--no-retrieval", "--no-compression", "--batch-size", "1",
-            "--max-tokens", "24", "--no-progress"]
+            "--max-tokens", "16", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "terse.pipelines.cli", *argv], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
