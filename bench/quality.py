@@ -188,10 +188,11 @@ def write_docs(results: dict[str, Any], command: str) -> None:
     heading = "## Quality: synthetic doc-QA with the reference model"
     section = (
         f"{heading}\n\nCommand: `{command}`\n\nHardware: {results['hardware']}; {results['versions']}.\n"
-        f"Backend: `{results['backend']}`; test split, {results['num_worlds']} worlds, greedy decoding; EM is "
+        f"Backend: `{results['backend']}`; test split, {results['num_worlds']} world(s), greedy decoding; EM is "
         "exact match after case/whitespace/period normalisation (list answers: the item set; SoT: every item "
         "present in the merged answer); (n) = questions. Raw numbers: `bench/results/quality.json`.\n\n"
         f"{markdown(results)}\n"
+        + (f"\n{results['note']}\n" if results.get("note") else "")
     )
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if heading in text:
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--needle-lengths", default="512,1024,2048,4096")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--note", default="", help="a remark printed under the table in docs/benchmarks.md")
     args = parser.parse_args(argv)
     import torch
     import transformers
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "backend": args.backend, "num_worlds": args.worlds, "hardware": device,
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}", "settings": {},
+        "note": args.note,
     }
     cache: dict[str, Any] = {}
     for setting in SETTINGS:
