@@ -1,7 +1,6 @@
 """Train terse's reference model: a small Llama on the synthetic doc-QA world, within a time budget.
 
-    PYTHONPATH=. python3 bench/train_reference.py --out DIR --tokenizer terse/models/reference \
-        --train-seconds 420
+    PYTHONPATH=. python3 bench/train_reference.py --out DIR --train-seconds 420
 
 Data is generated on CPU worker processes while the GPU trains (train-split worlds only); the loss is
 on assistant tokens (plain-text examples: all tokens), averaged per example. The learning rate follows
@@ -30,9 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from bench.refmodel_data import ANSWER_WEIGHT, LM_WEIGHT, Tokenized, _init_worker, batches, tokenized_world
+from bench.refmodel_data import (
+    ANSWER_WEIGHT,
+    LM_WEIGHT,
+    Tokenized,
+    _init_worker,
+    batches,
+    build_tokenizer,
+    tokenized_world,
+)
 from bench.refmodel_eval import evaluate
 from terse.synth.dataset import SplitConfig, build_split
+from terse.synth.examples import CHARS_PER_TOKEN
 
 SIZES: dict[str, dict[str, Any]] = {
     # ~7.6M parameters, 14.5 MiB in bf16 (tied embeddings); head_dim 64 suits attention kernels.
@@ -207,7 +215,8 @@ in tokens. Test-split numbers through terse's layers are in the project's docs/b
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tokenizer", default="terse/models/reference", help="directory of the trained tokenizer")
+    p.add_argument("--tokenizer", default="new",
+                   help="directory of a trained tokenizer, or 'new' to train one into --out first")
     p.add_argument("--size", choices=sorted(SIZES), default="reference")
     p.add_argument("--train-seconds", type=float, default=420.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM loss on prompt tokens")
     p.add_argument("--max-len", type=int, default=4096, help="longest training example in tokens")
+    p.add_argument("--isolate-spaces", action="store_true", help="new tokenizer: every space its own token")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = p.parse_args(argv)
 
@@ -228,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tokenizer == "new":
+        build_tokenizer(args.out, isolate_spaces=args.isolate_spaces)
+        args.tokenizer = str(args.out)
     examples = example_stream(args.tokenizer, args.workers, args.first_world, args.max_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "right"
     tok.save_pretrained(args.out)
     t0 = time.perf_counter()
-    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds)))
+    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds, chars_per_token=CHARS_PER_TOKEN)))
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(metrics["exact_match"]), flush=True)
     (args.out / "README.md").write_text(model_card(args, model, log, metrics))
