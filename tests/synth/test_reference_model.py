@@ -71,8 +71,8 @@ def test_greedy_output_follows_the_shared_formats(model_and_tokenizer: tuple[Any
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped weights come from a run with an answer-only loss that never learned to copy from "
-    "documents (model card, 'Known problem'); retrain with bench/train_reference.py",
+    reason="the shipped weights never learned to copy answers out of documents (model card, 'Known "
+    "problem'); retrain with bench/train_reference.py and drop this marker",
 )
 def test_answers_test_questions_from_their_gold_documents(model_and_tokenizer: tuple[Any, Any], data: Any) -> None:
     model, tok = model_and_tokenizer
