@@ -16,3 +16,23 @@ def hf_backend(tiny_llama: Path) -> Iterator[Backend]:
     backend = terse.load_backend(f"hf:{tiny_llama}")
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session", params=["hf", "openai"])
+def organize_backend(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Backend]:
+    """SoT and DAG run on plain transformers and over HTTP: the OpenAI-compatible backend talking to a
+    real `terse serve` in front of terse's engine (same tiny weights)."""
+    if request.param == "hf":
+        backend = terse.load_backend(f"hf:{tiny_llama}")
+        yield backend
+        backend.close()
+        return
+    from terse.pipelines.server import ServerConfig, ServerThread, engine_app
+
+    engine = terse.load_backend(f"local:{tiny_llama}")
+    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=("tiny",)))).start()
+    remote = terse.load_backend(f"openai:{server.url}/v1#tiny", api_key="unused")
+    yield remote
+    remote.close()
+    server.stop()
+    engine.close()

@@ -54,10 +54,10 @@ def test_config_is_validated() -> None:
 
 
 # -- execution ----------------------------------------------------------------------------------------
-def test_expand_runs_every_point_and_merges_in_order(hf_backend: Backend) -> None:
-    result = SkeletonOfThought(hf_backend, CONFIG).expand("How to bake bread?", DOCS, POINTS)
-    prompts = [hf_backend.render_chat(c) for c in point_conversations("How to bake bread?", DOCS, POINTS)]
-    expected = [hf_backend.generate([p], SHORT)[0] for p in prompts]  # one at a time, greedy
+def test_expand_runs_every_point_and_merges_in_order(organize_backend: Backend) -> None:
+    result = SkeletonOfThought(organize_backend, CONFIG).expand("How to bake bread?", DOCS, POINTS)
+    prompts = [organize_backend.render_chat(c) for c in point_conversations("How to bake bread?", DOCS, POINTS)]
+    expected = [organize_backend.generate([p], SHORT)[0] for p in prompts]  # one at a time, greedy
     assert result.mode == "sot" and result.reason == "given skeleton"
     assert [p.point for p in result.points] == POINTS
     assert [p.completion.token_ids for p in result.points] == [c.token_ids for c in expected]
@@ -69,8 +69,8 @@ def test_expand_runs_every_point_and_merges_in_order(hf_backend: Backend) -> Non
     assert 0 < result.critical_path_s <= result.sequential_s + 1e-9
 
 
-def test_stream_yields_points_in_order_then_the_result(hf_backend: Backend) -> None:
-    sot = SkeletonOfThought(hf_backend, CONFIG)
+def test_stream_yields_points_in_order_then_the_result(organize_backend: Backend) -> None:
+    sot = SkeletonOfThought(organize_backend, CONFIG)
     stream = sot.stream("How to bake bread?", DOCS, POINTS)  # the random model writes no skeleton
     seen = [p.index for p in stream]
     assert seen == [0, 1, 2]
@@ -79,12 +79,12 @@ def test_stream_yields_points_in_order_then_the_result(hf_backend: Backend) -> N
         iter(stream)
 
 
-def test_unparsable_skeleton_falls_back_to_the_direct_answer(hf_backend: Backend) -> None:
+def test_unparsable_skeleton_falls_back_to_the_direct_answer(organize_backend: Backend) -> None:
     config = SoTConfig(skeleton_params=SHORT, point_params=SHORT, direct_params=SHORT, router="always-sot")
-    result = SkeletonOfThought(hf_backend, config).run("What are the steps to bake bread?", DOCS)
+    result = SkeletonOfThought(organize_backend, config).run("What are the steps to bake bread?", DOCS)
     question = "What are the steps to bake bread?"
-    skeleton = hf_backend.generate([hf_backend.render_chat(skeleton_messages(question, DOCS))], SHORT)[0]
-    direct = hf_backend.generate([hf_backend.render_chat(qa_messages(question, DOCS))], SHORT)[0]
+    skeleton = organize_backend.generate([organize_backend.render_chat(skeleton_messages(question, DOCS))], SHORT)[0]
+    direct = organize_backend.generate([organize_backend.render_chat(qa_messages(question, DOCS))], SHORT)[0]
     assert result.skeleton_text == skeleton.text  # six random tokens never form two numbered points
     assert result.mode == "direct"
     assert "fixed: sot; skeleton did not parse" in result.reason
@@ -94,20 +94,20 @@ def test_unparsable_skeleton_falls_back_to_the_direct_answer(hf_backend: Backend
     assert result.usage.completion_tokens == skeleton.usage.completion_tokens + direct.usage.completion_tokens
 
 
-def test_router_direct_skips_the_skeleton(hf_backend: Backend) -> None:
-    result = SkeletonOfThought(hf_backend, CONFIG).run("Who founded Globex?")
+def test_router_direct_skips_the_skeleton(organize_backend: Backend) -> None:
+    result = SkeletonOfThought(organize_backend, CONFIG).run("Who founded Globex?")
     assert result.mode == "direct" and result.reason == "rule: asks for a single fact"
     assert [s.name for s in result.stages] == ["direct"]
     assert result.skeleton_text == ""
 
 
-def test_expand_needs_points(hf_backend: Backend) -> None:
+def test_expand_needs_points(organize_backend: Backend) -> None:
     with pytest.raises(InvalidRequestError, match="points=\\(\\) is empty"):
-        SkeletonOfThought(hf_backend, CONFIG).expand("How?", (), [])
+        SkeletonOfThought(organize_backend, CONFIG).expand("How?", (), [])
 
 
-def test_abandoned_stream_cancels_the_rest_and_has_no_result(hf_backend: Backend) -> None:
-    stream = SkeletonOfThought(hf_backend, CONFIG).stream("How to bake bread?", DOCS, POINTS)
+def test_abandoned_stream_cancels_the_rest_and_has_no_result(organize_backend: Backend) -> None:
+    stream = SkeletonOfThought(organize_backend, CONFIG).stream("How to bake bread?", DOCS, POINTS)
     iterator = iter(stream)
     first = next(iterator)
     assert first.index == 0 and first.point == "Mix the dough"

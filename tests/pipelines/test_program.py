@@ -29,17 +29,28 @@ from terse.pipelines.program import (
     system,
     user,
 )
+from terse.pipelines.server import ServerConfig, ServerThread, engine_app
 
 P = SamplingParams(max_tokens=5)
 SYS: Message = {"role": "system", "content": "Be brief."}
 
 
-@pytest.fixture(scope="module", params=["hf", "local"])
+@pytest.fixture(scope="module", params=["hf", "local", "openai"])
 def backend(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Backend]:
-    """Every test runs on plain transformers and on terse's engine (same tiny weights)."""
-    b = terse.load_backend(f"{request.param}:{tiny_llama}")
-    yield b
-    b.close()
+    """Every test runs on plain transformers, on terse's engine, and over HTTP: the OpenAI-compatible
+    backend talking to a real `terse serve` in front of the engine (same tiny weights throughout)."""
+    if request.param != "openai":
+        b = terse.load_backend(f"{request.param}:{tiny_llama}")
+        yield b
+        b.close()
+        return
+    engine = terse.load_backend(f"local:{tiny_llama}")
+    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=("tiny",)))).start()
+    remote = terse.load_backend(f"openai:{server.url}/v1#tiny", api_key="unused")
+    yield remote
+    remote.close()
+    server.stop()
+    engine.close()
 
 
 def _gen(backend: Backend, prompt: str, params: SamplingParams = P) -> str:
