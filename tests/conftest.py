@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny_models import build_tiny_model  # noqa: E402
+from tests.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="session")
