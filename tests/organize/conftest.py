@@ -9,6 +9,7 @@ import pytest
 
 import terse
 from terse.backend.base import Backend
+from tests.conftest import backend_over_http
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +28,5 @@ def organize_backend(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterat
         yield backend
         backend.close()
         return
-    from terse.pipelines.server import ServerConfig, ServerThread, engine_app
-
-    engine = terse.load_backend(f"local:{tiny_llama}")
-    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=("tiny",)))).start()
-    remote = terse.load_backend(f"openai:{server.url}/v1#tiny", api_key="unused")
-    yield remote
-    remote.close()
-    server.stop()
-    engine.close()
+    with backend_over_http(tiny_llama) as remote:
+        yield remote

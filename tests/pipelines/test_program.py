@@ -29,7 +29,7 @@ from terse.pipelines.program import (
     system,
     user,
 )
-from terse.pipelines.server import ServerConfig, ServerThread, engine_app
+from tests.conftest import backend_over_http
 
 P = SamplingParams(max_tokens=5)
 SYS: Message = {"role": "system", "content": "Be brief."}
@@ -44,13 +44,8 @@ def backend(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[Backen
         yield b
         b.close()
         return
-    engine = terse.load_backend(f"local:{tiny_llama}")
-    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=("tiny",)))).start()
-    remote = terse.load_backend(f"openai:{server.url}/v1#tiny", api_key="unused")
-    yield remote
-    remote.close()
-    server.stop()
-    engine.close()
+    with backend_over_http(tiny_llama) as remote:
+        yield remote
 
 
 def _gen(backend: Backend, prompt: str, params: SamplingParams = P) -> str:
