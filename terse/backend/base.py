@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -57,22 +58,24 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class BackendBase:
+class BackendBase(ABC):
     """Shared plumbing for implementations: `generate()` over `submit()`, context management.
 
     Subclasses implement `submit`, `score`, `render_chat`, `encode`, `decode`, `close` and the two
     properties; they inherit a `generate()` that submits all prompts first, then waits for all.
     """
 
+    @abstractmethod
     def submit(self, prompt: str | Sequence[int], params: SamplingParams) -> RequestHandle:
-        raise NotImplementedError  # abstract: every concrete backend defines it
+        """Validate and enqueue one request (see the module docstring)."""
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> list[Completion]:
         handles = [self.submit(p, params) for p in prompts]
         return [h.result() for h in handles]
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError  # abstract: every concrete backend defines it
+        """Token ids of `text` in the model's tokenizer, no special tokens added."""
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))

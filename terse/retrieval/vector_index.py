@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import faiss as _faiss
 import numpy as np
 
+from terse.errors import UnsupportedOperationError
 from terse.retrieval.config import IndexConfig
 
 # faiss' bundled SWIG stubs omit the numpy overloads (add_with_ids(x, ids), remove_ids(array),
@@ -99,7 +100,9 @@ class VectorIndex(ABC):
 
     def set_knob(self, value: int) -> None:
         """Set the search knob (only for approximate kinds)."""
-        raise NotImplementedError(f"{self.kind} index has no search knob")
+        raise UnsupportedOperationError(
+            f"a {self.kind} index searches exactly and has no search knob; use an 'hnsw' or 'ivf' index"
+        )
 
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
