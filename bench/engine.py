@@ -39,8 +39,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(shape: str, max_len: int = 8192) -> ModelConfig:
-    s = SHAPES[shape]
+def model_config(shape: str, max_len: int = 8192, shapes: dict[str, dict[str, Any]] = SHAPES) -> ModelConfig:
+    """A Llama model config of one of `shapes` (the other GPU benchmarks share these shapes)."""
+    s = shapes[shape]
     return ModelConfig(
         architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_scaling=None, max_position_embeddings=max_len,
         attention_bias=False, qk_norm=False, mlp_bias=False, tie_word_embeddings=False, sliding_window=None,

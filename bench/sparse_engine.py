@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine import SHAPES as ENGINE_SHAPES
+from engine import model_config as engine_model_config
 
 from terse.backend.local.config import EngineConfig
 from terse.backend.local.engine import LocalEngine
@@ -32,20 +34,15 @@ from terse.backend.local.models.llama import ModelConfig
 from terse.backend.local.sparse_prefill import DEFAULT_MIN_SPARSE_Q_LEN, SparsePrefillSettings
 from terse.backend.types import SamplingParams
 
+# The engine benchmark's shapes, with a head dim the Triton sparse kernels take (64) for the tiny one.
 SHAPES: dict[str, dict[str, Any]] = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-               head_dim=128, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
-                 head_dim=64, vocab_size=4096, rope_theta=500000.0),
+    "8b": ENGINE_SHAPES["8b"],
+    "tiny": dict(ENGINE_SHAPES["tiny"], head_dim=64, rope_theta=500000.0),
 }
 
 
 def model_config(shape: str, max_len: int) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_scaling=None, max_position_embeddings=max_len,
-        attention_bias=False, qk_norm=False, mlp_bias=False, tie_word_embeddings=False, sliding_window=None,
-        bos_token_id=None, eos_token_ids=(), **SHAPES[shape],
-    )
+    return engine_model_config(shape, max_len, shapes=SHAPES)
 
 
 def prefill_seconds(engine: LocalEngine, prompt: list[int], num_reps: int) -> list[float]:

@@ -29,32 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine import SHAPES, model_config
 
 from terse.backend.local.config import EngineConfig
 from terse.backend.local.engine import LocalEngine
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.kv_policy import policy_for
-from terse.backend.local.models.llama import ModelConfig
 from terse.backend.local.requests import Request
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence as Seq
 from terse.backend.types import SamplingParams, StreamingKV
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-               head_dim=128, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
-                 head_dim=32, vocab_size=4096, rope_theta=10000.0),
-}
 PROMPT_LEN = 32
-
-
-def model_config(shape: str, max_len: int) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_scaling=None, max_position_embeddings=max_len,
-        attention_bias=False, qk_norm=False, mlp_bias=False, tie_word_embeddings=False, sliding_window=None,
-        bos_token_id=None, eos_token_ids=(), **SHAPES[shape],
-    )
 
 
 def record_steps(engine: LocalEngine) -> list[tuple[float, int, int]]:
