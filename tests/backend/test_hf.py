@@ -91,9 +91,12 @@ def test_stop_strings_deltas_and_seeds(backend: HFBackend) -> None:
 
 
 def test_cancel_and_bad_input_keep_serving(backend: HFBackend) -> None:
-    long = backend.submit("Alice", SamplingParams(max_tokens=200, ignore_eos=True))
+    long = backend.submit("Alice", SamplingParams(max_tokens=1500, ignore_eos=True))
+    next(iter(long))  # generation is under way
     long.cancel()
-    assert long.result(timeout=60).finish_reason in ("abort", "length")
+    cancelled = long.result(timeout=60)
+    assert cancelled.finish_reason == "abort"
+    assert 0 < cancelled.usage.completion_tokens < 1500
     with pytest.raises(InvalidRequestError, match="empty"):
         backend.submit("", SamplingParams())
     with pytest.raises(InvalidRequestError, match="at most"):
