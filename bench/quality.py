@@ -62,6 +62,7 @@ SETTINGS = [
     Setting("sot", answer="sot", kinds=("list",)),
     Setting("dag", answer="dag", kinds=("multi",)),
     Setting("compress-2x", contexts="compress", rate=0.5, kinds=("single", "multi", "list")),
+    Setting("compress-8x", contexts="compress", rate=0.125, kinds=("single", "multi", "list")),
 ]
 
 

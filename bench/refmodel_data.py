@@ -80,13 +80,44 @@ def tokenize_example(tok: object, e: Example) -> Tokenized:
     return Tokenized(ids, weights, e.kind)
 
 
-def tokenized_world(world_index: int, max_len: int = 4096) -> list[Tokenized]:
+def copy_example(tok: object, rng: random.Random, max_tokens: int) -> Tokenized:
+    """BOS, 8..~max_tokens/3 random tokens, EOS, the same tokens again (trained, answer tag).
+
+    Pure repetition of meaningless tokens: the signal that forms induction (copying) heads soonest,
+    which every doc-QA answer then reuses.
+    """
+    vocab = len(tok)  # type: ignore[arg-type]
+    specials = set(tok.all_special_ids)  # type: ignore[attr-defined]
+    n = rng.randint(8, max(8, min(200, max_tokens // 3)))
+    seq = []
+    while len(seq) < n:
+        t = rng.randrange(vocab)
+        if t not in specials:
+            seq.append(t)
+    ids = np.asarray([tok.bos_token_id, *seq, tok.eos_token_id, *seq], dtype=np.int32)  # type: ignore[attr-defined]
+    weights = np.full(len(ids), LM_WEIGHT, dtype=np.float32)
+    weights[: n + 2] = 0.0  # BOS, the first copy and EOS are unpredictable noise
+    weights[n + 2 :] = ANSWER_WEIGHT
+    return Tokenized(ids, weights, "copy")
+
+
+def tokenized_world(
+    world_index: int, max_len: int = 4096, max_context_tokens: int = 3000, num_recall: int = 0, num_copy: int = 0
+) -> list[Tokenized]:
+    """Tokenized examples of train world `world_index` (see `world_examples`), plus `num_copy` random
+    copy examples; examples longer than `max_len` tokens are dropped."""
     assert _TOKENIZER is not None, "call _init_worker first"
     out = []
-    for e in world_examples(world_index):
+    examples = world_examples(
+        world_index, max_context_tokens=max_context_tokens, max_needle_tokens=min(4000, max_context_tokens + 1000),
+        num_recall=num_recall,
+    )
+    for e in examples:
         t = tokenize_example(_TOKENIZER, e)
         if len(t.token_ids) <= max_len:
             out.append(t)
+    rng = random.Random(f"copy:{world_index}")
+    out += [copy_example(_TOKENIZER, rng, max_context_tokens) for _ in range(num_copy)]
     return out
 
 

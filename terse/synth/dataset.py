@@ -32,8 +32,9 @@ class SplitConfig:
     """Relative positions of the planted fact in the haystack, each in [0, 1]."""
     context_tokens: int = 2048
     """Approximate length of a question's full context (gold documents among distractors)."""
-    chars_per_token: float = 4.0
-    """Characters per token used to turn token targets into text lengths (the reference tokenizer: ~4)."""
+    chars_per_token: float = 2.8
+    """Characters per token used to turn token targets into text lengths (the reference tokenizer, which
+    gives every space its own token: ~2.8)."""
     world: WorldConfig = field(default_factory=WorldConfig)
     """Size of each world."""
 

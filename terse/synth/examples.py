@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from terse.organize import formats
 from terse.synth.dataset import SplitConfig, world_split
+from terse.synth.names import Split
 from terse.synth.questions import Question, needle_document
 from terse.synth.render import Document
 from terse.synth.tokenizer import render_chat
@@ -33,9 +34,9 @@ class Example:
 
 Context = tuple[str, str]
 
-CHARS_PER_TOKEN = 4.0
-"""Characters per token of the reference tokenizer on generated text (measured 4.27; 2.76 when trained
-with `isolate_spaces=True`)."""
+CHARS_PER_TOKEN = 2.8
+"""Characters per token of the reference tokenizer on generated text (it isolates spaces: measured 2.76;
+4.27 for a tokenizer trained without `isolate_spaces`)."""
 
 
 def _contexts(docs: Sequence[Document], gold_ids: Sequence[str], rng: random.Random, target_chars: int) -> list[Context]:
@@ -54,10 +55,11 @@ def _contexts(docs: Sequence[Document], gold_ids: Sequence[str], rng: random.Ran
     return [(i, by_id[i].text) for i in chosen]
 
 
-def _context_chars(rng: random.Random) -> int:
-    # Log-uniform 100..3000 tokens: short contexts (often the gold documents and one or two
+def _context_chars(rng: random.Random, max_tokens: int) -> int:
+    # Log-uniform 100..max_tokens: short contexts (often the gold documents and one or two
     # distractors) make the lookup easy to learn and give many cheap examples.
-    return round(CHARS_PER_TOKEN * 100 * (30 ** rng.random()))
+    low = min(100, max_tokens)
+    return round(CHARS_PER_TOKEN * low * ((max_tokens / low) ** rng.random()))
 
 
 def _chunked(contexts: list[Context], gold_ids: set[str], answer_words: set[str], rng: random.Random) -> list[Context]:
@@ -109,9 +111,10 @@ def _qa(question: str, contexts: Sequence[Context], answer: str, kind: str) -> E
     return Example(render_chat(list(formats.qa_messages(question, contexts))), answer, kind)  # type: ignore[arg-type]
 
 
-def qa_examples(q: Question, docs: Sequence[Document], rng: random.Random) -> list[Example]:
-    """One doc-QA example for `q` with a full, chunked or compressed context (plus organize steps)."""
-    contexts = _contexts(docs, q.doc_ids, rng, _context_chars(rng))
+def qa_examples(q: Question, docs: Sequence[Document], rng: random.Random, max_tokens: int = 3000) -> list[Example]:
+    """One doc-QA example for `q` with a full, chunked or compressed context of at most about
+    `max_tokens` (plus organize steps)."""
+    contexts = _contexts(docs, q.doc_ids, rng, _context_chars(rng, max_tokens))
     style = rng.random()
     if style < 0.2:
         contexts = _chunked(contexts, set(q.doc_ids), _protected(q), rng)
@@ -145,12 +148,14 @@ def _dag_examples(q: Question, contexts: list[Context], rng: random.Random) -> l
     return [plan, sub_qa, synth]
 
 
-def sot_examples(q: Question, world: World, docs: Sequence[Document], rng: random.Random) -> list[Example]:
+def sot_examples(
+    q: Question, world: World, docs: Sequence[Document], rng: random.Random, max_tokens: int = 3000
+) -> list[Example]:
     """A skeleton example and one point-expansion example for a list question."""
     product_docs = [d.doc_id for d in docs if d.kind == "product" and d.title.removeprefix("The ") in q.items]
     with_products = rng.random() < 0.5
     gold = list(q.doc_ids) + (product_docs if with_products else [])
-    contexts = _contexts(docs, gold, rng, _context_chars(rng))
+    contexts = _contexts(docs, gold, rng, _context_chars(rng, max_tokens))
     present = {d for d, _ in contexts}
     points = list(q.items)
     skeleton = Example(
@@ -174,9 +179,33 @@ def sot_examples(q: Question, world: World, docs: Sequence[Document], rng: rando
 
 
 def needle_example(world: World, rng: random.Random, max_tokens: int) -> Example:
-    length_tokens = round(128 * (max_tokens / 128) ** rng.random())
+    low = min(128, max_tokens)
+    length_tokens = round(low * (max_tokens / low) ** rng.random())
     doc, q = needle_document(world, rng, length_chars=round(length_tokens * CHARS_PER_TOKEN), depth=rng.random(), doc_id=f"{world.split[:2]}{world.seed}-n")
     return _qa(q.question, [(doc.doc_id, doc.text)], q.answer, "needle")
+
+
+RECALL_RELATIONS: dict[str, Callable[[World], dict[str, str]]] = {
+    "city": lambda w: {p.name: p.city for p in w.people.values()},
+    "employer": lambda w: {p.name: p.employer for p in w.people.values()},
+    "birth year": lambda w: {p.name: str(p.birth_year) for p in w.people.values()},
+    "maker": lambda w: {p.name: p.maker for p in w.products.values()},
+    "price": lambda w: {p.name: f"{p.price} dollars" for p in w.products.values()},
+    "headquarters": lambda w: {c.name: c.city for c in w.companies.values()},
+}
+
+
+def recall_example(world: World, rng: random.Random, max_tokens: int) -> Example:
+    """Associative recall in the world's vocabulary: a directory of "key: value" lines (2 to ~max_tokens/8
+    of them) and a question naming one key. The barest form of the lookup every doc-QA answer needs
+    (find the line of an entity, copy what follows), learned early and fast by a small model."""
+    relation = rng.choice(sorted(RECALL_RELATIONS))
+    table = sorted(RECALL_RELATIONS[relation](world).items())
+    rng.shuffle(table)
+    rows = table[: rng.randint(2, max(2, min(len(table), max_tokens // 8)))]
+    key, value = rng.choice(rows)
+    text = f"Directory of {relation}\n" + "\n".join(f"{k}: {v}" for k, v in rows)
+    return _qa(f"What is the {relation} listed for {key}?", [("directory", text)], value, "recall")
 
 
 def lm_example(docs: Sequence[Document], rng: random.Random) -> Example:
@@ -184,21 +213,34 @@ def lm_example(docs: Sequence[Document], rng: random.Random) -> Example:
     return Example("", "\n\n".join(d.text for d in picked), "lm")
 
 
-def world_examples(world_index: int, *, max_needle_tokens: int = 4000) -> list[Example]:
-    """All training examples drawn from train-split world `world_index` (deterministic)."""
-    world = build_world(world_index, "train", WorldConfig())
+def world_examples(
+    world_index: int,
+    *,
+    max_needle_tokens: int = 4000,
+    max_context_tokens: int = 3000,
+    num_recall: int = 0,
+    split: Split = "train",
+) -> list[Example]:
+    """All training examples drawn from world `world_index` of `split` (deterministic).
+
+    `max_context_tokens` caps doc-QA contexts (a curriculum grows it during training),
+    `max_needle_tokens` caps haystacks, and `num_recall` adds that many directory-recall examples.
+    """
+    world = build_world(world_index, split, WorldConfig())
     config = SplitConfig(num_worlds=1, questions_per_kind=20, needle_lengths=(), needle_depths=())
     docs, questions = world_split(world, config)
-    rng = random.Random(f"examples:{world_index}")
+    rng = random.Random(f"examples:{split}:{world_index}")
     out: list[Example] = []
     makers: dict[str, Callable[[Question], list[Example]]] = {
-        "single": lambda q: qa_examples(q, docs, rng),
-        "multi": lambda q: qa_examples(q, docs, rng),
-        "list": lambda q: qa_examples(q, docs, rng) + (sot_examples(q, world, docs, rng) if rng.random() < 0.4 else []),
+        "single": lambda q: qa_examples(q, docs, rng, max_context_tokens),
+        "multi": lambda q: qa_examples(q, docs, rng, max_context_tokens),
+        "list": lambda q: qa_examples(q, docs, rng, max_context_tokens)
+        + (sot_examples(q, world, docs, rng, max_context_tokens) if rng.random() < 0.4 else []),
     }
     for q in questions:
         out += makers[q.kind](q)
     out += [needle_example(world, rng, max_needle_tokens) for _ in range(6)]
+    out += [recall_example(world, rng, max_context_tokens) for _ in range(num_recall)]
     out += [lm_example(docs, rng) for _ in range(3)]
     rng.shuffle(out)
     return out

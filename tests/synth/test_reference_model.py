@@ -69,11 +69,6 @@ def test_greedy_output_follows_the_shared_formats(model_and_tokenizer: tuple[Any
     assert ended and steps is not None and len(steps) >= 2, plan
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped weights never learned to copy answers out of documents (model card, 'Known "
-    "problem'); retrain with bench/train_reference.py and drop this marker",
-)
 def test_answers_test_questions_from_their_gold_documents(model_and_tokenizer: tuple[Any, Any], data: Any) -> None:
     model, tok = model_and_tokenizer
     questions = [q for q in data.questions if q.kind == "single"][:6]
@@ -81,4 +76,5 @@ def test_answers_test_questions_from_their_gold_documents(model_and_tokenizer: t
     for q in questions:
         answer, _ = _greedy(model, tok, formats.qa_messages(q.question, [(i, data.document(i).text) for i in q.doc_ids]))
         correct += exact_match(answer, q.answer)
-    assert correct >= 5, f"{correct}/{len(questions)} correct"
+    assert len(questions) >= 4
+    assert correct >= len(questions) - 1, f"{correct}/{len(questions)} correct"
