@@ -163,7 +163,9 @@ def main() -> None:
         "speedup": statistics.median(naive_walls) / statistics.median(terse_walls),
     }
     out = Path(__file__).parent / "results" / f"docqa_{label}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # Paths inside the repository are written relative to its root.
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    out.write_text(json.dumps(result, indent=2).replace(root, "") + "\n")
 
     print(f"\n{label}: {naive.num_questions} questions, {spec}, median of {args.repeats} runs ({out})")
     print(f"{'variant':<14} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "
