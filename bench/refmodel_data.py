@@ -42,8 +42,9 @@ def tokenizer_corpus(num_worlds: int = 400) -> Iterator[str]:
             yield e.prompt + e.completion
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 4096, *, isolate_spaces: bool = False) -> None:
-    """Train the reference tokenizer on train-split text and save it in `out_dir`."""
+def build_tokenizer(out_dir: Path, vocab_size: int = 4096, *, isolate_spaces: bool = True) -> None:
+    """Train the reference tokenizer (every space its own token, as shipped) on train-split text and save
+    it in `out_dir`."""
     tok = train_tokenizer(tokenizer_corpus(), vocab_size, isolate_spaces=isolate_spaces)
     tok.save_pretrained(out_dir)  # type: ignore[attr-defined]
 

@@ -42,7 +42,7 @@ from bench.refmodel_data import (
 )
 from bench.refmodel_eval import evaluate
 from terse.synth.dataset import SplitConfig, build_split
-from terse.synth.examples import CHARS_PER_TOKEN, world_examples
+from terse.synth.examples import world_examples
 
 SIZES: dict[str, dict[str, Any]] = {
     # ~7.6M parameters, 14.5 MiB in bf16 (tied embeddings); head_dim 64 suits attention kernels.
@@ -314,7 +314,7 @@ answering in terse's shared prompt formats (`terse.organize.formats`).
 - Training: {last['step']} steps, {last['tokens'] / 1e6:.0f}M tokens (padding included), {last['seconds']:.0f} s on
   {args.hardware}, AdamW (peak lr {args.lr}, betas 0.9/0.95, weight decay 0.1), warmup then cosine decay,
   bf16 autocast; final training loss {last['loss']:.3f}.
-- Reproduce: `PYTHONPATH=. python3 bench/train_reference.py --out DIR --train-seconds {args.train_seconds}`.
+- Command: `PYTHONPATH=. python3 bench/train_reference.py {' '.join(sys.argv[1:])}`.
 
 ## Validation exact match (greedy, full context: gold documents among distractors, ~2K tokens)
 
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "right"
     tok.save_pretrained(args.out)
     t0 = time.perf_counter()
-    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds, chars_per_token=CHARS_PER_TOKEN)))
+    metrics = evaluate(model, tok, build_split("validation", SplitConfig(num_worlds=args.eval_worlds)))
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(metrics["exact_match"]), flush=True)
     (args.out / "README.md").write_text(model_card(args, model, log, metrics))

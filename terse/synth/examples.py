@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from terse.organize import formats
-from terse.synth.dataset import SplitConfig, world_split
+from terse.synth.dataset import CHARS_PER_TOKEN, SplitConfig, world_split
 from terse.synth.names import Split
 from terse.synth.questions import Question, needle_document
 from terse.synth.render import Document
@@ -33,11 +33,6 @@ class Example:
 
 
 Context = tuple[str, str]
-
-CHARS_PER_TOKEN = 2.8
-"""Characters per token of the reference tokenizer on generated text (it isolates spaces: measured 2.76;
-4.27 for a tokenizer trained without `isolate_spaces`)."""
-
 
 def _contexts(docs: Sequence[Document], gold_ids: Sequence[str], rng: random.Random, target_chars: int) -> list[Context]:
     """Gold documents among shuffled distractors, about `target_chars` long."""
