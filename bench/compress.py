@@ -73,7 +73,8 @@ def llmlingua_runner(in_path: str, out_path: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(job["threads"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
 
     class SameTokenizerCounter:
@@ -89,9 +90,14 @@ def llmlingua_runner(in_path: str, out_path: str) -> None:
     tiktoken.get_encoding = lambda name: SameTokenizerCounter()
     from llmlingua import PromptCompressor
 
-    compressor = PromptCompressor(job["model"], device_map="cpu")
+    compressor = PromptCompressor(job["model"], device_map=job.get("device", "cpu"))
     results: dict[str, list[dict[str, Any]]] = {}
-    for name, kwargs in job["baselines"].items():
+    runs = [(name, kwargs, False) for name, kwargs in job["baselines"].items()]
+    if job.get("device") == "cuda":
+        # the same fix terse applies (see terse/backend/attention_kernels.py), so the faster of the two counts
+        runs += [(name + " (cuDNN attention off)", kwargs, True) for name, kwargs in job["baselines"].items()]
+    for name, kwargs, cudnn_off in runs:
+        torch.backends.cuda.enable_cudnn_sdp(not cudnn_off)
         first = job["examples"][0]
         compressor.compress_prompt(first["docs"], question=first["question"], target_token=first["target"], **kwargs)
         results[name] = []
@@ -99,6 +105,8 @@ def llmlingua_runner(in_path: str, out_path: str) -> None:
             t0 = time.perf_counter()
             out = compressor.compress_prompt(ex["docs"], question=ex["question"], target_token=ex["target"], **kwargs)
             results[name].append({"seconds": time.perf_counter() - t0, "text": out["compressed_prompt"]})
+            if len(results[name]) % 20 == 0:
+                print(f"[llmlingua] {name}: {len(results[name])}/{len(job['examples'])}", file=sys.stderr, flush=True)
     Path(out_path).write_text(json.dumps(results))
 
 
@@ -146,12 +154,13 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
     return directory
 
 
-def compatible_copy(src: Path, dst: Path) -> Path:
+def compatible_copy(src: Path, dst: Path, dtype: str = "float32") -> Path:
     """The same weights and tokenizer in a form transformers 4.44 / tokenizers 0.19 read: top-level
     rope_theta, a pre-v5 tokenizer class name, and merges written as "a b" strings."""
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.setdefault("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    cfg["torch_dtype"] = dtype  # what llmlingua loads on CUDA ("auto"); on CPU it always takes float32
     (dst / "config.json").write_text(json.dumps(cfg))
     tcfg = json.loads((dst / "tokenizer_config.json").read_text())
     tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -172,16 +181,33 @@ def compatible_copy(src: Path, dst: Path) -> Path:
 
 
 # -- terse side -------------------------------------------------------------------------------------
-def run_terse(model_dir: Path, examples: list[dict[str, Any]], threads: int) -> dict[str, list[dict[str, Any]]]:
+def run_terse(model_dir: Path, examples: list[dict[str, Any]], threads: int, device: str, dtype: str,
+              schemes: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every TERSE configuration on every scorer scheme: `hf` (transformers, no prefix cache) and
+    `local` (terse's engine: the iterative stage's growing prefixes come from its radix cache)."""
     import torch
 
     import terse
+
+    if threads:
+        torch.set_num_threads(threads)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for scheme in schemes:
+        options: dict[str, Any] = {"device": device, "dtype": dtype}
+        if scheme == "local" and device == "cpu":
+            options["num_kv_blocks"] = 4096  # a fixed pool (64K tokens) rather than a share of host memory
+        scorer = terse.load_backend(f"{scheme}:{model_dir}", **options)
+        results.update(_run_terse_configs(scorer, examples, f" [{scheme}]" if len(schemes) > 1 else ""))
+        scorer.close()
+    return results
+
+
+def _run_terse_configs(scorer: Any, examples: list[dict[str, Any]], suffix: str) -> dict[str, list[dict[str, Any]]]:
     from terse.compress import Budget, CompressorConfig, PromptCompressor
 
-    torch.set_num_threads(threads)
-    scorer = terse.load_backend(f"hf:{model_dir}", device="cpu", dtype="float32")
     results: dict[str, list[dict[str, Any]]] = {}
     for name, kwargs in TERSE.items():
+        name += suffix
         compressor = PromptCompressor(scorer, config=CompressorConfig(**kwargs))
         first = examples[0]
         compressor.compress(first["docs"], question=first["question"], budget=Budget(target_tokens=first["target"]))
@@ -190,7 +216,6 @@ def run_terse(model_dir: Path, examples: list[dict[str, Any]], threads: int) -> 
             t0 = time.perf_counter()
             out = compressor.compress(ex["docs"], question=ex["question"], budget=Budget(target_tokens=ex["target"]))
             results[name].append({"seconds": time.perf_counter() - t0, "text": out.text, "timings": out.timings})
-    scorer.close()
     return results
 
 
@@ -273,16 +298,25 @@ def main() -> None:
     parser.add_argument("--filler", type=int, default=6, help="filler sentences per document")
     parser.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the target (4 = 4x)")
     parser.add_argument("--scorer", choices=["random", "reference"], default="random",
-                        help="random: a Llama-shaped model built here (transformers 4.44 cannot load the "
-                             "reference model: its head_dim 64 differs from hidden / heads)")
+                        help="random: a Llama-shaped model built here (--hidden, --layers); reference: the "
+                             "shipped reference model")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools (0: default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="scorer weights for both tools (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--terse-backends", default="hf", help="scorer schemes for terse, e.g. hf,local")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compress_speed.json"))
     args = parser.parse_args()
 
+    import torch
     from transformers import AutoTokenizer
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if device == "cpu" and dtype != "float32":
+        raise SystemExit("--dtype bfloat16 needs --device cuda: llmlingua always scores in float32 on CPU")
     with tempfile.TemporaryDirectory() as tmp:
         if args.scorer == "reference":
             model_dir, model_desc = REFERENCE, "reference model"
@@ -296,12 +330,13 @@ def main() -> None:
         for ex in examples:
             ex["num_original"] = count("\n\n".join([*ex["docs"], ex["question"]]))
             ex["target"] = int(ex["num_original"] / args.ratio)
-        baseline_dir = compatible_copy(model_dir, Path(tmp) / "scorer-compat")
-        job = {"model": str(baseline_dir), "examples": examples, "baselines": BASELINES, "threads": args.threads}
+        baseline_dir = compatible_copy(model_dir, Path(tmp) / "scorer-compat", dtype)
+        job = {"model": str(baseline_dir), "examples": examples, "baselines": BASELINES, "threads": args.threads,
+               "device": device}
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "baseline.json"
         job_path.write_text(json.dumps(job))
         t0 = time.perf_counter()
-        ours = run_terse(model_dir, examples, args.threads)
+        ours = run_terse(model_dir, examples, args.threads, device, dtype, args.terse_backends.split(","))
         print(f"terse runs: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
         subprocess.run([args.baseline_python, __file__, "--llmlingua-runner", str(job_path), str(out_path)], check=True)
@@ -309,7 +344,8 @@ def main() -> None:
         theirs = json.loads(out_path.read_text())
     rows = [summarize(n, r, examples, count) for n, r in {**ours, **theirs}.items()]
     report = {
-        "model": model_desc, "threads": args.threads, "num_examples": len(examples), "docs": args.docs,
+        "model": model_desc, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+        "versions": f"torch {torch.__version__}", "threads": args.threads, "num_examples": len(examples), "docs": args.docs,
         "mean_original_tokens": statistics.mean(ex["num_original"] for ex in examples), "ratio": args.ratio,
         "rows": rows,
         "terse_stage_seconds": {n: [r["timings"] for r in runs] for n, runs in ours.items()},
@@ -318,10 +354,10 @@ def main() -> None:
     best_baseline = max(r["input_tokens_per_s"] for r in rows if not r["method"].startswith("terse"))
     print(f"\n{model_desc}; {len(examples)} examples x {args.docs} docs, "
           f"~{report['mean_original_tokens']:.0f} tokens each, target = original / {args.ratio:g}")
-    print(f"{'method':<36}{'tok/s':>9}{'vs best llmlingua':>19}{'median s':>10}{'tokens/target':>16}"
+    print(f"{'method':<44}{'tok/s':>9}{'vs best llmlingua':>19}{'median s':>10}{'tokens/target':>16}"
           f"{'over':>6}{'answer kept':>13}")
     for r in rows:
-        print(f"{r['method']:<36}{r['input_tokens_per_s']:>9.0f}{r['input_tokens_per_s'] / best_baseline:>18.2f}x"
+        print(f"{r['method']:<44}{r['input_tokens_per_s']:>9.0f}{r['input_tokens_per_s'] / best_baseline:>18.2f}x"
               f"{r['median_s']:>10.2f}{r['mean_compressed_tokens']:>8.0f}/{r['mean_target']:<7.0f}"
               f"{r['num_over_budget']:>6}{r['answer_kept']:>13.2f}")
 

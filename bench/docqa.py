@@ -15,8 +15,8 @@ prompts, generating, writing answers); models are loaded and warmed up beforehan
 
     .venv/bin/python bench/docqa.py                         # the shipped reference model, local engine
     .venv/bin/python bench/docqa.py --model DIR --scheme hf
-    .venv/bin/python bench/docqa.py --random-reference-shape   # random weights, reference shape + tokenizer:
-                                                               # timings only (accuracy is meaningless)
+    .venv/bin/python bench/docqa.py --random-shape 1b      # random weights of a shape, reference tokenizer:
+                                                           # timings only (accuracy is meaningless)
 
 Prints a table last and writes raw numbers to bench/results/docqa_<label>.json.
 """
@@ -48,17 +48,22 @@ from terse.backend.types import SamplingParams
 from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths, JobSummary
 from terse.pipelines.docqa.sample import REFERENCE_MODEL_DIR, reference_model_dir, write_synthetic
 
+# Random-weight shapes for timing runs: (hidden, intermediate, layers, heads, kv heads)
+SHAPES = {"reference": (256, 640, 8, 8, 2), "1b": (2048, 8192, 16, 32, 8)}
 
-def random_reference_shape(directory: Path) -> Path:
-    """A random Llama of the reference model's shape with the reference tokenizer (timings only)."""
+
+def random_model(directory: Path, shape: str) -> Path:
+    """A random Llama of `shape` with the reference tokenizer (timings only: its answers are noise)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
     tok = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=640, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype="bfloat16")
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 
@@ -83,6 +88,11 @@ def run_job(config: DocQAConfig, scheme: str, prefix_cache: bool, docs: Path, qu
         summary = DocQAJob(config, paths, backend=backend).run()
         walls.append(time.perf_counter() - t0)
         backend.close()
+        if summary.num_failed:
+            # a run with failed questions is not a benchmark: show why and stop
+            errors = [json.loads(line) for line in paths.failures.read_text().splitlines()]
+            distinct = {f"{e['error_type']}: {e['error']}" for e in errors}
+            sys.exit(f"{name}: {summary.num_failed} questions failed; errors:\n" + "\n".join(sorted(distinct)[:5]))
         print(f"  {name} run {r + 1}/{repeats}: {walls[-1]:.2f} s, accuracy {summary.accuracy}", file=sys.stderr)
     assert summary is not None
     return summary, walls
@@ -114,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped reference model)")
     p.add_argument("--scheme", choices=["local", "hf"], default="local", help="backend: terse engine or transformers")
-    p.add_argument("--random-reference-shape", action="store_true", help="random weights of the reference shape")
+    p.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape (timings only)")
     p.add_argument("--num-worlds", type=int, default=1)
     p.add_argument("--questions-per-kind", type=int, default=6)
     p.add_argument("--context-tokens", type=int, default=2048)
@@ -124,12 +134,12 @@ def main() -> None:
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="terse-bench-docqa-"))
-    if args.random_reference_shape:
-        model, label = random_reference_shape(workdir / "model"), "random-reference-shape"
+    if args.random_shape:
+        model, label = random_model(workdir / "model", args.random_shape), f"random-{args.random_shape}"
     else:
         model = args.model or reference_model_dir()
         if model is None:
-            sys.exit("no reference model in this checkout: pass --model DIR or --random-reference-shape")
+            sys.exit("no reference model in this checkout: pass --model DIR or --random-shape NAME")
         label = "reference" if args.model is None else Path(model).name
     label = args.label or f"{label}-{args.scheme}"
     docs, questions = write_synthetic(workdir / "data", num_worlds=args.num_worlds,
@@ -165,7 +175,8 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"docqa_{label}.json"
     # Paths inside the repository are written relative to its root.
     root = str(Path(__file__).resolve().parent.parent) + "/"
-    out.write_text(json.dumps(result, indent=2).replace(root, "") + "\n")
+    # ... and the scratch directory (a random model's home) by a placeholder
+    out.write_text(json.dumps(result, indent=2).replace(root, "").replace(str(workdir), "<scratch>") + "\n")
 
     print(f"\n{label}: {naive.num_questions} questions, {spec}, median of {args.repeats} runs ({out})")
     print(f"{'variant':<14} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "

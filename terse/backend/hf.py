@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
 from terse.backend.sampling import make_generator, sample_next
@@ -149,18 +150,18 @@ class HFBackend(BackendBase):
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        with self._model_lock, torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)
-            ).logits.float()  # [B, T, V]
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        with self._model_lock, torch.inference_mode(), no_cudnn_attention(self._device):
+            ids_on_device = input_ids.to(self._device)
+            logits = self.model(input_ids=ids_on_device, attention_mask=mask.to(self._device)).logits  # [B, T, V]
+            # log P(token t | tokens < t) for t >= 1, gathered on the device: only [B, T - 1] comes back
+            picked = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids_on_device[:, 1:, None])
+            logprobs = picked[..., 0].cpu().tolist()
         out: list[TokenScores] = []
         for i, e in enumerate(encoded):
             ids = list(e["input_ids"])
-            values: list[float] = []
-            for j, tok in enumerate(ids):
-                pos = len(ctx) + j  # position of the token; predicted from pos - 1
-                values.append(math.nan if pos == 0 else float(logprobs[i, pos - 1, tok]))
+            row_logprobs = logprobs[i]
+            # the token at position p is predicted from p - 1; position 0 has nothing to condition on
+            values = [math.nan if len(ctx) + j == 0 else row_logprobs[len(ctx) + j - 1] for j in range(len(ids))]
             offsets = tuple((int(a), int(b)) for a, b in e["offset_mapping"])
             out.append(TokenScores(tuple(ids), tuple(values), offsets))
         return out
@@ -209,7 +210,7 @@ class HFBackend(BackendBase):
                 finish[i] = "length"
         past: Any = None
         step_ids = input_ids
-        with torch.inference_mode():
+        with torch.inference_mode(), no_cudnn_attention(self._device):
             while any(f is None for f in finish):
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
                 out = self.model(

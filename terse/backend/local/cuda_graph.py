@@ -7,6 +7,7 @@ rows read and write the pool's scratch block, never a real one.
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,15 +40,24 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, runner.model.config.hidden_size, dtype=runner.pool.kv.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
-        with torch.inference_mode():
-            for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
-                graph = torch.cuda.CUDAGraph()
-                self._forward(size)  # warm-up outside capture (kernel selection, lazy init)
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward(size)
-                pool = graph.pool()
-                self.graphs[size] = graph
+        # No garbage collection while capturing: a collection can finalize objects of an engine this
+        # process closed earlier and free their device memory in the middle of a capture.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.inference_mode():
+                for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
+                    graph = torch.cuda.CUDAGraph()
+                    self._forward(size)  # warm-up outside capture (kernel selection, lazy init)
+                    torch.cuda.synchronize()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._forward(size)
+                    pool = graph.pool()
+                    self.graphs[size] = graph
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize()
 
     def _forward(self, size: int) -> None:

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from terse.backend.base import BackendBase
@@ -221,6 +222,15 @@ class LocalEngine(BackendBase):
         self._closed = True
         self._wakeup.set()
         self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            return  # a step is still running on the pool; its memory goes when the engine is collected
+        # Give the device memory back now, not when the garbage collector next finds this engine's
+        # reference cycles: a process that builds engine after engine (benchmarks, tests) would otherwise
+        # size each new KV pool from what the dead ones still hold.
+        self.runner.release()
+        self.pool.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def prefix_cache_hit_rate(self) -> float:

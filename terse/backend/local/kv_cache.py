@@ -92,6 +92,10 @@ class KVCachePool:
     ) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
+    def release(self) -> None:
+        """Free the KV tensors (the engine is closing); the pool holds no blocks afterwards."""
+        self.kv = self.kv.new_empty((0,))
+
     def layer(self, index: int) -> torch.Tensor:
         """[2, num_blocks + 1, block_size, num_kv_heads, head_dim] view of one layer's K and V."""
         return self.kv[index]

@@ -14,10 +14,12 @@ sequence (it samples the next token), and every scored position of a scoring req
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.local.attention import AttentionMetadata, PrefillSpan, build_prefill_groups
 from terse.backend.local.cuda_graph import DecodeGraphs
 from terse.backend.local.kv_cache import KVCachePool
@@ -60,7 +62,18 @@ class ModelRunner:
         self.sparse_prefill = sparse_prefill
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        self.graphs = DecodeGraphs(self, max_batch_size)
+        """Capture decode graphs; if capture fails, warn and decode eagerly (slower, same results)."""
+        try:
+            self.graphs = DecodeGraphs(self, max_batch_size)
+        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
+            torch.cuda.synchronize()
+            self.graphs = None
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {str(e).splitlines()[0]}",
+                          RuntimeWarning, stacklevel=2)
+
+    def release(self) -> None:
+        """Drop the captured graphs and their static buffers (the engine is closing)."""
+        self.graphs = None
 
     def _tensor(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -126,7 +139,8 @@ class ModelRunner:
                 use_triton_decode=self.use_triton_decode,
                 sparse_prefill=self.sparse_prefill if any(s.sparse for s in spans) else None,
             )
-            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
+            with no_cudnn_attention(self.device):
+                hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
         self._score(hidden, score_rows)
         return StepOutput(self._sample(hidden, sample_rows))
 

@@ -101,6 +101,8 @@ def test_close_fails_unfinished_requests(tiny_model_factory: Callable[..., Path]
         handle.result(timeout=60)
     with pytest.raises(BackendUnavailableError, match="closed"):
         engine.submit("again", SamplingParams())
+    # the KV pool is freed at close, not whenever the garbage collector finds the engine
+    assert engine.pool.kv.numel() == 0 and engine.runner.graphs is None
 
 
 def test_max_tokens_zero_prefills_and_warms_the_cache(tiny_model_factory: Callable[..., Path]) -> None:
