@@ -1,13 +1,25 @@
-"""The doc-QA job on Ray Data: questions as a dataset, answering in an actor pool that owns backends.
+"""The doc-QA job on Ray Data: documents and questions as datasets, co-grouped by batch, answered in
+an actor pool that owns backends.
 
-    driver: pending questions ─► ray.data.from_items ─► map_batches(AnswerActor, concurrency=N,
-            num_gpus=G per actor) ─► iter_batches ─► the same journals as the single-process job
+    driver: pending questions ─► plan_batches (ids only): the single-process job's batches, and for
+            each document the batches that need it
 
-Each actor builds its backend, context source and compressor once and answers whole batches with the
-same `BatchAnswerer` as the single-process job, so greedy answers are the same. The driver writes
-every batch as it arrives, so a Ray run is resumable exactly like a local one. The retrieval index is
-built (or reopened) once by the driver and saved beside the answers; actors reopen it from disk, and
-the corpus travels to them once through the object store.
+    corpus  ─► documents {doc_id, text, metadata} ─► flat_map: a row per batch needing the document ─┐
+    pending ─► questions {batch, question} ──────────────────────────────────────────────────────────┴─►
+        union ─► groupby(batch) ─► map_groups(AnswerActor, ActorPoolStrategy(size=N), num_gpus=G each)
+              ─► iter_batches ─► the same journals as the single-process job
+
+A group is one batch: its questions and only the documents they name, so an actor holds the documents
+of the batches in hand, never the corpus. A document named in several batches travels once to each;
+the job orders questions over the same documents together, so that is rare. A question naming no
+documents is asked over the whole corpus (its naive prompt, counted for the summary and pasted when
+small enough, holds every document), so its batch carries them all; such questions are ordered
+together too, so few batches do. The retrieval index is built (or reopened) once by the driver and
+saved beside the answers; actors reopen it from disk.
+
+Each actor builds its backend, context source and compressor once and answers each batch with the
+same `BatchAnswerer` as the single-process job, over the same batches, so greedy answers are the same.
+The driver writes records as they arrive, so a Ray run is resumable exactly like a local one.
 
 Needs the `ray` extra (`pip install 'terse[ray]'`).
 """
@@ -17,10 +29,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from terse.errors import ConfigError
 from terse.pipelines.docqa.config import DocQAConfig
@@ -52,16 +65,41 @@ class RayOptions:
             raise ConfigError(f"num_cpus_per_actor={self.num_cpus_per_actor} must be > 0")
 
 
-class AnswerActor:
-    """A Ray Data actor: owns one backend and answers batches of questions (rows of JSON lines)."""
+class BatchPlan(NamedTuple):
+    """Which questions are answered together, and which documents each batch needs."""
 
-    def __init__(self, config: dict[str, Any], corpus: Any, index_dir: str | None) -> None:
+    batches: list[list[QuestionRecord]]
+    """Consecutive slices of the pending questions, `batch_size` each (the last may be shorter)."""
+    batches_of_document: dict[str, list[int]]
+    """Document id -> indices of the batches needing it, ascending; documents no batch needs are absent."""
+
+
+def plan_batches(pending: Sequence[QuestionRecord], doc_ids: Iterable[str], batch_size: int) -> BatchPlan:
+    """Cut `pending` into batches and route documents to them: a batch needs every document its
+    questions name, and the whole corpus (`doc_ids`) when one of them names none."""
+    batches = [list(pending[i : i + batch_size]) for i in range(0, len(pending), batch_size)]
+    all_ids = list(doc_ids)
+    batches_of_document: dict[str, list[int]] = {}
+    for index, batch in enumerate(batches):
+        needed = all_ids if any(not q.doc_ids for q in batch) else {d for q in batch for d in q.doc_ids}
+        for doc_id in needed:
+            batches_of_document.setdefault(doc_id, []).append(index)
+    return BatchPlan(batches, batches_of_document)
+
+
+class AnswerActor:
+    """A Ray Data actor: owns one backend; each call answers one group, i.e. one batch's question rows
+    with the rows of the documents those questions need (see `batch_groups`)."""
+
+    def __init__(self, config: dict[str, Any], index_dir: str | None) -> None:
         from terse.backend.registry import load_backend
 
         self.config = DocQAConfig.from_dict(config)
-        self.corpus: dict[str, Document] = _resolve(corpus)
         self.index_dir = index_dir
         self.backend = load_backend(self.config.backend, **self.config.backend_options)
+        # The answerer reads documents through this dict, refilled before every batch with exactly the
+        # documents of that batch; its caches are keyed by document ids, so they stay valid across batches.
+        self.documents: dict[str, Document] = {}
         self._answerer: Any = None
 
     def _get_answerer(self) -> Any:
@@ -71,25 +109,30 @@ class AnswerActor:
             from terse.pipelines.docqa.answerer import BatchAnswerer
             from terse.pipelines.docqa.job import open_index
 
+            # the driver saved an index whenever a question may be routed to retrieval
             use_index = self.index_dir is not None and self.config.retrieval.enabled
             retriever = open_index(Path(self.index_dir)) if use_index and self.index_dir else None
-            self._answerer = BatchAnswerer(self.config, self.backend, self.corpus, retriever)
+            self._answerer = BatchAnswerer(self.config, self.backend, self.documents, retriever)
         return self._answerer
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        questions = [question_from_json(json.loads(line)) for line in batch["question"]]
+    def __call__(self, group: dict[str, Any]) -> dict[str, list[str]]:
+        positioned: list[tuple[int, QuestionRecord]] = []
+        documents: dict[str, Document] = {}
+        for kind, line in zip(group["kind"], group["record"]):
+            data = json.loads(str(line))
+            if kind == "question":
+                positioned.append((data["position"], question_from_json(data)))
+            else:
+                documents[data["id"]] = Document(data["id"], data["text"], data["metadata"])
+        self.documents.clear()
+        self.documents.update(documents)
+        # the shuffle does not keep row order; the batch is answered in the single-process job's order
+        questions = [q for _, q in sorted(positioned, key=lambda pq: pq[0])]
         records = self._get_answerer().answer(questions)
         return {
             "kind": ["answer" if isinstance(r, AnswerRecord) else "failure" for r in records],
             "record": [json.dumps(r.to_json()) for r in records],
         }
-
-
-def _resolve(corpus: Any) -> dict[str, Document]:
-    import ray
-
-    data = ray.get(corpus) if isinstance(corpus, ray.ObjectRef) else corpus
-    return {doc_id: Document(doc_id, text, meta) for doc_id, (text, meta) in data.items()}
 
 
 def question_to_json(q: QuestionRecord) -> dict[str, Any]:
@@ -102,22 +145,59 @@ def question_from_json(data: dict[str, Any]) -> QuestionRecord:
                           tuple(data["items"]), data["line_no"])
 
 
+NUM_DATA_CPUS = 5
+"""Logical CPUs a local cluster gets beside the actor pool. Ray Data reserves a minimum of CPUs for each
+operator of the co-grouping (fan-out, shuffle map, shuffle reduce) before it schedules them; measured
+with Ray 2.60, with fewer than 5 spare every run stalls on those reservations (over 10 s for a handful
+of questions, against about 2 s)."""
+
+
 def ensure_ray(options: RayOptions) -> Any:
     """Connect to (or start) the cluster unless this process already did.
 
-    A local cluster gets at least two logical CPUs more than the actors reserve: Ray Data's read and
-    output tasks need CPU slots beside the actor pool, and without them a run on a small machine stalls.
+    A local cluster gets at least `NUM_DATA_CPUS` logical CPUs more than the actors reserve.
     """
     import ray
 
     if not ray.is_initialized():
         if options.address is None:
             reserved = math.ceil(options.num_actors * options.num_cpus_per_actor)
-            num_cpus = max(os.cpu_count() or 1, reserved + 2)
+            num_cpus = max(os.cpu_count() or 1, reserved + NUM_DATA_CPUS)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+def batch_groups(plan: BatchPlan, corpus: dict[str, Document]) -> Any:
+    """The documents and questions datasets co-grouped by batch (a lazy `ray.data` `GroupedData`):
+    each group holds one batch's question rows and a row for each document the batch needs.
+
+    Rows: {batch, kind: "question" | "document", record: JSON}; a question record also holds the
+    question's position in its batch, since the shuffle does not keep row order. The shuffle has as
+    many partitions as there are batches, up to Ray's default width; a partition is one block, handed
+    whole to one actor call, and may hold several batches (hashing puts some together).
+    """
+    import ray
+
+    max_partitions = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
+    num_partitions = max(1, min(len(plan.batches), max_partitions))
+    documents = ray.data.from_items([
+        {"doc_id": d.id, "text": d.text, "metadata": json.dumps(d.metadata)}
+        for d in corpus.values() if d.id in plan.batches_of_document
+    ], override_num_blocks=num_partitions)
+    questions = ray.data.from_items([
+        {"batch": b, "kind": "question", "record": json.dumps({**question_to_json(q), "position": i})}
+        for b, batch in enumerate(plan.batches) for i, q in enumerate(batch)
+    ], override_num_blocks=num_partitions)
+    routed = documents.flat_map(partial(_to_batches, plan.batches_of_document))
+    return routed.union(questions).groupby("batch", num_partitions=num_partitions)
+
+
+def _to_batches(batches_of_document: dict[str, list[int]], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One documents row -> one co-grouped row per batch that needs the document."""
+    record = json.dumps({"id": row["doc_id"], "text": row["text"], "metadata": json.loads(row["metadata"])})
+    return [{"batch": b, "kind": "document", "record": record} for b in batches_of_document[row["doc_id"]]]
 
 
 def ray_batches(job: DocQAJob, options: RayOptions) -> BatchFn:
@@ -129,26 +209,21 @@ def ray_batches(job: DocQAJob, options: RayOptions) -> BatchFn:
         config = job.config
         if index_dir is None and may_need_retrieval(pending, corpus, config.retrieval):
             index_dir = _build_shared_index(job, corpus, pending)
-        corpus_ref = ray.put({d.id: (d.text, d.metadata) for d in corpus.values()})
         num_gpus = options.num_gpus_per_actor
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        size = config.run.batch_size
-        dataset = ray.data.from_items(
-            [{"question": json.dumps(question_to_json(q))} for q in pending],
-            override_num_blocks=max(1, -(-len(pending) // size)),
-        )
-        answered = dataset.map_batches(
+        plan = plan_batches(pending, corpus, config.run.batch_size)
+        answered = batch_groups(plan, corpus).map_groups(
             AnswerActor,
-            fn_constructor_kwargs={"config": config.to_dict(), "corpus": corpus_ref,
+            fn_constructor_kwargs={"config": config.to_dict(),
                                    "index_dir": None if index_dir is None else str(index_dir)},
-            batch_size=size,
-            concurrency=options.num_actors,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=options.num_actors),
             num_gpus=num_gpus,
             num_cpus=options.num_cpus_per_actor,
         )
-        for batch in answered.iter_batches(batch_size=None, batch_format="numpy"):
-            yield [_record(str(kind), str(line)) for kind, line in zip(batch["kind"], batch["record"])]
+        for rows in answered.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [_record(str(kind), str(line)) for kind, line in zip(rows["kind"], rows["record"])]
 
     return run
 
