@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +78,28 @@ def load(spec: str, scheme: str, prefix_cache: bool) -> Backend:
     return backend
 
 
+def one_run(config: DocQAConfig, scheme: str, prefix_cache: bool, paths: JobPaths) -> tuple[JobSummary, float]:
+    """One timed job on a freshly loaded backend (runs in its own process, see `run_job`)."""
+    backend = load(config.backend, scheme, prefix_cache)
+    t0 = time.perf_counter()
+    summary = DocQAJob(config, paths, backend=backend).run()
+    wall = time.perf_counter() - t0
+    backend.close()
+    return summary, wall
+
+
 def run_job(config: DocQAConfig, scheme: str, prefix_cache: bool, docs: Path, questions: Path, workdir: Path,
             name: str, repeats: int) -> tuple[JobSummary, list[float]]:
-    """`repeats` runs, each on a freshly loaded backend (so no run reuses an earlier run's prefix cache)."""
+    """`repeats` runs, each in a fresh process on a freshly loaded backend: no run reuses an earlier
+    run's prefix cache, and none inherits the device state (memory, captured graphs) of another."""
     walls: list[float] = []
     summary = None
+    spawn = multiprocessing.get_context("spawn")
     for r in range(repeats):
         paths = JobPaths(questions, (docs,), workdir / f"{name}-{r}.jsonl")
-        backend = load(config.backend, scheme, prefix_cache)
-        t0 = time.perf_counter()
-        summary = DocQAJob(config, paths, backend=backend).run()
-        walls.append(time.perf_counter() - t0)
-        backend.close()
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            summary, wall = pool.submit(one_run, config, scheme, prefix_cache, paths).result()
+        walls.append(wall)
         if summary.num_failed:
             # a run with failed questions is not a benchmark: show why and stop
             errors = [json.loads(line) for line in paths.failures.read_text().splitlines()]

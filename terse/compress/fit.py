@@ -17,6 +17,8 @@ from terse.compress.result import KeptSpan
 from terse.compress.words import join_words
 from terse.errors import InvalidRequestError
 
+_MAX_FILL_MISSES = 8  # the fill pass gives up after this many measured words in a row overflow
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -83,45 +85,87 @@ def fit(
     """The best-priority prompt within `target` tokens and its token count.
 
     Raises `InvalidRequestError` when the instruction, question and protected spans alone exceed it.
+
+    Tokenizer calls are what this costs, so the search starts where a per-word estimate (each context's
+    tokens per character) says the budget runs out, brackets the answer outward from there, and
+    bisects only inside the bracket. The fill pass measures only words whose estimate fits the tokens
+    left, and stops after a run of misses.
     """
     order = sorted(
         ((i, w) for i, p in enumerate(plans) for w in range(len(p.words))),
         key=lambda iw: plans[iw[0]].priority(iw[1]),
     )
     num_mandatory = sum(1 for i, w in order if plans[i].protected(w))
+    per_char = [p.num_tokens / max(1, len(p.text)) for p in plans]
 
-    def measure(chosen: Sequence[tuple[int, int]]) -> tuple[Assembled, int]:
+    def estimate(iw: tuple[int, int]) -> float:
+        """Tokens the word adds, its separator included (an estimate: merges at seams vary)."""
+        span = plans[iw[0]].words[iw[1]]
+        return (span.end - span.start + 1) * per_char[iw[0]]
+
+    def kept_of(chosen: Sequence[tuple[int, int]]) -> list[list[int]]:
         kept: list[list[int]] = [[] for _ in plans]
         for i, w in chosen:
             kept[i].append(w)
         for k in kept:
             k.sort()
-        assembled = assemble(plans, kept, prompt)
-        return assembled, count_tokens(assembled.text)
+        return kept
 
-    best = measure(order)
-    if best[1] <= target:
-        return best
-    best = measure(order[:num_mandatory])
-    if best[1] > target:
+    def measure(chosen: Sequence[tuple[int, int]]) -> int:
+        return count_tokens(assemble(plans, kept_of(chosen), prompt).text)
+
+    def result(chosen: Sequence[tuple[int, int]], count: int) -> tuple[Assembled, int]:
+        return assemble(plans, kept_of(chosen), prompt), count
+
+    full = measure(order)
+    if full <= target:
+        return result(order, full)
+    floor = measure(order[:num_mandatory])
+    if floor > target:
         raise InvalidRequestError(
-            f"the instruction, question and protected spans alone take {best[1]} tokens, over the "
+            f"the instruction, question and protected spans alone take {floor} tokens, over the "
             f"target of {target}; raise the budget, shorten them, or protect less"
         )
-    lo, hi = num_mandatory, len(order)  # measure(order[:lo]) fits, measure(order[:hi]) does not
+    # measure(order[:lo]) fits with `lo_count` tokens, measure(order[:hi]) does not
+    lo, lo_count, hi = num_mandatory, floor, len(order)
+    guess, room = num_mandatory, float(target - floor)
+    while guess < len(order) and room >= estimate(order[guess]):
+        room -= estimate(order[guess])
+        guess += 1
+    # gallop from the guess, in the one direction its measurement points, until the answer is bracketed
+    probe, step = min(max(guess, lo + 1), hi - 1), 8
+    upward: bool | None = None
+    while lo < probe < hi:
+        count = measure(order[:probe])
+        fits = count <= target
+        if upward is None:
+            upward = fits
+        if fits:
+            lo, lo_count = probe, count
+        else:
+            hi = probe
+        if fits != upward:
+            break
+        probe = min(probe + step, hi - 1) if upward else max(probe - step, lo + 1)
+        step *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        candidate = measure(order[:mid])
-        if candidate[1] <= target:
-            lo, best = mid, candidate
+        count = measure(order[:mid])
+        if count <= target:
+            lo, lo_count = mid, count
         else:
             hi = mid
-    chosen = list(order[:lo])
+    chosen, best = list(order[:lo]), lo_count
+    misses = 0
     for extra in order[hi : hi + max_probes]:
-        if best[1] >= target:
+        if best >= target or misses >= _MAX_FILL_MISSES:
             break
-        candidate = measure([*chosen, extra])
-        if candidate[1] <= target:
+        if estimate(extra) > target - best + 1:
+            continue  # cannot fit by the estimate: not worth a tokenizer call
+        count = measure([*chosen, extra])
+        if count <= target:
             chosen.append(extra)
-            best = candidate
-    return best
+            best, misses = count, 0
+        else:
+            misses += 1
+    return result(chosen, best)

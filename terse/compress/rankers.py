@@ -55,8 +55,9 @@ class BM25Ranker:
         query = terms(question)
         if not texts or not query:
             return [0.0] * len(texts)
-        import bm25s
+        from terse.retrieval.bm25s_import import load_bm25s
 
+        bm25s = load_bm25s()
         # bm25s cannot index an empty document; a placeholder term that no query holds stands in.
         corpus = [terms(t) or ["\x00"] for t in texts]
         retriever = bm25s.BM25()

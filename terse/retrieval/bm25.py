@@ -10,9 +10,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bm25s
 import numpy as np
+
+from terse.retrieval.bm25s_import import load_bm25s
+
+if TYPE_CHECKING:
+    import bm25s
+else:
+    bm25s = load_bm25s()
 
 _ROW_IDS_FILE = "row_chunk_ids.npy"
 

@@ -42,9 +42,7 @@ def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # memory torch's caching allocator holds but no tensor uses is free to this process too
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
+        return int(free)
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 

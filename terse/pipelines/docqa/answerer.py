@@ -66,17 +66,18 @@ class BatchAnswerer:
         naive = NaivePromptCounter(backend, corpus)
         source = build_context_source(corpus, config.retrieval, naive.documents_part, make_retriever)
         self.preparer = Preparer(backend, corpus, source, config.compression, naive)
+        self.prepare_workers = config.run.prepare_workers
         self.runner = build_runner(backend, config.backend, sampling_params(config), config.run, config.organize)
 
     def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:
         """One record per question (order: prompts sharing documents together, failures first)."""
         prepared: list[PreparedQuestion] = []
         records: list[AnswerRecord | FailureRecord] = []
-        for question in batch:
-            try:
-                prepared.append(self.preparer.prepare(question))
-            except Exception as e:  # a question that cannot be prepared fails alone
-                records.append(failure(question.id, e))
+        for question, item in zip(batch, self.preparer.prepare_all(batch, self.prepare_workers)):
+            if isinstance(item, Exception):  # a question that cannot be prepared fails alone
+                records.append(failure(question.id, item))
+            else:
+                prepared.append(item)
         outcomes: list[Outcome] = self.runner.run(schedule(prepared)) if prepared else []
         records += [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
         return records

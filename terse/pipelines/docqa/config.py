@@ -161,6 +161,9 @@ class RunConfig:
     """Questions prepared and generated together; answers are written after each batch."""
     concurrency: int = 8
     """async runner: most requests in flight."""
+    prepare_workers: int = 8
+    """Questions of a batch compressed at once: their scorer calls reach the backend together, and a
+    local engine batches them into shared forward passes. 1 prepares one question at a time."""
     requests_per_s: float | None = None
     """async runner: most requests started per second (None: unlimited)."""
     max_consecutive_unavailable: int = 8
@@ -174,6 +177,7 @@ class RunConfig:
                  f"run.runner={self.runner!r} must be 'auto', 'batch' or 'async'")
         _positive_int("run.batch_size", self.batch_size, 16)
         _positive_int("run.concurrency", self.concurrency, 8)
+        _positive_int("run.prepare_workers", self.prepare_workers, 8)
         _positive_int("run.max_consecutive_unavailable", self.max_consecutive_unavailable, 8)
         _require(self.requests_per_s is None or (isinstance(self.requests_per_s, int | float)
                                                   and self.requests_per_s > 0),

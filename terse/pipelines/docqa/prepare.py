@@ -9,6 +9,7 @@ prefills that part once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from terse.backend.base import Backend
@@ -91,7 +92,37 @@ class Preparer:
 
     def prepare(self, question: QuestionRecord) -> PreparedQuestion:
         """Passages, compression and prompt of one question. Raises what the stages raise."""
-        passages = self.source.passages(question)
+        return self._finish(question, self.source.passages(question))
+
+    def prepare_all(self, questions: Sequence[QuestionRecord], workers: int = 1) -> list[PreparedQuestion | Exception]:
+        """`prepare` for each question, in order; a question's error takes its place in the list.
+
+        Passages are found on the calling thread (a retrieval index is not shared between threads);
+        compression runs on up to `workers` threads, so the scorer calls of several questions reach
+        the backend together and a local engine batches them into shared forward passes.
+        """
+        found: list[list[Passage] | Exception] = []
+        for question in questions:
+            try:
+                found.append(self.source.passages(question))
+            except Exception as e:  # a question that cannot be prepared fails alone
+                found.append(e)
+
+        def finish(question: QuestionRecord, passages: list[Passage] | Exception) -> PreparedQuestion | Exception:
+            if isinstance(passages, Exception):
+                return passages
+            try:
+                return self._finish(question, passages)
+            except Exception as e:
+                return e
+
+        pending = sum(not isinstance(p, Exception) for p in found)
+        if workers <= 1 or pending <= 1 or self.compressor is None:
+            return [finish(q, p) for q, p in zip(questions, found)]
+        with ThreadPoolExecutor(max_workers=min(workers, pending), thread_name_prefix="terse-prepare") as pool:
+            return list(pool.map(finish, questions, found))
+
+    def _finish(self, question: QuestionRecord, passages: list[Passage]) -> PreparedQuestion:
         if self.compressor is None:
             contexts = [(p.name, p.text) for p in passages]
             sources = [Source(p.doc_id, p.char_start, p.char_end) for p in passages]
