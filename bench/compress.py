@@ -42,8 +42,8 @@ BASELINES: dict[str, dict[str, Any]] = {
 }
 # (name, CompressorConfig kwargs)
 TERSE: dict[str, dict[str, Any]] = {
-    "terse default (bm25+iterative)": {},
-    "terse bm25+parallel": {"token_pruner": "parallel"},
+    "terse bm25+iterative": {"token_pruner": "iterative"},
+    "terse default (bm25+parallel)": {},
     "terse lm+iterative": {"ranker": "lm", "token_pruner": "iterative"},
     "terse lm+parallel": {"ranker": "lm", "token_pruner": "parallel"},
 }

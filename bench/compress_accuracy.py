@@ -51,6 +51,7 @@ KINDS = ("single", "multi", "list")
 TERSE_CONFIGS: dict[str, dict[str, Any]] = {
     "terse": {},
     "terse-parallel": {"token_pruner": "parallel"},
+    "terse-iterative": {"token_pruner": "iterative"},
 }
 
 

@@ -117,9 +117,10 @@ class CompressorConfig:
     """Sentence filter ranker name, "same" for the coarse ranker ("lm" when that is None), or None (off)."""
     sentence_budget_ratio: float = 2.0
     """The sentence filter keeps each context's best sentences up to this multiple of its token share."""
-    token_pruner: TokenPrunerName | None = "iterative"
-    """Token-level stage: "iterative" (segments conditioned on question + kept text, prefix reused),
-    "parallel" (all segments conditioned on the question in one batched call), or None (off)."""
+    token_pruner: TokenPrunerName | None = "parallel"
+    """Token-level stage: "parallel" (all segments conditioned on the question, in batched calls),
+    "iterative" (segments conditioned on question + kept text, prefix reused), or None (off). On the
+    doc-QA benchmark both gave the same accuracy at 2x, 4x and 8x; parallel was 2.1-2.9x faster on GPU."""
     keep_question_terms: bool = True
     """Token stage: rank words that share a term with the question (names, key nouns) above all others;
     conditioned on the question they look predictable, yet they are what ties a context to it."""

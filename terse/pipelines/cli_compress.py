@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", help="scoring backend spec, e.g. hf:path/to/model (default: reference model)")
     parser.add_argument("--ranker", default="bm25", choices=["bm25", "lm", "embedding", "none"],
                         help="coarse context ranker (default bm25)")
-    parser.add_argument("--pruner", default="iterative", choices=["iterative", "parallel", "none"],
-                        help="token-level stage (default iterative)")
+    parser.add_argument("--pruner", default="parallel", choices=["parallel", "iterative", "none"],
+                        help="token-level stage (default parallel)")
     parser.add_argument("--reorder", default="rank", choices=["original", "rank", "ends"],
                         help="output order of contexts (default rank)")
     parser.add_argument("--protect", action="append", default=[], choices=_PROTECT_FLAGS,

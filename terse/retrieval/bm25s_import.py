@@ -4,7 +4,9 @@ When JAX is installed, importing bm25s runs a JAX operation (to pick its top-k b
 JAX's GPU client, which by default claims 75% of the GPU's memory for itself. In a process that also
 runs terse's engine, the engine's KV cache and CUDA graphs are then left with a quarter of the
 device. terse only reads bm25s's NumPy scores, so `load_bm25s` imports it with JAX hidden. A process
-that has already imported JAX made that choice itself and is left alone.
+that has already imported JAX made that choice itself and is left alone. JAX is hidden only for the
+first import of bm25s, which happens once per process; another thread importing JAX at that very
+moment would see an ImportError.
 """
 
 from __future__ import annotations

@@ -162,8 +162,9 @@ class RunConfig:
     concurrency: int = 8
     """async runner: most requests in flight."""
     prepare_workers: int = 8
-    """Questions of a batch compressed at once: their scorer calls reach the backend together, and a
-    local engine batches them into shared forward passes. 1 prepares one question at a time."""
+    """Questions of a batch compressed at once. When compression calls the model (the LM ranker or the
+    token pruner), their scorer calls reach the backend together and a local engine batches them into
+    shared forward passes. 1 prepares one question at a time."""
     requests_per_s: float | None = None
     """async runner: most requests started per second (None: unlimited)."""
     max_consecutive_unavailable: int = 8

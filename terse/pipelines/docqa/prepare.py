@@ -160,7 +160,7 @@ def _build_compressor(backend: Backend, config: CompressionConfig) -> PromptComp
     compressor_config = CompressorConfig(
         ranker=config.ranker,
         sentence_ranker="same" if config.ranker is not None else None,
-        token_pruner="iterative" if config.token_pruner else None,
+        token_pruner="parallel" if config.token_pruner else None,
         reorder="original",
     )
     return PromptCompressor(backend if needs_scorer else None, backend, compressor_config)
