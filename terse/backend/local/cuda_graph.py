@@ -40,8 +40,8 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, runner.model.config.hidden_size, dtype=runner.pool.kv.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
-        # No garbage collection while capturing: a collection can finalize objects of an engine this
-        # process closed earlier and free their device memory in the middle of a capture.
+        # Collect garbage before capturing and not during it: tensors freed mid-capture (say, of an
+        # engine this process closed earlier) would touch the allocator while the stream is captured.
         gc.collect()
         was_enabled = gc.isenabled()
         gc.disable()
