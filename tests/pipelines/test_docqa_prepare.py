@@ -20,10 +20,12 @@ def test_concurrent_preparation_matches_sequential(tiny_llama: Path, tmp_path: P
     # one question names a document that is not in the corpus: it fails alone, in its place
     broken = dataclasses.replace(questions[1], doc_ids=("no-such-document",))
     batch = [questions[0], broken, *questions[2:]]
+    # the token pruner makes compression call the engine: those calls come from several threads at once
     config = DocQAConfig(backend=f"local:{tiny_llama}").with_overrides(
-        compression={"target_tokens": 120}, retrieval={"enabled": False})
+        compression={"target_tokens": 120, "token_pruner": True}, retrieval={"enabled": False})
     with LocalEngine.from_spec(str(tiny_llama), num_kv_blocks=512, kv_block_size=16) as engine:
         preparer = BatchAnswerer(config, engine, corpus).preparer
+        assert preparer.compressor is not None and preparer.compressor.scorer is engine
         one_by_one = preparer.prepare_all(batch, workers=1)
         together = preparer.prepare_all(batch, workers=4)
     assert isinstance(together[1], Exception) and isinstance(one_by_one[1], Exception)

@@ -14,7 +14,6 @@ sequence (it samples the next token), and every scored position of a scoring req
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -62,14 +61,7 @@ class ModelRunner:
         self.sparse_prefill = sparse_prefill
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        """Capture decode graphs; if capture fails, warn and decode eagerly (slower, same results)."""
-        try:
-            self.graphs = DecodeGraphs(self, max_batch_size)
-        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
-            torch.cuda.synchronize()
-            self.graphs = None
-            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {str(e).splitlines()[0]}",
-                          RuntimeWarning, stacklevel=2)
+        self.graphs = DecodeGraphs(self, max_batch_size)
 
     def release(self) -> None:
         """Drop the captured graphs and their static buffers (the engine is closing)."""

@@ -98,8 +98,9 @@ class Preparer:
         """`prepare` for each question, in order; a question's error takes its place in the list.
 
         Passages are found on the calling thread (a retrieval index is not shared between threads);
-        compression runs on up to `workers` threads, so the scorer calls of several questions reach
-        the backend together and a local engine batches them into shared forward passes.
+        when compression calls the model, it runs on up to `workers` threads, so the scorer calls of
+        several questions reach the backend together and a local engine batches them into shared
+        forward passes (scorer-free compression is pure Python and stays on this thread).
         """
         found: list[list[Passage] | Exception] = []
         for question in questions:
@@ -117,7 +118,8 @@ class Preparer:
                 return e
 
         pending = sum(not isinstance(p, Exception) for p in found)
-        if workers <= 1 or pending <= 1 or self.compressor is None:
+        calls_model = self.compressor is not None and self.compressor.scorer is not None
+        if workers <= 1 or pending <= 1 or not calls_model:  # threads only pay when there are model calls
             return [finish(q, p) for q, p in zip(questions, found)]
         with ThreadPoolExecutor(max_workers=min(workers, pending), thread_name_prefix="terse-prepare") as pool:
             return list(pool.map(finish, questions, found))
