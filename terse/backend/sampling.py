@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from terse.backend.types import SamplingParams
@@ -62,3 +63,30 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
         if gen is not None:
             values[i] = torch.rand(1, generator=gen, device=device)[0]
     return values
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """Set the logits of disallowed tokens to -inf, in place, for the given rows only.
+
+    logits: [B, V] on any device; bitmask: [>= len(rows), ceil(V / 32)] int32 on the CPU, row i for
+    logits row rows[i], bit t of word t // 32 set when token t is allowed. Other rows are not touched, so
+    an unconstrained request decodes exactly as in a batch without constraints.
+    """
+    num_rows = len(rows)
+    if num_rows == 0:
+        return
+    vocab = logits.shape[-1]
+    words = bitmask[:num_rows]
+    if logits.device.type == "cpu":
+        bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]  # [R, V]
+        disallowed = torch.from_numpy(bits) == 0
+    else:  # unpack on the device: 1/8 of the bytes cross the bus
+        words = words.to(logits.device, non_blocking=True)
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        bits = (words[:, :, None] >> shifts) & 1  # [R, W, 32]
+        disallowed = bits.view(num_rows, -1)[:, :vocab] == 0
+    if num_rows == logits.shape[0] and list(rows) == list(range(num_rows)):
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
+    index = torch.tensor(list(rows), device=logits.device)
+    logits[index] = logits[index].masked_fill(disallowed, float("-inf"))
