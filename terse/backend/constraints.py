@@ -30,6 +30,11 @@ from terse.errors import InvalidRequestError
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+CALL_HEADER = re.compile(r"\n?" + re.escape(TOOL_CALL_OPEN) + r'\{"name": "([A-Za-z0-9_.\-]+)", "arguments": ')
+"""The start of one call block, up to its arguments (group 1: the function name)."""
+CALL_TRAILER = "}" + TOOL_CALL_CLOSE
+"""What follows a call's arguments object."""
+_DECODER = json.JSONDecoder()
 
 
 def _compact_json(value: Any, what: str) -> str:
@@ -212,3 +217,34 @@ CONSTRAINT_TYPES = (
     GrammarConstraint,
     ToolCallConstraint,
 )
+
+
+def call_header(name: str) -> str:
+    """The text of a call block before its arguments object."""
+    return f'{TOOL_CALL_OPEN}{{"name": "{name}", "arguments": '
+
+
+def arguments_end(text: str, start: int) -> int | None:
+    """End index of the JSON value starting at `start` (a call's arguments), None while it is incomplete."""
+    try:
+        _, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError:
+        return None
+    return int(end)
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, str]] | None:
+    """(function name, arguments JSON text) of each call of a text made only of call blocks (the
+    tool-call text format); None when the text is something else (plain text, or cut short)."""
+    calls: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        header = CALL_HEADER.match(text, pos)
+        if header is None:
+            return None
+        end = arguments_end(text, header.end())
+        if end is None or not text.startswith(CALL_TRAILER, end):
+            return None
+        calls.append((header.group(1), text[header.end() : end]))
+        pos = end + len(CALL_TRAILER)
+    return calls or None

@@ -39,7 +39,7 @@ from terse.backend.constraints import (
 )
 from terse.errors import InvalidRequestError, TerseError, UnsupportedOperationError
 
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON layout the grammar allows: `{"a": 1, "b": [2, 3]}` and nothing looser. Free whitespace lets a weak
 model pad with newlines until max_tokens; one fixed layout keeps every output short and parseable."""
 _CACHE_SIZE = 256  # compiled grammars kept per tokenizer (LRU); a cached one is copied, not rebuilt

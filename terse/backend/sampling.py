@@ -78,12 +78,12 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seque
     vocab = logits.shape[-1]
     words = bitmask[:num_rows]
     if logits.device.type == "cpu":
-        bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]  # [R, V]
-        disallowed = torch.from_numpy(bits) == 0
+        unpacked = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]  # [R, V]
+        disallowed = torch.from_numpy(unpacked) == 0
     else:  # unpack on the device: 1/8 of the bytes cross the bus
-        words = words.to(logits.device, non_blocking=True)
+        on_device = words.to(logits.device, non_blocking=True)
         shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        bits = (words[:, :, None] >> shifts) & 1  # [R, W, 32]
+        bits = (on_device[:, :, None] >> shifts) & 1  # [R, W, 32]
         disallowed = bits.view(num_rows, -1)[:, :vocab] == 0
     if num_rows == logits.shape[0] and list(rows) == list(range(num_rows)):
         logits.masked_fill_(disallowed, float("-inf"))

@@ -13,18 +13,18 @@ generated: they are exactly the characters between the header and the arguments 
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from terse.backend.constraints import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from terse.backend.constraints import (
+    CALL_HEADER,
+    CALL_TRAILER,
+    TOOL_CALL_OPEN,
+    arguments_end,
+    parse_tool_calls,
+)
 from terse.pipelines.server.structured import StructuredRequest
-
-_HEADER = re.compile(r"\n?" + re.escape(TOOL_CALL_OPEN) + r'\{"name": "([A-Za-z0-9_.\-]+)", "arguments": ')
-_TRAILER = "}" + TOOL_CALL_CLOSE
-_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -44,37 +44,13 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _arguments_end(text: str, start: int) -> int | None:
-    """End index of the arguments object starting at `start`, or None while it is incomplete."""
-    try:
-        _, end = _DECODER.raw_decode(text, start)
-    except json.JSONDecodeError:
-        return None
-    return int(end)
-
-
-def parse_tool_calls(text: str) -> list[ToolCall] | None:
-    """The calls of a text made only of call blocks; None when it is not one (plain text, or cut short)."""
-    calls: list[ToolCall] = []
-    pos = 0
-    while pos < len(text):
-        header = _HEADER.match(text, pos)
-        if header is None:
-            return None
-        end = _arguments_end(text, header.end())
-        if end is None or not text.startswith(_TRAILER, end):
-            return None
-        calls.append(ToolCall(new_call_id(), header.group(1), text[header.end() : end]))
-        pos = end + len(_TRAILER)
-    return calls or None
-
-
 def chat_message(text: str, structured: StructuredRequest | None) -> tuple[dict[str, Any], bool]:
     """The assistant message of a whole response, and whether it holds tool calls."""
     calls = parse_tool_calls(text) if structured is not None and structured.tools is not None else None
-    if calls is None:
+    if calls is None:  # plain text, or calls cut short by max_tokens: the text as it came
         return {"role": "assistant", "content": text}, False
-    return {"role": "assistant", "content": None, "tool_calls": [c.body() for c in calls]}, True
+    bodies = [ToolCall(new_call_id(), name, arguments).body() for name, arguments in calls]
+    return {"role": "assistant", "content": None, "tool_calls": bodies}, True
 
 
 def finish_reason(reason: str, has_calls: bool) -> str:
@@ -124,19 +100,19 @@ class ChatDeltas:
         out: list[dict[str, Any]] = []
         while True:
             if self._args_start is None:
-                header = _HEADER.match(self._text, self._pos)
+                header = CALL_HEADER.match(self._text, self._pos)
                 if header is None:
                     return out
                 self._args_start, self._num_args_sent = header.end(), 0
                 call = ToolCall(new_call_id(), header.group(1), "")
                 out.append({"tool_calls": [call.body(self.num_calls)]})
                 self.num_calls += 1
-            end = _arguments_end(self._text, self._args_start)
+            end = arguments_end(self._text, self._args_start)
             stop = end if end is not None else len(self._text)
             piece = self._text[self._args_start + self._num_args_sent : stop]
             if piece:
                 self._num_args_sent += len(piece)
                 out.append({"tool_calls": [{"index": self.num_calls - 1, "function": {"arguments": piece}}]})
-            if end is None or not self._text.startswith(_TRAILER, end):
+            if end is None or not self._text.startswith(CALL_TRAILER, end):
                 return out
-            self._pos, self._args_start = end + len(_TRAILER), None
+            self._pos, self._args_start = end + len(CALL_TRAILER), None
