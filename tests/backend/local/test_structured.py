@@ -12,7 +12,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from terse.backend.constraints import ChoiceConstraint, JsonObjectConstraint, JsonSchemaConstraint, RegexConstraint
+from terse.backend.constraints import (
+    ChoiceConstraint,
+    JsonObjectConstraint,
+    JsonSchemaConstraint,
+    RegexConstraint,
+)
 from terse.backend.local.engine import LocalEngine
 from terse.backend.types import SamplingParams
 from terse.errors import InvalidRequestError
