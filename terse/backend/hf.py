@@ -4,7 +4,8 @@ The path for architectures outside the local engine's Llama family (GPT-2 as a c
 say) and a reference to compare the engine against. One worker thread takes every waiting request
 (up to `max_batch_size`), left-pads them into one batch, prefills, then decodes step by step with the
 model's KV cache; requests that arrive meanwhile wait for the next batch. Each row has its own
-sampling parameters, seed, stop strings and cancellation.
+sampling parameters, seed, stop strings, cancellation and structured-output constraint (the local
+engine's llguidance masks, applied to that row's logits only).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.base import BackendBase
+from terse.backend.grammar import (
+    ConstraintState,
+    GrammarCompiler,
+    GrammarViolationError,
+    bitmask_width,
+    fill_bitmask,
+)
 from terse.backend.handle import RequestHandle
-from terse.backend.sampling import make_generator, sample_next
+from terse.backend.sampling import apply_token_bitmask, make_generator, sample_next
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
     context_ids,
@@ -47,6 +55,8 @@ class _Request:
     handle: RequestHandle
     prompt_ids: list[int]
     params: SamplingParams
+    grammar: ConstraintState | None = None
+    """Structured output: the row's grammar state (same masks as the local engine)."""
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -77,6 +87,8 @@ class HFBackend(BackendBase):
         self._eos_ids = eos_token_ids(self.tokenizer, self.model.config)
         self._pad_id = self._pick_pad_id()
         self._max_len = _model_max_len(self.model.config)
+        self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # logits width
+        self._grammar = GrammarCompiler(self.tokenizer, self._vocab_size, sorted(self._eos_ids))
         self._max_batch_size = max_batch_size
         self._score_batch_size = score_batch_size
         self._ids = itertools.count()
@@ -106,8 +118,9 @@ class HFBackend(BackendBase):
             raise InvalidRequestError("the prompt is empty; give at least one token of text")
         prompt_ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         _validate_prompt(prompt_ids, params, self._max_len)
+        grammar = self._grammar.compile(params.constraint) if params.constraint is not None else None
         handle = RequestHandle(f"hf-{next(self._ids)}")
-        self._queue.put(_Request(handle, prompt_ids, params))
+        self._queue.put(_Request(handle, prompt_ids, params, grammar))
         return handle
 
     def score(self, texts: Sequence[str], *, prefix: str = "") -> list[TokenScores]:
@@ -210,6 +223,7 @@ class HFBackend(BackendBase):
                 finish[i] = "length"
         past: Any = None
         step_ids = input_ids
+        bitmask = torch.empty(num_rows, bitmask_width(self._vocab_size), dtype=torch.int32)
         with torch.inference_mode(), no_cudnn_attention(self._device):
             while any(f is None for f in finish):
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
@@ -218,7 +232,12 @@ class HFBackend(BackendBase):
                     past_key_values=past, use_cache=True,
                 )
                 past = out.past_key_values
-                next_ids = sample_next(out.logits[:, -1, :], [r.params for r in batch], gens)
+                logits = out.logits[:, -1, :]  # [B, V]
+                grammars = [(i, r.grammar) for i, r in enumerate(batch) if r.grammar is not None and finish[i] is None]
+                if grammars:  # grammar masks on the constrained live rows only
+                    fill_bitmask([g for _, g in grammars], bitmask)
+                    apply_token_bitmask(logits, bitmask, [i for i, _ in grammars])
+                next_ids = sample_next(logits, [r.params for r in batch], gens)
                 now = time.perf_counter()
                 for i, req in enumerate(batch):
                     if finish[i] is None:
@@ -249,9 +268,14 @@ class HFBackend(BackendBase):
         if token in self._eos_ids and not req.params.ignore_eos:
             return "stop"
         out.append(token)
+        try:
+            grammar_done = req.grammar is not None and req.grammar.advance(token)
+        except GrammarViolationError as e:
+            req.handle.fail(e)  # this row only; the batch goes on
+            return "abort"
         delta, stopped = stream.push(token)
         req.handle.emit(delta)
-        if stopped:
+        if stopped or grammar_done:
             return "stop"
         if len(out) >= req.params.max_tokens or width + len(out) >= self._max_len:
             return "length"

@@ -34,6 +34,7 @@ import httpx
 from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
 from terse.backend.openai_http import RetryPolicy, error_from_response, iter_sse_data, send_with_retries
+from terse.backend.openai_structured import ToolCallText, message_text, structured_payload
 from terse.backend.openai_tokens import RemoteTokenizer, pick_tokenizer, plain_chat_transcript
 from terse.backend.types import Completion, FinishReason, Message, SamplingParams, TokenScores, Usage
 from terse.errors import (
@@ -259,6 +260,7 @@ class OpenAIBackend(BackendBase):
         reason: object = None
         usage: dict[str, Any] | None = None
         ttft: float | None = None
+        calls = ToolCallText()  # tool-call deltas -> tool-call text (openai_structured.py)
         try:
             if response.status_code >= 400:
                 response.read()
@@ -266,7 +268,7 @@ class OpenAIBackend(BackendBase):
             for event in iter_sse_data(response):
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    delta = calls.push(choice.get("delta") or {}) if chat else choice.get("text")
                     if delta:
                         ttft = time.perf_counter() - t0 if ttft is None else ttft
                         pieces.append(delta)
@@ -280,6 +282,9 @@ class OpenAIBackend(BackendBase):
             raise BackendUnavailableError(f"{url} broke off the stream: {type(e).__name__}: {e}") from e
         finally:
             response.close()
+        if trailer := calls.close():
+            pieces.append(trailer)
+            handle.emit(trailer)
         metrics = {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "latency": time.perf_counter() - t0}
         return self._completion("".join(pieces), reason, handle.cancel_requested, usage, payload, metrics)
 
@@ -288,7 +293,7 @@ class OpenAIBackend(BackendBase):
     ) -> Completion:
         body = self._post_json(url, payload, handle.request_id)
         choice = (body.get("choices") or [{}])[0]
-        text = ((choice.get("message") or {}).get("content") if chat else choice.get("text")) or ""
+        text = (message_text(choice.get("message") or {}) if chat else choice.get("text")) or ""
         handle.emit(text)
         latency = time.perf_counter() - t0
         metrics = {"ttft": latency, "latency": latency}
@@ -380,6 +385,7 @@ def _sampling_payload(params: SamplingParams) -> dict[str, Any]:
         payload["seed"] = params.seed
     if params.ignore_eos:
         payload["ignore_eos"] = True  # vLLM / SGLang / terse extension
+    payload.update(structured_payload(params.constraint))  # response_format / tools / structured_outputs
     return payload
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from terse.backend.types import SamplingParams
@@ -62,3 +63,38 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
         if gen is not None:
             values[i] = torch.rand(1, generator=gen, device=device)[0]
     return values
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """Set the logits of disallowed tokens to -inf, in place, for the given rows only.
+
+    logits: [B, V] on any device; bitmask: [>= len(rows), ceil(V / 32)] int32 on the CPU, row i for
+    logits row rows[i], bit t of word t // 32 set when token t is allowed. Other rows are not touched, so
+    an unconstrained request decodes exactly as in a batch without constraints.
+    """
+    num_rows = len(rows)
+    if num_rows == 0:
+        return
+    vocab = logits.shape[-1]
+    words = bitmask[:num_rows]
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous():
+        # numpy on one core: torch's element-wise ops on a busy host pay for thread hand-offs per call
+        allowed = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]  # [R, V]
+        array = logits.numpy()
+        if num_rows == array.shape[0] and list(rows) == list(range(num_rows)):
+            np.putmask(array, allowed == 0, -np.inf)
+            return
+        index = np.asarray(rows)
+        picked = array[index]
+        np.putmask(picked, allowed == 0, -np.inf)
+        array[index] = picked
+        return
+    on_device = words.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    bits = (on_device[:, :, None] >> shifts) & 1  # [R, W, 32], unpacked on the device: 1/8 of the bytes cross
+    disallowed = bits.view(num_rows, -1)[:, :vocab] == 0
+    if num_rows == logits.shape[0] and list(rows) == list(range(num_rows)):
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
+    index_t = torch.tensor(list(rows), device=logits.device)
+    logits[index_t] = logits[index_t].masked_fill(disallowed, float("-inf"))

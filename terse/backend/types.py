@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
+from terse.backend.constraints import CONSTRAINT_TYPES, Constraint
 from terse.errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -60,6 +61,9 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token (fixed-length outputs for benchmarks)."""
     streaming_kv: StreamingKV | None = None
     """Use a sink + window KV cache for this request (local engine only); None means the engine default."""
+    constraint: Constraint | None = None
+    """Structured output: the completion must match this regex / JSON schema / choice / grammar / tool-call
+    format (see terse.backend.constraints); None leaves it free."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not isinstance(self.stop, tuple):
@@ -78,6 +82,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p={self.top_p!r} must be in (0, 1]; use 1.0 to disable it")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise InvalidRequestError(f"stop={self.stop!r} must hold non-empty strings only")
+        if self.constraint is not None and not isinstance(self.constraint, CONSTRAINT_TYPES):
+            raise InvalidRequestError(
+                f"constraint={self.constraint!r} must be one of {[c.__name__ for c in CONSTRAINT_TYPES]} or None"
+            )
+        if self.constraint is not None and self.ignore_eos:
+            raise InvalidRequestError("ignore_eos=True cannot go with a constraint: the grammar decides where it ends")
 
     @property
     def greedy(self) -> bool:

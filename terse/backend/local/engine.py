@@ -21,10 +21,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from terse.backend.base import BackendBase
+from terse.backend.grammar import GrammarViolationError
 from terse.backend.handle import RequestHandle
 from terse.backend.local.attention import PREFILL_PATHS, paged_decode_supported
 from terse.backend.local.build import num_kv_blocks, resolve_device, resolve_dtype, resolve_max_model_len
 from terse.backend.local.config import EngineConfig
+from terse.backend.local.grammar import grammar_compiler, grammar_state
 from terse.backend.local.kv_cache import BlockAllocator, KVCachePool
 from terse.backend.local.kv_policy import policy_for
 from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
@@ -111,6 +113,7 @@ class LocalEngine(BackendBase):
         tok = self.tokenizer
         self.eos_token_ids = eos_token_ids(tok, model_config) if tok is not None else frozenset(model_config.eos_token_ids)
         self._bos_context = context_ids(tok) if tok is not None else []
+        self._grammar = grammar_compiler(tok, model_config.vocab_size, sorted(self.eos_token_ids))
         self._requests: dict[int, Request] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -163,6 +166,7 @@ class LocalEngine(BackendBase):
         policy = policy_for(params.streaming_kv or self.config.default_streaming_kv)
         validate_prompt(seq, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size)
         seq.generator = make_generator(params.seed, self.device)
+        seq.constraint = grammar_state(self._grammar, params)  # structured output (local/grammar.py)
         handle = RequestHandle(f"local-{seq.seq_id}", on_cancel=lambda: self._send("cancel", seq.seq_id))
         stream = TextStream(self.tokenizer, params.stop, prompt_ids) if self.tokenizer is not None else None
         self._send("add", (Request(seq, policy, handle, stream), None))
@@ -341,6 +345,13 @@ class LocalEngine(BackendBase):
             return
         seq.token_ids.append(token_id)
         request.mark_first_token()
+        grammar_done = False
+        if seq.constraint is not None:  # structured output: advance the grammar (local/grammar.py)
+            try:
+                grammar_done = seq.constraint.advance(token_id)
+            except GrammarViolationError as e:
+                self._fail(request, e)
+                return
         try:
             stop_hit = False
             if request.stream is not None:
@@ -351,7 +362,7 @@ class LocalEngine(BackendBase):
         except Exception as e:  # a detokenizer failure ends this request only
             self._fail(request, e)
             return
-        if stop_hit or (token_id in self.eos_token_ids and not seq.params.ignore_eos):
+        if stop_hit or grammar_done or (token_id in self.eos_token_ids and not seq.params.ignore_eos):
             self._finish(request, "stop")
         elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
             self._finish(request, "length")

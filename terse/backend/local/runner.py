@@ -21,6 +21,7 @@ import torch
 from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.local.attention import AttentionMetadata, PrefillSpan, build_prefill_groups
 from terse.backend.local.cuda_graph import DecodeGraphs
+from terse.backend.local.grammar import GrammarMasks, PendingMasks
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
 from terse.backend.local.scheduler import StepPlan
@@ -59,6 +60,7 @@ class ModelRunner:
         self.use_triton_decode = use_triton_decode
         self.graphs: DecodeGraphs | None = None
         self.sparse_prefill = sparse_prefill
+        self.grammar_masks = GrammarMasks(model.config.vocab_size, device)
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         self.graphs = DecodeGraphs(self, max_batch_size)
@@ -112,6 +114,7 @@ class ModelRunner:
                     score_rows.append((row0 + p - start, seq, seq.token_ids[p + 1]))
             elif end == seq.num_tokens:
                 sample_rows.append((row0 + end - start - 1, seq))
+        masks = self.grammar_masks.begin([s for _, s in sample_rows])  # structured output: overlaps the forward
         if not plan.prefills and self.graphs is not None and self.graphs.fits(len(decode_seqs)):
             hidden = self.graphs.run(decode_seqs, input_ids, positions, slots)
         else:
@@ -134,12 +137,16 @@ class ModelRunner:
             with no_cudnn_attention(self.device):
                 hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
         self._score(hidden, score_rows)
-        return StepOutput(self._sample(hidden, sample_rows))
+        return StepOutput(self._sample(hidden, sample_rows, masks))
 
-    def _sample(self, hidden: torch.Tensor, rows: list[tuple[int, Sequence]]) -> list[tuple[Sequence, int]]:
+    def _sample(
+        self, hidden: torch.Tensor, rows: list[tuple[int, Sequence]], masks: PendingMasks | None = None
+    ) -> list[tuple[Sequence, int]]:
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[self._tensor([r for r, _ in rows])])  # [N, V]
+        if masks is not None:
+            masks.apply(logits)  # grammar masks on the constrained rows only
         seqs = [s for _, s in rows]
         next_ids = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         return list(zip(seqs, next_ids))

@@ -59,6 +59,9 @@ class Sequence:
     """Scoring requests: log P(token_ids[p + 1] | token_ids[:p + 1]) for p from num_logprob_start on."""
     generator: Any = None
     """The request's seeded torch.Generator (None: unseeded); opaque to the scheduler."""
+    constraint: Any = None
+    """Structured output: the request's grammar `ConstraintState` (None: unconstrained); opaque to the
+    scheduler. Only the runner's mask hook and the engine's token hook use it (see local/grammar.py)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

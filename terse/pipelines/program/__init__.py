@@ -14,7 +14,9 @@
 
 - `s += system(...) / user(...) / assistant(...)` add chat turns (rendered by `Backend.render_chat`);
   plain strings add raw text (inside the open assistant turn once chat turns exist).
-- `gen(name, params=SamplingParams(...))` generates; `select(name, choices)` picks by log-probability.
+- `gen(name, params=SamplingParams(...))` generates; `gen(name, regex=... | json_schema=... | choices=...)`
+  constrains the output; `select(name, choices)` picks by log-probability (`method="constrained"`: one
+  generation inside the choices).
 - `s.fork(n)` branches share the parent's text; `forks.join()` waits for them.
 - `prog.run()`, `prog.run_batch([...], progress=True)`, `prog.submit().stream(name)`, `await prog.arun()`.
 """

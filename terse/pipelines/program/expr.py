@@ -7,11 +7,13 @@ that wrote them); `ProgramState` executes them in order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
+from terse.backend.constraints import ChoiceConstraint, Constraint, JsonSchemaConstraint, RegexConstraint
 from terse.backend.types import Role, SamplingParams
-from terse.errors import TerseError
+from terse.errors import InvalidRequestError, TerseError
 
 
 class ProgramError(TerseError):
@@ -37,12 +39,16 @@ class Gen:
         return f"gen({self.name!r})"
 
 
+SelectMethod = Literal["logprob", "constrained"]
+
+
 @dataclass(frozen=True)
 class Select:
-    """Append the choice with the highest total log-probability and store it under `name` (see `select`)."""
+    """Append one of `choices` and store it under `name` (see `select`)."""
 
     name: str
     choices: tuple[str, ...]
+    method: SelectMethod = "logprob"
 
     def describe(self) -> str:
         return f"select({self.name!r})"
@@ -66,10 +72,21 @@ Expr = str | Gen | Select | Turn
 
 
 def gen(
-    name: str | None = None, params: SamplingParams | None = None, *, stop: str | Sequence[str] | None = None
+    name: str | None = None,
+    params: SamplingParams | None = None,
+    *,
+    stop: str | Sequence[str] | None = None,
+    regex: str | None = None,
+    json_schema: Mapping[str, Any] | str | type | None = None,
+    choices: Sequence[str] | None = None,
 ) -> Gen:
     """Generate a continuation of the state's text with `params` (default `SamplingParams()`), append it
     and store it as variable `name` (unless None). `stop` is shorthand for `params.stop`: it replaces it.
+
+    Structured output (at most one; shorthand for `params.constraint`, which it replaces): `regex` (the
+    text fully matches it), `json_schema` (a JSON value valid under the schema: a dict, its JSON text or a
+    pydantic model class), `choices` (exactly one of the strings). Backends that decode locally enforce
+    them token by token; the openai: backend forwards them to the server.
 
     Outside an `assistant(...)` turn, after chat messages, the generated text opens the assistant turn.
     """
@@ -78,21 +95,54 @@ def gen(
         raise ProgramError(f"gen({name!r}, params={params!r}): params must be a terse.SamplingParams")
     if stop is not None:
         params = dataclasses.replace(params, stop=(stop,) if isinstance(stop, str) else tuple(stop))
+    constraint = _constraint(name, regex, json_schema, choices)
+    if constraint is not None:
+        try:
+            params = dataclasses.replace(params, constraint=constraint)
+        except InvalidRequestError as e:
+            raise ProgramError(f"gen({name!r}): {e}") from e
     return Gen(name, params)
 
 
-def select(name: str, choices: Sequence[str]) -> Select:
-    """Append whichever of `choices` the model gives the highest total log-probability (conditioned on
-    the state's text, via `Backend.score`) and store it as variable `name`. Ties go to the earlier choice.
+def _constraint(
+    name: str | None, regex: str | None, json_schema: Mapping[str, Any] | str | type | None, choices: Sequence[str] | None
+) -> Constraint | None:
+    given = [k for k, v in (("regex", regex), ("json_schema", json_schema), ("choices", choices)) if v is not None]
+    if len(given) > 1:
+        raise ProgramError(f"gen({name!r}) got {' and '.join(given)}; give at most one of regex, json_schema, choices")
+    try:
+        if regex is not None:
+            return RegexConstraint(regex)
+        if choices is not None:
+            return ChoiceConstraint(tuple(choices) if not isinstance(choices, str) else choices)  # type: ignore[arg-type]
+        if json_schema is not None:
+            if isinstance(json_schema, type) and hasattr(json_schema, "model_json_schema"):  # a pydantic model
+                return JsonSchemaConstraint.of(json_schema.model_json_schema(), name=json_schema.__name__)
+            if isinstance(json_schema, type):
+                raise ProgramError(f"gen({name!r}, json_schema={json_schema!r}): give a dict, JSON text or pydantic model")
+            return JsonSchemaConstraint.of(json_schema)
+    except InvalidRequestError as e:
+        raise ProgramError(f"gen({name!r}): {e}") from e
+    return None
 
-    Needs a backend that returns log-probabilities; others raise `UnsupportedOperationError`.
+
+def select(name: str, choices: Sequence[str], *, method: SelectMethod = "logprob") -> Select:
+    """Append one of `choices` and store it as variable `name`.
+
+    method "logprob": the choice the model gives the highest total log-probability (conditioned on the
+    state's text, via `Backend.score`; ties go to the earlier choice; `choice_logprobs(name)` gives the
+    totals). Needs a backend that returns log-probabilities; others raise `UnsupportedOperationError`.
+    method "constrained": one greedy generation restricted to the choices (the `gen(choices=...)` grammar):
+    one request instead of one per choice, and it works on any backend that enforces constraints.
     """
     if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
         raise ProgramError(
             f"select({name!r}, choices={choices!r}): give a sequence of at least one non-empty string, "
             f"e.g. select({name!r}, ['yes', 'no'])"
         )
-    return Select(name, tuple(choices))
+    if method not in ("logprob", "constrained"):
+        raise ProgramError(f"select({name!r}, method={method!r}): method must be 'logprob' or 'constrained'")
+    return Select(name, tuple(choices), method)
 
 
 def _turn(role: Role, parts: Sequence[Part], *, allow_generation: bool) -> Turn:

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from terse.backend.base import Backend
+from terse.backend.constraints import ChoiceConstraint
 from terse.backend.handle import RequestHandle
-from terse.backend.types import ZERO_USAGE, Message, Usage
+from terse.backend.types import ZERO_USAGE, Message, SamplingParams, Usage
 from terse.errors import TerseError, UnsupportedOperationError
 from terse.pipelines.program.expr import Expr, Gen, ProgramError, Select, Turn, VariableError
 
@@ -195,7 +196,10 @@ class ProgramState:
         """Total log-probability of each choice of `select(name, ...)`, in the choices' order."""
         self._sync()
         if name not in self._choice_logprobs:
-            raise VariableError(f"no select({name!r}) ran in this state; selects were {sorted(self._choice_logprobs)}")
+            raise VariableError(
+                f"no select({name!r}, method='logprob') ran in this state; selects with log-probabilities were "
+                f"{sorted(self._choice_logprobs)}"
+            )
         return self._choice_logprobs[name]
 
     def stream(self, name: str) -> Iterator[str]:
@@ -297,6 +301,11 @@ class ProgramState:
             self._variables[expr.name] = completion.text
 
     def _select(self, expr: Select) -> None:
+        if expr.method == "constrained":  # the gen(choices=...) grammar, greedy
+            longest = max(len(c.encode()) for c in expr.choices)
+            params = SamplingParams(max_tokens=longest + 1, constraint=ChoiceConstraint(expr.choices))
+            self._gen(Gen(expr.name, params))
+            return
         backend = self._ctx.backend
         prefix = self._render()
         start = time.perf_counter()
@@ -305,8 +314,8 @@ class ProgramState:
         except UnsupportedOperationError as e:
             raise UnsupportedOperationError(
                 f"select({expr.name!r}) needs per-token log-probabilities, but backend {backend.model_name!r} "
-                f"cannot score ({e}); use a backend that implements score() (local: or hf:), or gen() "
-                f"with the choices listed in the prompt"
+                f"cannot score ({e}); use a backend that implements score() (local: or hf:), or "
+                f"select(..., method='constrained')"
             ) from e
         self._clock_s += time.perf_counter() - start
         totals = tuple(s.total_logprob for s in scores)

@@ -8,6 +8,7 @@ the request's KV blocks, the HF backend stops decoding its row.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -44,6 +45,13 @@ from terse.pipelines.server.sse import (
     usage_body,
     usage_chunk,
 )
+from terse.pipelines.server.structured import (
+    StructuredRequest,
+    constrained,
+    parse_structured,
+    prompt_messages,
+)
+from terse.pipelines.server.tool_calls import ChatDeltas, chat_message, finish_reason
 
 logger = logging.getLogger("terse.server")
 
@@ -90,17 +98,19 @@ class EngineService:
     # -- chat ------------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
         self.check_model(request.model)
-        prompt = await run_in_threadpool(self.backend.render_chat, request.messages)
+        structured = parse_structured(request.body)  # response_format / tools (structured.py)
+        messages = prompt_messages(request.messages, request.body.get("messages"), structured)
+        prompt = await run_in_threadpool(self.backend.render_chat, messages)
         num_prompt = (
             ctx.accounting.sent_prompt_tokens
             if ctx.accounting is not None
             else await run_in_threadpool(self.backend.count_tokens, prompt)
         )
         params = fit_params(request.params, request.max_tokens_given, num_prompt, self.backend.max_model_len)
-        handles = self._submit(prompt, params, request.n)
+        handles = self._submit(prompt, constrained(params, structured), request.n)
         response_id, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         if request.stream:
-            chunks = self._chat_chunks(handles, request, ctx, response_id, created)
+            chunks = self._chat_chunks(handles, request, ctx, response_id, created, structured)
             return SSEResponse(chunks, ctx.response_headers(), on_close=lambda: _cancel_soon(handles))
         try:
             completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
@@ -109,14 +119,15 @@ class EngineService:
         texts = ChatResult(tuple(c.text for c in completions))
         if self.hooks:
             texts = await run_in_threadpool(self.hooks.on_response, request, texts)
+        messages_out = [chat_message(text, structured) for text in texts.texts]  # tool calls parsed
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": openai_finish_reason(c.finish_reason),
+                "finish_reason": finish_reason(openai_finish_reason(c.finish_reason), has_calls),
             }
-            for i, (text, c) in enumerate(zip(texts.texts, completions))
+            for i, ((message, has_calls), c) in enumerate(zip(messages_out, completions))
         ]
         body = {
             "id": response_id,
@@ -129,20 +140,30 @@ class EngineService:
         return JSONResponse(body, headers=ctx.response_headers())
 
     async def _chat_chunks(
-        self, handles: list[RequestHandle], request: ChatRequest, ctx: RequestContext, response_id: str, created: int
+        self,
+        handles: list[RequestHandle],
+        request: ChatRequest,
+        ctx: RequestContext,
+        response_id: str,
+        created: int,
+        structured: StructuredRequest | None = None,
     ) -> AsyncIterator[bytes]:
         model = request.model
         done: list[Completion] = []
+        deltas = [ChatDeltas(structured) for _ in handles]  # text -> content / tool_calls deltas
         try:
             for i in range(len(handles)):
                 yield sse_event(chat_chunk(response_id, created, model, i, {"role": "assistant", "content": ""}, None))
             async for i, item in merge_streams(handles):
                 if isinstance(item, Completion):
                     done.append(item)
-                    reason = openai_finish_reason(item.finish_reason)
+                    for delta in deltas[i].finish():
+                        yield sse_event(chat_chunk(response_id, created, model, i, delta, None))
+                    reason = finish_reason(openai_finish_reason(item.finish_reason), deltas[i].has_calls)
                     yield sse_event(chat_chunk(response_id, created, model, i, {}, reason))
                 else:
-                    yield sse_event(chat_chunk(response_id, created, model, i, {"content": item}, None))
+                    for delta in deltas[i].push(item):
+                        yield sse_event(chat_chunk(response_id, created, model, i, delta, None))
             if request.include_usage:
                 usage = usage_body(total_usage(done), ctx.terse_usage())
                 yield sse_event(usage_chunk(response_id, created, model, "chat.completion.chunk", usage))
@@ -156,7 +177,8 @@ class EngineService:
     # -- completions, models, tokenizer ------------------------------------------------------------
     async def completions(self, request: CompletionRequest, ctx: RequestContext) -> Response:
         self.check_model(request.model)
-        return await complete_prompts(self, request, ctx)
+        params = constrained(request.params, parse_structured(request.body, chat=False))  # structured.py
+        return await complete_prompts(self, dataclasses.replace(request, params=params), ctx)
 
     async def models(self, ctx: RequestContext) -> Response:
         try:
