@@ -8,8 +8,7 @@ The names below load on first use, so importing `terse.organize.formats` stays l
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports
 
 _LAZY = {
     "DagConfig": "terse.organize.dag",
@@ -25,11 +24,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.organize' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 __all__ = sorted(_LAZY)

@@ -10,8 +10,7 @@ interface (`hooks`, `schema`) stays usable without them (`terse.pipelines.wrap` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports
 
 _LAZY = {
     "create_app": "terse.pipelines.server.app",
@@ -26,11 +25,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.pipelines.server' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 __all__ = sorted(_LAZY)
