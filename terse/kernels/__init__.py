@@ -5,7 +5,8 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 
 | module | holds |
 |---|---|
-| `prefill` | `sparse_prefill_attention` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
+| `varlen` | `VarlenLayout` (where each sequence's rows are, validated once) and `VarlenBatch` (q, k, v in it) |
+| `prefill` | `sparse_prefill` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
 | `patterns` | per-head pattern dataclasses, JSON load/save/validate, `default_patterns` |
 | `search` | offline per-head pattern search on a sample prompt |
 | `capture` | the search on a transformers model (post-rotary q/k captured per layer) |
@@ -16,10 +17,12 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
+    "VarlenLayout": "terse.kernels.varlen",
+    "VarlenBatch": "terse.kernels.varlen",
+    "sparse_prefill": "terse.kernels.prefill",
     "sparse_prefill_attention": "terse.kernels.prefill",
     "SparsePrefillConfig": "terse.kernels.prefill",
     "choose_prefill_path": "terse.kernels.prefill",
@@ -33,11 +36,5 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 __all__ = sorted(_LAZY)
