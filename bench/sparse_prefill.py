@@ -213,7 +213,7 @@ def index_recall(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, bloc
                  col_idx: torch.Tensor | None, col_count: torch.Tensor | None, bq: int, bk: int,
                  num_rows: int = 64) -> float:
     """Mean over heads and sampled query rows of the dense attention mass inside the index's mask."""
-    from terse.kernels.search import RowIndex, dense_row_probs, rows_mask
+    from terse.pipelines.pattern_search.search import RowIndex, dense_row_probs, rows_mask
 
     length, num_q, d = q.shape
     rows = torch.linspace(length // 4, length - 1, num_rows, device=q.device).long()

@@ -8,8 +8,6 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 | `varlen` | `VarlenLayout` (where each sequence's rows are, validated once) and `VarlenBatch` (q, k, v in it) |
 | `prefill` | `sparse_prefill` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
 | `patterns` | per-head pattern dataclasses, JSON load/save/validate, `default_patterns` |
-| `search` | offline per-head pattern search on a sample prompt |
-| `capture` | the search on a transformers model (post-rotary q/k captured per layer) |
 | `estimate`, `estimate_blocks` | online vertical-slash and block-sparse index estimation |
 | `block_sparse`, `vertical_slash`, `a_shape` | the Triton kernels and launchers; vertical-slash index conversion |
 | `reference` | float32 dense attention under each index format's mask |
@@ -31,8 +29,6 @@ _LAZY: dict[str, str] = {
     "save_patterns": "terse.kernels.patterns",
     "load_or_default": "terse.kernels.patterns",
     "default_patterns": "terse.kernels.patterns",
-    "search_model_patterns": "terse.kernels.search",
-    "search_transformers_model": "terse.kernels.capture",
 }
 
 
