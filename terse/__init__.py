@@ -11,24 +11,16 @@ from terse.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_LAZY: dict[str, str] = {
-    # name -> module that defines it
-    "PromptCompressor": "terse.compress",
-    "Budget": "terse.compress",
-    "program": "terse.pipelines.program",
-    "gen": "terse.pipelines.program",
-    "select": "terse.pipelines.program",
-    "system": "terse.pipelines.program",
-    "user": "terse.pipelines.program",
-    "assistant": "terse.pipelines.program",
-    "fork": "terse.pipelines.program",
-    "ProgramState": "terse.pipelines.program",
-    "DocQAJob": "terse.pipelines.docqa",
-    "DocQAConfig": "terse.pipelines.docqa",
-    "Retriever": "terse.retrieval",
-    "wrap_openai": "terse.pipelines.wrap",
-    "LocalEngine": "terse.backend.local.engine",
-    "EngineConfig": "terse.backend.local.config",
+_LAZY = {  # module -> the names it defines
+    "terse.compress": ("PromptCompressor", "Budget"),
+    "terse.pipelines.program": (
+        "program", "gen", "select", "system", "user", "assistant", "fork", "ProgramState",
+    ),
+    "terse.pipelines.docqa": ("DocQAJob", "DocQAConfig"),
+    "terse.retrieval": ("Retriever",),
+    "terse.pipelines.wrap": ("wrap_openai",),
+    "terse.backend.local.engine": ("LocalEngine",),
+    "terse.backend.local.config": ("EngineConfig",),
 }
 
 

@@ -15,22 +15,18 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 
 from __future__ import annotations
 
-from terse.lazy import lazy_exports
+from terse.lazy import lazy_exports, lazy_names
 
-_LAZY: dict[str, str] = {
-    "VarlenLayout": "terse.kernels.varlen",
-    "VarlenBatch": "terse.kernels.varlen",
-    "sparse_prefill": "terse.kernels.prefill",
-    "sparse_prefill_attention": "terse.kernels.prefill",
-    "SparsePrefillConfig": "terse.kernels.prefill",
-    "choose_prefill_path": "terse.kernels.prefill",
-    "ModelPatterns": "terse.kernels.patterns",
-    "load_patterns": "terse.kernels.patterns",
-    "save_patterns": "terse.kernels.patterns",
-    "load_or_default": "terse.kernels.patterns",
-    "default_patterns": "terse.kernels.patterns",
+_LAZY = {  # module -> the names it defines
+    "terse.kernels.varlen": ("VarlenLayout", "VarlenBatch"),
+    "terse.kernels.prefill": (
+        "sparse_prefill", "sparse_prefill_attention", "SparsePrefillConfig", "choose_prefill_path",
+    ),
+    "terse.kernels.patterns": (
+        "ModelPatterns", "load_patterns", "save_patterns", "load_or_default", "default_patterns",
+    ),
 }
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
-__all__ = sorted(_LAZY)
+__all__ = lazy_names(_LAZY)

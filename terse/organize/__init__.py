@@ -8,21 +8,14 @@ The names below load on first use, so importing `terse.organize.formats` stays l
 
 from __future__ import annotations
 
-from terse.lazy import lazy_exports
+from terse.lazy import lazy_exports, lazy_names
 
-_LAZY = {
-    "DagConfig": "terse.organize.dag",
-    "DagResult": "terse.organize.dag",
-    "DagRunner": "terse.organize.dag",
-    "PointAnswer": "terse.organize.skeleton",
-    "SkeletonOfThought": "terse.organize.skeleton",
-    "SoTConfig": "terse.organize.skeleton",
-    "SoTResult": "terse.organize.skeleton",
-    "Route": "terse.organize.router",
-    "Router": "terse.organize.router",
-    "RuleRouter": "terse.organize.router",
+_LAZY = {  # module -> the names it defines
+    "terse.organize.dag": ("DagConfig", "DagResult", "DagRunner"),
+    "terse.organize.skeleton": ("PointAnswer", "SkeletonOfThought", "SoTConfig", "SoTResult"),
+    "terse.organize.router": ("Route", "Router", "RuleRouter"),
 }
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
-__all__ = sorted(_LAZY)
+__all__ = lazy_names(_LAZY)
