@@ -87,12 +87,13 @@ class VarlenLayout:
                 "(at least one sequence)"
             )
         offsets_q, offsets_k = _offsets(q_lens), _offsets(k_lens)
-        _check_lengths(offsets_q, offsets_k, max(q_lens), max(k_lens))
+        max_seqlen_q, max_seqlen_k = int(max(q_lens)), int(max(k_lens))
+        _check_lengths(offsets_q, offsets_k, max_seqlen_q, max_seqlen_k)
         layout = cls(
             torch.tensor(offsets_q, dtype=torch.int32, device=device),
             torch.tensor(offsets_k, dtype=torch.int32, device=device),
-            max(q_lens),
-            max(k_lens),
+            max_seqlen_q,
+            max_seqlen_k,
         )
         # seed the cache: the offsets are known here, never read back from the device
         layout.__dict__["host_offsets"] = (offsets_q, offsets_k)
