@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from compress import BASELINES, REFERENCE, compatible_copy  # noqa: E402
 
+from terse.answer_match import exact_match  # noqa: E402
 from terse.organize.formats import qa_messages  # noqa: E402
 from terse.synth import SplitConfig, build_split  # noqa: E402
 from terse.synth.questions import Question  # noqa: E402
-from terse.synth.scoring import exact_match  # noqa: E402
 
 # LongLLMLingua's context-level filter alone (no token-level pruning): whole documents, no broken words
 RECIPES: dict[str, dict[str, Any]] = {

@@ -25,10 +25,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from terse.answer_match import contains_all, exact_match  # noqa: E402
 from terse.organize.formats import qa_messages  # noqa: E402
 from terse.synth import SplitConfig, SplitData, build_split  # noqa: E402
 from terse.synth.questions import Question  # noqa: E402
-from terse.synth.scoring import contains_all, exact_match  # noqa: E402
 
 Context = tuple[str, str]
 ContextFn = Callable[[Question], list[Context]]

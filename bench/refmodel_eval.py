@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from terse.answer_match import exact_match
 from terse.organize.formats import qa_messages
 from terse.synth.dataset import SplitData
 from terse.synth.questions import Question
-from terse.synth.scoring import exact_match
 from terse.synth.tokenizer import render_chat
 
 

@@ -27,6 +27,7 @@ import torch
 from terse.kernels.checks import num_blocks
 from terse.kernels.estimate import EstimateConfig, estimate_vertical_slash
 from terse.kernels.estimate_blocks import estimate_block_sparse
+from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import convert_vertical_slash
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -60,10 +61,6 @@ def planted_inputs(length: int, num_q: int, num_kv: int, head_dim: int, device: 
         del r, k_h
     v = torch.randn(length, num_kv, head_dim, generator=gen, device=device).to(dtype)
     return q, k, v
-
-
-def cu(lengths: list[int], device: str) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
@@ -118,7 +115,7 @@ def run_check(device: str) -> list[dict[str, Any]]:
         q = torch.randn(sum(q_lens), hq, d, device=device, dtype=dtype)
         k = torch.randn(sum(k_lens), hkv, d, device=device, dtype=dtype)
         v = torch.randn(sum(k_lens), hkv, d, device=device, dtype=dtype)
-        cq, ck = cu(q_lens, device), cu(k_lens, device)
+        batch = VarlenBatch.from_lengths(q, k, v, q_lens, k_lens)
         mq, mk, scale = max(q_lens), max(k_lens), d**-0.5
         nqb, nkb = num_blocks(mq, bq), num_blocks(mk, bk)
         bidx = torch.stack([torch.randperm(nkb, device=device)[:8] for _ in range(2 * hq * nqb)])
@@ -128,15 +125,14 @@ def run_check(device: str) -> list[dict[str, Any]]:
         si = torch.randint(-1, mk, (2, hq, 20), device=device, dtype=torch.int32)
         ns = torch.randint(0, 100, (hq,), device=device, dtype=torch.int32)
         win = torch.randint(1, 1500, (hq,), device=device, dtype=torch.int32)
-        args = (q, k, v, cq, ck, mq, mk)
         blk = dict(block_size_q=bq, block_size_k=bk)
         pairs = {
-            "block_sparse": (block_sparse_attention(*args, bidx, bcnt, scale, **blk),
-                             reference_block_sparse_attention(*args, bidx, bcnt, scale, **blk)),
-            "vertical_slash": (vertical_slash_attention(*args, vi, si, scale, **blk),
-                               reference_vertical_slash_attention(*args, vi, si, scale, **blk)),
-            "a_shape": (a_shape_attention(*args, ns, win, scale, **blk),
-                        reference_a_shape_attention(*args, ns, win, scale)),
+            "block_sparse": (block_sparse_attention(batch, bidx, bcnt, scale, **blk),
+                             reference_block_sparse_attention(batch, bidx, bcnt, scale, **blk)),
+            "vertical_slash": (vertical_slash_attention(batch, vi, si, scale, **blk),
+                               reference_vertical_slash_attention(batch, vi, si, scale, **blk)),
+            "a_shape": (a_shape_attention(batch, ns, win, scale, **blk),
+                        reference_a_shape_attention(batch, ns, win, scale)),
         }
         for name, (out, ref) in pairs.items():
             err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -160,13 +156,13 @@ def _tune_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bq: int, bk: in
     import terse.kernels.block_sparse as bs_mod
 
     length, device = q.shape[0], str(q.device)
-    c = cu([length], device)
+    batch = VarlenBatch.from_lengths(q, k, v, [length], [length])
     idx, cnt = full_causal_index(length, NUM_Q_HEADS, bq, bk, device)
     ns = torch.zeros(NUM_Q_HEADS, dtype=torch.int32, device=device)
     win = torch.full((NUM_Q_HEADS,), length + 1, dtype=torch.int32, device=device)
     blk = {"block_size_q": bq, "block_size_k": bk}
-    t_bs = time_ms(lambda: bs_mod.block_sparse_attention(q, k, v, c, c, length, length, idx, cnt, 0.088, **blk), 5)
-    t_as = time_ms(lambda: a_shape_mod.a_shape_attention(q, k, v, c, c, length, length, ns, win, 0.088, **blk), 5)
+    t_bs = time_ms(lambda: bs_mod.block_sparse_attention(batch, idx, cnt, 0.088, **blk), 5)
+    t_as = time_ms(lambda: a_shape_mod.a_shape_attention(batch, ns, win, 0.088, **blk), 5)
     return t_bs, t_as
 
 
@@ -217,7 +213,7 @@ def index_recall(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, bloc
                  col_idx: torch.Tensor | None, col_count: torch.Tensor | None, bq: int, bk: int,
                  num_rows: int = 64) -> float:
     """Mean over heads and sampled query rows of the dense attention mass inside the index's mask."""
-    from terse.kernels.search import RowIndex, dense_row_probs, rows_mask
+    from terse.pipelines.pattern_search.search import RowIndex, dense_row_probs, rows_mask
 
     length, num_q, d = q.shape
     rows = torch.linspace(length // 4, length - 1, num_rows, device=q.device).long()
@@ -246,10 +242,10 @@ def sparse_pipelines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ar
                      ) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """name -> (estimate-only fn returning the index, full fn: the engine entry point, estimation included)."""
     from terse.kernels.patterns import BlockSparsePattern, VerticalSlashPattern
-    from terse.kernels.prefill import SparsePrefillConfig, sparse_prefill_attention
+    from terse.kernels.prefill import SparsePrefillConfig, sparse_prefill
 
     length, device = q.shape[0], q.device
-    c = cu([length], str(device))
+    batch = VarlenBatch.from_lengths(q, k, v, [length], [length])
     bq, bk, scale = args.block_q, args.block_k, HEAD_DIM**-0.5
     vs = VerticalSlashPattern(num_vertical=args.vs_vertical, num_slash=args.vs_slash, target_mass=args.mass)
     bs = BlockSparsePattern(num_blocks=args.bs_blocks, target_mass=args.mass)
@@ -259,20 +255,20 @@ def sparse_pipelines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ar
 
     def vs_index() -> Any:
         vi, si = estimate_vertical_slash(
-            q, k, c, c, length, length, torch.full((heads,), vs.num_vertical, device=device),
+            batch, torch.full((heads,), vs.num_vertical, device=device),
             torch.full((heads,), vs.num_slash, device=device), torch.full((heads,), vs.target_mass, device=device),
             scale, config=est_cfg,
         )
-        return convert_vertical_slash(vi, si, c, c, length, block_size_q=bq, block_size_k=bk)
+        return convert_vertical_slash(vi, si, batch.layout, block_size_q=bq, block_size_k=bk)
 
     def bs_index() -> Any:
         return estimate_block_sparse(
-            q, k, c, c, length, length, torch.full((heads,), bs.num_blocks, device=device),
+            batch, torch.full((heads,), bs.num_blocks, device=device),
             torch.full((heads,), bs.target_mass, device=device), scale, block_size_q=bq, block_size_k=bk,
         )
 
     def run(pattern: Any) -> Callable[[], Any]:
-        return lambda: sparse_prefill_attention(q, k, v, c, c, length, length, [pattern] * heads, scale, config=config)
+        return lambda: sparse_prefill(batch, [pattern] * heads, scale, config=config)
 
     return {"vertical_slash": (vs_index, run(vs)), "block_sparse": (bs_index, run(bs))}
 

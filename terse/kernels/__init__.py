@@ -5,10 +5,9 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 
 | module | holds |
 |---|---|
-| `prefill` | `sparse_prefill_attention` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
+| `varlen` | `VarlenLayout` (where each sequence's rows are, validated once) and `VarlenBatch` (q, k, v in it) |
+| `prefill` | `sparse_prefill` (the engine's entry point), `SparsePrefillConfig`, `choose_prefill_path` |
 | `patterns` | per-head pattern dataclasses, JSON load/save/validate, `default_patterns` |
-| `search` | offline per-head pattern search on a sample prompt |
-| `capture` | the search on a transformers model (post-rotary q/k captured per layer) |
 | `estimate`, `estimate_blocks` | online vertical-slash and block-sparse index estimation |
 | `block_sparse`, `vertical_slash`, `a_shape` | the Triton kernels and launchers; vertical-slash index conversion |
 | `reference` | float32 dense attention under each index format's mask |
@@ -16,28 +15,18 @@ kernel modules (`block_sparse`, `a_shape`, `tiles`), which the entry point loads
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports, lazy_names
 
-_LAZY: dict[str, str] = {
-    "sparse_prefill_attention": "terse.kernels.prefill",
-    "SparsePrefillConfig": "terse.kernels.prefill",
-    "choose_prefill_path": "terse.kernels.prefill",
-    "ModelPatterns": "terse.kernels.patterns",
-    "load_patterns": "terse.kernels.patterns",
-    "save_patterns": "terse.kernels.patterns",
-    "load_or_default": "terse.kernels.patterns",
-    "default_patterns": "terse.kernels.patterns",
-    "search_model_patterns": "terse.kernels.search",
-    "search_transformers_model": "terse.kernels.capture",
+_LAZY = {  # module -> the names it defines
+    "terse.kernels.varlen": ("VarlenLayout", "VarlenBatch"),
+    "terse.kernels.prefill": (
+        "sparse_prefill", "sparse_prefill_attention", "SparsePrefillConfig", "choose_prefill_path",
+    ),
+    "terse.kernels.patterns": (
+        "ModelPatterns", "load_patterns", "save_patterns", "load_or_default", "default_patterns",
+    ),
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+__all__ = lazy_names(_LAZY)

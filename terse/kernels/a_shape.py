@@ -17,9 +17,30 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
-from terse.kernels.block_sparse import LOG2_E, kernel_config, resolve_head_ids
-from terse.kernels.checks import check_block_size, check_device_for_triton, check_varlen_inputs, num_blocks
-from terse.kernels.tiles import attend_tile, store_rows
+from terse.kernels.block_sparse import LOG2_E, kernel_config
+from terse.kernels.checks import (
+    check_block_size,
+    check_triton_batch,
+    num_blocks,
+    output_for,
+    resolve_head_ids,
+)
+from terse.kernels.tiles import attend_tile, load_kv_rows, query_tile, seq_bounds, store_rows
+from terse.kernels.varlen import VarlenBatch
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, q_pos, K_head, V_head, first_block, end_block, k_len, num_sink, window,
+                   qk_scale, stride_kt, stride_vt, offs_d, BLOCK_N: tl.constexpr, IS_FP32: tl.constexpr):
+    # key blocks first_block .. end_block - 1, masked token-exactly to sinks + window, causal
+    offs_n = tl.arange(0, BLOCK_N)
+    for kb in range(first_block, end_block):
+        offs_k = kb * BLOCK_N + offs_n
+        k, v = load_kv_rows(K_head, V_head, offs_k, offs_k < k_len, stride_kt, stride_vt, offs_d)
+        rel = q_pos[:, None] - offs_k[None, :]
+        visible = (rel >= 0) & ((offs_k[None, :] < num_sink) | (rel < window))
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -33,28 +54,18 @@ def _a_shape_fwd(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CuSeqlensQ + b).to(tl.int64)  # 64-bit offsets: 1M tokens x 32 heads x 128 > 2**31
-    q_len = (tl.load(CuSeqlensQ + b + 1) - q_start).to(tl.int32)
+    q_start, q_len, k_start, k_len = seq_bounds(CuSeqlensQ, CuSeqlensK, b)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_start = tl.load(CuSeqlensK + b).to(tl.int64)
-    k_len = (tl.load(CuSeqlensK + b + 1) - k_start).to(tl.int32)
     h_q = tl.load(HeadIds + h)
+    q, q_pos, offs_m, offs_d, acc, m_i, l_i = query_tile(
+        Q, q_start, q_len, k_len, h_q, pid_m, stride_qt, stride_qh, BLOCK_M, HEAD_DIM
+    )
     h_kv = h_q // GROUP
-    num_sink = tl.load(NumSinkTokens + h)
-    window = tl.load(WindowLen + h)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_pos = k_len - q_len + offs_m
-    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + h_q * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     K_head = K + k_start * stride_kt + h_kv * stride_kh
     V_head = V + k_start * stride_vt + h_kv * stride_vh
+    num_sink = tl.load(NumSinkTokens + h)
+    window = tl.load(WindowLen + h)
 
     first_q = k_len - q_len + pid_m * BLOCK_M
     last_q = tl.minimum(first_q + BLOCK_M, k_len) - 1
@@ -62,34 +73,19 @@ def _a_shape_fwd(
     sink_end = tl.minimum((tl.minimum(num_sink, k_len) + BLOCK_N - 1) // BLOCK_N, end_block)
     window_start = tl.maximum(first_q - window + 1, 0) // BLOCK_N
     window_start = tl.maximum(window_start, sink_end)
-    for kb in range(0, sink_end):
-        offs_k = kb * BLOCK_N + offs_n
-        in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-        rel = q_pos[:, None] - offs_k[None, :]
-        visible = (rel >= 0) & ((offs_k[None, :] < num_sink) | (rel < window))
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
-    for kb in range(window_start, end_block):
-        offs_k = kb * BLOCK_N + offs_n
-        in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-        rel = q_pos[:, None] - offs_k[None, :]
-        visible = (rel >= 0) & ((offs_k[None, :] < num_sink) | (rel < window))
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
-
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, q_pos, K_head, V_head, 0, sink_end, k_len, num_sink, window, qk_scale,
+        stride_kt, stride_vt, offs_d, BLOCK_N, IS_FP32,
+    )
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, q_pos, K_head, V_head, window_start, end_block, k_len, num_sink, window, qk_scale,
+        stride_kt, stride_vt, offs_d, BLOCK_N, IS_FP32,
+    )
     store_rows(Out, acc, l_i, q_start, offs_m, q_len, h_q, stride_ot, stride_oh, offs_d)
 
 
 def a_shape_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     num_sink_tokens: torch.Tensor,
     window_len: torch.Tensor,
     scale: float,
@@ -104,11 +100,11 @@ def a_shape_attention(
     num_sink_tokens, window_len: int32 [H] per head of `head_ids` (all Hq heads when None); window_len
     must be >= 1 so every query sees at least itself. Writes into `out` in place when given.
     """
-    shape = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_device_for_triton(q)
+    check_triton_batch(batch)
     check_block_size("block_size_q", block_size_q)
     check_block_size("block_size_k", block_size_k)
-    heads = resolve_head_ids(head_ids, shape.num_q_heads, q.device)
+    q, k, v, layout = batch.q, batch.k, batch.v, batch.layout
+    heads = resolve_head_ids(head_ids, batch.num_q_heads, q.device)
     for name, t in (("num_sink_tokens", num_sink_tokens), ("window_len", window_len)):
         if t.dtype != torch.int32 or t.shape != heads.shape or t.device != q.device:
             raise KernelInputError(
@@ -117,18 +113,15 @@ def a_shape_attention(
             )
     if q.device.type == "cpu" and (int(window_len.min()) < 1 or int(num_sink_tokens.min()) < 0):
         raise KernelInputError("window_len must be >= 1 and num_sink_tokens >= 0 for every head")
-    if out is None:
-        out = torch.zeros_like(q) if head_ids is not None else torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise KernelInputError(f"out must match q ({tuple(q.shape)}, {q.dtype}, unit last stride)")
-    grid = (num_blocks(max_seqlen_q, block_size_q), heads.numel(), shape.num_seqs)
+    out = output_for(batch, out, head_ids)
+    grid = (num_blocks(layout.max_seqlen_q, block_size_q), heads.numel(), batch.num_seqs)
     _a_shape_fwd[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, heads, num_sink_tokens, window_len,
+        q, k, v, out, layout.cu_seqlens_q, layout.cu_seqlens_k, heads, num_sink_tokens, window_len,
         scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_M=block_size_q, BLOCK_N=block_size_k,
+        GROUP=batch.group_size, HEAD_DIM=batch.head_dim, BLOCK_M=block_size_q, BLOCK_N=block_size_k,
         IS_FP32=q.dtype == torch.float32,
-        **kernel_config(shape.head_dim, block_size_q),
+        **kernel_config(batch.head_dim, block_size_q),
     )
     return out

@@ -16,12 +16,14 @@ import triton.language as tl
 from terse.errors import KernelInputError
 from terse.kernels.checks import (
     check_block_size,
-    check_device_for_triton,
     check_index,
-    check_varlen_inputs,
+    check_triton_batch,
     num_blocks,
+    output_for,
+    resolve_head_ids,
 )
-from terse.kernels.tiles import attend_tile, store_rows
+from terse.kernels.tiles import attend_tile, load_kv_rows, query_tile, seq_bounds, store_rows
+from terse.kernels.varlen import VarlenBatch
 
 LOG2_E = 1.4426950408889634
 
@@ -40,27 +42,17 @@ def _block_sparse_fwd(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CuSeqlensQ + b).to(tl.int64)  # 64-bit offsets: 1M tokens x 32 heads x 128 > 2**31
-    q_len = (tl.load(CuSeqlensQ + b + 1) - q_start).to(tl.int32)
+    q_start, q_len, k_start, k_len = seq_bounds(CuSeqlensQ, CuSeqlensK, b)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_start = tl.load(CuSeqlensK + b).to(tl.int64)
-    k_len = (tl.load(CuSeqlensK + b + 1) - k_start).to(tl.int32)
     h_q = tl.load(HeadIds + h)
+    q, q_pos, offs_m, offs_d, acc, m_i, l_i = query_tile(
+        Q, q_start, q_len, k_len, h_q, pid_m, stride_qt, stride_qh, BLOCK_M, HEAD_DIM
+    )
     h_kv = h_q // GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_pos = k_len - q_len + offs_m  # absolute positions of this tile's queries
-    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + h_q * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None], other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     K_head = K + k_start * stride_kt + h_kv * stride_kh
     V_head = V + k_start * stride_vt + h_kv * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
 
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     row_blocks = BlockIdx + b64 * stride_bb + h64 * stride_bh + pid_m.to(tl.int64) * stride_bm
@@ -68,9 +60,7 @@ def _block_sparse_fwd(
     for i in range(0, num_row_blocks):
         kb = tl.load(row_blocks + i)
         offs_k = kb * BLOCK_N + offs_n
-        in_seq = (offs_k < k_len)[:, None]
-        k = tl.load(K_head + offs_k.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(V_head + offs_k.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+        k, v = load_kv_rows(K_head, V_head, offs_k, offs_k < k_len, stride_kt, stride_vt, offs_d)
         visible = offs_k[None, :] <= q_pos[:, None]
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
 
@@ -81,24 +71,11 @@ def _block_sparse_fwd(
             listed = (c + offs_n) < num_row_cols
             cols = tl.load(row_cols + c + offs_n, mask=listed, other=0)
             listed = listed & (cols >= 0) & (cols < k_len)  # never read rows outside the sequence
-            k = tl.load(K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=listed[:, None], other=0.0)
-            v = tl.load(V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=listed[:, None], other=0.0)
+            k, v = load_kv_rows(K_head, V_head, cols, listed, stride_kt, stride_vt, offs_d)
             visible = listed[None, :] & (cols[None, :] <= q_pos[:, None])
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, IS_FP32)
 
     store_rows(Out, acc, l_i, q_start, offs_m, q_len, h_q, stride_ot, stride_oh, offs_d)
-
-
-def resolve_head_ids(head_ids: torch.Tensor | None, num_q_heads: int, device: torch.device) -> torch.Tensor:
-    """The int32 query-head ids the index rows belong to (all heads when None)."""
-    if head_ids is None:
-        return torch.arange(num_q_heads, dtype=torch.int32, device=device)
-    if head_ids.dtype != torch.int32 or head_ids.dim() != 1 or head_ids.device != device:
-        raise KernelInputError(
-            f"head_ids is {head_ids.dtype} of shape {tuple(head_ids.shape)} on {head_ids.device}; "
-            f"expected int32 [H] on {device}"
-        )
-    return head_ids
 
 
 def kernel_config(head_dim: int, block_size_q: int) -> dict[str, int]:
@@ -129,13 +106,7 @@ def _check_block_index(
 
 
 def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     block_idx: torch.Tensor,
     block_count: torch.Tensor,
     scale: float,
@@ -149,19 +120,19 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Causal attention under a block-sparse (+ columns) index -> out [total_q, Hq, D] in q's dtype.
 
-    q [total_q, Hq, D], k/v [total_k, Hkv, D]; block_idx [B, H, NQB, max_blocks], block_count
+    batch: q [total_q, Hq, D], k/v [total_k, Hkv, D]; block_idx [B, H, NQB, max_blocks], block_count
     [B, H, NQB], col_idx [B, H, NQB, max_cols], col_count [B, H, NQB] (all int32, NQB >=
     ceil(max_seqlen_q / block_size_q), H = len(head_ids) or Hq). Writes only the heads in `head_ids`
     into `out` when given (mutated in place), else into a new tensor (other heads zero).
     """
-    shape = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_device_for_triton(q)
+    check_triton_batch(batch)
     check_block_size("block_size_q", block_size_q)
     check_block_size("block_size_k", block_size_k)
-    heads = resolve_head_ids(head_ids, shape.num_q_heads, q.device)
-    num_q_blocks = num_blocks(max_seqlen_q, block_size_q)
-    rows = (shape.num_seqs, heads.numel())
-    _check_block_index(block_idx, block_count, rows, num_q_blocks, q.device, max_seqlen_q, block_size_q)
+    q, k, v, layout = batch.q, batch.k, batch.v, batch.layout
+    heads = resolve_head_ids(head_ids, batch.num_q_heads, q.device)
+    num_q_blocks = num_blocks(layout.max_seqlen_q, block_size_q)
+    rows = (batch.num_seqs, heads.numel())
+    _check_block_index(block_idx, block_count, rows, num_q_blocks, q.device, layout.max_seqlen_q, block_size_q)
     has_cols = col_idx is not None
     if has_cols != (col_count is not None):
         raise KernelInputError("pass col_idx and col_count together (or neither)")
@@ -171,13 +142,10 @@ def block_sparse_attention(
     else:
         check_index("col_idx", col_idx, rows, q.device, 4)
         check_index("col_count", col_count, rows, q.device, 3)
-    if out is None:
-        out = torch.zeros_like(q) if head_ids is not None else torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise KernelInputError(f"out must match q ({tuple(q.shape)}, {q.dtype}, unit last stride)")
-    grid = (num_q_blocks, heads.numel(), shape.num_seqs)
+    out = output_for(batch, out, head_ids)
+    grid = (num_q_blocks, heads.numel(), batch.num_seqs)
     _block_sparse_fwd[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, heads,
+        q, k, v, out, layout.cu_seqlens_q, layout.cu_seqlens_k, heads,
         block_idx, block_count, col_idx, col_count,
         scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -185,8 +153,8 @@ def block_sparse_attention(
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         col_idx.stride(0), col_idx.stride(1), col_idx.stride(2),
         block_count.stride(0), block_count.stride(1), col_count.stride(0), col_count.stride(1),
-        GROUP=shape.group_size, HEAD_DIM=shape.head_dim, BLOCK_M=block_size_q, BLOCK_N=block_size_k,
+        GROUP=batch.group_size, HEAD_DIM=batch.head_dim, BLOCK_M=block_size_q, BLOCK_N=block_size_k,
         HAS_COLS=has_cols, IS_FP32=q.dtype == torch.float32,
-        **kernel_config(shape.head_dim, block_size_q),
+        **kernel_config(batch.head_dim, block_size_q),
     )
     return out

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from terse.errors import ConfigError
-from terse.kernels.checks import check_varlen_inputs, num_blocks
+from terse.kernels.checks import num_blocks
+from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
 
 FORCED_BONUS = 4.0  # added to forced items' scores (real scores are <= 1) so they rank first
@@ -106,12 +107,7 @@ def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_vertical_slash(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     num_vertical: torch.Tensor,
     num_slash: torch.Tensor,
     target_mass: torch.Tensor,
@@ -122,23 +118,22 @@ def estimate_vertical_slash(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head vertical and slash indices -> (vertical_idx [B, H, NV], slash_idx [B, H, NS]) int32, -1 pads.
 
-    num_vertical, num_slash: int [H] caps; target_mass: float [H]; H = len(head_ids) or Hq.
+    Reads batch.q and batch.k. num_vertical, num_slash: int [H] caps; target_mass: float [H];
+    H = len(head_ids) or Hq.
     """
-    check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
+    q, k, layout = batch.q, batch.k, batch.layout
     heads = torch.arange(q.shape[1], device=q.device) if head_ids is None else head_ids.long().to(q.device)
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     verticals: list[torch.Tensor] = []
     slashes: list[torch.Tensor] = []
-    for b in range(len(starts_q) - 1):
-        q_end, k_start, k_end = starts_q[b + 1], starts_k[b], starts_k[b + 1]
-        k_len = k_end - k_start
-        num_rows = min(config.last_q_len, q_end - starts_q[b])
+    for b, (q_len, k_len) in enumerate(layout.lengths):
+        q_rows, k_rows = layout.q_rows(b), layout.k_rows(b)
+        num_rows = min(config.last_q_len, q_len)
         if num_rows == 0:  # no new queries: nothing to attend, nothing to estimate
             verticals.append(torch.full((heads.numel(), 1), SENTINEL, dtype=torch.int32, device=q.device))
             slashes.append(torch.full((heads.numel(), 1), SENTINEL, dtype=torch.int32, device=q.device))
             continue
         column, diagonal = _vertical_slash_scores(
-            q[q_end - num_rows : q_end], k[k_start:k_end], heads, scale, k_len
+            q[q_rows.stop - num_rows : q_rows.stop], k[k_rows], heads, scale, k_len
         )
         pos = torch.arange(k_len, device=q.device)[None, :]
         vert_ids, _ = select_by_budget(

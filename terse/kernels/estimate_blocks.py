@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from terse.kernels.checks import check_varlen_inputs, num_blocks
+from terse.kernels.checks import num_blocks
 from terse.kernels.estimate import MAX_CHUNK_ELEMENTS, pool_blocks, select_by_budget
+from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
 
 
@@ -44,12 +45,7 @@ def _block_rows(
 
 
 def estimate_block_sparse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     num_blocks_per_row: torch.Tensor,
     target_mass: torch.Tensor,
     scale: float,
@@ -60,24 +56,22 @@ def estimate_block_sparse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head block index -> (block_idx [B, H, NQB, W] int32 ascending, SENTINEL pads; block_count [B, H, NQB]).
 
-    num_blocks_per_row: int [H] caps of key blocks per query block; target_mass: float [H]. NQB covers
-    max_seqlen_q; rows past a sequence's end have count 0.
+    Reads batch.q and batch.k. num_blocks_per_row: int [H] caps of key blocks per query block;
+    target_mass: float [H]. NQB covers max_seqlen_q; rows past a sequence's end have count 0.
     """
-    shape = check_varlen_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
+    q, k, layout = batch.q, batch.k, batch.layout
     device = q.device
     heads = torch.arange(q.shape[1], device=device) if head_ids is None else head_ids.long().to(device)
     caps, masses = num_blocks_per_row.to(device), target_mass.to(device)
-    max_q_blocks = num_blocks(max_seqlen_q, block_size_q)
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    max_q_blocks = num_blocks(layout.max_seqlen_q, block_size_q)
     per_seq: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for b in range(shape.num_seqs):
-        q_len, k_len = starts_q[b + 1] - starts_q[b], starts_k[b + 1] - starts_k[b]
+    for b, (q_len, k_len) in enumerate(layout.lengths):
         if q_len == 0:
             per_seq.append((torch.full((heads.numel(), 0, 1), SENTINEL, dtype=torch.int32, device=device),
                             torch.zeros(heads.numel(), 0, dtype=torch.int32, device=device)))
             continue
-        pooled_q = pool_blocks(q[starts_q[b] : starts_q[b + 1]], block_size_q)[heads]  # [H, NQB_b, D]
-        pooled_k = pool_blocks(k[starts_k[b] : starts_k[b + 1]], block_size_k)[heads // shape.group_size]
+        pooled_q = pool_blocks(q[layout.q_rows(b)], block_size_q)[heads]  # [H, NQB_b, D]
+        pooled_k = pool_blocks(k[layout.k_rows(b)], block_size_k)[heads // batch.group_size]
         m = torch.arange(pooled_q.shape[1], device=device)
         first_q = k_len - q_len + m * block_size_q
         last_q = k_len - q_len + torch.clamp((m + 1) * block_size_q, max=q_len) - 1
@@ -93,9 +87,9 @@ def estimate_block_sparse(
         ids = torch.cat([_pad_width(p[0], width) for p in parts], dim=1)
         per_seq.append((ids, torch.cat([p[1] for p in parts], dim=1)))
     width = max(ids.shape[-1] for ids, _ in per_seq)
-    block_idx = torch.full((shape.num_seqs, heads.numel(), max_q_blocks, width), SENTINEL,
+    block_idx = torch.full((batch.num_seqs, heads.numel(), max_q_blocks, width), SENTINEL,
                            dtype=torch.int32, device=device)
-    block_count = torch.zeros(shape.num_seqs, heads.numel(), max_q_blocks, dtype=torch.int32, device=device)
+    block_count = torch.zeros(batch.num_seqs, heads.numel(), max_q_blocks, dtype=torch.int32, device=device)
     for b, (ids, counts) in enumerate(per_seq):
         block_idx[b, :, : ids.shape[1], : ids.shape[2]] = ids
         block_count[b, :, : counts.shape[1]] = counts

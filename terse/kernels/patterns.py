@@ -1,7 +1,7 @@
 """Per-head sparse prefill patterns: dataclasses, JSON load/save/validate, and a default.
 
 A model's patterns are one `HeadPattern` per (layer, query head), found offline by
-`terse.kernels.search` on a sample prompt and saved as JSON beside the model, e.g.
+`terse.pipelines.pattern_search` (`terse sparse-patterns`) on a sample prompt and saved as JSON beside the model, e.g.
 
     {"format": "terse.sparse_patterns/1", "model_name": "...", "num_layers": 2, "num_q_heads": 4,
      "layers": [[{"kind": "vertical_slash", "num_vertical": 1024, "num_slash": 256, "target_mass": 0.95},

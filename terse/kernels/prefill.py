@@ -1,11 +1,12 @@
 """The sparse prefill entry point the engine calls for one attention layer.
 
-    out = sparse_prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   layer_patterns, scale, config=SparsePrefillConfig())
+    layout = VarlenLayout.from_lengths(q_lens, k_lens, device)       # once per step
+    out = sparse_prefill(VarlenBatch(q, k, v, layout), layer_patterns, scale, config=SparsePrefillConfig())
 
-q [total_q, Hq, D], k/v [total_k, Hkv, D] in the varlen layout of `terse.kernels.checks` (queries are the
+q [total_q, Hq, D], k/v [total_k, Hkv, D] in the varlen layout of `terse.kernels.varlen` (queries are the
 last q_len of k_len tokens, so prefix-cache hits work); layer_patterns: one `HeadPattern` per query head
-(`ModelPatterns.layer(i)`); out [total_q, Hq, D] in q's dtype.
+(`ModelPatterns.layer(i)`); out [total_q, Hq, D] in q's dtype. `sparse_prefill_attention` takes the
+layout as loose offsets and maxima instead (the engine's current call) and builds it per call.
 
 Dense fallback (`choose_prefill_path`): a sequence whose q_len is below `config.min_sparse_q_len` is
 computed densely (torch SDPA: cuDNN / FlashAttention on the GPU), because below that length index
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 
 from terse.errors import ConfigError, KernelInputError
-from terse.kernels.checks import SUPPORTED_HEAD_DIMS, check_block_size, check_varlen_inputs
+from terse.kernels.checks import SUPPORTED_HEAD_DIMS, check_block_size
 from terse.kernels.estimate import EstimateConfig, estimate_vertical_slash
 from terse.kernels.estimate_blocks import estimate_block_sparse
 from terse.kernels.patterns import (
@@ -43,6 +44,7 @@ from terse.kernels.patterns import (
     VerticalSlashPattern,
 )
 from terse.kernels.reference import a_shape_mask, block_sparse_mask, vertical_slash_mask
+from terse.kernels.varlen import VarlenBatch, VarlenLayout
 
 
 @dataclass(frozen=True)
@@ -78,95 +80,94 @@ def choose_prefill_path(q_len: int, config: SparsePrefillConfig) -> Literal["den
     return "sparse" if q_len >= config.min_sparse_q_len else "dense"
 
 
-class PrefillBatch(NamedTuple):
+class BlockSizes(TypedDict):
+    """The tile sizes as keyword arguments of the launchers and the block-sparse estimator."""
+
+    block_size_q: int
+    block_size_k: int
+
+
+class PrefillCall(NamedTuple):
     """One call's inputs, handed whole to the per-kind runners."""
 
-    q: torch.Tensor  # [total_q, Hq, D]
-    k: torch.Tensor  # [total_k, Hkv, D]
-    v: torch.Tensor  # [total_k, Hkv, D]
-    cu_seqlens_q: torch.Tensor  # [B + 1] int32
-    cu_seqlens_k: torch.Tensor  # [B + 1] int32
-    max_seqlen_q: int
-    max_seqlen_k: int
+    batch: VarlenBatch
     scale: float
     config: SparsePrefillConfig
     use_triton: bool
 
-    def lengths(self) -> list[tuple[int, int]]:
-        """(q_len, k_len) per sequence (host values)."""
-        cq, ck = self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist()
-        return [(cq[b + 1] - cq[b], ck[b + 1] - ck[b]) for b in range(len(cq) - 1)]
+    @property
+    def block_sizes(self) -> BlockSizes:
+        """The configured tile sizes, to pass as `**call.block_sizes`."""
+        return BlockSizes(block_size_q=self.config.block_size_q, block_size_k=self.config.block_size_k)
 
 
-def dense_attention(batch: PrefillBatch, out: torch.Tensor, seq_ids: Sequence[int] | None = None) -> None:
+def dense_attention(call: PrefillCall, out: torch.Tensor, seq_ids: Sequence[int] | None = None) -> None:
     """Dense causal attention (bottom-right aligned when q_len < k_len) into `out`, per sequence via SDPA."""
-    cq, ck = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
-    for b in range(len(cq) - 1) if seq_ids is None else seq_ids:
-        q_len, k_len = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+    batch, layout = call.batch, call.batch.layout
+    for b in range(batch.num_seqs) if seq_ids is None else seq_ids:
+        q_rows, k_rows = layout.q_rows(b), layout.k_rows(b)
+        q_len, k_len = q_rows.stop - q_rows.start, k_rows.stop - k_rows.start
         if q_len == 0:
             continue
-        q_b = batch.q[cq[b] : cq[b + 1]].transpose(0, 1)[None]  # [1, Hq, q_len, D]
-        k_b = batch.k[ck[b] : ck[b + 1]].transpose(0, 1)[None]  # [1, Hkv, k_len, D]
-        v_b = batch.v[ck[b] : ck[b + 1]].transpose(0, 1)[None]
+        q_b = batch.q[q_rows].transpose(0, 1)[None]  # [1, Hq, q_len, D]
+        k_b = batch.k[k_rows].transpose(0, 1)[None]  # [1, Hkv, k_len, D]
+        v_b = batch.v[k_rows].transpose(0, 1)[None]
         if q_len == k_len:
             o = torch.nn.functional.scaled_dot_product_attention(
-                q_b, k_b, v_b, is_causal=True, scale=batch.scale, enable_gqa=True
+                q_b, k_b, v_b, is_causal=True, scale=call.scale, enable_gqa=True
             )
         else:
             from torch.nn.attention.bias import causal_lower_right
 
             bias = causal_lower_right(q_len, k_len)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q_b, k_b, v_b, attn_mask=bias, scale=batch.scale, enable_gqa=True
+                q_b, k_b, v_b, attn_mask=bias, scale=call.scale, enable_gqa=True
             )
-        out[cq[b] : cq[b + 1]] = o[0].transpose(0, 1)
+        out[q_rows] = o[0].transpose(0, 1)
 
 
 TORCH_ROWS_PER_CHUNK = 2048  # query rows per SDPA call on the torch path (bounds the float mask it builds)
 
 
 def _torch_masked(
-    batch: PrefillBatch,
+    call: PrefillCall,
     head_ids: torch.Tensor,
     mask_of: Callable[[int, int, int, int], torch.Tensor],
     out: torch.Tensor,
 ) -> None:
     # mask_of(b, q_len, k_len, i) -> [1, q_len, k_len] bool for the i-th head of head_ids; one head at a
     # time and query rows in chunks keep memory at one head's mask instead of all heads'
-    group = batch.q.shape[1] // batch.k.shape[1]
-    cq, ck = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
-    for b, (q_len, k_len) in enumerate(batch.lengths()):
+    batch, layout = call.batch, call.batch.layout
+    for b, (q_len, k_len) in enumerate(layout.lengths):
         if q_len == 0:
             continue
+        q_start, k_rows = layout.q_rows(b).start, layout.k_rows(b)
         for i, head in enumerate(head_ids.tolist()):
             mask = mask_of(b, q_len, k_len, i)[0]  # [q_len, k_len]
-            k_h = batch.k[ck[b] : ck[b + 1], head // group]  # [k_len, D]
-            v_h = batch.v[ck[b] : ck[b + 1], head // group]
+            k_h = batch.k[k_rows, head // batch.group_size]  # [k_len, D]
+            v_h = batch.v[k_rows, head // batch.group_size]
             for r in range(0, q_len, TORCH_ROWS_PER_CHUNK):
-                rows = slice(cq[b] + r, cq[b] + min(r + TORCH_ROWS_PER_CHUNK, q_len))
+                rows = slice(q_start + r, q_start + min(r + TORCH_ROWS_PER_CHUNK, q_len))
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    batch.q[rows, head], k_h, v_h, attn_mask=mask[r : r + TORCH_ROWS_PER_CHUNK], scale=batch.scale
+                    batch.q[rows, head], k_h, v_h, attn_mask=mask[r : r + TORCH_ROWS_PER_CHUNK], scale=call.scale
                 )  # [rows, D]
                 out[rows, head] = o.nan_to_num(0.0).to(out.dtype)
 
 
-def _run_a_shape(batch: PrefillBatch, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
+def _run_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
     # dense heads are a-shape heads whose window covers every key
+    device = call.batch.q.device
     sinks = [p.num_sink_tokens if isinstance(p, AShapePattern) else 0 for p in patterns]
-    windows = [p.window_len if isinstance(p, AShapePattern) else batch.max_seqlen_k + 1 for p in patterns]
-    num_sink = torch.tensor(sinks, dtype=torch.int32, device=batch.q.device)
-    window = torch.tensor(windows, dtype=torch.int32, device=batch.q.device)
-    if batch.use_triton:
+    windows = [p.window_len if isinstance(p, AShapePattern) else call.batch.layout.max_seqlen_k + 1 for p in patterns]
+    num_sink = torch.tensor(sinks, dtype=torch.int32, device=device)
+    window = torch.tensor(windows, dtype=torch.int32, device=device)
+    if call.use_triton:
         from terse.kernels.a_shape import a_shape_attention
 
-        a_shape_attention(
-            batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
-            batch.max_seqlen_k, num_sink, window, batch.scale, block_size_q=batch.config.block_size_q,
-            block_size_k=batch.config.block_size_k, head_ids=head_ids, out=out,
-        )
+        a_shape_attention(call.batch, num_sink, window, call.scale, head_ids=head_ids, out=out, **call.block_sizes)
         return
     _torch_masked(
-        batch, head_ids,
+        call, head_ids,
         lambda b, q_len, k_len, i: a_shape_mask(num_sink[i : i + 1], window[i : i + 1], q_len, k_len),
         out,
     )
@@ -177,28 +178,26 @@ def _budget(values: list[float], dtype: torch.dtype, device: torch.device) -> to
 
 
 def _run_vertical_slash(
-    batch: PrefillBatch, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
+    call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
     vs = [p for p in patterns if isinstance(p, VerticalSlashPattern)]
-    device, cfg = batch.q.device, batch.config
+    device, cfg = call.batch.q.device, call.config
     vertical_idx, slash_idx = estimate_vertical_slash(
-        batch.q, batch.k, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
+        call.batch,
         _budget([p.num_vertical for p in vs], torch.int64, device),
         _budget([p.num_slash for p in vs], torch.int64, device),
         _budget([p.target_mass for p in vs], torch.float32, device),
-        batch.scale, head_ids=head_ids, config=cfg.estimate,
+        call.scale, head_ids=head_ids, config=cfg.estimate,
     )
-    if batch.use_triton:
+    if call.use_triton:
         from terse.kernels.vertical_slash import vertical_slash_attention
 
         vertical_slash_attention(
-            batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
-            batch.max_seqlen_k, vertical_idx, slash_idx, batch.scale, block_size_q=cfg.block_size_q,
-            block_size_k=cfg.block_size_k, head_ids=head_ids, out=out,
+            call.batch, vertical_idx, slash_idx, call.scale, head_ids=head_ids, out=out, **call.block_sizes
         )
         return
     _torch_masked(
-        batch, head_ids,
+        call, head_ids,
         lambda b, q_len, k_len, i: vertical_slash_mask(
             vertical_idx[b, i : i + 1], slash_idx[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
         ),
@@ -207,27 +206,25 @@ def _run_vertical_slash(
 
 
 def _run_block_sparse(
-    batch: PrefillBatch, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
+    call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
     bs = [p for p in patterns if isinstance(p, BlockSparsePattern)]
-    device, cfg = batch.q.device, batch.config
+    device, cfg = call.batch.q.device, call.config
     block_idx, block_count = estimate_block_sparse(
-        batch.q, batch.k, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
+        call.batch,
         _budget([p.num_blocks for p in bs], torch.int64, device),
         _budget([p.target_mass for p in bs], torch.float32, device),
-        batch.scale, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k, head_ids=head_ids,
+        call.scale, head_ids=head_ids, **call.block_sizes,
     )
-    if batch.use_triton:
+    if call.use_triton:
         from terse.kernels.block_sparse import block_sparse_attention
 
         block_sparse_attention(
-            batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
-            batch.max_seqlen_k, block_idx, block_count, batch.scale, block_size_q=cfg.block_size_q,
-            block_size_k=cfg.block_size_k, head_ids=head_ids, out=out,
+            call.batch, block_idx, block_count, call.scale, head_ids=head_ids, out=out, **call.block_sizes
         )
         return
     _torch_masked(
-        batch, head_ids,
+        call, head_ids,
         lambda b, q_len, k_len, i: block_sparse_mask(
             block_idx[b, i : i + 1], block_count[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
         ),
@@ -235,7 +232,7 @@ def _run_block_sparse(
     )
 
 
-Runner = Callable[[PrefillBatch, torch.Tensor, list[HeadPattern], torch.Tensor], None]
+Runner = Callable[[PrefillCall, torch.Tensor, list[HeadPattern], torch.Tensor], None]
 
 # pattern kind -> the runner for a group of heads of that kind (dense heads share the a-shape kernel)
 RUNNERS: dict[str, Runner] = {
@@ -244,6 +241,46 @@ RUNNERS: dict[str, Runner] = {
     "vertical_slash": _run_vertical_slash,
     "block_sparse": _run_block_sparse,
 }
+
+
+def sparse_prefill(
+    batch: VarlenBatch,
+    layer_patterns: Sequence[HeadPattern],
+    scale: float,
+    *,
+    config: SparsePrefillConfig | None = None,
+) -> torch.Tensor:
+    """One layer's causal prefill attention with per-head sparse patterns -> out [total_q, Hq, D]."""
+    config = config or SparsePrefillConfig()
+    if len(layer_patterns) != batch.num_q_heads:
+        raise KernelInputError(
+            f"{len(layer_patterns)} head patterns for {batch.num_q_heads} query heads; pass one per query head "
+            "(ModelPatterns.layer(i))"
+        )
+    for pattern in layer_patterns:
+        if getattr(pattern, "kind", None) not in PATTERN_KINDS:
+            raise KernelInputError(f"{pattern!r} is not a head pattern; use one of {sorted(PATTERN_KINDS)}")
+    # auto: Triton on CUDA for the head dims it is compiled for, the torch path otherwise
+    kernel_head_dim = batch.head_dim in SUPPORTED_HEAD_DIMS
+    use_triton = config.backend == "triton" or (
+        config.backend == "auto" and batch.q.device.type == "cuda" and kernel_head_dim
+    )
+    call = PrefillCall(batch, scale, config, use_triton)
+    out = torch.empty_like(batch.q)
+    lengths = batch.layout.lengths
+    dense_seqs = [b for b, (q_len, _) in enumerate(lengths) if choose_prefill_path(q_len, config) == "dense"]
+    if len(dense_seqs) == len(lengths):
+        dense_attention(call, out)
+        return out
+    groups: dict[Runner, list[int]] = {}
+    for head, pattern in enumerate(layer_patterns):
+        groups.setdefault(RUNNERS[pattern.kind], []).append(head)
+    for runner, heads in groups.items():
+        head_ids = torch.tensor(heads, dtype=torch.int32, device=batch.q.device)
+        runner(call, head_ids, [layer_patterns[h] for h in heads], out)
+    if dense_seqs:
+        dense_attention(call, out, dense_seqs)
+    return out
 
 
 def sparse_prefill_attention(
@@ -259,35 +296,10 @@ def sparse_prefill_attention(
     *,
     config: SparsePrefillConfig | None = None,
 ) -> torch.Tensor:
-    """One layer's causal prefill attention with per-head sparse patterns -> out [total_q, Hq, D]."""
-    config = config or SparsePrefillConfig()
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
-    if len(layer_patterns) != q.shape[1]:
-        raise KernelInputError(
-            f"{len(layer_patterns)} head patterns for {q.shape[1]} query heads; pass one per query head "
-            "(ModelPatterns.layer(i))"
-        )
-    for pattern in layer_patterns:
-        if getattr(pattern, "kind", None) not in PATTERN_KINDS:
-            raise KernelInputError(f"{pattern!r} is not a head pattern; use one of {sorted(PATTERN_KINDS)}")
-    # auto: Triton on CUDA for the head dims it is compiled for, the torch path otherwise
-    kernel_head_dim = q.shape[2] in SUPPORTED_HEAD_DIMS
-    use_triton = config.backend == "triton" or (
-        config.backend == "auto" and q.device.type == "cuda" and kernel_head_dim
-    )
-    batch = PrefillBatch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, config, use_triton)
-    out = torch.empty_like(q)
-    lengths = batch.lengths()
-    dense_seqs = [b for b, (q_len, _) in enumerate(lengths) if choose_prefill_path(q_len, config) == "dense"]
-    if len(dense_seqs) == len(lengths):
-        dense_attention(batch, out)
-        return out
-    groups: dict[Runner, list[int]] = {}
-    for head, pattern in enumerate(layer_patterns):
-        groups.setdefault(RUNNERS[pattern.kind], []).append(head)
-    for runner, heads in groups.items():
-        head_ids = torch.tensor(heads, dtype=torch.int32, device=q.device)
-        runner(batch, head_ids, [layer_patterns[h] for h in heads], out)
-    if dense_seqs:
-        dense_attention(batch, out, dense_seqs)
-    return out
+    """`sparse_prefill` with the layout given as loose offsets and maxima, validated on every call.
+
+    Kept for callers that do not hold a `VarlenLayout` yet; a caller that attends many layers over one
+    layout builds it once and calls `sparse_prefill`.
+    """
+    layout = VarlenLayout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return sparse_prefill(VarlenBatch(q, k, v, layout), layer_patterns, scale, config=config)

@@ -1,6 +1,7 @@
 """Float32 dense attention under the exact mask each sparse index format describes.
 
-Every Triton kernel in this package has a reference here with the same signature; tests compare them.
+Every Triton kernel in this package has a reference here with the same signature (a `VarlenBatch`, the
+index, the scale); tests compare them.
 The masks are built independently of the kernels' index conversion, straight from each format's
 definition (causal always, query i of a sequence at absolute position k_len - q_len + i):
 
@@ -35,7 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-from terse.kernels.checks import check_varlen_inputs, num_blocks
+from terse.kernels.checks import num_blocks
+from terse.kernels.varlen import VarlenBatch
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -126,11 +128,7 @@ def a_shape_mask(
 
 
 def masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
+    batch: VarlenBatch,
     masks: Sequence[torch.Tensor],
     scale: float,
     head_ids: torch.Tensor | None = None,
@@ -139,41 +137,27 @@ def masked_attention(
 
     Returns out [total_q, Hq, D] float32; heads outside head_ids and rows with no visible key are 0.
     """
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    group = num_q_heads // num_kv_heads
-    heads = torch.arange(num_q_heads) if head_ids is None else head_ids.cpu().long()
-    kv_heads = (heads // group).to(q.device)
+    q, k, v, layout = batch.q, batch.k, batch.v, batch.layout
+    heads = torch.arange(batch.num_q_heads) if head_ids is None else head_ids.cpu().long()
+    kv_heads = (heads // batch.group_size).to(q.device)
     heads = heads.to(q.device)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b, mask in enumerate(masks):
-        qs, qe, ks, ke = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
-        if qe == qs:
+        q_rows, k_rows = layout.q_rows(b), layout.k_rows(b)
+        if q_rows.stop == q_rows.start:
             continue
-        q_b = q[qs:qe, heads].float().transpose(0, 1)  # [H, q_len, D]
-        k_b = k[ks:ke, kv_heads].float().transpose(0, 1)  # [H, k_len, D]
-        v_b = v[ks:ke, kv_heads].float().transpose(0, 1)
+        q_b = q[q_rows, heads].float().transpose(0, 1)  # [H, q_len, D]
+        k_b = k[k_rows, kv_heads].float().transpose(0, 1)  # [H, k_len, D]
+        v_b = v[k_rows, kv_heads].float().transpose(0, 1)
         scores = torch.matmul(q_b, k_b.transpose(1, 2)) * scale  # [H, q_len, k_len]
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-        out[qs:qe, heads] = torch.matmul(probs, v_b).transpose(0, 1)
+        out[q_rows, heads] = torch.matmul(probs, v_b).transpose(0, 1)
     return out
 
 
-def _seq_lengths(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[tuple[int, int]]:
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    return list(zip(q_lens, k_lens))
-
-
 def reference_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     block_idx: torch.Tensor,
     block_count: torch.Tensor,
     scale: float,
@@ -185,26 +169,19 @@ def reference_block_sparse_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `block_sparse_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     masks = []
-    for b, (q_len, k_len) in enumerate(_seq_lengths(cu_seqlens_q, cu_seqlens_k)):
+    for b, (q_len, k_len) in enumerate(batch.layout.lengths):
         cols = (col_idx[b], col_count[b]) if col_idx is not None and col_count is not None else (None, None)
         masks.append(
             block_sparse_mask(
                 block_idx[b], block_count[b], q_len, k_len, block_size_q, block_size_k, cols[0], cols[1]
             )
         )
-    return masked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, scale, head_ids)
+    return masked_attention(batch, masks, scale, head_ids)
 
 
 def reference_vertical_slash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     vertical_idx: torch.Tensor,
     slash_idx: torch.Tensor,
     scale: float,
@@ -214,22 +191,15 @@ def reference_vertical_slash_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `vertical_slash_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
     masks = [
         vertical_slash_mask(vertical_idx[b], slash_idx[b], q_len, k_len, block_size_q, block_size_k)
-        for b, (q_len, k_len) in enumerate(_seq_lengths(cu_seqlens_q, cu_seqlens_k))
+        for b, (q_len, k_len) in enumerate(batch.layout.lengths)
     ]
-    return masked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, scale, head_ids)
+    return masked_attention(batch, masks, scale, head_ids)
 
 
 def reference_a_shape_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     num_sink_tokens: torch.Tensor,
     window_len: torch.Tensor,
     scale: float,
@@ -237,9 +207,5 @@ def reference_a_shape_attention(
     head_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of `a_shape_attention` (same arguments) -> out [total_q, Hq, D] float32."""
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dims=None)
-    masks = [
-        a_shape_mask(num_sink_tokens, window_len, q_len, k_len)
-        for q_len, k_len in _seq_lengths(cu_seqlens_q, cu_seqlens_k)
-    ]
-    return masked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, scale, head_ids)
+    masks = [a_shape_mask(num_sink_tokens, window_len, q_len, k_len) for q_len, k_len in batch.layout.lengths]
+    return masked_attention(batch, masks, scale, head_ids)

@@ -23,6 +23,7 @@ import torch
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_block_size, num_blocks
+from terse.kernels.varlen import VarlenBatch, VarlenLayout
 
 SENTINEL = 1 << 30  # sorts after every real block/column id
 MAX_CHUNK_ELEMENTS = 1 << 27  # candidate elements per head chunk (~0.5 GiB of int32)
@@ -118,9 +119,7 @@ def _convert_chunk(
 def convert_vertical_slash(
     vertical_idx: torch.Tensor,
     slash_idx: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
+    layout: VarlenLayout,
     *,
     block_size_q: int = 64,
     block_size_k: int = 64,
@@ -137,13 +136,12 @@ def convert_vertical_slash(
                 f"{name} is {t.dtype} of shape {tuple(t.shape)}; expected int32 [num_seqs, heads, n] "
                 "with the same (num_seqs, heads) for vertical_idx and slash_idx"
             )
-    if vertical_idx.shape[0] != cu_seqlens_q.numel() - 1:
+    if vertical_idx.shape[0] != layout.num_seqs:
         raise KernelInputError(
-            f"index covers {vertical_idx.shape[0]} sequences but cu_seqlens_q has {cu_seqlens_q.numel() - 1}"
+            f"index covers {vertical_idx.shape[0]} sequences but the layout has {layout.num_seqs}"
         )
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    num_q_blocks = num_blocks(max_seqlen_q, block_size_q)
+    q_lens, k_lens = layout.device_lengths()
+    num_q_blocks = num_blocks(layout.max_seqlen_q, block_size_q)
     num_seqs, num_heads = vertical_idx.shape[:2]
     span = (block_size_q - 1) // block_size_k + 2
     per_head = num_seqs * num_q_blocks * max(slash_idx.shape[2] * span, vertical_idx.shape[2], 1)
@@ -166,13 +164,7 @@ def convert_vertical_slash(
 
 
 def vertical_slash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    batch: VarlenBatch,
     vertical_idx: torch.Tensor,
     slash_idx: torch.Tensor,
     scale: float,
@@ -186,12 +178,10 @@ def vertical_slash_attention(
     from terse.kernels.block_sparse import block_sparse_attention
 
     index = convert_vertical_slash(
-        vertical_idx, slash_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        block_size_q=block_size_q, block_size_k=block_size_k,
+        vertical_idx, slash_idx, batch.layout, block_size_q=block_size_q, block_size_k=block_size_k
     )
     return block_sparse_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        index.block_idx, index.block_count, scale,
+        batch, index.block_idx, index.block_count, scale,
         col_idx=index.col_idx, col_count=index.col_count,
         block_size_q=block_size_q, block_size_k=block_size_k, head_ids=head_ids, out=out,
     )

@@ -8,28 +8,14 @@ The names below load on first use, so importing `terse.organize.formats` stays l
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports, lazy_names
 
-_LAZY = {
-    "DagConfig": "terse.organize.dag",
-    "DagResult": "terse.organize.dag",
-    "DagRunner": "terse.organize.dag",
-    "PointAnswer": "terse.organize.skeleton",
-    "SkeletonOfThought": "terse.organize.skeleton",
-    "SoTConfig": "terse.organize.skeleton",
-    "SoTResult": "terse.organize.skeleton",
-    "Route": "terse.organize.router",
-    "Router": "terse.organize.router",
-    "RuleRouter": "terse.organize.router",
+_LAZY = {  # module -> the names it defines
+    "terse.organize.dag": ("DagConfig", "DagResult", "DagRunner"),
+    "terse.organize.skeleton": ("PointAnswer", "SkeletonOfThought", "SoTConfig", "SoTResult"),
+    "terse.organize.router": ("Route", "Router", "RuleRouter"),
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.organize' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+__all__ = lazy_names(_LAZY)

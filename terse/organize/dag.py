@@ -22,7 +22,7 @@ from typing import Literal
 import networkx as nx
 
 from terse.backend.base import Backend
-from terse.backend.types import Message, SamplingParams, Usage
+from terse.backend.types import Message, SamplingParams
 from terse.errors import ConfigError
 from terse.organize.formats import (
     MAX_PLAN_STEPS,
@@ -35,7 +35,7 @@ from terse.organize.formats import (
     qa_messages,
     synthesis_messages,
 )
-from terse.organize.stage import Stage, critical_path_s, run_stage, sequential_s, sum_usage
+from terse.organize.stage import Stage, StagedResult, run_stage
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def step_conversation(step: PlanStep, answers: dict[int, str], contexts: Sequenc
 
 # -- execution --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DagResult:
+class DagResult(StagedResult):
     """One question answered through a plan (or directly, when the plan was unusable)."""
 
     text: str
@@ -162,20 +162,6 @@ class DagResult:
     """The longest dependency chain of the plan."""
     stages: tuple[Stage, ...]
     """Every batched call in order: "plan", "wave-1", ..., "synthesis" (or "direct")."""
-
-    @property
-    def usage(self) -> Usage:
-        return sum_usage(self.stages)
-
-    @property
-    def critical_path_s(self) -> float:
-        """Latency of this run: plan, each wave's slowest step, synthesis."""
-        return critical_path_s(self.stages)
-
-    @property
-    def sequential_s(self) -> float:
-        """What the same calls cost one after another."""
-        return sequential_s(self.stages)
 
 
 class DagRunner:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from terse.backend.base import Backend
-from terse.backend.types import Completion, Message, SamplingParams, Usage
+from terse.backend.types import Completion, Message, SamplingParams
 from terse.errors import ConfigError, InvalidRequestError
 from terse.organize.formats import (
     MAX_SKELETON_POINTS,
@@ -30,7 +30,7 @@ from terse.organize.formats import (
     skeleton_messages,
 )
 from terse.organize.router import ROUTERS, Mode, Route, Router, make_router
-from terse.organize.stage import Stage, critical_path_s, run_stage, sequential_s, sum_usage
+from terse.organize.stage import Stage, StagedResult, run_stage
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class PointAnswer:
 
 
 @dataclass(frozen=True)
-class SoTResult:
+class SoTResult(StagedResult):
     """The outcome of one question: the answer, how it was produced, what it cost."""
 
     text: str
@@ -94,21 +94,6 @@ class SoTResult:
     """The raw skeleton the model wrote ("" when none was asked for)."""
     stages: tuple[Stage, ...]
     """Every batched call in order ("skeleton", "points" or "direct")."""
-
-    @property
-    def usage(self) -> Usage:
-        """Tokens summed over all calls (prompt, cached prompt, completion)."""
-        return sum_usage(self.stages)
-
-    @property
-    def critical_path_s(self) -> float:
-        """Latency of the run: each stage waited for its slowest request."""
-        return critical_path_s(self.stages)
-
-    @property
-    def sequential_s(self) -> float:
-        """What the same requests would cost one after another (sum of request latencies)."""
-        return sequential_s(self.stages)
 
 
 # -- pure planning ----------------------------------------------------------------------------------

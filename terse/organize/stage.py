@@ -38,10 +38,8 @@ class Stage:
 
     @property
     def usage(self) -> Usage:
-        total = ZERO_USAGE
-        for c in self.completions:
-            total = total + c.usage
-        return total
+        """Tokens summed over the stage's completions."""
+        return sum((c.usage for c in self.completions), ZERO_USAGE)
 
 
 def run_stage(
@@ -54,18 +52,24 @@ def run_stage(
     return Stage(name, tuple(completions), time.perf_counter() - start)
 
 
-def sum_usage(stages: Sequence[Stage]) -> Usage:
-    total = ZERO_USAGE
-    for stage in stages:
-        total = total + stage.usage
-    return total
+class StagedResult:
+    """Cost figures of a run made of stages. Results (frozen dataclasses) inherit it and hold `stages`."""
 
+    stages: tuple[Stage, ...]
+    """Every batched call of the run, in order."""
 
-def critical_path_s(stages: Sequence[Stage]) -> float:
-    """Latency of the stages run one after another, each stage's requests in parallel."""
-    return sum(stage.latency_s for stage in stages)
+    @property
+    def usage(self) -> Usage:
+        """Tokens summed over all calls (prompt, cached prompt, completion)."""
+        return sum((stage.usage for stage in self.stages), ZERO_USAGE)
 
+    @property
+    def critical_path_s(self) -> float:
+        """Latency of the stages run one after another, each stage's requests in parallel (each stage
+        waits for its slowest request)."""
+        return sum(stage.latency_s for stage in self.stages)
 
-def sequential_s(stages: Sequence[Stage]) -> float:
-    """Latency if every request of every stage ran alone, one after another (sum of request latencies)."""
-    return sum(sum(stage.request_latencies_s) for stage in stages)
+    @property
+    def sequential_s(self) -> float:
+        """Latency if every request of every stage ran alone, one after another (sum of request latencies)."""
+        return sum(sum(stage.request_latencies_s) for stage in self.stages)

@@ -1,7 +1,8 @@
 """The `terse` command line: one subcommand per module, imported only when it runs.
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules must keep their
-top-level imports light (no torch) so `terse --help` stays fast.
+top-level imports light (no torch) so `terse --help` stays fast. A `TerseError` a subcommand raises is
+printed as one line `terse <command>: error: ...` on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from terse.errors import TerseError
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("terse.pipelines.cli_demo", "run the bundled demo job"),
@@ -19,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("terse.pipelines.cli_serve", "OpenAI-compatible server: local model or proxy to an upstream API"),
     "index": ("terse.pipelines.cli_index", "build or update a retrieval index from documents"),
     "search": ("terse.pipelines.cli_search", "search a retrieval index (dense, BM25 or hybrid)"),
-    "sparse-patterns": ("terse.kernels.cli_patterns", "search per-head sparse prefill patterns for a model"),
+    "sparse-patterns": ("terse.pipelines.cli_patterns", "search per-head sparse prefill patterns for a model"),
 }
 
 
@@ -36,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args._module.run(args)
+    try:
+        code: int = args._module.run(args)
+    except TerseError as e:
+        print(f"terse {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -2,17 +2,18 @@
 
 Worlds of people, companies, cities and products are rendered into documents; questions (single-hop,
 multi-hop, list, needle-in-a-haystack) carry gold answers and gold documents. Splits never share an
-entity name. A leaf package: from terse it imports only the shared prompt formats and the typed errors.
+entity name. A leaf package: from terse it imports only the shared prompt formats, the typed errors and
+the answer matching it re-exports (`terse.answer_match`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from terse.answer_match import contains_all, exact_match
 from terse.synth.dataset import SplitConfig, SplitData, build_split, write_jsonl
 from terse.synth.questions import QUESTION_KINDS, Question
 from terse.synth.render import Document
-from terse.synth.scoring import contains_all, exact_match
 from terse.synth.world import World, WorldConfig, build_world
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from terse.organize import formats
 from terse.synth.dataset import CHARS_PER_TOKEN, SplitConfig, world_split
 from terse.synth.names import Split
-from terse.synth.questions import Question, needle_document
+from terse.synth.questions import Question, context_doc_ids, needle_document
 from terse.synth.render import Document
 from terse.synth.tokenizer import render_chat
 from terse.synth.world import World, WorldConfig, build_world
@@ -37,17 +37,7 @@ Context = tuple[str, str]
 def _contexts(docs: Sequence[Document], gold_ids: Sequence[str], rng: random.Random, target_chars: int) -> list[Context]:
     """Gold documents among shuffled distractors, about `target_chars` long."""
     by_id = {d.doc_id: d for d in docs}
-    chosen = list(dict.fromkeys(gold_ids))
-    total = sum(len(by_id[i].text) for i in chosen)
-    others = [d.doc_id for d in docs if d.doc_id not in chosen and d.kind != "haystack"]
-    rng.shuffle(others)
-    for doc_id in others:
-        if total >= target_chars:
-            break
-        chosen.append(doc_id)
-        total += len(by_id[doc_id].text)
-    rng.shuffle(chosen)
-    return [(i, by_id[i].text) for i in chosen]
+    return [(i, by_id[i].text) for i in context_doc_ids(gold_ids, docs, rng, target_chars)]
 
 
 def _context_chars(rng: random.Random, max_tokens: int) -> int:

@@ -7,6 +7,7 @@ multi-hop questions the two-step plan (`steps`) that the DAG format trains on.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -171,8 +172,15 @@ def build_context(
     question: Question, docs: list[Document], rng: random.Random, *, target_chars: int
 ) -> tuple[str, ...]:
     """Gold documents among random distractors from the same world, about `target_chars` long, shuffled."""
+    return tuple(context_doc_ids(question.doc_ids, docs, rng, target_chars))
+
+
+def context_doc_ids(
+    gold_ids: Sequence[str], docs: Sequence[Document], rng: random.Random, target_chars: int
+) -> list[str]:
+    """The distinct gold ids plus random non-haystack distractors until about `target_chars`, shuffled."""
     by_id = {d.doc_id: d for d in docs}
-    chosen = list(question.doc_ids)
+    chosen = list(dict.fromkeys(gold_ids))
     total = sum(len(by_id[i].text) for i in chosen)
     others = [d.doc_id for d in docs if d.doc_id not in chosen and d.kind != "haystack"]
     rng.shuffle(others)
@@ -182,4 +190,4 @@ def build_context(
         chosen.append(doc_id)
         total += len(by_id[doc_id].text)
     rng.shuffle(chosen)
-    return tuple(chosen)
+    return chosen

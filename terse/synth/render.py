@@ -80,9 +80,7 @@ def _company_text(c: Company, world: World, rng: random.Random) -> str:
             f"About {c.num_employees} people work in its {c.industry} divisions.",
         ]),
     ]
-    first, rest = facts[0], facts[1:]
-    rng.shuffle(rest)
-    return _with_filler([first, *rest], rng)
+    return _lead_then_shuffled(facts, rng)
 
 
 def _person_text(p: Person, world: World, rng: random.Random) -> str:
@@ -106,9 +104,7 @@ def _person_text(p: Person, world: World, rng: random.Random) -> str:
             f"A favourite pastime of {p.name} is {p.hobby}.",
         ]),
     ]
-    first, rest = facts[0], facts[1:]
-    rng.shuffle(rest)
-    return _with_filler([first, *rest], rng)
+    return _lead_then_shuffled(facts, rng)
 
 
 def _product_text(p: Product, world: World, rng: random.Random) -> str:
@@ -162,6 +158,13 @@ def _news_text(world: World, rng: random.Random) -> tuple[str, str]:
     rng.shuffle(sentences)
     title = rng.choice(["Industry roundup", "Weekly business notes", "Around the region", "Trade fair diary"])
     return title, _with_filler(sentences, rng)
+
+
+def _lead_then_shuffled(facts: list[str], rng: random.Random) -> str:
+    """The first fact opens the text (it names the subject); the others follow in random order."""
+    first, rest = facts[0], facts[1:]
+    rng.shuffle(rest)
+    return _with_filler([first, *rest], rng)
 
 
 def _with_filler(facts: list[str], rng: random.Random) -> str:

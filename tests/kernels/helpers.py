@@ -6,28 +6,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any triton-dependent module is imported
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class Batch:
-    q: torch.Tensor  # [total_q, Hq, D]
-    k: torch.Tensor  # [total_k, Hkv, D]
-    v: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
-
-    @property
-    def args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-        return (self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
+from terse.kernels.varlen import VarlenBatch, VarlenLayout
 
 
-def cumulative(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+def layout(q_lens: list[int], k_lens: list[int]) -> VarlenLayout:
+    return VarlenLayout.from_lengths(q_lens, k_lens)
 
 
 def make_batch(
@@ -38,23 +23,23 @@ def make_batch(
     head_dim: int = 64,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> Batch:
+) -> VarlenBatch:
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=gen).to(dtype)
-    return Batch(q, k, v, cumulative(q_lens), cumulative(k_lens), max(q_lens), max(k_lens))
+    return VarlenBatch.from_lengths(q, k, v, q_lens, k_lens)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
 
 
-def dense_causal(batch: Batch, scale: float) -> torch.Tensor:
-    """Plain per-sequence float32 causal attention (bottom-right aligned), independent of terse."""
+def dense_causal(batch: VarlenBatch, scale: float) -> torch.Tensor:
+    """Plain per-sequence float32 causal attention (bottom-right aligned), independent of terse's kernels."""
     out = torch.zeros(batch.q.shape, dtype=torch.float32)
     group = batch.q.shape[1] // batch.k.shape[1]
-    cq, ck = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+    cq, ck = batch.layout.cu_seqlens_q.tolist(), batch.layout.cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         q = batch.q[cq[b] : cq[b + 1]].float()
         k = batch.k[ck[b] : ck[b + 1]].float().repeat_interleave(group, dim=1)

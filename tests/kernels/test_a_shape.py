@@ -31,15 +31,15 @@ def test_matches_reference(head_dim, num_q_heads, num_kv_heads, block):
     sinks = torch.tensor([0, 3, 17, 40][:num_q_heads], dtype=torch.int32)
     windows = torch.tensor([1, 20, 33, 500][:num_q_heads], dtype=torch.int32)
     kw = {"block_size_q": block, "block_size_k": block}
-    out = a_shape_attention(*batch.args, sinks, windows, head_dim**-0.5, **kw)
-    ref = reference_a_shape_attention(*batch.args, sinks, windows, head_dim**-0.5)
+    out = a_shape_attention(batch, sinks, windows, head_dim**-0.5, **kw)
+    ref = reference_a_shape_attention(batch, sinks, windows, head_dim**-0.5)
     assert rel_err(out, ref) < 1e-5
 
 
 def test_full_window_is_dense_causal():
     batch = make_batch([40], [70], 2, 1, 64, seed=2)
     out = a_shape_attention(
-        *batch.args, torch.zeros(2, dtype=torch.int32), torch.full((2,), 71, dtype=torch.int32), 0.125,
+        batch, torch.zeros(2, dtype=torch.int32), torch.full((2,), 71, dtype=torch.int32), 0.125,
         block_size_q=16, block_size_k=16,
     )
     assert rel_err(out, dense_causal(batch, 0.125)) < 1e-5
@@ -48,6 +48,6 @@ def test_full_window_is_dense_causal():
 def test_rejects_per_head_tensors_of_wrong_shape():
     batch = make_batch([16], [16], 2, 1, 64)
     with pytest.raises(KernelInputError, match="one per head"):
-        a_shape_attention(*batch.args, torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 0.1)
+        a_shape_attention(batch, torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 0.1)
     with pytest.raises(KernelInputError, match="window_len must be >= 1"):
-        a_shape_attention(*batch.args, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 0.1)
+        a_shape_attention(batch, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), 0.1)

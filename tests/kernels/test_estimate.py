@@ -10,9 +10,8 @@ import torch
 from terse.errors import ConfigError
 from terse.kernels.estimate import EstimateConfig, diagonal_sums, estimate_vertical_slash, select_by_budget
 from terse.kernels.estimate_blocks import estimate_block_sparse
+from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
-
-from .helpers import cumulative
 
 LENGTH, NUM_Q, NUM_KV, DIM = 512, 4, 2, 64
 
@@ -55,10 +54,10 @@ def test_select_by_budget_forced_cap_and_mass():
 
 def test_vertical_slash_finds_planted_structure():
     q, k = planted(column=300, offset=100)
-    cu = cumulative([LENGTH])
+    batch = VarlenBatch.from_lengths(q, k, k, [LENGTH], [LENGTH])
     caps = torch.tensor([6] * NUM_Q)
     vi, si = estimate_vertical_slash(
-        q, k, cu, cu, LENGTH, LENGTH, caps, torch.tensor([66] * NUM_Q), torch.ones(NUM_Q), DIM**-0.5,
+        batch, caps, torch.tensor([66] * NUM_Q), torch.ones(NUM_Q), DIM**-0.5,
         config=EstimateConfig(num_sink_tokens=4, num_local_diagonals=64),
     )
     for h in range(NUM_Q):
@@ -68,13 +67,13 @@ def test_vertical_slash_finds_planted_structure():
 
 def test_vertical_slash_mass_target_shrinks_the_set():
     q, k = planted(column=300, offset=100, seed=1)
-    cu = cumulative([LENGTH])
+    batch = VarlenBatch.from_lengths(q, k, k, [LENGTH], [LENGTH])
     full = estimate_vertical_slash(
-        q, k, cu, cu, LENGTH, LENGTH, torch.tensor([200] * NUM_Q), torch.tensor([200] * NUM_Q),
+        batch, torch.tensor([200] * NUM_Q), torch.tensor([200] * NUM_Q),
         torch.ones(NUM_Q), DIM**-0.5,
     )
     small = estimate_vertical_slash(
-        q, k, cu, cu, LENGTH, LENGTH, torch.tensor([200] * NUM_Q), torch.tensor([200] * NUM_Q),
+        batch, torch.tensor([200] * NUM_Q), torch.tensor([200] * NUM_Q),
         torch.full((NUM_Q,), 0.5), DIM**-0.5,
     )
     assert (small[0] >= 0).sum() < (full[0] >= 0).sum()
@@ -88,9 +87,8 @@ def test_block_sparse_finds_planted_block_and_keeps_sink_and_diagonal():
     w = torch.randn(DIM, generator=gen)
     q[6 * 64 : 7 * 64] += w  # query block 6 ...
     k[2 * 64 : 3 * 64] += w  # ... attends key block 2
-    cu = cumulative([LENGTH])
     idx, count = estimate_block_sparse(
-        q, k, cu, cu, LENGTH, LENGTH, torch.tensor([3] * NUM_Q), torch.ones(NUM_Q), DIM**-0.5,
+        VarlenBatch.from_lengths(q, k, k, [LENGTH], [LENGTH]), torch.tensor([3] * NUM_Q), torch.ones(NUM_Q), DIM**-0.5,
         block_size_q=64, block_size_k=64,
     )
     for h in range(NUM_Q):
@@ -104,7 +102,7 @@ def test_block_sparse_prefix_offset_rows():
     q = torch.randn(40, NUM_Q, DIM)
     k = torch.randn(100, NUM_KV, DIM)
     idx, count = estimate_block_sparse(
-        q, k, cumulative([40]), cumulative([100]), 40, 100, torch.tensor([1] * NUM_Q), torch.ones(NUM_Q),
+        VarlenBatch.from_lengths(q, k, k, [40], [100]), torch.tensor([1] * NUM_Q), torch.ones(NUM_Q),
         0.125, block_size_q=16, block_size_k=16,
     )
     # query blocks cover positions 60..75, 76..91, 92..99: sink block + their own diagonal blocks

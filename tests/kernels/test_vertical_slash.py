@@ -7,7 +7,7 @@ import torch
 
 from terse.kernels.reference import reference_vertical_slash_attention
 from terse.kernels.vertical_slash import SENTINEL, convert_vertical_slash, vertical_slash_attention
-from tests.kernels.helpers import cumulative, dense_causal, make_batch, rel_err
+from tests.kernels.helpers import dense_causal, layout, make_batch, rel_err
 
 
 def rows(ids: torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
@@ -18,7 +18,7 @@ def convert(verticals: list[int], slashes: list[int], q_len: int, k_len: int, bl
     vi = torch.tensor([[verticals]], dtype=torch.int32)
     si = torch.tensor([[slashes]], dtype=torch.int32)
     index = convert_vertical_slash(
-        vi, si, cumulative([q_len]), cumulative([k_len]), q_len, block_size_q=block_q, block_size_k=block_k
+        vi, si, layout([q_len], [k_len]), block_size_q=block_q, block_size_k=block_k
     )
     return rows(index.block_idx[0, 0], index.block_count[0, 0]), rows(index.col_idx[0, 0], index.col_count[0, 0])
 
@@ -52,7 +52,7 @@ def test_rectangular_tiles():
 def test_padding_is_sentinel_and_counts_bound_rows():
     vi = torch.tensor([[[3, -1]], [[-1, -1]]], dtype=torch.int32)
     si = torch.tensor([[[0, 5]], [[0, -1]]], dtype=torch.int32)
-    index = convert_vertical_slash(vi, si, cumulative([40, 16]), cumulative([40, 16]), 40, block_size_q=16, block_size_k=16)
+    index = convert_vertical_slash(vi, si, layout([40, 16], [40, 16]), block_size_q=16, block_size_k=16)
     assert index.block_count[1, 0].tolist() == [1, 0, 0]  # sequence 1 has one query block
     assert torch.all(index.block_idx[1, 0, 1:] == SENTINEL)
 
@@ -67,8 +67,8 @@ def test_kernel_matches_reference(head_dim, num_q_heads, num_kv_heads, block_q, 
     vi = torch.randint(-1, 100, (2, num_q_heads, 9), generator=gen, dtype=torch.int32)
     si = torch.randint(-1, 100, (2, num_q_heads, 5), generator=gen, dtype=torch.int32)
     kw = {"block_size_q": block_q, "block_size_k": block_k}
-    out = vertical_slash_attention(*batch.args, vi, si, head_dim**-0.5, **kw)
-    ref = reference_vertical_slash_attention(*batch.args, vi, si, head_dim**-0.5, **kw)
+    out = vertical_slash_attention(batch, vi, si, head_dim**-0.5, **kw)
+    ref = reference_vertical_slash_attention(batch, vi, si, head_dim**-0.5, **kw)
     assert rel_err(out, ref) < 1e-5
 
 
@@ -76,7 +76,7 @@ def test_every_diagonal_is_dense_attention():
     batch = make_batch([30, 48], [60, 48], 2, 1, 64, seed=9)
     si = torch.arange(60, dtype=torch.int32).expand(2, 2, 60).contiguous()
     vi = torch.full((2, 2, 1), -1, dtype=torch.int32)
-    out = vertical_slash_attention(*batch.args, vi, si, 0.125, block_size_q=16, block_size_k=16)
+    out = vertical_slash_attention(batch, vi, si, 0.125, block_size_q=16, block_size_k=16)
     assert rel_err(out, dense_causal(batch, 0.125)) < 1e-5
 
 
@@ -84,7 +84,7 @@ def test_random_conversion_rows_are_sorted_distinct_and_disjoint():
     gen = torch.Generator().manual_seed(3)
     vi = torch.randint(-1, 300, (2, 3, 40), generator=gen, dtype=torch.int32)
     si = torch.randint(-1, 300, (2, 3, 30), generator=gen, dtype=torch.int32)
-    index = convert_vertical_slash(vi, si, cumulative([100, 256]), cumulative([256, 256]), 256, block_size_q=32, block_size_k=16)
+    index = convert_vertical_slash(vi, si, layout([100, 256], [256, 256]), block_size_q=32, block_size_k=16)
     for b in range(2):
         for h in range(3):
             for m in range(index.block_count.shape[2]):

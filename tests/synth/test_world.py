@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from terse.answer_match import contains_all, exact_match, list_items
 from terse.errors import ConfigError
 from terse.synth import SplitConfig, WorldConfig, build_split, build_world, write_jsonl
 from terse.synth.names import split_of
-from terse.synth.scoring import contains_all, exact_match, list_items
 
 SMALL = SplitConfig(num_worlds=2, questions_per_kind=6, needle_lengths=(128, 512), needle_depths=(0.0, 0.5, 1.0))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from terse.answer_match import exact_match
 from terse.backend.base import Backend
 from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
@@ -17,7 +18,6 @@ from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, 
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
 from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
 from terse.retrieval.types import Document
-from terse.synth.scoring import exact_match
 
 
 def sampling_params(config: DocQAConfig) -> SamplingParams:

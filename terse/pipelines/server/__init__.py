@@ -10,27 +10,17 @@ interface (`hooks`, `schema`) stays usable without them (`terse.pipelines.wrap` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from terse.lazy import lazy_exports, lazy_names
 
-_LAZY = {
-    "create_app": "terse.pipelines.server.app",
-    "engine_app": "terse.pipelines.server.build",
-    "proxy_app": "terse.pipelines.server.build",
-    "ServerThread": "terse.pipelines.server.runner",
-    "ServerConfig": "terse.pipelines.server.config",
-    "ProxyConfig": "terse.pipelines.server.config",
-    "ChatHook": "terse.pipelines.server.hooks",
-    "ChatResult": "terse.pipelines.server.hooks",
-    "ChatRequest": "terse.pipelines.server.schema",
+_LAZY = {  # module -> the names it defines
+    "terse.pipelines.server.app": ("create_app",),
+    "terse.pipelines.server.build": ("engine_app", "proxy_app"),
+    "terse.pipelines.server.runner": ("ServerThread",),
+    "terse.pipelines.server.config": ("ServerConfig", "ProxyConfig"),
+    "terse.pipelines.server.hooks": ("ChatHook", "ChatResult"),
+    "terse.pipelines.server.schema": ("ChatRequest",),
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'terse.pipelines.server' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+__all__ = lazy_names(_LAZY)

@@ -18,7 +18,7 @@ import torch
 
 from terse.errors import ConfigError
 from terse.kernels.patterns import ModelPatterns
-from terse.kernels.search import HeadScore, SearchConfig, search_model_patterns
+from terse.pipelines.pattern_search.search import HeadScore, SearchConfig, search_model_patterns
 
 CAPTURE_IMPLEMENTATION = "terse_capture_qk"
 

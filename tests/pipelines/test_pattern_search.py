@@ -16,7 +16,7 @@ from terse.kernels.patterns import (
     load_patterns,
     save_patterns,
 )
-from terse.kernels.search import SearchConfig, search_layer, search_model_patterns
+from terse.pipelines.pattern_search.search import SearchConfig, search_layer, search_model_patterns
 
 LENGTH, DIM = 1024, 64
 CANDIDATES = (

@@ -1,6 +1,7 @@
-"""Exact-match scoring of model answers against gold answers.
+"""Exact-match scoring of model answers against gold answers (doc-QA jobs, benchmarks, synthetic data).
 
-Normalisation forgives what does not change the answer: case, surrounding whitespace, a trailing
+A neutral module: the doc-QA pipeline scores answers with it and `terse.synth` re-exports it, so
+production code never imports the synthetic-data package. Normalisation forgives what does not change the answer: case, surrounding whitespace, a trailing
 period, and for list answers the order and the separators (commas, "and", newlines, numbering).
 """
 

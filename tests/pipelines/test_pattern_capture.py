@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from terse.kernels.capture import capture_layer_qk, search_transformers_model
 from terse.kernels.patterns import ModelPatterns, load_patterns, save_patterns
-from terse.kernels.search import SearchConfig
+from terse.pipelines.pattern_search.capture import capture_layer_qk, search_transformers_model
+from terse.pipelines.pattern_search.search import SearchConfig
 
 
 def test_capture_matches_the_model_and_leaves_it_unchanged(tiny_llama):

@@ -2,7 +2,7 @@
 
     terse sparse-patterns path/to/model --prompt-file long.txt --length 32768
     -> path/to/model/sparse_patterns.json (or --out), read by the local engine through
-       terse.kernels.patterns.load_or_default
+       terse.kernels.patterns.load_or_default; the search itself is `terse.pipelines.pattern_search`
 
 The prompt file is tokenized with the model's tokenizer and repeated or cut to --length tokens; search
 on prompts as long as those you will serve (budgets are counts). Runs on the GPU when there is one.
@@ -11,7 +11,6 @@ on prompts as long as those you will serve (budgets are counts). Runs on the GPU
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=64, help="prefill tile size (default 64)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from terse.errors import TerseError
-
-    try:
-        return _run(args)
-    except TerseError as e:
-        print(f"terse sparse-patterns: error: {e}", file=sys.stderr)
-        return 2
-
-
 def _sample_ids(tokenizer: object, text: str, length: int) -> list[int]:
     from terse.errors import ConfigError
 
@@ -48,14 +37,14 @@ def _sample_ids(tokenizer: object, text: str, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from terse.errors import ConfigError
-    from terse.kernels.capture import search_transformers_model
     from terse.kernels.patterns import save_patterns
-    from terse.kernels.search import SearchConfig
+    from terse.pipelines.pattern_search.capture import search_transformers_model
+    from terse.pipelines.pattern_search.search import SearchConfig
 
     if not args.prompt_file.is_file():
         raise ConfigError(f"--prompt-file {str(args.prompt_file)!r} does not exist")

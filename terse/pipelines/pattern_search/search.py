@@ -34,6 +34,7 @@ from terse.kernels.patterns import (
     ModelPatterns,
     VerticalSlashPattern,
 )
+from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import convert_vertical_slash
 
 DEFAULT_CANDIDATES: tuple[HeadPattern, ...] = (
@@ -145,25 +146,25 @@ def _candidate_indices(
     pattern: HeadPattern, q: torch.Tensor, k: torch.Tensor, scale: float, config: SearchConfig
 ) -> list[RowIndex]:
     """Per head, the index `pattern` estimates on this sample."""
-    length, num_heads, device = q.shape[0], q.shape[1], q.device
-    cu = torch.tensor([0, length], dtype=torch.int32, device=device)
+    length, num_heads = q.shape[0], q.shape[1]
+    batch = VarlenBatch.from_lengths(q, k, k, [length], [length])  # estimation reads q and k only
     bq, bk = config.block_size_q, config.block_size_k
     if isinstance(pattern, AShapePattern):
         return [_a_shape_index(pattern, length, bq, bk)] * num_heads
     if isinstance(pattern, VerticalSlashPattern):
         vi, si = estimate_vertical_slash(
-            q, k, cu, cu, length, length, torch.full((num_heads,), pattern.num_vertical),
+            batch, torch.full((num_heads,), pattern.num_vertical),
             torch.full((num_heads,), pattern.num_slash), torch.full((num_heads,), pattern.target_mass),
             scale, config=config.estimate,
         )
-        idx = convert_vertical_slash(vi, si, cu, cu, length, block_size_q=bq, block_size_k=bk)
+        idx = convert_vertical_slash(vi, si, batch.layout, block_size_q=bq, block_size_k=bk)
         return [
             RowIndex(idx.block_idx[0, h], idx.block_count[0, h], idx.col_idx[0, h], idx.col_count[0, h])
             for h in range(num_heads)
         ]
     if isinstance(pattern, BlockSparsePattern):
         bidx, bcnt = estimate_block_sparse(
-            q, k, cu, cu, length, length, torch.full((num_heads,), pattern.num_blocks),
+            batch, torch.full((num_heads,), pattern.num_blocks),
             torch.full((num_heads,), pattern.target_mass), scale, block_size_q=bq, block_size_k=bk,
         )
         return [RowIndex(bidx[0, h], bcnt[0, h], None, None) for h in range(num_heads)]
