@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with IndexLock(output, wait=not args.no_wait, on_wait=waiting):
             retriever, report = _update(args, output, progress)
-    except TerseError as e:
+    except (TerseError, OSError) as e:  # OSError: the disk filled up or the index became unwritable mid-save
         bar.close()
         print(f"terse index: error: {e}", file=sys.stderr)
         return 2

@@ -69,7 +69,12 @@ class IndexLock:
 
     def acquire(self) -> None:
         """Take the lock (waiting unless `wait=False`); re-entrant within the calling thread."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RetrievalIndexError(
+                f"cannot use {str(self.root)!r} as an index directory ({e.strerror}); give a directory you can write"
+            ) from e
         key = str(self.root.resolve())
         me = threading.get_ident()
         with _held_guard:
@@ -79,7 +84,12 @@ class IndexLock:
                 self._key = key
                 return
         path = Path(key) / LOCK_FILE
-        fd = self._lock_file(path)
+        try:
+            fd = self._lock_file(path)
+        except OSError as e:
+            raise RetrievalIndexError(
+                f"cannot lock index {str(self.root)!r} ({e.strerror} on {LOCK_FILE}); check its permissions"
+            ) from e
         with _held_guard:
             _held[key] = _Held(me, 1, fd, path)
         self._key = key

@@ -142,6 +142,20 @@ def test_dropped_stream_is_logged_once(engine_server: ServerThread, server_log: 
     assert len(lines) == 1 and "disconnected mid-stream" in lines[0]
 
 
+def test_client_gone_mid_body_is_one_line(engine_server: ServerThread, server_log: Records) -> None:
+    with socket.create_connection(("127.0.0.1", engine_server.port)) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n"
+                     b"x-request-id: half-1\r\n\r\n{\"model\": ")
+        threading.Event().wait(0.2)
+    for _ in range(200):
+        if any("half-1" in r.getMessage() for r in server_log.records):
+            break
+        threading.Event().wait(0.02)
+    lines = [r.getMessage() for r in server_log.records if "half-1" in r.getMessage()]
+    assert len(lines) == 1 and "disconnected before its request body arrived" in lines[0]
+    assert not [r for r in server_log.records if r.name == "uvicorn.error" or r.exc_info], "no tracebacks"
+
+
 # -- broken upstreams ------------------------------------------------------------------------------
 
 

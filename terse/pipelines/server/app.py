@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from terse.errors import TerseError
@@ -123,6 +123,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         error = api_error_from(e)
         log_api_error(logger, getattr(request.state, "request_id", "?"), error)
         return _error_response(request, error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, e: ClientDisconnect) -> Response:
+        request_id = getattr(request.state, "request_id", None) or _request_id(request)
+        logger.info("request %s: client disconnected before its request body arrived", request_id)
+        return Response(status_code=499, headers={"x-request-id": request_id})
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError) -> Response:
