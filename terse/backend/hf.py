@@ -127,7 +127,7 @@ class HFBackend(BackendBase):
         return encode_plain(self.tokenizer, text)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        check_token_ids(token_ids, len(self.tokenizer), "tokens")
+        check_token_ids(token_ids, max(len(self.tokenizer), int(self.model.config.vocab_size)), "tokens")
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def close(self) -> None:

@@ -185,9 +185,11 @@ def read_version(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]]
     if verify:
         for rel, expected in files.items():
             path = version_dir / rel
-            if not path.is_file():
-                raise RetrievalIndexError(f"index file {str(path)!r} is missing; rebuild the index")
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            try:
+                intact = path.stat().st_size == expected["bytes"] and _sha256(path) == expected["sha256"]
+            except OSError as e:  # missing (or pruned by a writer while being read: Retriever.open retries)
+                raise RetrievalIndexError(f"index file {str(path)!r} is missing ({e.strerror}); rebuild the index") from e
+            if not intact:
                 raise RetrievalIndexError(
                     f"index file {str(path)!r} is corrupt (size or sha256 differs from the manifest); "
                     f"rebuild the index"

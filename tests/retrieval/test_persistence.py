@@ -384,3 +384,35 @@ def test_concurrent_locked_updates_lose_nothing(tmp_path: Path) -> None:
     assert not errors
     ids = set(Retriever.open(root, embedder=HashEmbedder()).doc_ids())
     assert {f"{n}-{i}" for n in ("ann", "bob", "cy") for i in range(6)} <= ids
+
+
+def test_readers_never_fail_while_a_writer_publishes(tmp_path: Path) -> None:
+    import threading
+
+    root = tmp_path / "idx"
+    _saved(root, [Document(f"d{i}", f"Record {i} on heron {i % 13} and otter {i % 7}.") for i in range(200)])
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    num_opened = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                Retriever.open(root, embedder=HashEmbedder()).search("heron", 1, "bm25")
+                num_opened[0] += 1
+            except BaseException as e:  # reported below
+                failures.append(e)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        writer = Retriever.open(root, embedder=HashEmbedder())
+        for i in range(12):  # each save publishes a version and prunes the one readers may be reading
+            writer.add_documents([Document(f"w{i}", f"Written note {i} about a kestrel.")])
+            writer.save(root)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[0]
+    assert num_opened[0] > 0

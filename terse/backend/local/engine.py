@@ -222,7 +222,7 @@ class LocalEngine(BackendBase):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         tok = self._require_tokenizer("decode()")
-        check_token_ids(token_ids, len(tok), "tokens")
+        check_token_ids(token_ids, max(len(tok), self.model_config.vocab_size), "tokens")  # any id it generates
         with self._tok_lock:
             decoded = tok.decode(list(token_ids), skip_special_tokens=True)
         return str(decoded)
