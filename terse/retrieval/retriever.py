@@ -307,7 +307,9 @@ class Retriever:
         """Write the index to directory `path` atomically (see persistence.py); returns `path`.
 
         An approximate index whose last recall measurement predates changes is re-measured first, so
-        the manifest records the recall of exactly what is saved.
+        the manifest records the recall of exactly what is saved. Saving to the directory this
+        retriever was opened from (or last saved to) raises RetrievalIndexError if another writer
+        published there since: its changes would be dropped (hold `IndexLock` from open to save).
         """
         root = Path(path)
         if self.vectors is not None and self.recall is not None and self.recall.kind == self.vectors.kind and (
