@@ -16,7 +16,15 @@ class ConfigError(TerseError, ValueError):
 
 
 class InvalidRequestError(TerseError, ValueError):
-    """One request is invalid (too long, bad sampling values, empty prompt); other requests go on."""
+    """One request is invalid (too long, bad sampling values, empty prompt); other requests go on.
+
+    `param` names the request field at fault when one is ("prompt", "max_tokens", "tokens"); the
+    server reports it as the error's `param`.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(TerseError):

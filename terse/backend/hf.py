@@ -36,6 +36,7 @@ from terse.backend.handle import RequestHandle
 from terse.backend.sampling import apply_token_bitmask, make_generator, sample_next
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
+    check_token_ids,
     context_ids,
     encode_plain,
     encode_prompt,
@@ -117,6 +118,8 @@ class HFBackend(BackendBase):
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequestError("the prompt is empty; give at least one token of text")
         prompt_ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        if not isinstance(prompt, str):
+            check_token_ids(prompt_ids, int(self.model.config.vocab_size), "prompt")
         _validate_prompt(prompt_ids, params, self._max_len)
         grammar = self._grammar.compile(params.constraint) if params.constraint is not None else None
         handle = RequestHandle(f"hf-{next(self._ids)}")
@@ -137,6 +140,7 @@ class HFBackend(BackendBase):
         return encode_plain(self.tokenizer, text)
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, max(len(self.tokenizer), int(self.model.config.vocab_size)), "tokens")
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def close(self) -> None:

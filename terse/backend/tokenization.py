@@ -7,12 +7,13 @@ templates render it) does not get a second BOS.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from terse.errors import ModelLoadError
+from terse.errors import InvalidRequestError, ModelLoadError
 
 
 def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerBase:
@@ -39,6 +40,21 @@ def encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a text with no special tokens added."""
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Raise `InvalidRequestError` (naming `param`) unless every id is an int in [0, vocab_size).
+
+    Tokenizers fail on such ids with overflow errors, or decode them to nothing, and a model would
+    index past its embedding table.
+    """
+    bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); send ids the "
+            f"model's tokenizer produced (POST /tokenize)",
+            param=param,
+        )
 
 
 def context_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -7,10 +7,15 @@
 
 Updates are incremental: a document whose content hash is unchanged is skipped, a changed one has its
 old chunks removed and only its new chunks embedded. The BM25 index is rebuilt lazily from the store.
+
+Concurrent writers: hold `IndexLock(path)` from `open` to `save` (as `terse index` does); `save`
+itself takes the lock, and refuses to publish over a version another writer saved after this
+retriever opened (or last saved) that index, so an update is never silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from terse.errors import ConfigError, InvalidRequestError, RetrievalIndexError
+from terse.errors import ConfigError, InvalidRequestError, RetrievalIndexError, TerseError
 from terse.retrieval.bm25 import BM25Index
 from terse.retrieval.calibration import RecallReport, build_index, calibrate, choose_kind
 from terse.retrieval.chunker import Chunker
@@ -26,8 +31,9 @@ from terse.retrieval.config import RetrieverConfig
 from terse.retrieval.embedder import Embedder, ProgressFn, SentenceTransformerEmbedder
 from terse.retrieval.fusion import reciprocal_rank_fusion
 from terse.retrieval.loaders import load_documents
-from terse.retrieval.persistence import read_version, write_version
+from terse.retrieval.persistence import current_version, read_version, write_version
 from terse.retrieval.store import ChunkStore
+from terse.retrieval.sync import plan_sync
 from terse.retrieval.types import SEARCH_MODES, AddReport, Chunk, Document, Hit, SearchMode
 from terse.retrieval.vector_index import INDEX_TYPES, VectorIndex
 
@@ -67,6 +73,7 @@ class Retriever:
         self._chunker: Chunker | None = None
         self._ann_retry_at = 0  # auto: collection size at which a rejected ANN switch is tried again
         self._num_calibrated = 0
+        self._based_on: tuple[str, str] | None = None  # (resolved index dir, version) read or last saved
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -83,14 +90,29 @@ class Retriever:
             self._chunker = Chunker(self.config.chunker, self.embedder)
         return self._chunker
 
-    def add_paths(self, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> AddReport:
-        """Read .txt/.md/.jsonl/.pdf files (directories recursively) and add them; see add_documents."""
-        documents = load_documents(paths)
-        if not documents:
+    def add_paths(
+        self, paths: Sequence[str | Path], progress: ProgressFn | None = None, *, remove_missing: bool = False
+    ) -> AddReport:
+        """Read .txt/.md/.jsonl/.pdf files (directories recursively) and add them; see add_documents.
+
+        A file indexed before under another spelling of its path keeps its document id (one file, one
+        document; see sync.py). With `remove_missing`, documents read before from under `paths` whose
+        file (or JSONL line) is gone are deleted too (`AddReport.removed_doc_ids`), so the index
+        mirrors what the paths hold now.
+        """
+        plan = plan_sync(paths, load_documents(paths), self.store.sources())
+        gone = plan.gone_ids if remove_missing else []
+        if not plan.documents and not gone:
             raise InvalidRequestError(
                 f"no .txt, .md, .jsonl or .pdf documents found under {[str(p) for p in paths]}"
             )
-        return self.add_documents(documents, progress)
+        report = self.add_documents(plan.documents, progress) if plan.documents else AddReport(0, 0, 0, 0, 0)
+        if gone:
+            num_chunks = self.delete(gone)
+            report = dataclasses.replace(
+                report, num_chunks_removed=report.num_chunks_removed + num_chunks, removed_doc_ids=tuple(gone)
+            )
+        return report
 
     def add_documents(self, documents: Iterable[Document], progress: ProgressFn | None = None) -> AddReport:
         """Add or replace documents; unchanged ones (same content hash) are skipped, not re-embedded.
@@ -285,7 +307,9 @@ class Retriever:
         """Write the index to directory `path` atomically (see persistence.py); returns `path`.
 
         An approximate index whose last recall measurement predates changes is re-measured first, so
-        the manifest records the recall of exactly what is saved.
+        the manifest records the recall of exactly what is saved. Saving to the directory this
+        retriever was opened from (or last saved to) raises RetrievalIndexError if another writer
+        published there since: its changes would be dropped (hold `IndexLock` from open to save).
         """
         root = Path(path)
         if self.vectors is not None and self.recall is not None and self.recall.kind == self.vectors.kind and (
@@ -294,7 +318,10 @@ class Retriever:
             self.recall, self._num_calibrated = calibrate(self.vectors, self.config.index), self.vectors.num_vectors
         if self._bm25 is None and self.store.num_chunks:
             self._bm25 = BM25Index.build(*self.store.all_texts())
-        write_version(root, self._write_files)
+        key = str(root.resolve())
+        expect = self._based_on[1] if self._based_on is not None and self._based_on[0] == key else None
+        version_dir = write_version(root, self._write_files, expect_current=expect)
+        self._based_on = (key, version_dir.name)
         return root
 
     def _write_files(self, directory: Path) -> dict[str, Any]:
@@ -321,17 +348,39 @@ class Retriever:
 
         Without `embedder`, the one recorded in the manifest is built (loaded on first query). A given
         embedder must have the recorded signature; a missing/corrupt file or a mismatch raises
-        RetrievalIndexError. `verify` checks every file's sha256 (reads each file once).
+        RetrievalIndexError. `verify` checks every file's sha256 (reads each file once). A version
+        pruned by a concurrent writer while it was being read is retried on the newly published one.
         """
-        version_dir, manifest = read_version(Path(path), verify=verify)
-        config = RetrieverConfig.from_json(manifest["config"])
-        retriever = cls(config, embedder=embedder)
-        _check_signature(path, manifest["embedder"], retriever.embedder.signature())
-        retriever.store = ChunkStore.load(version_dir / _CHUNKS_FILE)
-        retriever._read_indexes(version_dir, manifest)
-        retriever._ann_retry_at = int(manifest["ann_retry_at"])
-        retriever._num_calibrated = int(manifest["num_calibrated"])
-        retriever.recall = None if manifest["recall"] is None else RecallReport(**manifest["recall"])
+        root = Path(path)
+        for attempt in range(3):
+            seen = current_version(root)
+            try:
+                return cls._open_version(root, embedder, verify)
+            except RetrievalIndexError:
+                if attempt == 2 or current_version(root) == seen:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_version(cls, root: Path, embedder: Embedder | None, verify: bool) -> Retriever:
+        version_dir, manifest = read_version(root, verify=verify)
+        try:
+            config = RetrieverConfig.from_json(manifest["config"])
+            retriever = cls(config, embedder=embedder)
+            _check_signature(root, manifest["embedder"], retriever.embedder.signature())
+            retriever.store = ChunkStore.load(version_dir / _CHUNKS_FILE)
+            retriever._read_indexes(version_dir, manifest)
+            retriever._ann_retry_at = int(manifest["ann_retry_at"])
+            retriever._num_calibrated = int(manifest["num_calibrated"])
+            retriever.recall = None if manifest["recall"] is None else RecallReport(**manifest["recall"])
+        except TerseError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RetrievalIndexError(
+                f"index manifest in {str(version_dir)!r} lacks a field or holds a bad value "
+                f"({type(e).__name__}: {e}); rebuild the index"
+            ) from e
+        retriever._based_on = (str(root.resolve()), version_dir.name)
         return retriever
 
     def _read_indexes(self, version_dir: Path, manifest: dict[str, Any]) -> None:

@@ -106,6 +106,12 @@ class ChunkStore:
         row = self.db.execute("SELECT metadata FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
         return {} if row is None else dict(json.loads(row[0]))
 
+    def sources(self) -> dict[str, str]:
+        """doc id -> `metadata["source"]` of every document that has a string source."""
+        rows = self.db.execute("SELECT doc_id, metadata FROM documents").fetchall()
+        found = {str(doc_id): json.loads(metadata).get("source") for doc_id, metadata in rows}
+        return {doc_id: source for doc_id, source in found.items() if isinstance(source, str)}
+
     def chunk_ids_of(self, doc_ids: Iterable[str]) -> list[int]:
         """Ids of every chunk of the given documents, ascending."""
         ids: list[int] = []

@@ -98,4 +98,6 @@ class AddReport:
     num_chunks_added: int
     """Chunks embedded and indexed by this call."""
     num_chunks_removed: int
-    """Chunks removed because their document changed."""
+    """Chunks removed because their document changed (or, see below, is gone)."""
+    removed_doc_ids: tuple[str, ...] = ()
+    """Documents deleted because their file (or JSONL line) is gone (`add_paths(remove_missing=True)`)."""

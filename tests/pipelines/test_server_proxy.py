@@ -102,6 +102,18 @@ def test_upstream_client_errors_pass_through(proxy: ServerThread) -> None:
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
 
 
+def test_engine_client_errors_stay_400s_behind_the_proxy(proxy: ServerThread) -> None:
+    """Once 500s the proxy retried three times and turned into a 502; now one 400 passed through."""
+    for tokens in ([-1], [2**40]):
+        response = httpx.post(f"{proxy.url}/detokenize", json={"tokens": tokens}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tokens"
+    seed = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "seed": 2**70})
+    assert seed.status_code == 400 and seed.json()["error"]["param"] == "seed"  # checked before forwarding
+    surrogate = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800x"}]}'
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", content=surrogate, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
 def test_hooks_rewrite_requests_and_answers_with_accounting(upstream: ServerThread, transport: str) -> None:
     proxy = start_proxy(f"{upstream.url}/v1", hooks=(KeepLastUserMessage(),), transport=transport)
     try:

@@ -175,6 +175,9 @@ def test_open_errors_are_typed(tmp_path: Path) -> None:
     with pytest.raises(RetrievalIndexError, match="missing"):
         Retriever.open(root, embedder=HashEmbedder())
     (version / "manifest.json").write_text("{not json")
+    with pytest.raises(RetrievalIndexError, match="manifest.* is corrupt"):  # caught by its checksum
+        Retriever.open(root, embedder=HashEmbedder())
+    (version / "manifest.sha256").unlink()
     with pytest.raises(RetrievalIndexError, match="not JSON"):
         Retriever.open(root, embedder=HashEmbedder())
 
@@ -242,3 +245,174 @@ def test_save_records_the_recall_of_what_it_saves(tmp_path: Path) -> None:
     retriever.save(tmp_path / "idx")
     recall = Retriever.open(tmp_path / "idx", embedder=HashEmbedder()).stats().recall
     assert recall is not None and recall.kind == "hnsw" and recall.num_vectors == 170
+
+
+def _saved(root: Path, docs: list[Document] | None = None) -> Retriever:
+    retriever = Retriever(_config(), embedder=HashEmbedder())
+    retriever.add_documents(docs or _docs())
+    retriever.save(root)
+    return retriever
+
+
+def test_current_must_name_a_version_inside_the_index(tmp_path: Path) -> None:
+    _saved(tmp_path / "mine")
+    _saved(tmp_path / "other", [Document("secret.txt", "The other index holds a secret about herons.")])
+    pointer = tmp_path / "mine" / persistence.CURRENT
+    for escaping in ("../other/v000001", str(tmp_path / "other" / "v000001"), "v000001/../../other/v000001"):
+        pointer.write_text(escaping + "\n")
+        with pytest.raises(RetrievalIndexError, match="not the name of a version directory"):
+            Retriever.open(tmp_path / "mine", embedder=HashEmbedder())
+    (tmp_path / "mine" / "v000009").symlink_to(tmp_path / "other" / "v000001")  # a version-shaped link out
+    pointer.write_text("v000009\n")
+    with pytest.raises(RetrievalIndexError, match="not the name of a version directory"):
+        Retriever.open(tmp_path / "mine", embedder=HashEmbedder())
+    pointer.write_bytes(b"\xff\xfev0\x00\n")  # not UTF-8 at all
+    with pytest.raises(RetrievalIndexError, match="not the name of a version directory"):
+        Retriever.open(tmp_path / "mine", embedder=HashEmbedder())
+    pointer.write_text("v000001\n")
+    assert Retriever.open(tmp_path / "mine", embedder=HashEmbedder()).stats().num_documents == len(ANIMALS)
+
+
+def test_every_flipped_manifest_byte_is_a_typed_error(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    _saved(root)
+    manifest = root / "v000001" / persistence.MANIFEST
+    original = manifest.read_bytes()
+    for position in range(0, len(original), max(1, len(original) // 97)):
+        for flip in (0x01, 0x80):
+            data = bytearray(original)
+            data[position] ^= flip
+            manifest.write_bytes(bytes(data))
+            with pytest.raises(RetrievalIndexError, match="manifest"):
+                Retriever.open(root, embedder=HashEmbedder(), verify=False)
+    manifest.write_bytes(original)
+    (root / "v000001" / persistence.MANIFEST_SHA256).unlink()  # an index written before the checksum
+    manifest.write_bytes(original.replace(b'"num_calibrated"', b'"num_calibratex"'))
+    with pytest.raises(RetrievalIndexError, match="lacks a field"):
+        Retriever.open(root, embedder=HashEmbedder())
+    manifest.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(RetrievalIndexError, match="not JSON"):
+        Retriever.open(root, embedder=HashEmbedder())
+
+
+def test_a_save_over_a_newer_version_is_refused_not_lost(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    _saved(root)
+    first = Retriever.open(root, embedder=HashEmbedder())
+    second = Retriever.open(root, embedder=HashEmbedder())
+    first.add_documents([Document("newt.txt", "A newt swims in the pond.")])
+    first.save(root)
+    second.add_documents([Document("toad.txt", "A toad sits under the stone.")])
+    with pytest.raises(RetrievalIndexError, match="changed since it was opened"):
+        second.save(root)  # would publish a version without newt.txt
+    assert "newt.txt" in Retriever.open(root, embedder=HashEmbedder()).doc_ids()
+    first.add_documents([Document("eft.txt", "An eft is a young newt.")])
+    first.save(root)  # its own last save is the base: no conflict
+    second.save(tmp_path / "elsewhere")  # another directory: nothing to conflict with
+
+
+def test_lock_makes_a_second_writer_wait_or_fail(tmp_path: Path) -> None:
+    import threading
+
+    from terse.retrieval import IndexLock
+
+    root = tmp_path / "idx"
+    _saved(root)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        with IndexLock(root, on_wait=messages.append):
+            retriever = Retriever.open(root, embedder=HashEmbedder())
+            retriever.add_documents([Document("toad.txt", "A toad sits under the stone.")])
+            retriever.save(root)
+        done.set()
+
+    refused: list[BaseException] = []
+
+    def impatient() -> None:
+        try:
+            IndexLock(root, wait=False).acquire()
+        except RetrievalIndexError as e:
+            refused.append(e)
+
+    with IndexLock(root):
+        other = threading.Thread(target=impatient)  # another thread is another writer
+        other.start()
+        other.join(10)
+        assert refused and "being written by another process" in str(refused[0])
+        thread = threading.Thread(target=writer)
+        thread.start()
+        for _ in range(200):
+            if messages:
+                break
+            done.wait(0.01)
+        assert messages and f"pid {os.getpid()}" in messages[0] and not done.is_set()
+        retriever = Retriever.open(root, embedder=HashEmbedder())
+        retriever.add_documents([Document("newt.txt", "A newt swims in the pond.")])
+        retriever.save(root)  # re-entrant: this thread already holds the lock
+    thread.join(10)
+    assert done.is_set()
+    assert {"newt.txt", "toad.txt"} <= set(Retriever.open(root, embedder=HashEmbedder()).doc_ids())
+    assert not (root / "LOCK").exists()
+
+
+def test_concurrent_locked_updates_lose_nothing(tmp_path: Path) -> None:
+    import threading
+
+    from terse.retrieval import IndexLock
+
+    root = tmp_path / "idx"
+    _saved(root)
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(6):
+                with IndexLock(root):
+                    retriever = Retriever.open(root, embedder=HashEmbedder())
+                    retriever.add_documents([Document(f"{name}-{i}", f"Note {i} written by {name}.")])
+                    retriever.save(root)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("ann", "bob", "cy")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    ids = set(Retriever.open(root, embedder=HashEmbedder()).doc_ids())
+    assert {f"{n}-{i}" for n in ("ann", "bob", "cy") for i in range(6)} <= ids
+
+
+def test_readers_never_fail_while_a_writer_publishes(tmp_path: Path) -> None:
+    import threading
+
+    root = tmp_path / "idx"
+    _saved(root, [Document(f"d{i}", f"Record {i} on heron {i % 13} and otter {i % 7}.") for i in range(200)])
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    num_opened = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                Retriever.open(root, embedder=HashEmbedder()).search("heron", 1, "bm25")
+                num_opened[0] += 1
+            except BaseException as e:  # reported below
+                failures.append(e)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        writer = Retriever.open(root, embedder=HashEmbedder())
+        for i in range(12):  # each save publishes a version and prunes the one readers may be reading
+            writer.add_documents([Document(f"w{i}", f"Written note {i} about a kestrel.")])
+            writer.save(root)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[0]
+    assert num_opened[0] > 0

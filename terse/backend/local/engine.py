@@ -32,7 +32,7 @@ from terse.backend.local.kv_policy import policy_for
 from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
 from terse.backend.local.models.loader import load_model, random_model, read_model_config, resolve_model_dir
 from terse.backend.local.prefix_cache import RadixPrefixCache
-from terse.backend.local.requests import Request, validate_prompt
+from terse.backend.local.requests import Request, max_new_tokens, validate_prompt
 from terse.backend.local.runner import ModelRunner
 from terse.backend.local.scheduler import Scheduler
 from terse.backend.local.sequence import Sequence as Seq
@@ -40,6 +40,7 @@ from terse.backend.local.sparse_prefill import build_sparse_prefill
 from terse.backend.sampling import make_generator
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
+    check_token_ids,
     context_ids,
     encode_plain,
     encode_prompt,
@@ -172,6 +173,15 @@ class LocalEngine(BackendBase):
         self._send("add", (Request(seq, policy, handle, stream), None))
         return handle
 
+    def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """Most tokens a prompt of `count_tokens()` length may generate: context room and what the KV pool
+        holds. Counts the BOS a text prompt may get on submit, so it can be one token short for ids."""
+        policy = policy_for(params.streaming_kv or self.config.default_streaming_kv)
+        num_prompt = num_prompt_tokens + len(self._bos_context)
+        return max_new_tokens(
+            num_prompt, params, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size
+        )
+
     def score(self, texts: Sequence[str], *, prefix: str = "") -> list[TokenScores]:
         tok = self._require_tokenizer("score()")
         with self._tok_lock:
@@ -216,6 +226,7 @@ class LocalEngine(BackendBase):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         tok = self._require_tokenizer("decode()")
+        check_token_ids(token_ids, max(len(tok), self.model_config.vocab_size), "tokens")  # any id it generates
         with self._tok_lock:
             decoded = tok.decode(list(token_ids), skip_special_tokens=True)
         return str(decoded)
@@ -269,10 +280,7 @@ class LocalEngine(BackendBase):
             with self._tok_lock:
                 return encode_prompt(tok, prompt)
         ids = list(prompt)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_token_ids(ids, self.model_config.vocab_size, "prompt")
         return ids
 
     def _send(self, kind: str, payload: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from terse.backend.handle import RequestHandle
 from terse.backend.local.kv_policy import KVPolicy
 from terse.backend.local.sequence import Sequence
 from terse.backend.textstream import TextStream
-from terse.backend.types import Completion, FinishReason, Usage
+from terse.backend.types import Completion, FinishReason, SamplingParams, Usage
 from terse.errors import InvalidRequestError
 
 
@@ -67,20 +68,50 @@ def validate_prompt(seq: Sequence, policy: KVPolicy, max_model_len: int, num_blo
     num_prompt = seq.num_prompt_tokens
     max_tokens = seq.params.max_tokens
     if num_prompt == 0:
-        raise InvalidRequestError("prompt is empty (0 tokens); give at least one token")
+        raise InvalidRequestError("prompt is empty (0 tokens); give at least one token", param="prompt")
     if num_prompt >= max_model_len:
         raise InvalidRequestError(
             f"prompt has {num_prompt} tokens but max_model_len={max_model_len} leaves no room to generate; "
-            f"shorten the prompt below {max_model_len} tokens or raise EngineConfig.max_model_len"
+            f"shorten the prompt below {max_model_len} tokens or raise EngineConfig.max_model_len",
+            param="prompt",
         )
     if num_prompt + max_tokens > max_model_len:
         raise InvalidRequestError(
             f"max_tokens={max_tokens} with a {num_prompt}-token prompt exceeds max_model_len={max_model_len}; "
-            f"use max_tokens <= {max_model_len - num_prompt}"
+            f"use max_tokens <= {max_model_len - num_prompt}",
+            param="max_tokens",
         )
     needed = policy.max_blocks(seq, block_size)
     if needed > num_blocks:
         raise InvalidRequestError(
             f"this request may need {needed} KV blocks ({num_prompt} prompt + {max_tokens} new tokens) but the "
-            f"pool holds {num_blocks}; lower max_tokens or give the engine more kv_cache_memory / num_kv_blocks"
+            f"pool holds {num_blocks}; lower max_tokens or give the engine more kv_cache_memory / num_kv_blocks",
+            param="max_tokens",
         )
+
+
+def max_new_tokens(
+    num_prompt: int, params: SamplingParams, policy: KVPolicy, max_model_len: int, num_blocks: int, block_size: int
+) -> int:
+    """The largest max_tokens `validate_prompt` accepts for a prompt of `num_prompt` tokens (0: none).
+
+    Bounded by the context (max_model_len - num_prompt) and by the KV pool under `policy`: a dense
+    sequence needs ceil((prompt + max_tokens) / block_size) blocks; a streaming one stops growing.
+    """
+    room = max_model_len - num_prompt
+    if num_prompt == 0 or room <= 0:
+        return 0
+
+    def fits(max_tokens: int) -> bool:
+        probe = Sequence(-1, [0] * num_prompt, dataclasses.replace(params, max_tokens=max_tokens), max_model_len)
+        return policy.max_blocks(probe, block_size) <= num_blocks
+
+    if fits(room):
+        return room
+    low, high = 0, room  # fits(low) or low == 0; not fits(high); max_blocks grows with max_tokens
+    if not fits(low):
+        return 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

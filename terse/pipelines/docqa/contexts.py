@@ -98,20 +98,22 @@ def may_need_retrieval(
 def open_or_build_index(corpus: Mapping[str, Document], config: RetrievalConfig) -> Any:
     """A terse.retrieval `Retriever` over `corpus`: reopened from `config.index_dir` when it holds one
     (documents added or changed since are indexed incrementally), built in memory otherwise."""
-    from terse.retrieval import Retriever
+    from terse.retrieval import IndexLock, Retriever
     from terse.retrieval.config import ChunkerConfig, EmbedderConfig, RetrieverConfig
+    from terse.retrieval.persistence import current_version
 
     retriever_config = RetrieverConfig(
         chunker=ChunkerConfig(chunk_tokens=config.chunk_tokens, overlap_tokens=config.overlap_tokens),
         embedder=EmbedderConfig(model=config.embedder),
     )
-    index_dir = Path(config.index_dir) if config.index_dir else None
-    if index_dir is not None and index_dir.exists():
-        retriever = Retriever.open(index_dir)
-    else:
+    if not config.index_dir:
         retriever = Retriever(retriever_config)
-    retriever.add_documents(list(corpus.values()))
-    if index_dir is not None:
+        retriever.add_documents(list(corpus.values()))
+        return retriever
+    index_dir = Path(config.index_dir)
+    with IndexLock(index_dir):  # another job or `terse index` updating it waits, so neither update is lost
+        retriever = Retriever.open(index_dir) if current_version(index_dir) else Retriever(retriever_config)
+        retriever.add_documents(list(corpus.values()))
         retriever.save(index_dir)
     return retriever
 

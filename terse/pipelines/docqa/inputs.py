@@ -7,7 +7,7 @@ field, a duplicate id, a question naming a document that is not in the corpus.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,35 @@ def read_questions(path: str | Path) -> list[QuestionRecord]:
         raise InvalidRequestError(f"questions file {str(path)!r} does not exist; pass a .jsonl file")
     records: list[QuestionRecord] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = _question(json_line(line, path, line_no), path, line_no)
-            if record.id in first_line:
-                raise InvalidRequestError(
-                    f"{path}:{line_no}: duplicate question id {record.id!r} (first on line "
-                    f"{first_line[record.id]}); give every question a unique id"
-                )
-            first_line[record.id] = line_no
-            records.append(record)
+    for line_no, line in text_lines(path, "questions file"):
+        if not line.strip():
+            continue
+        record = _question(json_line(line, path, line_no), path, line_no)
+        if record.id in first_line:
+            raise InvalidRequestError(
+                f"{path}:{line_no}: duplicate question id {record.id!r} (first on line "
+                f"{first_line[record.id]}); give every question a unique id"
+            )
+        first_line[record.id] = line_no
+        records.append(record)
     return records
+
+
+def text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file; `InvalidRequestError` naming the line and the
+    byte for one that is not UTF-8 (a leading byte-order mark is allowed)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {what} {str(path)!r}: {e.strerror}; check its permissions") from e
+    for line_no, raw in enumerate(data.splitlines(keepends=True), start=1):
+        try:
+            yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(
+                f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                f"save the {what} as UTF-8, e.g. iconv -t utf-8"
+            ) from e
 
 
 def json_line(line: str, path: Path, line_no: int) -> dict[str, Any]:
@@ -50,6 +66,8 @@ def json_line(line: str, path: Path, line_no: int) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); "
                                   f"write one JSON object per line") from e
+    except (RecursionError, ValueError) as e:  # nested too deeply; integer literal too long
+        raise InvalidRequestError(f"{path}:{line_no}: not a usable JSON object ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
         raise InvalidRequestError(f"{path}:{line_no}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -52,7 +52,7 @@ class JsonlJournal:
                 record = json.loads(raw)
                 if not isinstance(record, dict) or "id" not in record:
                     raise ValueError("not an object with an id")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deeply
                 if line_no == len(lines) - 1 and not lines[-1]:
                     # the last complete line may still be garbage from a torn write of a filesystem
                     # that zero-fills; treat it as torn too

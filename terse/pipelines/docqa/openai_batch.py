@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from terse.errors import InvalidRequestError
-from terse.pipelines.docqa.inputs import json_line
+from terse.pipelines.docqa.inputs import json_line, text_lines
 from terse.pipelines.docqa.journal import JsonlJournal
 
 
@@ -47,11 +47,10 @@ def convert_batch_input(path: Path, questions_path: Path) -> Path:
     if not path.is_file():
         raise InvalidRequestError(f"batch input {str(path)!r} does not exist")
     lines: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                record = batch_request_to_question(json_line(line, path, line_no), path, line_no)
-                lines.append(json.dumps(record, ensure_ascii=False))
+    for line_no, line in text_lines(path, "batch input"):
+        if line.strip():
+            record = batch_request_to_question(json_line(line, path, line_no), path, line_no)
+            lines.append(json.dumps(record, ensure_ascii=False))
     questions_path.parent.mkdir(parents=True, exist_ok=True)
     questions_path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     return questions_path

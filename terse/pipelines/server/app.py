@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import logging
 import re
 import uuid
@@ -21,12 +20,14 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from terse.errors import TerseError
 from terse.pipelines.server.config import ServerConfig
-from terse.pipelines.server.errors import ApiError, api_error_from, invalid
+from terse.pipelines.server.errors import ApiError, api_error_from, invalid, log_api_error
 from terse.pipelines.server.hooks import HookChain
+from terse.pipelines.server.request_body import parse_json_body
 from terse.pipelines.server.schema import parse_chat, parse_completion
 from terse.pipelines.server.service import ChatService, ClientGoneError, RequestContext
 
@@ -74,10 +75,7 @@ class _Gate:
             if size > limit:
                 raise _too_large(size, limit)
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from e
+        return parse_json_body(b"".join(chunks))
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -115,9 +113,22 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> Response:
-        if e.status_code >= 500:
-            logger.warning("request %s: %s", getattr(request.state, "request_id", "?"), e.message)
+        log_api_error(logger, getattr(request.state, "request_id", "?"), e)
         return _error_response(request, e)
+
+    # terse's own errors are expected (a client's bad prompt, an upstream down): one log line each, and
+    # handled here rather than by the catch-all below, which the ASGI server would log with a traceback
+    @app.exception_handler(TerseError)
+    async def on_terse_error(request: Request, e: TerseError) -> Response:
+        error = api_error_from(e)
+        log_api_error(logger, getattr(request.state, "request_id", "?"), error)
+        return _error_response(request, error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, e: ClientDisconnect) -> Response:
+        request_id = getattr(request.state, "request_id", None) or _request_id(request)
+        logger.info("request %s: client disconnected before its request body arrived", request_id)
+        return Response(status_code=499, headers={"x-request-id": request_id})
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError) -> Response:

@@ -49,12 +49,11 @@ async def complete_prompts(service: EngineService, request: CompletionRequest, c
         )
     if request.echo and request.params.max_tokens == 0 and request.logprobs is not None:
         return await _score_prompts(service, request, ctx)
-    max_len = service.backend.max_model_len
     handles: list[RequestHandle] = []
     try:
         for prompt in request.prompts:
             num_prompt = await run_in_threadpool(_prompt_len, service, prompt)
-            params = fit_params(request.params, request.max_tokens_given, num_prompt, max_len)
+            params = fit_params(request.params, request.max_tokens_given, num_prompt, service.backend, prompt_param="prompt")
             handles += service._submit(prompt, params, request.n)
     except Exception:
         cancel_all(handles)

@@ -26,7 +26,8 @@ class ServerConfig:
     max_tokens_limit: int = 32768
     """Largest max_tokens / max_completion_tokens one request may ask for."""
     default_max_tokens: int = 1024
-    """max_tokens when the client gives none (engine mode; capped to what the context has left)."""
+    """max_tokens when the client gives none (engine mode; capped to what the context and, on the local
+    engine, the KV pool have left for the prompt)."""
     max_n: int = 16
     """Most choices (`n`) per request."""
     served_model_names: tuple[str, ...] = ()

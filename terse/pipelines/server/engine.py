@@ -106,7 +106,7 @@ class EngineService:
             if ctx.accounting is not None
             else await run_in_threadpool(self.backend.count_tokens, prompt)
         )
-        params = fit_params(request.params, request.max_tokens_given, num_prompt, self.backend.max_model_len)
+        params = fit_params(request.params, request.max_tokens_given, num_prompt, self.backend)
         handles = self._submit(prompt, constrained(params, structured), request.n)
         response_id, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         if request.stream:

@@ -2,10 +2,13 @@
 
 Everything the server rejects or fails on becomes an `ApiError`; `api_error_from()` maps terse's typed
 errors onto statuses (bad request 400, remote 4xx passed through, upstream down 502, upstream slow 504).
+`log_api_error()` logs one line per failed request: a client's mistake must never cost a traceback
+(any client could fill the log with them).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from terse.errors import (
@@ -63,7 +66,9 @@ def api_error_from(e: Exception) -> ApiError:
     """The HTTP answer for an exception raised while serving a request (unknown ones are 500s)."""
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, InvalidRequestError | UnsupportedOperationError):
+    if isinstance(e, InvalidRequestError):
+        return invalid(str(e), e.param, code="invalid_request")
+    if isinstance(e, UnsupportedOperationError):
         return invalid(str(e), code="invalid_request")
     if isinstance(e, RemoteRequestError):
         return ApiError(e.status_code, str(e), error_type=e.error_type, param=e.param, code=e.code)
@@ -74,3 +79,10 @@ def api_error_from(e: Exception) -> ApiError:
     if isinstance(e, TerseError):  # raised on purpose, with a message written for the user (no template, ...)
         return ApiError(500, str(e), code="server_error")
     return ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal_error")
+
+
+def log_api_error(logger: logging.Logger, request_id: str, error: ApiError) -> None:
+    """One line for a failed request: INFO for the client's errors (4xx), WARNING for the server's."""
+    level = logging.INFO if error.status_code < 500 else logging.WARNING
+    param = f" ({error.param})" if error.param else ""
+    logger.log(level, "request %s: %d %s%s: %s", request_id, error.status_code, error.code, param, error.message)

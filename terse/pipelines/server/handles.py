@@ -5,37 +5,69 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
 
+from terse.backend.base import Backend
 from terse.backend.handle import RequestHandle
 from terse.backend.types import Completion, SamplingParams, Usage
 from terse.pipelines.server.errors import invalid
 
 
-def fit_params(params: SamplingParams, given: bool, num_prompt: int, max_model_len: int) -> SamplingParams:
-    """Check prompt + max_tokens against the context; an absent max_tokens shrinks to what is left."""
+@runtime_checkable
+class GenerationRoom(Protocol):
+    """A backend that knows how many tokens a prompt may generate beyond the context (the local
+    engine: what its KV pool holds)."""
+
+    def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int: ...
+
+
+def fit_params(
+    params: SamplingParams, given: bool, num_prompt: int, backend: Backend, *, prompt_param: str = "messages"
+) -> SamplingParams:
+    """Check prompt + max_tokens against the context; an absent max_tokens shrinks to what is left.
+
+    What is left is the context (max_model_len - prompt) and, for a `GenerationRoom` backend, what
+    its KV pool can hold for this prompt, so a default never asks for more than can run. A prompt
+    with no room is rejected naming `prompt_param` ("messages" for chat, "prompt" for completions).
+    """
+    max_model_len = backend.max_model_len
     room = max_model_len - num_prompt
     if room <= 0:
         raise invalid(
             f"the prompt is {num_prompt} tokens but the model's context holds {max_model_len}; "
             f"shorten the prompt (or enable compression)",
-            "messages",
+            prompt_param,
             "context_length_exceeded",
         )
-    if given and params.max_tokens > room:
-        raise invalid(
-            f"max_tokens={params.max_tokens} plus the prompt's {num_prompt} tokens exceeds the model's context "
-            f"length {max_model_len}; ask for at most {room}",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-    return params if given else dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
+    if given:
+        if params.max_tokens > room:
+            raise invalid(
+                f"max_tokens={params.max_tokens} plus the prompt's {num_prompt} tokens exceeds the model's "
+                f"context length {max_model_len}; ask for at most {room}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return params
+    if isinstance(backend, GenerationRoom):
+        room = min(room, backend.max_new_tokens(num_prompt, params))
+        if room <= 0:
+            raise invalid(
+                f"the prompt is {num_prompt} tokens, more than this server's KV cache holds for one request; "
+                f"shorten the prompt (or enable compression)",
+                prompt_param,
+                "context_length_exceeded",
+            )
+    return dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice `index` of n: seed + index, so choices differ but a seeded request repeats exactly."""
+    """Choice `index` of n: seed + index, so choices differ but a seeded request repeats exactly.
+
+    The sum wraps within the int64 range the server accepts seeds in (2**63 - 1 + 1 is -2**63).
+    """
     if params.seed is None or index == 0:
         return params
-    return dataclasses.replace(params, seed=params.seed + index)
+    return dataclasses.replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
 def total_usage(completions: Sequence[Completion]) -> Usage:

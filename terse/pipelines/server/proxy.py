@@ -2,8 +2,9 @@
 
 - The request body goes upstream as received (unknown fields such as tools or response_format pass
   through) with only `messages` replaced when a hook rewrote them.
-- Streams are passed through byte for byte as the upstream sends them (no re-encoding); accounting then
-  travels in the `x-terse-*` headers. With hooks, whole answers also get `usage.terse` and the hooks'
+- Streams are passed through unchanged, event by event (no re-encoding); accounting then travels in
+  the `x-terse-*` headers. What is relayed is checked (relay.py): a 2xx body that is not JSON becomes a
+  502, and a broken stream ends with an error event and [DONE]. With hooks, whole answers also get `usage.terse` and the hooks'
   `on_response`; without hooks they are relayed untouched (headers only).
 - Upstream failures before the first byte are retried (`ProxyConfig.retry`, logged on
   "terse.backend.openai"); then: unreachable -> 502, no answer in time -> 504, 4xx -> passed through.
@@ -27,13 +28,13 @@ from starlette.responses import JSONResponse, Response
 
 from terse.backend.openai_http import error_from_body
 from terse.backend.types import Message
-from terse.errors import BackendUnavailableError
 from terse.pipelines.server.config import ProxyConfig, ServerConfig
 from terse.pipelines.server.errors import api_error_from
 from terse.pipelines.server.hooks import ChatResult, HookChain
+from terse.pipelines.server.relay import checked_body, relay_sse
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
-from terse.pipelines.server.sse import DONE_EVENT, SSEResponse, error_event
+from terse.pipelines.server.sse import SSEResponse
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
@@ -95,23 +96,23 @@ class ProxyService:
         response = await self._send(method, f"{base}{path}", body, ctx)
         media_type = response.headers.get("content-type", "application/json")
         if stream and response.status_code < 400 and media_type.startswith("text/event-stream"):
-            return SSEResponse(self._relay(response), ctx.response_headers(), on_close=response.aclose)
+            return SSEResponse(self._relay(response, ctx), ctx.response_headers(), on_close=response.aclose)
         try:
             content = await response.aread()
         finally:
             await response.aclose()
         if response.status_code >= 500:
             raise api_error_from(error_from_body(response.status_code, content, response.url))
-        # 2xx, and 4xx (the client's own mistake): the upstream's status and body, as sent
+        # 2xx, and 4xx (the client's own mistake): the upstream's status and body, checked to be JSON
+        content = checked_body(response.status_code, content, media_type, response.url)
+        if response.status_code >= 400 and not media_type.startswith("application/json"):
+            media_type = "application/json"  # checked_body wrapped a non-JSON error
         return Response(content, response.status_code, headers=ctx.response_headers(), media_type=media_type)
 
-    async def _relay(self, response: UpstreamResponse) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.aiter_raw():
+    async def _relay(self, response: UpstreamResponse, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:  # event by event; a broken stream ends with an error event and [DONE] (relay.py)
+            async for chunk in relay_sse(response.aiter_raw(), response.url, ctx.request_id):
                 yield chunk
-        except BackendUnavailableError as e:  # upstream broke off or stalled mid-stream: say so in-band
-            yield error_event(api_error_from(e).body())
-            yield DONE_EVENT
         finally:
             await response.aclose()  # early (client gone): drops the connection, the upstream sees it
 

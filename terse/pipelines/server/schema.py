@@ -118,13 +118,19 @@ def _sampling(body: Mapping[str, Any], config: ServerConfig, default_max_tokens:
     temperature = _field(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
     if not 0 <= temperature <= 2:
         raise invalid(f"'temperature'={temperature} must be in [0, 2] (0 = greedy)", "temperature")
+    seed = _field(body, "seed", (int,), "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**63:  # int64, as OpenAI's; torch seeds overflow past it
+        raise invalid(f"'seed'={seed} is outside the 64-bit range -2**63..2**63-1; pick a smaller seed", "seed")
+    top_p = _field(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
+    if not 0 < top_p <= 1:  # before float(): a huge integer would overflow it
+        raise invalid(f"'top_p'={top_p} must be in (0, 1]; use 1 to disable it", "top_p")
     try:
         params = SamplingParams(
             max_tokens=max_tokens if given else default_max_tokens,
             temperature=float(temperature),
-            top_p=float(_field(body, "top_p", (int, float), "a number in (0, 1]", 1.0)),
+            top_p=float(top_p),
             stop=tuple(stop or ()),
-            seed=_field(body, "seed", (int,), "an integer"),
+            seed=seed,
             ignore_eos=bool(_field(body, "ignore_eos", (bool,), "a boolean", False)),
         )
     except InvalidRequestError as e:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from terse.backend.types import FinishReason, Usage
+
+logger = logging.getLogger("terse.server")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -82,9 +86,23 @@ class SSEResponse(StreamingResponse):
     ) -> None:
         super().__init__(chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         self._on_close = on_close
+        self._request_id = headers.get("x-request-id", "?")
+        self._complete = False
+
+    async def stream_response(self, send: Send) -> None:
+        await super().stream_response(send)
+        self._complete = True  # every chunk and the end of the body were sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        failed = False
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # how servers on ASGI spec 2.4 report it; logged below
+            pass
+        except Exception:
+            failed = True
+            raise
         finally:
+            if not self._complete and not failed:  # one line per dropped stream, never a traceback
+                logger.info("request %s: client disconnected mid-stream; stream dropped", self._request_id)
             await self._on_close()
