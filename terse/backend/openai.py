@@ -6,7 +6,7 @@ llama.cpp, `terse serve`).
 - Usage comes from the server (`stream_options.include_usage`), including
   `usage.prompt_tokens_details.cached_tokens` -> `Usage.cached_prompt_tokens`; a server that reports none
   gets counts from this backend's tokenizer strategy (see `terse.backend.openai_tokens`).
-- `score()` -> /v1/completions with `echo=true, logprobs=1, max_tokens=0` (prompt log-probabilities);
+- `score()` -> /v1/completions with `echo=true, logprobs=0, max_tokens=0` (prompt log-probabilities);
   servers that refuse raise `UnsupportedOperationError`. Token ids come from the response's
   `logprobs.token_ids` when the server sends them (terse does), else they are -1 (unknown).
 - Failures before the first byte (connection errors, 429, 5xx) are retried with exponential backoff and
@@ -137,7 +137,7 @@ class OpenAIBackend(BackendBase):
     def _only_model(base_url: str, api_key: str | None, transport: httpx.BaseTransport | None) -> str:
         probe = OpenAIBackend(OpenAIConfig(base_url=base_url, model="?", api_key=api_key), transport=transport)
         try:
-            ids = [str(m.get("id")) for m in probe.list_models()]
+            ids = [str(m.get("id")) for m in probe.list_models() if m.get("kind") != "embedding"]
         finally:
             probe.close()
         if len(ids) != 1:
@@ -228,6 +228,11 @@ class OpenAIBackend(BackendBase):
         if params.streaming_kv is not None:
             raise InvalidRequestError(
                 "streaming_kv is honoured only by the local engine; remove it for an openai: backend"
+            )
+        if params.logprobs is not None:
+            raise InvalidRequestError(
+                "logprobs of generated tokens are not available through an openai: backend (a server names "
+                "tokens by text, not id); use a local: or hf: backend, or the server's own logprobs field"
             )
         payload: dict[str, Any] = {"model": self.config.model, **body, **_sampling_payload(params)}
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:12]}")
@@ -333,12 +338,12 @@ class OpenAIBackend(BackendBase):
 
     def _score_one(self, text: str, prefix: str) -> TokenScores:
         full = prefix + text
-        payload = {"model": self.config.model, "prompt": full, "echo": True, "logprobs": 1, "max_tokens": 0}
+        payload = {"model": self.config.model, "prompt": full, "echo": True, "logprobs": 0, "max_tokens": 0}
         try:
             body = self._post_json(f"{self._base_url}/completions", payload)
         except RemoteRequestError as e:
             raise UnsupportedOperationError(
-                f"{self._base_url} does not return prompt logprobs (echo=true, logprobs=1, max_tokens=0): {e}"
+                f"{self._base_url} does not return prompt logprobs (echo=true, logprobs=0, max_tokens=0): {e}"
             ) from e
         logprobs = ((body.get("choices") or [{}])[0]).get("logprobs")
         if not isinstance(logprobs, dict) or not logprobs.get("token_logprobs"):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from terse.backend.types import Message, SamplingParams
+from terse.backend.types import MAX_TOP_LOGPROBS, Message, SamplingParams
 from terse.errors import InvalidRequestError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, invalid
@@ -75,7 +75,8 @@ class CompletionRequest:
     echo: bool
     """Return the prompt before the completion (with max_tokens=0 and logprobs: prompt log-probabilities)."""
     logprobs: int | None
-    """Log-probabilities requested (only prompt logprobs, via echo with max_tokens=0, are supported)."""
+    """Alternatives per token whose log-probabilities are returned (also in `params.logprobs`); with echo
+    and max_tokens=0 the prompt's log-probabilities instead."""
     body: Mapping[str, Any]
     """The JSON body as received."""
 
@@ -184,6 +185,7 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         )
     parsed = [_message(m, i) for i, m in enumerate(raw_messages)]
     params, given = _sampling(body, config, config.default_max_tokens)
+    params = dataclasses.replace(params, logprobs=_chat_logprobs(body))
     n, stream, include_usage = _common(body, config)
     return ChatRequest(
         model=model,
@@ -196,6 +198,17 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         body=body,
         text_only=all(ok for _, ok in parsed),
     )
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """`logprobs: true` (+ `top_logprobs: k`) -> alternatives per token for SamplingParams; None when off."""
+    wanted = _field(body, "logprobs", (bool,), "a boolean", False)
+    top = _field(body, "top_logprobs", (int,), f"an integer in 0..{MAX_TOP_LOGPROBS}")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise invalid(f"'top_logprobs'={top} must be in 0..{MAX_TOP_LOGPROBS}", "top_logprobs")
+    if top is not None and not wanted:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _prompts(raw: Any) -> tuple[str | tuple[int, ...], ...]:
@@ -221,7 +234,10 @@ def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
     prompts = _prompts(body.get("prompt"))
     params, given = _sampling(body, config, 16)  # 16: OpenAI's documented default for completions
     n, stream, include_usage = _common(body, config)
-    logprobs = _field(body, "logprobs", (int,), "an integer in 0..5")
+    logprobs = _field(body, "logprobs", (int,), f"an integer in 0..{MAX_TOP_LOGPROBS}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(f"'logprobs'={logprobs} must be in 0..{MAX_TOP_LOGPROBS}", "logprobs")
+    params = dataclasses.replace(params, logprobs=logprobs)
     return CompletionRequest(
         model=model,
         prompts=prompts,
