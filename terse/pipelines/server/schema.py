@@ -47,9 +47,24 @@ class ChatRequest:
         return dataclasses.replace(self, messages=messages)
 
     def upstream_body(self) -> dict[str, Any]:
-        """The body to forward: the original one, with the (possibly rewritten) messages."""
+        """The body to forward: the original one, with the messages a hook rewrote.
+
+        Messages no hook changed leave exactly as sent (names, tool calls, content parts); a message
+        whose text a hook rewrote keeps its other keys when the hook kept the message list's shape.
+        """
         body = dict(self.body)
-        if self.text_only:
+        raw = body.get("messages")
+        if not self.text_only or not isinstance(raw, list):
+            return body
+        original = tuple(_message(m, i)[0] for i, m in enumerate(raw))
+        if original == self.messages:
+            return body
+        if len(original) == len(self.messages):
+            body["messages"] = [
+                {**r, "content": m["content"]} if o["role"] == m["role"] else dict(m)
+                for r, o, m in zip(raw, original, self.messages)
+            ]
+        else:
             body["messages"] = [dict(m) for m in self.messages]
         return body
 
