@@ -128,9 +128,9 @@ def compress_chat(
     from terse.compress.words import split_words
 
     roles = ("system", "user", "assistant", "tool")
-    plain = [
-        {"role": m.get("role") if m.get("role") in roles else "user",
-         "content": m.get("content") if isinstance(m.get("content"), str) else ""}
+    plain: list[dict[str, str]] = [
+        {"role": str(m.get("role")) if m.get("role") in roles else "user",
+         "content": str(m.get("content")) if isinstance(m.get("content"), str) else ""}
         for m in messages
     ]
     compressed = compress_messages(compressor, plain, MessagePolicy(budget=budget))  # type: ignore[arg-type]
@@ -141,8 +141,8 @@ def compress_chat(
     for original, simple in zip(messages, plain):
         # compress_messages keeps order and roles and only shortens or drops turns: align by that
         if pending and pending[0]["role"] == simple["role"] and _is_kept_from(pending[0]["content"], simple["content"], split_words):
-            out.append({**original, "content": pending.pop(0)["content"]} if isinstance(original.get("content"), str)
-                       else dict(original))
+            kept = pending.pop(0)["content"]
+            out.append({**original, "content": kept} if isinstance(original.get("content"), str) else dict(original))
             continue
         if not isinstance(original.get("content"), str):
             out.append(dict(original))  # never compressed: its content was not plain text
