@@ -2,6 +2,9 @@
 llama.cpp, `terse serve`).
 
 - `submit(prompt)` -> POST /v1/completions; `submit_chat(messages)` -> POST /v1/chat/completions.
+  Chat keeps the server's template: without a local tokenizer that has one, `render_chat()` returns a
+  `RenderedChat` and `submit()` sends its messages to /v1/chat/completions (so `generate([render_chat(m)])`
+  answers as the served model's template makes it); with one, the rendered prompt goes to /v1/completions.
   Requests stream by default (SSE); every text delta reaches `RequestHandle.emit` as it arrives.
 - Usage comes from the server (`stream_options.include_usage`), including
   `usage.prompt_tokens_details.cached_tokens` -> `Usage.cached_prompt_tokens`; a server that reports none
@@ -34,7 +37,7 @@ import httpx
 from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
 from terse.backend.openai_http import RetryPolicy, error_from_response, iter_sse_data, send_with_retries
-from terse.backend.openai_tokens import RemoteTokenizer, pick_tokenizer, plain_chat_transcript
+from terse.backend.openai_tokens import RemoteTokenizer, RenderedChat, pick_tokenizer
 from terse.backend.types import Completion, FinishReason, Message, SamplingParams, TokenScores, Usage
 from terse.errors import (
     BackendTimeoutError,
@@ -207,7 +210,10 @@ class OpenAIBackend(BackendBase):
 
     # -- generation --------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams) -> RequestHandle:
-        """Start a /v1/completions request; a token-id prompt is sent as a list of ints."""
+        """Start a /v1/completions request (a token-id prompt is sent as a list of ints); a `RenderedChat`
+        from `render_chat()` starts a /v1/chat/completions request with its messages instead."""
+        if isinstance(prompt, RenderedChat):
+            return self.submit_chat(prompt.messages, params)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; give at least one character or token id")
@@ -355,11 +361,18 @@ class OpenAIBackend(BackendBase):
 
     # -- tokens and templates ----------------------------------------------------------------------
     def render_chat(self, messages: Sequence[Message]) -> str:
-        """The local tokenizer's chat template when given; else a plain "Role: content" transcript."""
+        """The local tokenizer's chat template when one is configured (the prompt then goes to
+        /v1/completions); else a `RenderedChat`, which `submit()` sends to /v1/chat/completions so the
+        server applies the model's own template."""
         rendered = self.tokenizer.render_chat(messages)
-        return rendered if rendered is not None else plain_chat_transcript(messages)
+        return rendered if rendered is not None else RenderedChat(messages)
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of `text`; of a `RenderedChat`, under the server's template when the server can tell."""
+        if isinstance(text, RenderedChat):
+            exact = self.tokenizer.count_chat(text.messages)
+            if exact is not None:
+                return exact
         return self.tokenizer.count_tokens(text)
 
     def encode(self, text: str) -> list[int]:
