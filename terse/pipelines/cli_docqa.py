@@ -141,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         config = config.with_overrides(backend=default_backend())
         print(f"terse docqa: no --backend given; answering with the bundled reference model ({config.backend})",
               file=sys.stderr)
+    check_backend_spec(config.backend)
     paths = JobPaths(questions, tuple(args.docs), args.out)
     job = DocQAJob(config, paths)
     summary = run_with_progress(job, config.run.progress, args)
@@ -150,6 +151,18 @@ def _run(args: argparse.Namespace) -> int:
         write_batch_output(paths.output, args.batch_output, model=config.backend)
     print_summary(summary, paths)
     return 0 if summary.num_answered == summary.num_questions else 1
+
+
+def check_backend_spec(spec: str) -> None:
+    """Fail before any work for a spec that cannot load: unknown scheme, or a model path that is not there."""
+    from terse.backend.registry import parse_spec
+    from terse.errors import ConfigError
+
+    scheme, target = parse_spec(spec)
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") > 1  # "org/name" may be a hub id
+    if scheme in ("local", "hf") and looks_like_path and not Path(target).expanduser().is_dir():
+        raise ConfigError(f"--backend {spec!r}: {target!r} is not a model directory; give a folder holding "
+                          f"config.json and *.safetensors")
 
 
 def run_with_progress(job: Any, show: bool, args: argparse.Namespace) -> Any:
