@@ -275,3 +275,18 @@ def test_engine_stats_are_read_only_counters(tiny_llama: Path) -> None:
         assert stats["num_running"] == stats["num_waiting"] == 0
     finally:
         engine.close()
+
+
+def test_top_p_seed_and_echo_are_honoured(served: Any) -> None:
+    server, _ = served
+    chat = {**_base("chat"), "max_tokens": 6}
+    greedy = post(server, "/v1/chat/completions", {**chat, "temperature": 0}).json()["choices"][0]["message"]
+    nucleus = post(server, "/v1/chat/completions", {**chat, "temperature": 1.5, "top_p": 1e-6}).json()
+    assert nucleus["choices"][0]["message"] == greedy  # a nucleus of one token is greedy, whatever the heat
+    sampled = [post(server, "/v1/chat/completions", {**chat, "temperature": 1.5, "seed": s}).json() for s in (1, 1, 2)]
+    texts = [r["choices"][0]["message"]["content"] for r in sampled]
+    assert texts[0] == texts[1]
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 3, "temperature": 0}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    echoed = post(server, "/v1/completions", {**body, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == "The quick" + plain
