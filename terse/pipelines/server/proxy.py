@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -164,7 +165,7 @@ class ProxyService:
         return {}
 
     async def model(self, model_id: str, ctx: RequestContext) -> Response:
-        return await self._forward("GET", f"/models/{model_id}", None, ctx, stream=False)
+        return await self._forward("GET", f"/models/{urllib.parse.quote(model_id, safe='/')}", None, ctx, stream=False)
 
     async def embeddings(self, body: dict[str, Any], ctx: RequestContext) -> Response:
         return await self._forward("POST", "/embeddings", body, ctx, stream=False)
