@@ -13,6 +13,7 @@ from terse.backend.types import (
     Message,
     SamplingParams,
     StreamingKV,
+    TokenLogprob,
     TokenScores,
     Usage,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "RequestHandle",
     "SamplingParams",
     "StreamingKV",
+    "TokenLogprob",
     "TokenScores",
     "Usage",
     "load_backend",

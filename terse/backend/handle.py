@@ -3,6 +3,9 @@
 Consumers wait (`result()`), iterate text deltas (`for delta in handle`), await (`await handle`,
 `async for delta in handle.astream()`), or `cancel()`. Producers (backend loops) call `emit()` for
 each new piece of text and `finish()` or `fail()` exactly once. All methods are thread-safe.
+A request that asked for log-probabilities (`SamplingParams.logprobs`) also gets its tokens' entries
+through `emit()`; `logprobs_since(i)` reads them while it streams (each is recorded before the delta
+it produced is delivered).
 
 Deltas are kept, so any number of iterators can replay the stream from its start.
 """
@@ -12,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any
 
-from terse.backend.types import Completion
+from terse.backend.types import Completion, TokenLogprob
 
 _END = object()
 
@@ -32,6 +35,7 @@ class RequestHandle:
         self._on_cancel = on_cancel
         self._cond = threading.Condition()
         self._deltas: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
         self._future: concurrent.futures.Future[Completion] = concurrent.futures.Future()
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = []
         self._cancel_requested = False
@@ -119,9 +123,18 @@ class RequestHandle:
                 return
             yield item
 
+    def logprobs_since(self, start: int) -> list[TokenLogprob]:
+        """Log-probability entries recorded so far, from index `start` on (empty unless requested)."""
+        with self._cond:
+            return self._logprobs[start:]
+
     # -- producer side ---------------------------------------------------------------------------
-    def emit(self, delta: str) -> None:
-        """Append a text delta (backends only). Empty deltas are dropped."""
+    def emit(self, delta: str, logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """Append a text delta and the log-probabilities of the tokens behind it (backends only).
+        An empty delta is not delivered to iterators; its log-probabilities are still recorded."""
+        if logprobs:
+            with self._cond:
+                self._logprobs.extend(logprobs)
         if not delta:
             return
         with self._cond:

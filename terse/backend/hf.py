@@ -33,7 +33,7 @@ from terse.backend.grammar import (
     fill_bitmask,
 )
 from terse.backend.handle import RequestHandle
-from terse.backend.sampling import apply_token_bitmask, make_generator, sample_next
+from terse.backend.sampling import apply_token_bitmask, make_generator, sample_next, sampled_logprobs
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
     check_token_ids,
@@ -44,7 +44,15 @@ from terse.backend.tokenization import (
     load_tokenizer,
     render_chat_template,
 )
-from terse.backend.types import Completion, FinishReason, Message, SamplingParams, TokenScores, Usage
+from terse.backend.types import (
+    Completion,
+    FinishReason,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+    TokenScores,
+    Usage,
+)
 from terse.errors import ConfigError, InvalidRequestError, ModelLoadError
 
 _BATCH_WINDOW_S = 0.005  # how long the worker waits for more requests before starting a batch
@@ -242,10 +250,11 @@ class HFBackend(BackendBase):
                     fill_bitmask([g for _, g in grammars], bitmask)
                     apply_token_bitmask(logits, bitmask, [i for i, _ in grammars])
                 next_ids = sample_next(logits, [r.params for r in batch], gens)
+                step_logprobs = sampled_logprobs(logits, next_ids, [r.params for r in batch])
                 now = time.perf_counter()
                 for i, req in enumerate(batch):
                     if finish[i] is None:
-                        finish[i] = self._advance(req, streams[i], outputs[i], int(next_ids[i]), width)
+                        finish[i] = self._advance(req, streams[i], outputs[i], int(next_ids[i]), width, step_logprobs[i])
                         if len(outputs[i]) == 1:
                             first_token_at[i] = now
                 step_ids = next_ids[:, None]
@@ -261,10 +270,12 @@ class HFBackend(BackendBase):
             req.handle.finish(Completion(
                 text=streams[i].text, token_ids=tuple(outputs[i]), finish_reason=reason,
                 usage=Usage(len(req.prompt_ids), 0, len(outputs[i])), metrics=metrics,
+                logprobs=tuple(req.handle.logprobs_since(0)) if req.params.logprobs is not None else None,
             ))
 
     def _advance(
-        self, req: _Request, stream: TextStream, out: list[int], token: int, width: int
+        self, req: _Request, stream: TextStream, out: list[int], token: int, width: int,
+        logprob: TokenLogprob | None = None,
     ) -> FinishReason | None:
         """Append one sampled token to a row; return why the row finished, or None to go on."""
         if req.handle.cancel_requested:
@@ -278,7 +289,7 @@ class HFBackend(BackendBase):
             req.handle.fail(e)  # this row only; the batch goes on
             return "abort"
         delta, stopped = stream.push(token)
-        req.handle.emit(delta)
+        req.handle.emit(delta, (logprob,) if logprob is not None else ())
         if stopped or grammar_done:
             return "stop"
         if len(out) >= req.params.max_tokens or width + len(out) >= self._max_len:

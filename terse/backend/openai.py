@@ -2,11 +2,14 @@
 llama.cpp, `terse serve`).
 
 - `submit(prompt)` -> POST /v1/completions; `submit_chat(messages)` -> POST /v1/chat/completions.
+  Chat keeps the server's template: without a local tokenizer that has one, `render_chat()` returns a
+  `RenderedChat` and `submit()` sends its messages to /v1/chat/completions (so `generate([render_chat(m)])`
+  answers as the served model's template makes it); with one, the rendered prompt goes to /v1/completions.
   Requests stream by default (SSE); every text delta reaches `RequestHandle.emit` as it arrives.
 - Usage comes from the server (`stream_options.include_usage`), including
   `usage.prompt_tokens_details.cached_tokens` -> `Usage.cached_prompt_tokens`; a server that reports none
   gets counts from this backend's tokenizer strategy (see `terse.backend.openai_tokens`).
-- `score()` -> /v1/completions with `echo=true, logprobs=1, max_tokens=0` (prompt log-probabilities);
+- `score()` -> /v1/completions with `echo=true, logprobs=0, max_tokens=0` (prompt log-probabilities);
   servers that refuse raise `UnsupportedOperationError`. Token ids come from the response's
   `logprobs.token_ids` when the server sends them (terse does), else they are -1 (unknown).
 - Failures before the first byte (connection errors, 429, 5xx) are retried with exponential backoff and
@@ -35,7 +38,7 @@ from terse.backend.base import BackendBase
 from terse.backend.handle import RequestHandle
 from terse.backend.openai_http import RetryPolicy, error_from_response, iter_sse_data, send_with_retries
 from terse.backend.openai_structured import ToolCallText, message_text, structured_payload
-from terse.backend.openai_tokens import RemoteTokenizer, pick_tokenizer, plain_chat_transcript
+from terse.backend.openai_tokens import RemoteTokenizer, RenderedChat, pick_tokenizer
 from terse.backend.types import Completion, FinishReason, Message, SamplingParams, TokenScores, Usage
 from terse.errors import (
     BackendTimeoutError,
@@ -138,7 +141,7 @@ class OpenAIBackend(BackendBase):
     def _only_model(base_url: str, api_key: str | None, transport: httpx.BaseTransport | None) -> str:
         probe = OpenAIBackend(OpenAIConfig(base_url=base_url, model="?", api_key=api_key), transport=transport)
         try:
-            ids = [str(m.get("id")) for m in probe.list_models()]
+            ids = [str(m.get("id")) for m in probe.list_models() if m.get("kind") != "embedding"]
         finally:
             probe.close()
         if len(ids) != 1:
@@ -208,7 +211,10 @@ class OpenAIBackend(BackendBase):
 
     # -- generation --------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams) -> RequestHandle:
-        """Start a /v1/completions request; a token-id prompt is sent as a list of ints."""
+        """Start a /v1/completions request (a token-id prompt is sent as a list of ints); a `RenderedChat`
+        from `render_chat()` starts a /v1/chat/completions request with its messages instead."""
+        if isinstance(prompt, RenderedChat):
+            return self.submit_chat(prompt.messages, params)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; give at least one character or token id")
@@ -229,6 +235,11 @@ class OpenAIBackend(BackendBase):
         if params.streaming_kv is not None:
             raise InvalidRequestError(
                 "streaming_kv is honoured only by the local engine; remove it for an openai: backend"
+            )
+        if params.logprobs is not None:
+            raise InvalidRequestError(
+                "logprobs of generated tokens are not available through an openai: backend (a server names "
+                "tokens by text, not id); use a local: or hf: backend, or the server's own logprobs field"
             )
         payload: dict[str, Any] = {"model": self.config.model, **body, **_sampling_payload(params)}
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:12]}")
@@ -338,12 +349,12 @@ class OpenAIBackend(BackendBase):
 
     def _score_one(self, text: str, prefix: str) -> TokenScores:
         full = prefix + text
-        payload = {"model": self.config.model, "prompt": full, "echo": True, "logprobs": 1, "max_tokens": 0}
+        payload = {"model": self.config.model, "prompt": full, "echo": True, "logprobs": 0, "max_tokens": 0}
         try:
             body = self._post_json(f"{self._base_url}/completions", payload)
         except RemoteRequestError as e:
             raise UnsupportedOperationError(
-                f"{self._base_url} does not return prompt logprobs (echo=true, logprobs=1, max_tokens=0): {e}"
+                f"{self._base_url} does not return prompt logprobs (echo=true, logprobs=0, max_tokens=0): {e}"
             ) from e
         logprobs = ((body.get("choices") or [{}])[0]).get("logprobs")
         if not isinstance(logprobs, dict) or not logprobs.get("token_logprobs"):
@@ -355,11 +366,18 @@ class OpenAIBackend(BackendBase):
 
     # -- tokens and templates ----------------------------------------------------------------------
     def render_chat(self, messages: Sequence[Message]) -> str:
-        """The local tokenizer's chat template when given; else a plain "Role: content" transcript."""
+        """The local tokenizer's chat template when one is configured (the prompt then goes to
+        /v1/completions); else a `RenderedChat`, which `submit()` sends to /v1/chat/completions so the
+        server applies the model's own template."""
         rendered = self.tokenizer.render_chat(messages)
-        return rendered if rendered is not None else plain_chat_transcript(messages)
+        return rendered if rendered is not None else RenderedChat(messages)
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of `text`; of a `RenderedChat`, under the server's template when the server can tell."""
+        if isinstance(text, RenderedChat):
+            exact = self.tokenizer.count_chat(text.messages)
+            if exact is not None:
+                return exact
         return self.tokenizer.count_tokens(text)
 
     def encode(self, text: str) -> list[int]:

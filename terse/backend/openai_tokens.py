@@ -8,6 +8,11 @@ Three strategies behind one Protocol, picked in this order by `pick_tokenizer()`
 3. `ApproxTokenizer`: no tokenizer reachable. `count_tokens` estimates ceil(len(text) / 4) (the usual
    ~4 characters per token of English BPE vocabularies); `encode`/`decode` raise
    `UnsupportedOperationError` because ids cannot be guessed.
+
+Without a local chat template, a chat is rendered as a `RenderedChat`: a readable transcript that keeps
+its messages, so `OpenAIBackend` sends it to /v1/chat/completions and the server applies the model's
+own template. `count_chat` counts such a chat exactly where the server can render it (`/tokenize` with
+`messages`, as vLLM and `terse serve` accept).
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class RemoteTokenizer(Protocol):
         """The model's chat template applied to `messages`, or None when this tokenizer has none."""
         ...
 
+    def count_chat(self, messages: Sequence[Message]) -> int | None:
+        """Tokens of `messages` under the model's chat template, or None when this strategy cannot tell."""
+        ...
+
 
 class LocalTokenizer:
     """A transformers tokenizer loaded from a path or hub name (offline)."""
@@ -70,6 +79,10 @@ class LocalTokenizer:
 
         return render_chat_template(self._tokenizer, messages)
 
+    def count_chat(self, messages: Sequence[Message]) -> int | None:
+        rendered = self.render_chat(messages)
+        return None if rendered is None else self.count_tokens(rendered)
+
 
 class ServerTokenizer:
     """The server's `/tokenize` + `/detokenize` endpoints (request shape of vLLM and `terse serve`)."""
@@ -97,6 +110,14 @@ class ServerTokenizer:
     def render_chat(self, messages: Sequence[Message]) -> str | None:
         return None
 
+    def count_chat(self, messages: Sequence[Message]) -> int | None:
+        payload = {"model": self._model, "messages": [dict(m) for m in messages], "add_generation_prompt": True}
+        try:
+            body = self._post(f"{self._root_url}/tokenize", payload)
+            return len(body["tokens"])
+        except (httpx.HTTPError, TerseError, KeyError, ValueError, TypeError):
+            return None  # a server whose /tokenize takes text only
+
 
 class ApproxTokenizer:
     """No tokenizer: counts are estimates, ids are unavailable."""
@@ -119,6 +140,31 @@ class ApproxTokenizer:
 
     def render_chat(self, messages: Sequence[Message]) -> str | None:
         return None
+
+    def count_chat(self, messages: Sequence[Message]) -> int | None:
+        return None
+
+
+class RenderedChat(str):
+    """A chat rendered without the model's template: a "Role: content" transcript that keeps its messages.
+
+    `OpenAIBackend.submit()` sends it to /v1/chat/completions, where the server applies the model's own
+    template; the text is only what `count_tokens` estimates from (and what logs show). Adding "" keeps
+    it a chat; adding text makes a plain string, which goes to /v1/completions as written.
+    """
+
+    messages: tuple[Message, ...]
+
+    def __new__(cls, messages: Sequence[Message]) -> RenderedChat:
+        chat = super().__new__(cls, plain_chat_transcript(messages))
+        chat.messages = tuple(messages)
+        return chat
+
+    def __add__(self, other: str) -> str:
+        return self if other == "" else str(self) + other
+
+    def __reduce__(self) -> tuple[type[RenderedChat], tuple[tuple[Message, ...]]]:
+        return (RenderedChat, (self.messages,))
 
 
 def plain_chat_transcript(messages: Sequence[Message]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from terse.backend.types import SamplingParams
+from terse.backend.types import SamplingParams, TokenLogprob
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -98,3 +98,26 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seque
         return
     index_t = torch.tensor(list(rows), device=logits.device)
     logits[index_t] = logits[index_t].masked_fill(disallowed, float("-inf"))
+def sampled_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """Each row's chosen-token log-probability and top alternatives, for rows whose params ask for them.
+
+    logits: [B, V] (the raw logits the tokens were sampled from); token_ids: [B]. Rows without
+    `params[i].logprobs` get None. One log_softmax and one topk over the rows that ask.
+    """
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(-1, token_ids[index][:, None])[:, 0].tolist()  # [R]
+    num_top = max(int(params[i].logprobs or 0) for i in rows)
+    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0])
+    values, ids, picked = top_values.tolist(), top_ids.tolist(), token_ids[index].tolist()
+    for r, i in enumerate(rows):
+        k = int(params[i].logprobs or 0)
+        top = tuple((int(t), float(v)) for t, v in zip(ids[r][:k], values[r][:k]))
+        out[i] = TokenLogprob(int(picked[r]), float(chosen[r]), top)
+    return out

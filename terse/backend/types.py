@@ -43,6 +43,21 @@ class StreamingKV:
             raise InvalidRequestError(f"window_tokens={self.window_tokens} must be >= 1 (e.g. 4096)")
 
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per generated token `SamplingParams.logprobs` may ask for (OpenAI's limit)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    """log P(token_id | everything before it), of the model's distribution before temperature and top-p."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the most likely tokens at this position, most likely first."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one completion. Passed whole through every layer; never split into loose kwargs."""
@@ -64,6 +79,10 @@ class SamplingParams:
     constraint: Constraint | None = None
     """Structured output: the completion must match this regex / JSON schema / choice / grammar / tool-call
     format (see terse.backend.constraints); None leaves it free."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability and its `logprobs` most likely alternatives
+    (0..20) in `Completion.logprobs`; None returns none. Values are of the model's own distribution
+    (before temperature and top-p), as OpenAI reports them."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not isinstance(self.stop, tuple):
@@ -88,6 +107,12 @@ class SamplingParams:
             )
         if self.constraint is not None and self.ignore_eos:
             raise InvalidRequestError("ignore_eos=True cannot go with a constraint: the grammar decides where it ends")
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"logprobs={self.logprobs!r} must be an int in 0..{MAX_TOP_LOGPROBS} (alternatives per token) or None"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +158,8 @@ class Completion:
     usage: Usage
     metrics: dict[str, float] = field(default_factory=dict, compare=False)
     """Timings in seconds where the backend knows them: "ttft", "latency"."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One entry per generated token (an ending EOS excluded) when `SamplingParams.logprobs` was set."""
 
 
 @dataclass(frozen=True)

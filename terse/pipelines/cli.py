@@ -2,14 +2,19 @@
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules must keep their
 top-level imports light (no torch) so `terse --help` stays fast. A `TerseError` a subcommand raises is
-printed as one line `terse <command>: error: ...` on stderr, exit status 2.
+printed as one line `terse <command>: error: ...` on stderr, exit status 2. Every subcommand takes
+`--verbose`; without it, third-party progress bars, deprecation notices and info logs (transformers, Ray)
+are kept off the terminal so what a person reads is terse's own output.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from terse.errors import TerseError
@@ -33,12 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="also show third-party logs, warnings and progress bars (transformers, Ray)")
         p.set_defaults(_module=module)
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep third-party noise off the terminal; set before those libraries are imported (they read the
+    environment once). Their errors still surface, as terse's typed errors or in the logs."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # already imported (terse used as a library): tell it directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     try:
         code: int = args._module.run(args)
     except TerseError as e:

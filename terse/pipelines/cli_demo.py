@@ -55,11 +55,12 @@ def demo_inputs(out_dir: Path, limit: int | None) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from terse.errors import TerseError
+    from terse.pipelines.cli_docqa import error_line
 
     try:
         return _run(args)
     except TerseError as e:
-        print(f"terse demo: error: {e}", file=sys.stderr)
+        print(error_line("demo", e), file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 
     terse docqa --docs docs/ --questions questions.jsonl --out answers.jsonl --backend local:model/
 
+Without --backend (in flags or the config file) the bundled reference model answers, as in `terse demo`.
 Flags override the config file (`--config job.toml`), which overrides the defaults. A rerun with the
 same --out skips questions already answered and retries failed ones. Exit status: 0 when every
 question is answered, 1 when some failed or are pending (rerun to retry), 2 on a usage error.
@@ -10,7 +11,10 @@ question is answered, 1 when some failed or are pending (rerun to retry), 2 on a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +88,31 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
     return config.with_overrides(**overrides) if overrides else config
 
 
+_FLAGS = {
+    "retrieval.top_k": "--top-k", "retrieval.index_dir": "--index-dir", "compression.target_tokens": "--budget",
+    "generation.max_tokens": "--max-tokens", "run.batch_size": "--batch-size", "run.concurrency": "--concurrency",
+    "run.requests_per_s": "--rps", "organize.mode": "--organize", "run.runner": "--runner",
+}
+"""Config fields set by a flag: an error about one names the flag too."""
+
+
+def error_line(command: str, error: Exception) -> str:
+    """One line for a configuration error, naming the flag behind a config field when there is one."""
+    message = " ".join(str(error).split())
+    for field, flag in _FLAGS.items():
+        if message.startswith(f"{field}="):
+            message = f"{flag} {message[len(field) + 1:]}"
+            break
+    return f"terse {command}: error: {message}"
+
+
 def run(args: argparse.Namespace) -> int:
     from terse.errors import TerseError
 
     try:
         return _run(args)
     except TerseError as e:
-        print(f"terse docqa: error: {e}", file=sys.stderr)
+        print(error_line("docqa", e), file=sys.stderr)
         return 2
 
 
@@ -100,12 +122,26 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.docs or not args.out or not (args.questions or args.batch_input):
         raise ConfigError("give --docs, --out and one of --questions / --batch-input")
+    for path in [*args.docs, args.questions or args.batch_input]:
+        if not path.exists():
+            raise ConfigError(f"{str(path)!r} does not exist; check the path given to --docs / --questions")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {str(args.out)!r}: cannot create its folder ({e.strerror}); pick a writable path") from e
     questions = args.questions
     if args.batch_input is not None:
         from terse.pipelines.docqa.openai_batch import convert_batch_input
 
         questions = convert_batch_input(args.batch_input, args.out.with_name(args.out.stem + ".questions.jsonl"))
     config = config_from_args(args)
+    if not config.backend:
+        from terse.pipelines.cli_demo import default_backend
+
+        config = config.with_overrides(backend=default_backend())
+        print(f"terse docqa: no --backend given; answering with the bundled reference model ({config.backend})",
+              file=sys.stderr)
+    check_backend_spec(config.backend)
     paths = JobPaths(questions, tuple(args.docs), args.out)
     job = DocQAJob(config, paths)
     summary = run_with_progress(job, config.run.progress, args)
@@ -117,26 +153,72 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.num_answered == summary.num_questions else 1
 
 
+def check_backend_spec(spec: str) -> None:
+    """Fail before any work for a spec that cannot load: unknown scheme, or a model path that is not there."""
+    from terse.backend.registry import parse_spec
+    from terse.errors import ConfigError
+
+    scheme, target = parse_spec(spec)
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") > 1  # "org/name" may be a hub id
+    if scheme in ("local", "hf") and looks_like_path and not Path(target).expanduser().is_dir():
+        raise ConfigError(f"--backend {spec!r}: {target!r} is not a model directory; give a folder holding "
+                          f"config.json and *.safetensors")
+
+
 def run_with_progress(job: Any, show: bool, args: argparse.Namespace) -> Any:
     """Run `job` (on Ray when --ray was given) with a tqdm bar showing rate and ETA on stderr."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="q", desc="docqa", disable=not show, file=sys.stderr, dynamic_ncols=True)
+    bars: list[Any] = []  # made once the job knows how many questions are pending: none for zero
 
     def on_start(num_pending: int) -> None:
-        bar.reset(total=num_pending)
+        if show and num_pending:
+            bars.append(tqdm(total=num_pending, unit="q", desc="docqa", file=sys.stderr, dynamic_ncols=True))
+
+    def progress(num_done: int) -> None:
+        for bar in bars:
+            bar.update(num_done)
 
     batch_fn = None
     if getattr(args, "ray", None) is not None:
         from terse.pipelines.docqa.ray_job import RayOptions, ray_batches
 
         options = RayOptions(address=None if args.ray == "local" else args.ray,
-                             num_actors=args.ray_actors or 1, num_gpus_per_actor=args.gpus_per_actor)
+                             num_actors=args.ray_actors or 1, num_gpus_per_actor=args.gpus_per_actor,
+                             verbose=getattr(args, "verbose", False))
         batch_fn = ray_batches(job, options)
+    quiet_ray = batch_fn is not None and not getattr(args, "verbose", False)
+    ray_log = job.paths.output.with_name(job.paths.output.stem + ".ray.log")
     try:
-        return job.run(progress=bar.update, batch_fn=batch_fn, on_start=on_start)
+        with native_stderr_to(ray_log) if quiet_ray else contextlib.nullcontext():
+            try:
+                return job.run(progress=progress, batch_fn=batch_fn, on_start=on_start)
+            finally:
+                for bar in bars:  # on the stream they were made for
+                    bar.close()
     finally:
-        bar.close()
+        if quiet_ray:
+            print(f"terse docqa: Ray's own logs are in {ray_log} (--verbose shows them here)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send what native code and child processes write to file descriptor 2 (Ray's C++ core worker,
+    raylet, workers) to `path`, while Python's `sys.stderr` (progress bar, messages) stays on the terminal."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    saved_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=saved_stderr.encoding or "utf-8",
+                           errors="backslashreplace")
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        sys.stderr.close()
+        sys.stderr = saved_stderr
 
 
 def print_summary(summary: Any, paths: Any) -> None:
@@ -151,7 +233,9 @@ def print_summary(summary: Any, paths: Any) -> None:
         table.add_row(label, value)
     console = Console()
     console.print(table)
-    console.print(f"answers: {paths.output}   failures: {paths.failures}   summary: {paths.summary}")
+    has_failures = paths.failures.exists() and paths.failures.stat().st_size > 0
+    failures = f"   failures: {paths.failures}" if has_failures else ""
+    console.print(f"answers: {paths.output}{failures}   summary: {paths.summary}", soft_wrap=True)
     if summary.stopped_reason:
         console.print(f"[red]stopped early:[/red] {summary.stopped_reason}")
     elif summary.num_failed:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import sys
+from pathlib import Path
 from typing import Any
 
-from terse.errors import ConfigError
+from terse.errors import ConfigError, TerseError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="proxy mode: key sent upstream (env TERSE_UPSTREAM_API_KEY)")
     parser.add_argument("--upstream-timeout", type=float, default=600.0, help="proxy mode: read timeout, seconds")
     parser.add_argument("--tokenizer", help="proxy mode: tokenizer for exact prompt accounting (else ~4 chars/token)")
+    parser.add_argument("--embedding-model", default=None, metavar="MODEL",
+                        help="engine mode: sentence-transformers name or path served at /v1/embeddings "
+                        "(default: the bundled all-MiniLM-L6-v2, loaded on first use; 'none' to serve no embeddings)")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--max-messages", type=int, default=1024)
     parser.add_argument("--max-tokens-limit", type=int, default=32768, help="largest max_tokens a request may ask")
@@ -70,11 +76,24 @@ def _is_spec(value: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted. A configuration error is one line on stderr naming the value and the fix
+    (exit status 2), found before any model loads where it can be."""
+    try:
+        app, config = _build(args)
+    except TerseError as e:
+        print(f"terse serve: error: {_flag_names(' '.join(str(e).split()))}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any]:
     from terse.backend.registry import load_backend
     from terse.pipelines.server.build import engine_app, proxy_app
     from terse.pipelines.server.config import ProxyConfig, ServerConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -84,19 +103,88 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         served_model_names=tuple(args.served_model_name),
     )
-    if args.model:
-        spec = args.model if _is_spec(args.model) else f"local:{args.model}"
-        backend = load_backend(spec)
-        app = engine_app(backend, config, _hooks(args, backend))
-    else:
+    _check_flags(args)
+    _check_bindable(config.host, config.port)
+    proxy = None
+    if args.upstream:
         proxy = ProxyConfig(
             upstream_url=args.upstream,
             upstream_api_key=args.upstream_api_key or None,
             timeout_s=args.upstream_timeout,
             tokenizer=args.tokenizer,
         )
-        app = proxy_app(proxy, config, _hooks(args, None))
-    import uvicorn
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if proxy is not None:
+        return proxy_app(proxy, config, _hooks(args, None)), config
+    spec = args.model if _is_spec(args.model) else f"local:{args.model}"
+    embedding = _embedding_model(args.embedding_model)
+    backend = load_backend(spec)
+    return engine_app(backend, config, _hooks(args, backend), embedding_model=embedding), config
 
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
-    return 0
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Values only a flag can get wrong, checked before anything loads."""
+    if args.compress and not 0 < args.compress_rate <= 1:
+        raise ConfigError(f"--compress-rate {args.compress_rate} must be in (0, 1], e.g. 0.5 keeps half the tokens")
+    if args.retrieve_top_k < 1:
+        raise ConfigError(f"--retrieve-top-k {args.retrieve_top_k} must be >= 1, e.g. 4")
+    if args.upstream_timeout <= 0:
+        raise ConfigError(f"--upstream-timeout {args.upstream_timeout} must be > 0 seconds, e.g. 600")
+    if args.compress and args.upstream and not args.compress_scorer:
+        raise ConfigError("--compress in proxy mode needs --compress-scorer <backend spec> (a local model, "
+                          "e.g. hf:path/to/small-model)")
+    if args.retrieve_index and not Path(args.retrieve_index).is_dir():
+        raise ConfigError(f"--retrieve-index {args.retrieve_index!r} is not a directory; build one with "
+                          f"'terse index DOCS -o DIR'")
+    if args.model and not _is_spec(args.model) and not Path(args.model).is_dir():
+        raise ConfigError(f"--model {args.model!r} is neither a backend spec (local:, hf:, openai:) nor a model "
+                          f"directory; give a folder holding config.json and *.safetensors")
+    if args.upstream and args.embedding_model:
+        raise ConfigError("--embedding-model is for engine mode; proxy mode forwards /v1/embeddings upstream")
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail now, not after the model loaded, when host:port cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} does not resolve ({e.strerror}); use 127.0.0.1 or 0.0.0.0") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"--port {port} on {host}: cannot listen there ({e.strerror}); pick a free port, e.g. --port 8001"
+            ) from e
+
+
+def _embedding_model(value: str | None) -> str | None:
+    """The model for /v1/embeddings: the bundled one by default, None for 'none'; an explicit one loads now."""
+    from terse.pipelines.server.embeddings import EmbeddingService
+    from terse.retrieval.config import DEFAULT_EMBEDDER
+
+    if value is None:
+        return DEFAULT_EMBEDDER
+    if value.lower() == "none":
+        return None
+    try:
+        EmbeddingService(value).load()
+    except TerseError as e:
+        raise ConfigError(f"--embedding-model {value!r}: {e}") from e
+    return value
+
+
+_CONFIG_FLAGS = {
+    "port": "--port", "max_body_bytes": "--max-body-bytes", "max_messages": "--max-messages",
+    "max_tokens_limit": "--max-tokens-limit", "upstream_url": "--upstream", "api_key": "--api-key",
+}
+
+
+def _flag_names(message: str) -> str:
+    """ServerConfig / ProxyConfig errors name fields ("port=99999 ..."): name the flag instead."""
+    for field, flag in _CONFIG_FLAGS.items():
+        if message.startswith(f"{field}="):
+            return f"{flag} {message[len(field) + 1:]}"
+    return message

@@ -190,7 +190,7 @@ def test_concurrency_is_bounded() -> None:
 def test_score_via_echo_logprobs_and_unsupported_servers() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
-        assert (body["echo"], body["logprobs"], body["max_tokens"]) == (True, 1, 0)
+        assert (body["echo"], body["logprobs"], body["max_tokens"]) == (True, 0, 0)
         assert body["prompt"] == "Q: ab"
         logprobs = {
             "tokens": ["<s>", "Q:", " a", "b"],

@@ -145,15 +145,27 @@ def _answer(qid: str, correct: bool | None, original: int, sent: int) -> AnswerR
 
 def test_summary_counts_and_sums() -> None:
     answers = [_answer("a", True, 100, 20), _answer("b", False, 100, 30), _answer("c", None, 50, 10)]
-    summary = summarize(5, answers, {"b", "d"}, num_answered_this_run=2, this_run_latencies=[1.0, 3.0],
-                        wall_s=4.0)
+    summary = summarize(5, answers, {"b", "d"}, num_answered_this_run=2, wall_s=4.0)
     assert (summary.num_answered, summary.num_failed, summary.num_pending) == (3, 1, 1)
     assert (summary.num_scored, summary.num_correct, summary.accuracy) == (2, 1, 0.5)
     assert (summary.original_prompt_tokens, summary.prompt_tokens, summary.tokens_saved) == (250, 60, 190)
     assert summary.token_reduction == pytest.approx(250 / 60)
     assert (summary.cached_tokens, summary.completion_tokens) == (6, 9)
-    assert summary.questions_per_s == 0.5 and summary.mean_latency_s == 2.0
+    assert summary.questions_per_s == 0.75 and summary.mean_latency_s == 0.5  # over every answer on file
     assert json.loads(json.dumps(summary.to_json()))["accuracy"] == 0.5
+
+
+def test_a_resumed_run_reports_the_whole_jobs_time_and_rate(tmp_path: Path) -> None:
+    from terse.pipelines.docqa.summary import earlier_wall_s, write_summary
+
+    answers = [_answer("a", True, 100, 20), _answer("b", True, 100, 30)]
+    first = summarize(2, answers, set(), num_answered_this_run=2, wall_s=8.0)
+    write_summary(first, tmp_path / "s.json")
+    resumed = summarize(2, answers, set(), num_answered_this_run=0, wall_s=0.01,
+                        earlier_wall_s=earlier_wall_s(tmp_path / "s.json"))
+    assert resumed.total_wall_s == pytest.approx(8.01) and resumed.questions_per_s == pytest.approx(2 / 8.01)
+    assert dict(resumed.rows())["wall time"] == "8.0 s (0.0 s this run)"
+    assert earlier_wall_s(tmp_path / "missing.json") == 0.0
 
 
 def test_questions_over_the_same_documents_are_scheduled_together() -> None:

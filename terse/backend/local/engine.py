@@ -48,7 +48,7 @@ from terse.backend.tokenization import (
     load_tokenizer,
     render_chat_template,
 )
-from terse.backend.types import Message, SamplingParams, TokenScores
+from terse.backend.types import Message, SamplingParams, TokenLogprob, TokenScores
 from terse.errors import BackendUnavailableError, ConfigError, InvalidRequestError, UnsupportedOperationError
 
 _SCORE_PARAMS = SamplingParams(max_tokens=0)
@@ -255,8 +255,15 @@ class LocalEngine(BackendBase):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since start: steps, prefill/decode/cached tokens, preemptions, failed steps."""
+        """Counters since start (steps, prefill/decode/cached tokens, preemptions, failed steps) and gauges
+        read now (requests running / waiting, KV blocks in the pool / free / held by the prefix cache).
+        Read-only and lock-free: a reading taken while a step runs may be one step stale."""
         return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_kv_blocks": self.num_kv_blocks,
+            "num_free_kv_blocks": self.allocator.num_free_blocks,
+            "num_cached_kv_blocks": self.prefix_cache.num_cached_blocks if self.prefix_cache is not None else 0,
             "num_steps": self.num_steps,
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_decode_tokens": self.num_decode_tokens,
@@ -337,16 +344,16 @@ class LocalEngine(BackendBase):
                 request.num_cached_prompt_tokens = chunk.seq.num_cached_tokens
         self.num_decode_tokens += len(plan.decodes)
         self.scheduler.on_step_done(plan)
-        for seq, token_id in output.sampled:
+        for (seq, token_id), logprob in zip(output.sampled, output.logprobs or [None] * len(output.sampled)):
             request = self._requests.get(seq.seq_id)
             if request is not None:
-                self._on_token(request, token_id)
+                self._on_token(request, token_id, logprob)
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.is_scoring and seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._requests:
                 self._finish(self._requests[seq.seq_id], "length")
 
-    def _on_token(self, request: Request, token_id: int) -> None:
+    def _on_token(self, request: Request, token_id: int, logprob: TokenLogprob | None = None) -> None:
         seq = request.seq
         if seq.params.max_tokens == 0:  # prefill only (e.g. to warm the prefix cache): keep no token
             self._finish(request, "length")
@@ -360,17 +367,20 @@ class LocalEngine(BackendBase):
             except GrammarViolationError as e:
                 self._fail(request, e)
                 return
+        ends = token_id in self.eos_token_ids and not seq.params.ignore_eos
+        logprobs = (logprob,) if logprob is not None and not ends else ()  # an ending EOS is no output
+        request.token_logprobs.extend(logprobs)
         try:
             stop_hit = False
             if request.stream is not None:
                 with self._tok_lock:
                     delta, stop_hit = request.stream.push(token_id)
                 if request.handle is not None:
-                    request.handle.emit(delta)
+                    request.handle.emit(delta, logprobs)
         except Exception as e:  # a detokenizer failure ends this request only
             self._fail(request, e)
             return
-        if stop_hit or grammar_done or (token_id in self.eos_token_ids and not seq.params.ignore_eos):
+        if stop_hit or grammar_done or ends:
             self._finish(request, "stop")
         elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
             self._finish(request, "length")

@@ -11,7 +11,7 @@ from terse.backend.handle import RequestHandle
 from terse.backend.local.kv_policy import KVPolicy
 from terse.backend.local.sequence import Sequence
 from terse.backend.textstream import TextStream
-from terse.backend.types import Completion, FinishReason, SamplingParams, Usage
+from terse.backend.types import Completion, FinishReason, SamplingParams, TokenLogprob, Usage
 from terse.errors import InvalidRequestError
 
 
@@ -27,6 +27,8 @@ class Request:
     submit_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     num_cached_prompt_tokens: int | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Generated tokens' log-probabilities, when the request asked for them."""
 
     def mark_first_token(self) -> None:
         if self.first_token_time is None:
@@ -54,7 +56,8 @@ class Request:
             completion_tokens=seq.num_output_tokens,
         )
         text = self.stream.text if self.stream is not None else ""
-        self.handle.finish(Completion(text, tuple(seq.output_ids), finish, usage, metrics))
+        logprobs = tuple(self.token_logprobs) if seq.params.logprobs is not None else None
+        self.handle.finish(Completion(text, tuple(seq.output_ids), finish, usage, metrics, logprobs))
 
     def fail(self, error: BaseException) -> None:
         if self.future is not None:

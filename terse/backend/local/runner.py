@@ -28,13 +28,16 @@ from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence
 from terse.backend.local.sparse_prefill import SparsePrefill
 from terse.backend.local.streaming import apply_sink_rotation
-from terse.backend.sampling import sample_next
+from terse.backend.sampling import sample_next, sampled_logprobs
+from terse.backend.types import TokenLogprob
 
 
 @dataclass
 class StepOutput:
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)
     """(sequence, next token id) for each sequence whose chunk reached its last token."""
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """Parallel to `sampled`: the token's log-probabilities when its request asked for them, else None."""
 
 
 class ModelRunner:
@@ -137,19 +140,20 @@ class ModelRunner:
             with no_cudnn_attention(self.device):
                 hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
         self._score(hidden, score_rows)
-        return StepOutput(self._sample(hidden, sample_rows, masks))
+        return self._sample(hidden, sample_rows, masks)
 
     def _sample(
         self, hidden: torch.Tensor, rows: list[tuple[int, Sequence]], masks: PendingMasks | None = None
-    ) -> list[tuple[Sequence, int]]:
+    ) -> StepOutput:
         if not rows:
-            return []
+            return StepOutput()
         logits = self.model.compute_logits(hidden[self._tensor([r for r, _ in rows])])  # [N, V]
         if masks is not None:
             masks.apply(logits)  # grammar masks on the constrained rows only
         seqs = [s for _, s in rows]
-        next_ids = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        return list(zip(seqs, next_ids))
+        params = [s.params for s in seqs]
+        next_ids = sample_next(logits, params, [s.generator for s in seqs])  # [N]
+        return StepOutput(list(zip(seqs, next_ids.tolist())), sampled_logprobs(logits, next_ids, params))
 
     def _score(self, hidden: torch.Tensor, rows: list[tuple[int, Sequence, int]]) -> None:
         if not rows:

@@ -26,7 +26,7 @@ from terse.pipelines.docqa.contexts import documents_of_index, is_index_dir
 from terse.pipelines.docqa.inputs import check_documents, load_corpus, read_questions
 from terse.pipelines.docqa.journal import JsonlJournal
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QuestionRecord
-from terse.pipelines.docqa.summary import JobSummary, summarize, write_summary
+from terse.pipelines.docqa.summary import JobSummary, earlier_wall_s, summarize, write_summary
 from terse.retrieval.types import Document
 
 ProgressFn = Callable[[int], None]
@@ -100,13 +100,14 @@ class DocQAJob:
         start = time.perf_counter()
         questions, corpus, index_dir = load_inputs(self.paths)
         with JsonlJournal(self.paths.output) as answers, JsonlJournal(self.paths.failures) as failures:
+            earlier = earlier_wall_s(self.paths.summary) if answers.records or failures.records else 0.0
             pending = order_pending(questions, answers.ids())
             if on_start is not None:
                 on_start(len(pending))
             run_batches = batch_fn or self.local_batches
             batches = run_batches(pending, corpus, index_dir) if pending else iter(())
             try:
-                written, latencies, stopped = self._consume(batches, answers, failures, progress)
+                written, _latencies, stopped = self._consume(batches, answers, failures, progress)
             finally:
                 close = getattr(batches, "close", None)
                 if close is not None:  # a stopped run releases its backend now, not at collection
@@ -119,9 +120,9 @@ class DocQAJob:
                 [AnswerRecord.from_json(r) for r in answers.records if str(r["id"]) in question_ids],
                 failed_ids,
                 written,
-                latencies,
                 time.perf_counter() - start,
                 stopped,
+                earlier,
             )
         write_summary(summary, self.paths.summary)
         return summary

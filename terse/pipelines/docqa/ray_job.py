@@ -27,6 +27,7 @@ Needs the `ray` extra (`pip install 'terse[ray]'`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,6 +56,8 @@ class RayOptions:
     """GPUs per actor; None: 1 when the cluster has GPUs, else 0."""
     num_cpus_per_actor: float = 1.0
     """CPUs reserved per actor."""
+    verbose: bool = False
+    """Show Ray's own logs and Ray Data's progress reports (off: warnings and errors only)."""
 
     def __post_init__(self) -> None:
         if self.num_actors < 1:
@@ -158,14 +161,19 @@ def ensure_ray(options: RayOptions) -> Any:
     A local cluster gets at least `NUM_DATA_CPUS` logical CPUs more than the actors reserve.
     """
     import ray
+    import ray.data
 
+    quiet: dict[str, Any] = {} if options.verbose else {"logging_level": logging.ERROR}
     if not ray.is_initialized():
         if options.address is None:
             reserved = math.ceil(options.num_actors * options.num_cpus_per_actor)
             num_cpus = max(os.cpu_count() or 1, reserved + NUM_DATA_CPUS)
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **quiet)
         else:
-            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False, **quiet)
+    if not options.verbose:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ray
 
 

@@ -1,7 +1,9 @@
 """The summary of a doc-QA job: answered, failed, accuracy, tokens saved, throughput.
 
-Numbers only; the CLI formats them. Token and accuracy totals cover every answer in the answers file
-(all runs of a resumed job); wall time and throughput cover this run.
+Numbers only; the CLI formats them. Totals cover every answer in the answers file (all runs of a
+resumed job): tokens, accuracy, latency, and wall time and throughput, which add the time earlier runs
+recorded in the summary they left (so a resumed run with nothing left to do still shows the job's
+real time and rate).
 """
 
 from __future__ import annotations
@@ -45,9 +47,16 @@ class JobSummary:
     wall_s: float
     """Seconds this run took, from loading inputs to the last answer."""
     mean_latency_s: float
-    """Mean per-question latency over this run's answers (0.0 when none)."""
+    """Mean per-question latency over every answer on file (0.0 when none)."""
     stopped_reason: str | None = None
     """Why the run stopped before the end (None when it went through)."""
+    earlier_wall_s: float = 0.0
+    """Seconds the earlier runs of this job took (0.0 for a first run)."""
+
+    @property
+    def total_wall_s(self) -> float:
+        """Seconds all runs of this job took."""
+        return self.earlier_wall_s + self.wall_s
 
     @property
     def accuracy(self) -> float | None:
@@ -65,7 +74,8 @@ class JobSummary:
 
     @property
     def questions_per_s(self) -> float:
-        return self.num_answered_this_run / self.wall_s if self.wall_s > 0 else 0.0
+        """Answers on file per second of all runs."""
+        return self.num_answered / self.total_wall_s if self.total_wall_s > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,6 +85,7 @@ class JobSummary:
             token_reduction=round(self.token_reduction, 3),
             questions_per_s=round(self.questions_per_s, 4),
             wall_s=round(self.wall_s, 3),
+            total_wall_s=round(self.total_wall_s, 3),
             mean_latency_s=round(self.mean_latency_s, 4),
         )
         return data
@@ -94,7 +105,7 @@ class JobSummary:
             ("tokens saved", f"{self.tokens_saved:,} ({self.token_reduction:.1f}x fewer)"),
             ("cached prompt tokens", f"{self.cached_tokens:,}"),
             ("completion tokens", f"{self.completion_tokens:,}"),
-            ("wall time", f"{self.wall_s:.1f} s"),
+            ("wall time", f"{self.total_wall_s:.1f} s" + (f" ({self.wall_s:.1f} s this run)" if self.earlier_wall_s else "")),
             ("throughput", f"{self.questions_per_s:.2f} questions/s"),
             ("mean latency", f"{self.mean_latency_s:.2f} s"),
         ]
@@ -108,9 +119,9 @@ def summarize(
     answers: Sequence[AnswerRecord],
     failed_ids: set[str],
     num_answered_this_run: int,
-    this_run_latencies: Sequence[float],
     wall_s: float,
     stopped_reason: str | None = None,
+    earlier_wall_s: float = 0.0,
 ) -> JobSummary:
     """Totals over `answers` (every answer on file); failed ids that were later answered do not count."""
     answered_ids = {a.id for a in answers}
@@ -129,9 +140,19 @@ def summarize(
         cached_tokens=sum(a.usage.cached_tokens for a in answers),
         completion_tokens=sum(a.usage.completion_tokens for a in answers),
         wall_s=wall_s,
-        mean_latency_s=sum(this_run_latencies) / len(this_run_latencies) if this_run_latencies else 0.0,
+        mean_latency_s=sum(a.usage.latency_s for a in answers) / len(answers) if answers else 0.0,
         stopped_reason=stopped_reason,
+        earlier_wall_s=earlier_wall_s,
     )
+
+
+def earlier_wall_s(path: Path) -> float:
+    """Total seconds recorded by the summary an earlier run left at `path` (0.0 when there is none)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return float(data.get("total_wall_s", data.get("wall_s", 0.0)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def write_summary(summary: JobSummary, path: Path) -> None:

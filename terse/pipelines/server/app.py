@@ -1,9 +1,12 @@
 """The FastAPI application: routes, auth, limits, request ids, hooks, accounting and OpenAI-shaped errors.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (no auth: for
-load balancers), POST /tokenize and /detokenize (the vLLM-style token endpoints). Every answer carries
-`x-request-id` (the client's when it sent a usable one). Every error is `{"error": {...}}` with the
-status OpenAI would use; FastAPI's own 422 validation answers become 400s.
+Routes: POST /v1/chat/completions, /v1/completions and /v1/embeddings, GET /v1/models and
+/v1/models/{id}, POST /tokenize and /detokenize (the vLLM-style token endpoints), and, without auth (for
+load balancers and scrapers), GET /health (proxy mode: with the upstream's state) and GET /metrics
+(Prometheus text). Any other /v1 path is forwarded unchanged in proxy mode and a 404 in engine mode.
+A chat or completions parameter the mode cannot honour is refused (400) before any hook runs.
+Every answer carries `x-request-id` (the client's when it sent a usable one). Every error is
+`{"error": {...}}` with the status OpenAI would use; FastAPI's own 422 validation answers become 400s.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from terse.errors import TerseError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, api_error_from, invalid, log_api_error
 from terse.pipelines.server.hooks import HookChain
+from terse.pipelines.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from terse.pipelines.server.metrics import MetricsMiddleware, ServerMetrics
 from terse.pipelines.server.request_body import parse_json_body
 from terse.pipelines.server.schema import parse_chat, parse_completion
 from terse.pipelines.server.service import ChatService, ClientGoneError, RequestContext
@@ -64,6 +69,9 @@ class _Gate:
         return ctx
 
     async def json_body(self, request: Request) -> Any:
+        return parse_json_body(await self.raw_body(request))
+
+    async def raw_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -75,7 +83,7 @@ class _Gate:
             if size > limit:
                 raise _too_large(size, limit)
             chunks.append(chunk)
-        return parse_json_body(b"".join(chunks))
+        return b"".join(chunks)
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -103,8 +111,10 @@ def create_app(service: ChatService, config: ServerConfig, hooks: HookChain | No
         await service.aclose()
 
     app = FastAPI(title="terse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = ServerMetrics(service.engine_stats)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app)
-    _add_routes(app, service, config, hooks, gate)
+    _add_routes(app, service, config, hooks, gate, metrics)
     return app
 
 
@@ -146,19 +156,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, error)
 
 
-def _add_routes(app: FastAPI, service: ChatService, config: ServerConfig, hooks: HookChain, gate: _Gate) -> None:
+def _add_routes(
+    app: FastAPI, service: ChatService, config: ServerConfig, hooks: HookChain, gate: _Gate, metrics: ServerMetrics
+) -> None:
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        status, body = await service.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(await run_in_threadpool(metrics.render), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         return await service.models(gate.context(request))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        return await service.model(model_id, gate.context(request))
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         ctx = gate.context(request)
         original = parse_chat(await gate.json_body(request), config)
+        service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
         sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
         if original.text_only:
             args = (original.messages, sent.messages, service.count_prompt_tokens)
@@ -166,13 +188,20 @@ def _add_routes(app: FastAPI, service: ChatService, config: ServerConfig, hooks:
             ctx.accounting = (
                 hooks.account(*args) if service.cheap_counting else await run_in_threadpool(hooks.account, *args)
             )
+            metrics.account(ctx.accounting)
         return await _answer(service.chat(sent, ctx), ctx)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         ctx = gate.context(request)
         parsed = parse_completion(await gate.json_body(request), config)
+        service.check_request(parsed)
         return await _answer(service.completions(parsed, ctx), ctx)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        ctx = gate.context(request)
+        return await service.embeddings(_object(await gate.json_body(request)), ctx)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
@@ -183,6 +212,12 @@ def _add_routes(app: FastAPI, service: ChatService, config: ServerConfig, hooks:
     async def detokenize(request: Request) -> Response:
         ctx = gate.context(request)
         return await service.detokenize(_object(await gate.json_body(request)), ctx)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def other(path: str, request: Request) -> Response:
+        """Endpoints terse does not handle: proxy mode forwards them unchanged, engine mode answers 404."""
+        ctx = gate.context(request)
+        return await service.passthrough(f"/{path}", await gate.raw_body(request), ctx)
 
 
 def _object(body: Any) -> dict[str, Any]:

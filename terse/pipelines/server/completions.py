@@ -1,5 +1,6 @@
-"""Engine mode's /v1/completions: text or token-id prompts, `n` choices each, streaming, and prompt
-log-probabilities (`echo=true, logprobs>=0, max_tokens=0`, which `OpenAIBackend.score()` relies on).
+"""Engine mode's /v1/completions: text or token-id prompts, `n` choices each, streaming, generated tokens'
+log-probabilities (`logprobs=k`), and prompt log-probabilities (`echo=true, logprobs=0, max_tokens=0`,
+which `OpenAIBackend.score()` relies on).
 
 Choices are numbered prompt-major: choice `p * n + j` is the j-th sample of prompt p.
 """
@@ -16,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from terse.backend.handle import RequestHandle
-from terse.backend.types import Completion, TokenScores, Usage
+from terse.backend.types import Completion, TokenLogprob, TokenScores, Usage
 from terse.pipelines.server.errors import api_error_from, invalid
 from terse.pipelines.server.handles import cancel_all, fit_params, merge_streams, total_usage, wait_handle
+from terse.pipelines.server.logprobs import TokenTexts, completion_logprobs
 from terse.pipelines.server.schema import CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import (
@@ -41,13 +43,19 @@ def _prompt_len(service: EngineService, prompt: str | tuple[int, ...]) -> int:
 
 
 async def complete_prompts(service: EngineService, request: CompletionRequest, ctx: RequestContext) -> Response:
-    if request.logprobs is not None and not (request.echo and request.params.max_tokens == 0):
+    scoring = request.echo and request.params.max_tokens == 0
+    if request.logprobs is not None and request.echo and not scoring:
         raise invalid(
-            "logprobs of generated tokens are not supported; prompt logprobs are: send echo=true, "
-            "max_tokens=0 and logprobs=1",
+            "'logprobs' with 'echo' is supported for the prompt alone (max_tokens=0, logprobs=0) or for the "
+            "generated tokens alone (echo=false); send one of those",
             "logprobs",
         )
-    if request.echo and request.params.max_tokens == 0 and request.logprobs is not None:
+    if scoring and request.logprobs:
+        raise invalid(
+            f"'logprobs'={request.logprobs}: prompt log-probabilities come without alternatives; send logprobs=0",
+            "logprobs",
+        )
+    if scoring and request.logprobs is not None:
         return await _score_prompts(service, request, ctx)
     handles: list[RequestHandle] = []
     try:
@@ -61,17 +69,20 @@ async def complete_prompts(service: EngineService, request: CompletionRequest, c
     response_id, created = f"cmpl-{ctx.request_id}", int(time.time())
     echoes = [await _echo_text(service, request, p) for p in request.prompts]
     if request.stream:
-        chunks = _stream(handles, request, ctx, response_id, created, echoes)
+        chunks = _stream(service, handles, request, ctx, response_id, created, echoes)
         return SSEResponse(chunks, ctx.response_headers(), on_close=lambda: _cancel_soon(handles))
     try:
         completions: list[Completion] = await race_disconnect(asyncio.gather(*(wait_handle(h) for h in handles)), ctx.http)
     finally:
         cancel_all(handles)
+    texts = TokenTexts(service.backend.decode)
     choices = [
         {
             "index": k,
             "text": echoes[k // request.n] + c.text,
-            "logprobs": None,
+            "logprobs": None if c.logprobs is None else await run_in_threadpool(
+                completion_logprobs, c.logprobs, texts, request.logprobs or 0
+            ),
             "finish_reason": openai_finish_reason(c.finish_reason),
         }
         for k, c in enumerate(completions)
@@ -90,6 +101,7 @@ async def _echo_text(service: EngineService, request: CompletionRequest, prompt:
 
 
 async def _stream(
+    service: EngineService,
     handles: list[RequestHandle],
     request: CompletionRequest,
     ctx: RequestContext,
@@ -98,6 +110,18 @@ async def _stream(
     echoes: Sequence[str],
 ) -> AsyncIterator[bytes]:
     done: list[Completion] = []
+    texts = TokenTexts(service.backend.decode)
+    offsets = [0] * len(handles)  # characters of each choice's text sent so far, and its logprob entries
+    seen = [0] * len(handles)
+
+    def new_logprobs(k: int, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if request.logprobs is None:
+            return None
+        body = completion_logprobs(entries, texts, request.logprobs, offsets[k])
+        seen[k] += len(entries)
+        offsets[k] += sum(len(t) for t in body["tokens"])
+        return body
+
     try:
         for k in range(len(handles)):
             if echoes[k // request.n]:
@@ -106,9 +130,11 @@ async def _stream(
             if isinstance(item, Completion):
                 done.append(item)
                 reason = openai_finish_reason(item.finish_reason)
-                yield sse_event(text_chunk(response_id, created, request.model, k, "", reason))
+                rest = new_logprobs(k, (item.logprobs or ())[seen[k] :])
+                yield sse_event(text_chunk(response_id, created, request.model, k, "", reason, rest))
             else:
-                yield sse_event(text_chunk(response_id, created, request.model, k, item, None))
+                entries = new_logprobs(k, handles[k].logprobs_since(seen[k]))
+                yield sse_event(text_chunk(response_id, created, request.model, k, item, None, entries))
         if request.include_usage:
             usage = usage_body(Usage(
                 sum(c.usage.prompt_tokens for c in done[:: request.n]),

@@ -6,6 +6,9 @@
   the `x-terse-*` headers. What is relayed is checked (relay.py): a 2xx body that is not JSON becomes a
   502, and a broken stream ends with an error event and [DONE]. With hooks, whole answers also get `usage.terse` and the hooks'
   `on_response`; without hooks they are relayed untouched (headers only).
+- Endpoints terse does not handle (`/v1/embeddings`, `/v1/models/{id}`, any other /v1 path) go upstream
+  unchanged: method, query, content type and body as received. `/health` asks the upstream's
+  `/models` and answers 503 with its state when it is down.
 - Upstream failures before the first byte are retried (`ProxyConfig.retry`, logged on
   "terse.backend.openai"); then: unreachable -> 502, no answer in time -> 504, 4xx -> passed through.
 - The upstream client is an `Upstream` transport (`upstream.py`): a lean h11 keep-alive pool for
@@ -20,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
@@ -116,6 +121,13 @@ class ProxyService:
         finally:
             await response.aclose()  # early (client gone): drops the connection, the upstream sees it
 
+    async def _relay_raw(self, response: UpstreamResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()
+
     # -- endpoints -------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
         forwarded = await self._forward("POST", "/chat/completions", request.upstream_body(), ctx, stream=request.stream)
@@ -152,6 +164,56 @@ class ProxyService:
 
     async def _forward_root(self, path: str, body: dict[str, Any], ctx: RequestContext) -> Response:
         return await self._forward("POST", path, body, ctx, stream=False, root=True)
+
+    # -- everything else goes upstream unchanged --------------------------------------------------
+    def check_request(self, request: ChatRequest | CompletionRequest) -> None:
+        return None  # the upstream decides what it honours
+
+    def engine_stats(self) -> Mapping[str, Any]:
+        return {}
+
+    async def model(self, model_id: str, ctx: RequestContext) -> Response:
+        return await self._forward("GET", f"/models/{urllib.parse.quote(model_id, safe='/')}", None, ctx, stream=False)
+
+    async def embeddings(self, body: dict[str, Any], ctx: RequestContext) -> Response:
+        return await self._forward("POST", "/embeddings", body, ctx, stream=False)
+
+    async def passthrough(self, path: str, body: bytes, ctx: RequestContext) -> Response:
+        """Forward method, path, query, content type and body as received; relay the answer as sent."""
+        query = ctx.http.url.query
+        url = f"{self._base_url}{path}" + (f"?{query}" if query else "")
+        headers = self._headers(ctx)
+        content_type = ctx.http.headers.get("content-type")
+        if content_type:
+            headers["content-type"] = content_type
+        send = self._upstream.send(ctx.http.method, url, body or None, headers)
+        response: UpstreamResponse = await race_disconnect(asyncio.ensure_future(send), ctx.http)
+        media_type = response.headers.get("content-type", "application/json")
+        if media_type.startswith("text/event-stream") and response.status_code < 400:
+            # an endpoint terse does not model may stream any events (no [DONE] rule): relayed as sent
+            return SSEResponse(self._relay_raw(response), ctx.response_headers(), on_close=response.aclose)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return Response(content, response.status_code, headers=ctx.response_headers(), media_type=media_type)
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """200 when the upstream answers GET /models (any status below 500), else 503 with its state."""
+        url = f"{self._base_url}/models"
+        headers = {"authorization": f"Bearer {self.config.upstream_api_key}"} if self.config.upstream_api_key else {}
+        upstream: dict[str, Any] = {"url": self._base_url}
+        try:
+            async with httpx.AsyncClient(timeout=self.config.connect_timeout_s) as client:
+                answer = await client.get(url, headers=headers)
+        except httpx.TimeoutException:
+            upstream["status"] = "timeout"
+        except httpx.HTTPError as e:
+            upstream.update(status="unreachable", error=f"{type(e).__name__}: {e}")
+        else:
+            upstream.update(status="ok" if answer.status_code < 500 else "error", http_status=answer.status_code)
+        ok = upstream["status"] == "ok"
+        return (200 if ok else 503), {"status": "ok" if ok else "degraded", "upstream": upstream}
 
     async def aclose(self) -> None:
         await self._upstream.aclose()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from terse.backend.types import Message, SamplingParams
+from terse.backend.types import MAX_TOP_LOGPROBS, Message, SamplingParams
 from terse.errors import InvalidRequestError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, invalid
@@ -47,9 +47,24 @@ class ChatRequest:
         return dataclasses.replace(self, messages=messages)
 
     def upstream_body(self) -> dict[str, Any]:
-        """The body to forward: the original one, with the (possibly rewritten) messages."""
+        """The body to forward: the original one, with the messages a hook rewrote.
+
+        Messages no hook changed leave exactly as sent (names, tool calls, content parts); a message
+        whose text a hook rewrote keeps its other keys when the hook kept the message list's shape.
+        """
         body = dict(self.body)
-        if self.text_only:
+        raw = body.get("messages")
+        if not self.text_only or not isinstance(raw, list):
+            return body
+        original = tuple(_message(m, i)[0] for i, m in enumerate(raw))
+        if original == self.messages:
+            return body
+        if len(original) == len(self.messages):
+            body["messages"] = [
+                {**r, "content": m["content"]} if o["role"] == m["role"] else dict(m)
+                for r, o, m in zip(raw, original, self.messages)
+            ]
+        else:
             body["messages"] = [dict(m) for m in self.messages]
         return body
 
@@ -75,7 +90,8 @@ class CompletionRequest:
     echo: bool
     """Return the prompt before the completion (with max_tokens=0 and logprobs: prompt log-probabilities)."""
     logprobs: int | None
-    """Log-probabilities requested (only prompt logprobs, via echo with max_tokens=0, are supported)."""
+    """Alternatives per token whose log-probabilities are returned (also in `params.logprobs`); with echo
+    and max_tokens=0 the prompt's log-probabilities instead."""
     body: Mapping[str, Any]
     """The JSON body as received."""
 
@@ -190,6 +206,7 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         )
     parsed = [_message(m, i) for i, m in enumerate(raw_messages)]
     params, given = _sampling(body, config, config.default_max_tokens)
+    params = dataclasses.replace(params, logprobs=_chat_logprobs(body))
     n, stream, include_usage = _common(body, config)
     return ChatRequest(
         model=model,
@@ -202,6 +219,17 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         body=body,
         text_only=all(ok for _, ok in parsed),
     )
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """`logprobs: true` (+ `top_logprobs: k`) -> alternatives per token for SamplingParams; None when off."""
+    wanted = _field(body, "logprobs", (bool,), "a boolean", False)
+    top = _field(body, "top_logprobs", (int,), f"an integer in 0..{MAX_TOP_LOGPROBS}")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise invalid(f"'top_logprobs'={top} must be in 0..{MAX_TOP_LOGPROBS}", "top_logprobs")
+    if top is not None and not wanted:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _prompts(raw: Any) -> tuple[str | tuple[int, ...], ...]:
@@ -227,7 +255,10 @@ def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
     prompts = _prompts(body.get("prompt"))
     params, given = _sampling(body, config, 16)  # 16: OpenAI's documented default for completions
     n, stream, include_usage = _common(body, config)
-    logprobs = _field(body, "logprobs", (int,), "an integer in 0..5")
+    logprobs = _field(body, "logprobs", (int,), f"an integer in 0..{MAX_TOP_LOGPROBS}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(f"'logprobs'={logprobs} must be in 0..{MAX_TOP_LOGPROBS}", "logprobs")
+    params = dataclasses.replace(params, logprobs=logprobs)
     return CompletionRequest(
         model=model,
         prompts=prompts,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,11 +51,31 @@ class ChatService(Protocol):
         """Tokens of the prompt these messages make (called from a worker thread)."""
         ...
 
+    def check_request(self, request: ChatRequest | CompletionRequest) -> None:
+        """Raise `ApiError` for a request this mode cannot honour (run before any hook)."""
+        ...
+
+    def engine_stats(self) -> Mapping[str, Any]:
+        """The model engine's counters and gauges for /metrics (empty when there are none)."""
+        ...
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """HTTP status and body of /health."""
+        ...
+
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response: ...
 
     async def completions(self, request: CompletionRequest, ctx: RequestContext) -> Response: ...
 
     async def models(self, ctx: RequestContext) -> Response: ...
+
+    async def model(self, model_id: str, ctx: RequestContext) -> Response: ...
+
+    async def embeddings(self, body: dict[str, Any], ctx: RequestContext) -> Response: ...
+
+    async def passthrough(self, path: str, body: bytes, ctx: RequestContext) -> Response:
+        """Any other /v1 `path` (method, query and headers in `ctx.http`; `body` as received)."""
+        ...
 
     async def tokenize(self, body: dict[str, Any], ctx: RequestContext) -> Response: ...
 
