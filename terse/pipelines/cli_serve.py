@@ -43,6 +43,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieve-index", help="add passages from this terse.retrieval index to chat prompts")
     parser.add_argument("--retrieve-top-k", type=int, default=4)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_engine_arguments(parser)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Local-engine options (engine mode with a local: model)."""
+    group = parser.add_argument_group("local engine (--model local:...)")
+    group.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                       help="most memory for the KV cache: a fraction of free memory (0.3) or a size (8GiB, "
+                       "512MiB); default: what the running sequences can need, capped at 0.85 of free GPU "
+                       "memory or 0.5 of available RAM")
+    group.add_argument("--sparse-prefill", action="store_true",
+                       help="prefill long uncached prompt chunks with the sparse attention kernels")
+    group.add_argument("--sparse-patterns", default=None, metavar="FILE",
+                       help="per-head patterns from `terse sparse-patterns` (default: the model directory's "
+                       "sparse_patterns.json, else built-in defaults); implies --sparse-prefill")
+
+
+def _engine_options(args: argparse.Namespace, spec: str) -> dict[str, Any]:
+    """EngineConfig fields from the local-engine flags; an error when they are given for another backend."""
+    options: dict[str, Any] = {}
+    if args.kv_cache_memory is not None:
+        options["kv_cache_memory"] = args.kv_cache_memory
+    if args.sparse_prefill or args.sparse_patterns:
+        options["sparse_prefill"] = {"enabled": True, "patterns_path": args.sparse_patterns}
+    if options and not spec.startswith("local:"):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise ConfigError(f"{flags} configure the local engine; serve a model with --model local:<dir>")
+    if options:
+        from terse.backend.local.config import EngineConfig
+
+        EngineConfig.from_options(options)  # a bad size or a missing patterns file fails here, by flag name
+    return options
 
 
 def _hooks(args: argparse.Namespace, backend: Any) -> list[Any]:
@@ -86,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.model:
         spec = args.model if _is_spec(args.model) else f"local:{args.model}"
-        backend = load_backend(spec)
+        backend = load_backend(spec, **_engine_options(args, spec))
         app = engine_app(backend, config, _hooks(args, backend))
     else:
         proxy = ProxyConfig(

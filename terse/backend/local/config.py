@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,11 @@ class SparsePrefillSettings:
             )
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"sparse_prefill.backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
+        if self.patterns_path is not None and not os.path.isfile(self.patterns_path):
+            raise ConfigError(
+                f"sparse_prefill.patterns_path={self.patterns_path!r} is not a file; write one with "
+                f"`terse sparse-patterns MODEL --prompt-file F`, or leave it unset for the defaults"
+            )
 
 
 @dataclass(frozen=True)
