@@ -86,8 +86,8 @@ def rope_store_triton(
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
     if min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1 or max(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
         raise ValueError("q, k and v need contiguous head dims")
-    if head_dim < 32 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim={head_dim} must be a power of two >= 32")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim={head_dim} must be a power of two >= 16")
     if not layer_kv.is_contiguous() or layer_kv.shape[-2:] != (num_kv_heads, head_dim) or layer_kv.dtype != k.dtype:
         raise ValueError(f"layer_kv {tuple(layer_kv.shape)} {layer_kv.dtype} does not fit k {tuple(k.shape)} {k.dtype}")
     if cos_table.dtype != torch.float32 or cos_table.shape[1] != head_dim or cos_table.stride() != sin_table.stride():

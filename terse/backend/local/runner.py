@@ -194,7 +194,7 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The one sampling call site: hidden [N, hidden] of the sampling rows -> next ids [N] (device)."""
-        logits = self.model.compute_logits(hidden)  # [N, V]
+        logits = self.model.logits(hidden)  # [N, V], model dtype
         return sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _score(self, hidden: torch.Tensor, targets: list[int]) -> torch.Tensor:

@@ -150,14 +150,14 @@ def test_matches_step_by_step_reference_past_the_window(llama: Path, sink_tokens
     prompt = prompt_ids(7, 10)
     with make_engine(llama) as eng:
         captured: list[torch.Tensor] = []
-        compute_logits = eng.runner.model.compute_logits  # called for sampled rows only: one per step
+        sampling_logits = eng.runner.model.logits  # called for sampled rows only: one per step
 
         def capture(hidden: torch.Tensor) -> torch.Tensor:
-            logits = compute_logits(hidden)
+            logits = sampling_logits(hidden)
             captured.append(logits[0].clone())
             return logits
 
-        eng.runner.model.compute_logits = capture  # type: ignore[method-assign]
+        eng.runner.model.logits = capture  # type: ignore[method-assign]
         completion = eng.submit(prompt, greedy(70, streaming)).result()
         assert_no_leak(eng)
     ids = prompt + list(completion.token_ids)

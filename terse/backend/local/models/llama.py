@@ -336,7 +336,12 @@ class LlamaForCausalLM(nn.Module):
         out, _ = ops.rms_norm(x, residual, norm.weight, norm.eps)
         return out
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in the model dtype (sampling upcasts what it needs:
+        the argmax of the upcast is the argmax of these)."""
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
-        logits: torch.Tensor = self.lm_head(hidden)
-        return logits.float()
+        return self.logits(hidden).float()

@@ -107,6 +107,6 @@ class TritonOps:
 
 def choose_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> LayerOps:
     """Triton kernels for half-precision models on CUDA (head dims the RoPE kernel takes), else torch."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim >= 32 and not head_dim & (head_dim - 1):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim >= 16 and not head_dim & (head_dim - 1):
         return TritonOps()
     return TorchOps()
