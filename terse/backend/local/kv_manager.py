@@ -95,6 +95,10 @@ class KVManager:
         """Most blocks `seq` can ever hold under its policy."""
         return self.policy(seq).max_blocks(seq, self.block_size)
 
+    def holds(self, seq: Sequence) -> bool:
+        """Whether `seq` is admitted (holds a KV layout)."""
+        return seq.seq_id in self._seqs
+
     def table(self, seq: Sequence) -> SeqKV:
         """The KV layout of an admitted sequence (read it; never mutate it)."""
         return self._seqs[seq.seq_id]

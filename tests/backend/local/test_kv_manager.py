@@ -22,8 +22,8 @@ def seq(seq_id: int, ids: list[int], streaming: StreamingKV | None = None) -> Se
 
 def run(kv: KVManager, s: Sequence, num_new: int) -> None:
     """Allocate for num_new tokens (admitting with a fresh lookup if needed) and mark them computed."""
-    lookup = kv.lookup(s) if s.seq_id not in kv._seqs else NO_PREFIX
-    if s.seq_id not in kv._seqs:
+    lookup = NO_PREFIX if kv.holds(s) else kv.lookup(s)
+    if not kv.holds(s):
         s.num_computed_tokens = lookup.num_tokens
     assert kv.allocate(s, num_new, lookup)
     s.num_computed_tokens += num_new
@@ -74,7 +74,7 @@ def test_failed_admission_leaves_no_trace() -> None:
     assert not kv.allocate(b, b.num_tokens - 8, kv.lookup(b))
     assert cache.describe() == [(0, 12, (0, 1, 2), 0)]  # not split, not pinned, not evicted
     assert cache._clock == clock and refcounts(kv, range(6)) == [1, 1, 1, 1, 1, 0]
-    assert b.seq_id not in kv._seqs and kv.take_pending_copies() == []
+    assert not kv.holds(b) and kv.take_pending_copies() == []
 
 
 def test_growth_evicts_unpinned_leaves_least_recent_first() -> None:
