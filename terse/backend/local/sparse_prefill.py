@@ -6,7 +6,7 @@ What changes and what does not:
     step:  write K/V of the step's tokens into the pool          (unchanged: same slots, same values)
            dense spans  -> solo causal kernel / padded groups     (unchanged)
            sparse spans -> gather cached + new K/V through the block table, then
-                           sparse_prefill_attention(q = new tokens, k/v = cached + new)
+                           sparse_prefill(q = new tokens, k/v = cached + new)
 
 The step's plan (`SparsePrefill.plan`, once per step) holds the flat query rows of the sparse spans,
 the pool slots of their keys (cached + new) and the varlen offsets; each layer then only gathers its
@@ -35,22 +35,20 @@ if TYPE_CHECKING:
     from terse.backend.local.attention import PrefillSpan
     from terse.kernels.patterns import ModelPatterns
     from terse.kernels.prefill import SparsePrefillConfig
+    from terse.kernels.varlen import VarlenLayout
 
 
 @dataclass
 class SparsePlan:
-    """The sparse spans of one step, as index tensors (built once, read by every layer)."""
+    """The sparse spans of one step, as index tensors and one varlen layout (built once, read by every
+    layer)."""
 
     q_rows: torch.Tensor
     """[total_q] int64: flat rows of the spans' queries, span by span."""
     kv_slots: torch.Tensor
     """[total_k] int64: pool slots of each span's context keys (cached + new), span by span."""
-    cu_seqlens_q: torch.Tensor
-    """[N + 1] int32 query offsets."""
-    cu_seqlens_k: torch.Tensor
-    """[N + 1] int32 key offsets."""
-    max_seqlen_q: int
-    max_seqlen_k: int
+    layout: VarlenLayout
+    """Where each span's queries and keys sit in the gathered rows (offsets known on the host too)."""
 
 
 class SparsePrefill:
@@ -69,44 +67,31 @@ class SparsePrefill:
 
     def plan(self, spans: list[PrefillSpan], block_size: int, device: torch.device) -> SparsePlan:
         """Index tensors of the step's sparse spans (each span's block table covers its context)."""
+        from terse.kernels.varlen import VarlenLayout
+
         self.num_sparse_spans += len(spans)
         q_rows = np.concatenate([np.arange(s.q_start, s.q_start + s.q_len) for s in spans])
         slots = np.concatenate([_slots(s.block_table, s.context_len, block_size) for s in spans])
-        return SparsePlan(
-            to_device(q_rows, torch.int64, device),
-            to_device(slots, torch.int64, device),
-            to_device(_cumulative([s.q_len for s in spans]), torch.int32, device),
-            to_device(_cumulative([s.context_len for s in spans]), torch.int32, device),
-            max(s.q_len for s in spans),
-            max(s.context_len for s in spans),
-        )
+        layout = VarlenLayout.from_lengths([s.q_len for s in spans], [s.context_len for s in spans], device)
+        return SparsePlan(to_device(q_rows, torch.int64, device), to_device(slots, torch.int64, device), layout)
 
     def run(self, q: torch.Tensor, layer_kv: torch.Tensor, plan: SparsePlan, out: torch.Tensor, layer_index: int) -> None:
         """q: [T, H, D]; layer_kv: [2, NB, bs, KVH, D] holding this step's K/V. Writes the rows of the
         sparse spans into `out` ([T, H, D])."""
-        from terse.kernels.prefill import sparse_prefill_attention
+        from terse.kernels.prefill import sparse_prefill
+        from terse.kernels.varlen import VarlenBatch
 
         flat = layer_kv.view(2, -1, *layer_kv.shape[-2:])  # [2, NB * bs, KVH, D]
         kv = flat.index_select(1, plan.kv_slots)  # [2, total_k, KVH, D]
-        attended = sparse_prefill_attention(
-            q.index_select(0, plan.q_rows), kv[0], kv[1], plan.cu_seqlens_q, plan.cu_seqlens_k,
-            plan.max_seqlen_q, plan.max_seqlen_k, self.patterns.layer(layer_index), q.shape[-1] ** -0.5,
-            config=self.config,
-        )  # [total_q, H, D]
-        out.index_copy_(0, plan.q_rows, attended)
+        batch = VarlenBatch(q.index_select(0, plan.q_rows), kv[0], kv[1], plan.layout)
+        attended = sparse_prefill(batch, self.patterns.layer(layer_index), q.shape[-1] ** -0.5, config=self.config)
+        out.index_copy_(0, plan.q_rows, attended)  # attended: [total_q, H, D]
 
 
 def _slots(block_table: list[int], num_tokens: int, block_size: int) -> np.ndarray:
     """Pool slots of positions [0, num_tokens) through a block table."""
     c = np.arange(num_tokens)
     return np.asarray(block_table, dtype=np.int64)[c // block_size] * block_size + c % block_size
-
-
-def _cumulative(lengths: list[int]) -> list[int]:
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return offsets
 
 
 def build_sparse_prefill(
