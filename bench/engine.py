@@ -1,21 +1,26 @@
-"""Local engine benchmarks: batch-1 decode vs the memory-bandwidth bound, and mixed-256 throughput vs
-transformers `generate` with static batches of the same model (same weights, same run).
+"""Local engine benchmarks: correctness first, then decode step time vs batch size against transformers'
+static-cache `generate` (compiled with CUDA graphs) and the memory-bandwidth bound, where a step's time
+goes, and mixed-256 throughput; one process, the same weights for every contestant.
 
-    PYTHONPATH=. python bench/engine.py --shape tiny --out bench/results/engine_cpu.json      # CPU
-    PYTHONPATH=. python bench/engine.py --shape 8b --out $OUT/engine_gpu.json                # H200
+    PYTHONPATH=. python3 bench/engine.py --shape 8b --out-dir $OUT                       # H200
+    PYTHONPATH=. python3 bench/engine.py --shape tiny --batch-sizes 1 4 --num-requests 16 \\
+        --prompt-median 64 --output-median 16 --kv-cache-memory 1GiB --out-dir /tmp/engine   # CPU smoke run
 
-Random weights (built on the device, nothing written to disk); prompts are random token ids.
+Random weights (built on the device, nothing written to disk); prompts are random token ids. Results:
+`engine_gpu.json` / `engine_cpu.json` and `engine_check.json` under --out-dir; a table at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 import traceback
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,10 @@ from terse.backend.local.config import EngineConfig
 from terse.backend.local.engine import LocalEngine
 from terse.backend.local.models.llama import ModelConfig
 from terse.backend.types import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_check import check_engine, check_kernels
+from engine_profile import profile_decode
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3-8B architecture
@@ -90,20 +99,108 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / statistics.median(times[2:])
 
 
-def bench_decode(engine: LocalEngine, num_new: int, prompt_len: int = 128) -> dict[str, float]:
-    """Batch-1 decode: seconds per output token after the first, median of 3 runs."""
-    rng = np.random.default_rng(0)
-    per_token = []
-    for _ in range(3):
-        prompt = rng.integers(0, engine.model_config.vocab_size, prompt_len).tolist()
-        out = engine.submit(prompt, SamplingParams(max_tokens=num_new, ignore_eos=True)).result()
-        per_token.append((out.metrics["latency"] - out.metrics["ttft"]) / (num_new - 1))
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-    bandwidth = copy_bandwidth(engine.device)
-    bound = weight_bytes / bandwidth
-    step = statistics.median(per_token)
-    return {"decode_s_per_token": step, "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth,
-            "bandwidth_bound_s_per_token": bound, "fraction_of_bound": bound / step}
+def gpu_ms(fn: Any, device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds of `fn()` (CUDA events on the GPU, the host clock on CPU)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_batch(engine: LocalEngine, prompts: list[list[int]], num_new: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds to finish `prompts` with `num_new` tokens each, and the engine loop's host seconds."""
+    before = dict(engine.host_seconds)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    handles = [engine.submit(p, SamplingParams(max_tokens=num_new, ignore_eos=True)) for p in prompts]
+    for h in handles:
+        assert h.result().usage.completion_tokens == num_new
+    elapsed = time.perf_counter() - t0
+    return elapsed, {k: engine.host_seconds[k] - before[k] for k in before}
+
+
+def decode_sweep(engine: LocalEngine, batch_sizes: list[int], prompt_len: int, n1: int, n2: int) -> list[dict[str, Any]]:
+    """Per batch size: the engine's decode step, (t(n2) - t(n1)) / (n2 - n1) of whole batches (prefill
+    cancels out; scheduling, sampling and the host loop included), plus the captured graph alone and the
+    lm_head + argmax alone, timed with CUDA events."""
+    rng = np.random.default_rng(1)
+    vocab = engine.model_config.vocab_size
+    rows = []
+    for bs in batch_sizes:
+        prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(bs)]
+        run_batch(engine, prompts, 4)  # warm-up at this size
+        t1, host1 = run_batch(engine, prompts, n1)
+        t2, host2 = run_batch(engine, prompts, n2)
+        steps = n2 - n1
+        # host seconds of the loop thread per decode step (prefill cancels out as in step_ms); "wait" is
+        # the time the host sat waiting for the device
+        host = {k: (host2[k] - host1[k]) / steps * 1e3 for k in host1}
+        row: dict[str, Any] = {"batch_size": bs, "context_tokens": prompt_len + n2, "step_ms": (t2 - t1) / steps * 1e3,
+                               "host_ms_per_step": host}
+        graphs = engine.runner.graphs
+        if graphs is not None and graphs.padded_size(bs) is not None:
+            graph = graphs.graphs[graphs.padded_size(bs)]  # static inputs: this size's last decode step
+            row["graph_ms"] = gpu_ms(graph.replay, engine.device)
+        hidden = torch.randn(bs, engine.model_config.hidden_size, device=engine.device, dtype=engine.dtype)
+        head = engine.runner.model.logits
+        row["lm_head_argmax_ms"] = gpu_ms(lambda h=hidden, f=head: f(h).argmax(-1), engine.device)
+        print("terse decode", row, flush=True)
+        rows.append(row)
+    return rows
+
+
+class StepTimer:
+    """A transformers logits processor recording when each generation step reaches sampling."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)  # generate() waits for the device every step anyway (its stopping check)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_static_decode(model: torch.nn.Module, device: torch.device, batch_sizes: list[int], prompt_len: int,
+                     num_new: int, time_limit_s: float) -> list[dict[str, Any]]:
+    """transformers `generate(..., cache_implementation="static")` (the decode step compiled with CUDA
+    graphs on the first call at a shape): median step interval of a timed call after a warm-up call."""
+    from transformers import LogitsProcessorList
+
+    rng = np.random.default_rng(1)
+    rows, started = [], time.perf_counter()
+    for bs in batch_sizes:
+        if time.perf_counter() - started > time_limit_s:
+            print(f"hf static: time limit reached before batch {bs}", flush=True)
+            break
+        ids = torch.tensor(rng.integers(0, model.config.vocab_size, (bs, prompt_len)), device=device)
+        kwargs: dict[str, Any] = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0,
+                                  "attention_mask": torch.ones_like(ids)}
+        if device.type != "cuda":
+            kwargs["disable_compile"] = True
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=num_new, **kwargs)  # warm-up: compiles at this shape
+            warmup = time.perf_counter() - t0
+            timer = StepTimer(device)
+            model.generate(ids, max_new_tokens=num_new, logits_processor=LogitsProcessorList([timer]), **kwargs)
+        steps = np.diff(timer.times)[2:]
+        row = {"batch_size": bs, "step_ms": float(np.median(steps)) * 1e3, "warmup_s": warmup}
+        print("hf static decode", row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def mixed_workload(num: int, vocab: int, seed: int, prompt_median: int, output_median: int,
@@ -115,8 +212,9 @@ def mixed_workload(num: int, vocab: int, seed: int, prompt_median: int, output_m
     return [(rng.integers(0, vocab, int(p)).tolist(), int(o)) for p, o in zip(prompt_lens, output_lens)]
 
 
-def bench_mixed_terse(engine: LocalEngine, work: list[tuple[list[int], int]]) -> dict[str, float]:
+def bench_mixed_terse(engine: LocalEngine, work: list[tuple[list[int], int]]) -> dict[str, Any]:
     sync(engine.device)
+    before = dict(engine.host_seconds)
     t0 = time.perf_counter()
     handles = [engine.submit(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in work]
     outs = [h.result() for h in handles]
@@ -124,153 +222,117 @@ def bench_mixed_terse(engine: LocalEngine, work: list[tuple[list[int], int]]) ->
     num_out = sum(o.usage.completion_tokens for o in outs)
     assert num_out == sum(n for _, n in work)
     return {"seconds": elapsed, "output_tokens": num_out, "output_tok_per_s": num_out / elapsed,
-            "median_ttft_s": statistics.median(o.metrics["ttft"] for o in outs)}
-
-
-@torch.inference_mode()
-def bench_mixed_hf(model: torch.nn.Module, work: list[tuple[list[int], int]], batch_size: int,
-                   device: torch.device, time_limit_s: float) -> dict[str, float]:
-    """Static batches in submission order: left-padded prompts, every row runs to the batch's longest
-    output. Counts only each request's own output tokens. Stops after `time_limit_s` (whole batches)."""
-    useful, elapsed, num_requests = 0, 0.0, 0
-    for start in range(0, len(work), batch_size):
-        batch = work[start : start + batch_size]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, (p, _) in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            mask[i, width - len(p):] = 1
-        steps = max(n for _, n in batch)
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
-                       do_sample=False, pad_token_id=0)
-        sync(device)
-        elapsed += time.perf_counter() - t0
-        useful += sum(n for _, n in batch)
-        num_requests += len(batch)
-        if elapsed > time_limit_s:
-            break
-    return {"seconds": elapsed, "output_tokens": useful, "output_tok_per_s": useful / elapsed,
-            "num_requests": num_requests, "batch_size": batch_size}
-
-
-def check_against_transformers(out_dir: str) -> dict[str, Any]:
-    """Correctness of the device path before timing it: greedy tokens of the engine (CUDA graphs on,
-    Triton decode) vs transformers `generate` on a tiny random model in float32 and bfloat16, `score()`
-    vs transformers' log-probabilities, and the paged-decode kernel vs the torch path at 8B head shapes."""
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from terse.backend.local.attention import paged_decode_torch
-    from terse.backend.local.paged_decode import paged_decode_triton
-    from tests.tiny_models import (  # (not tests.backend.local: it turns on Triton's interpreter)
-        CORPUS,
-        build_tiny_model,
-    )
-
-    report: dict[str, Any] = {}
-    path = build_tiny_model(Path(tempfile.mkdtemp()), "qwen3")
-    rng = np.random.default_rng(5)
-    words = " ".join(CORPUS).split()
-    prompts = [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(24)]
-    for dtype in ("float32", "bfloat16"):
-        ref = SimpleNamespace(
-            model=AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to("cuda").eval(),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-        )
-        ref.model.generation_config.eos_token_id = None
-        engine = LocalEngine.from_spec(str(path), dtype=dtype, max_num_batched_tokens=64, max_num_seqs=32)
-        outs = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
-        same = 0
-        for prompt, out in zip(prompts, outs):
-            ids = ref.tokenizer(prompt).input_ids
-            with torch.no_grad():
-                gen = ref.model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=24, do_sample=False,
-                                         pad_token_id=0)
-            same += int(gen[0, len(ids):].tolist() == list(out.token_ids))
-        (score,) = engine.score([prompts[0]], prefix="Question:")
-        full = ref.tokenizer("Question:").input_ids + list(score.token_ids)
-        with torch.no_grad():
-            logits = ref.model(torch.tensor([full], device="cuda")).logits[0].float()
-        lp = torch.log_softmax(logits, -1)
-        n0 = len(full) - len(score.token_ids)
-        expected = [lp[n0 - 1 + i, t].item() for i, t in enumerate(score.token_ids)]
-        report[dtype] = {
-            "greedy_sequences_identical": f"{same}/{len(prompts)}",
-            "score_max_abs_diff": max(abs(a - b) for a, b in zip(expected, score.logprobs)),
-            "cuda_graphs": engine.runner.graphs is not None, "triton_decode": engine.runner.use_triton_decode,
-        }
-        engine.close()
-        print("check", dtype, report[dtype], flush=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    kv = torch.randn(2, 4096, 16, 8, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    q = torch.randn(64, 32, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    tables = torch.randperm(4096, device="cuda", generator=gen)[: 64 * 64].view(64, 64)
-    lens = torch.randint(1, 64 * 16 + 1, (64,), device="cuda", generator=gen).to(torch.int32)
-    got = paged_decode_triton(q, kv, tables, lens).float()
-    want = paged_decode_torch(q.float(), kv.float(), tables, lens)
-    report["paged_decode_bf16_rel_err"] = ((got - want).norm() / want.norm()).item()
-    print("check kernel", report["paged_decode_bf16_rel_err"], flush=True)
-    with open(f"{out_dir}/engine_check_gpu.json", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+            "median_ttft_s": statistics.median(o.metrics["ttft"] for o in outs),
+            "host_seconds": {k: engine.host_seconds[k] - before[k] for k in before}}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    ap.add_argument("--prompt-len", type=int, default=384, help="decode sweep prompts (contexts ~prompt + 72)")
+    ap.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[1, 8, 32, 64, 128])
+    ap.add_argument("--profile-batch-sizes", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--hf-time-limit", type=float, default=240.0)
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--prompt-median", type=int, default=300)
     ap.add_argument("--output-median", type=int, default=200)
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--hf-batch-size", type=int, default=64)
-    ap.add_argument("--hf-time-limit", type=float, default=60.0)
-    ap.add_argument("--kv-cache-memory", type=float, default=0.5)
-    ap.add_argument("--out", default="")
-    ap.add_argument("--check-dir", default="", help="run the CUDA correctness check first; JSON goes here")
+    ap.add_argument("--kv-cache-memory", default="32GiB")
+    ap.add_argument("--mixed-budgets", type=int, nargs="*", default=[16384],
+                    help="mixed-256 again on engines with these step token budgets (the sweep's engine: 8192)")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    if args.check_dir:
-        try:
-            check_against_transformers(args.check_dir)
-        except Exception:  # report and go on to the timings: one device call holds both
-            traceback.print_exc()
-
     on_gpu = torch.cuda.is_available()
-    config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096,
-                          kv_cache_memory=args.kv_cache_memory, enable_prefix_cache=False)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    result: dict[str, Any] = {"shape": args.shape, "args": vars(args), "torch": torch.__version__,
+                              "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"}
+    if not args.no_check:
+        check: dict[str, Any] = {}
+        for name, fn in (("kernels", check_kernels), ("engine", check_engine)):
+            try:
+                check[name] = fn(device)
+            except Exception:  # report and go on to the timings: one device call holds both
+                check[name] = {"error": traceback.format_exc()}
+                traceback.print_exc()
+            print("check", name, json.dumps(check[name])[:2000], flush=True)
+        with open(Path(args.out_dir) / "engine_check.json", "w") as f:
+            json.dump(check, f, indent=2)
+    config = EngineConfig.from_options({
+        "max_num_seqs": 256, "max_num_batched_tokens": 8192, "max_model_len": 4096,
+        "kv_cache_memory": args.kv_cache_memory, "enable_prefix_cache": False,
+    })
     t0 = time.perf_counter()
     engine = LocalEngine.from_random(model_config(args.shape), config)
-    build_s = time.perf_counter() - t0
-    result: dict[str, Any] = {
-        "shape": args.shape, "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
-        "dtype": str(engine.dtype), "torch": torch.__version__, "num_kv_blocks": engine.num_kv_blocks,
-        "build_s": build_s, "args": vars(args),
-    }
-    result["decode_batch1"] = bench_decode(engine, args.decode_tokens)
-    print("decode", result["decode_batch1"], flush=True)
+    result["build_s"] = time.perf_counter() - t0
+    result["dtype"], result["num_kv_blocks"] = str(engine.dtype), engine.num_kv_blocks
+    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    result["copy_bandwidth_Bps"] = copy_bandwidth(device)
+    result["ops"] = type(engine.runner.model.ops).__name__
+    out_path = Path(args.out_dir) / ("engine_gpu.json" if on_gpu else "engine_cpu.json")
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        out_path.write_text(json.dumps(result, indent=2))
+
+    result["terse_decode"] = decode_sweep(engine, args.batch_sizes, args.prompt_len, 8, 72)
+    save()
+    result["profile"] = []
+    for bs in args.profile_batch_sizes:
+        try:
+            result["profile"].append(profile_decode(engine, bs, args.prompt_len, Path(args.out_dir)))
+        except Exception:
+            result["profile"].append({"batch_size": bs, "error": traceback.format_exc()})
+            traceback.print_exc()
+        print("profile", result["profile"][-1], flush=True)
+    save()
     work = mixed_workload(args.num_requests, engine.model_config.vocab_size, 0, args.prompt_median,
                           args.output_median, max_prompt=1024, max_output=512)
-    bench_mixed_terse(engine, work[:8])  # warm-up (kernel compiles)
+    bench_mixed_terse(engine, work[:16])  # warm-up (kernel compiles)
     result["mixed_terse"] = bench_mixed_terse(engine, work)
     result["mixed_terse"]["engine_stats"] = engine.stats
-    print("terse", result["mixed_terse"], flush=True)
-    hf = hf_twin(engine)
-    result["mixed_hf"] = bench_mixed_hf(hf, work, args.hf_batch_size, engine.device, args.hf_time_limit)
-    print("hf", result["mixed_hf"], flush=True)
-    result["speedup_vs_hf"] = result["mixed_terse"]["output_tok_per_s"] / result["mixed_hf"]["output_tok_per_s"]
+    print("terse mixed", result["mixed_terse"], flush=True)
+    save()
+    if args.hf_batch_sizes:
+        try:
+            hf = hf_twin(engine)
+            result["hf_static_decode"] = hf_static_decode(hf, device, args.hf_batch_sizes, args.prompt_len, 72,
+                                                          args.hf_time_limit)
+        except Exception:
+            result["hf_static_decode_error"] = traceback.format_exc()
+            traceback.print_exc()
     engine.close()
-    d = result["decode_batch1"]
-    print("\n| shape | decode ms/token (batch 1) | bound ms/token | % of bound | terse tok/s | hf tok/s | speedup |")
-    print(f"| {args.shape} | {d['decode_s_per_token'] * 1e3:.2f} | {d['bandwidth_bound_s_per_token'] * 1e3:.2f} | "
-          f"{100 * d['fraction_of_bound']:.0f}% | {result['mixed_terse']['output_tok_per_s']:.0f} | "
-          f"{result['mixed_hf']['output_tok_per_s']:.0f} | {result['speedup_vs_hf']:.1f}x |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
+    for budget in args.mixed_budgets:
+        options = {**config.__dict__, "max_num_batched_tokens": budget}
+        other = LocalEngine.from_random(model_config(args.shape), EngineConfig(**options))
+        bench_mixed_terse(other, work[:16])
+        result[f"mixed_terse_budget_{budget}"] = bench_mixed_terse(other, work)
+        print(f"terse mixed, budget {budget}", result[f"mixed_terse_budget_{budget}"], flush=True)
+        other.close()
+        save()
+    print_table(result)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    bw, weights = result["copy_bandwidth_Bps"], result["weight_bytes"]
+    c = model_config(result["shape"])
+    kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+    hf = {r["batch_size"]: r["step_ms"] for r in result.get("hf_static_decode", [])}
+    print(f"\nops: {result['ops']}; weights {weights / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print("| batch | context | terse step ms | graph ms | lm_head+argmax ms | host launch / process ms | bound ms | % of bound | hf static ms | terse vs hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["terse_decode"]:
+        bs = r["batch_size"]
+        bound = (weights + bs * r["context_tokens"] * kv_per_token) / bw * 1e3
+        host = r["host_ms_per_step"]
+        hf_ms = hf.get(bs)
+        hf_cells = ("", "") if hf_ms is None else (f"{hf_ms:.2f}", f"{hf_ms / r['step_ms']:.2f}x")
+        print(f"| {bs} | {r['context_tokens']} | {r['step_ms']:.2f} | {r.get('graph_ms', float('nan')):.2f} | "
+              f"{r['lm_head_argmax_ms']:.2f} | {host['launch']:.2f} / {host['process']:.2f} | {bound:.2f} | "
+              f"{100 * bound / r['step_ms']:.0f}% | {hf_cells[0]} | {hf_cells[1]} |")
+    m = result["mixed_terse"]
+    print(f"\nmixed-{result['args']['num_requests']}: {m['output_tok_per_s']:.0f} output tok/s "
+          f"({m['output_tokens']} tokens in {m['seconds']:.1f} s), median TTFT {m['median_ttft_s']:.2f} s")
 
 
 if __name__ == "__main__":

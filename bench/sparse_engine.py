@@ -28,10 +28,9 @@ import torch
 from engine import SHAPES as ENGINE_SHAPES
 from engine import model_config as engine_model_config
 
-from terse.backend.local.config import EngineConfig
+from terse.backend.local.config import DEFAULT_MIN_SPARSE_Q_LEN, EngineConfig, SparsePrefillSettings
 from terse.backend.local.engine import LocalEngine
 from terse.backend.local.models.llama import ModelConfig
-from terse.backend.local.sparse_prefill import DEFAULT_MIN_SPARSE_Q_LEN, SparsePrefillSettings
 from terse.backend.types import SamplingParams
 
 # The engine benchmark's shapes, with a head dim the Triton sparse kernels take (64) for the tiny one.
@@ -102,8 +101,8 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
             prompts = long_documents(engine, args.num_docs, args.doc_len)
             outputs[name] = [list(c.token_ids) for c in engine.generate(prompts, params)]
             if enabled:
-                assert engine.runner.sparse_prefill is not None
-                num_sparse = engine.runner.sparse_prefill.num_sparse_spans
+                assert engine.runner.attention.sparse_prefill is not None
+                num_sparse = engine.runner.attention.sparse_prefill.num_sparse_spans
         finally:
             engine.close()
     rows = []

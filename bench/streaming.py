@@ -34,7 +34,6 @@ from engine import SHAPES, model_config
 from terse.backend.local.config import EngineConfig
 from terse.backend.local.engine import LocalEngine
 from terse.backend.local.kv_cache import KVCachePool
-from terse.backend.local.kv_policy import policy_for
 from terse.backend.local.requests import Request
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence as Seq
@@ -44,19 +43,19 @@ PROMPT_LEN = 32
 
 
 def record_steps(engine: LocalEngine) -> list[tuple[float, int, int]]:
-    """Wrap the runner: (time after the step, decode rows, blocks in use) per step."""
+    """Wrap the runner: (time after the step, decode rows, blocks in use) per step. Waits for each step
+    (the engine otherwise overlaps the next step's host work with it)."""
     records: list[tuple[float, int, int]] = []
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
     def recording(plan: StepPlan) -> Any:
-        output = execute(plan)
+        handle = launch(plan)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        used = engine.num_kv_blocks - engine.allocator.num_free_blocks
-        records.append((time.perf_counter(), len(plan.decodes), used))
-        return output
+        records.append((time.perf_counter(), len(plan.decodes), engine.stats["num_kv_blocks_used"]))
+        return handle
 
-    engine.runner.execute = recording  # type: ignore[method-assign]
+    engine.runner.launch = recording  # type: ignore[method-assign]
     return records
 
 
@@ -149,9 +148,10 @@ def long_text_ids(engine: LocalEngine, num_tokens: int) -> list[int]:
 def streaming_logprobs(engine: LocalEngine, ids: list[int], streaming: StreamingKV | None) -> list[float]:
     """log P(ids[i + 1] | kept context) for every i. `score()` always uses the dense cache, so this queues
     a scoring sequence with the wanted policy through the engine's own request type."""
-    seq = Seq(next(engine._ids), ids, SamplingParams(max_tokens=0), engine.max_model_len, num_logprob_start=0)
+    params = SamplingParams(max_tokens=0, streaming_kv=streaming)
+    seq = Seq(next(engine._ids), ids, params, engine.max_model_len, num_logprob_start=0)
     future: Future[list[float]] = Future()
-    engine._send("add", (Request(seq, policy_for(streaming), None, None), future))
+    engine._send("add", (Request(seq, None, None), future))
     return future.result()
 
 

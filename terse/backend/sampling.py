@@ -9,6 +9,7 @@ the batch; rows without a seed share one batched draw.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,26 +99,61 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seque
         return
     index_t = torch.tensor(list(rows), device=logits.device)
     logits[index_t] = logits[index_t].masked_fill(disallowed, float("-inf"))
+
+
+class LogprobRows(NamedTuple):
+    """Log-probabilities of the tokens sampled for some rows of a batch, left where the logits are.
+
+    Built by `logprob_rows` without reading anything back (no device synchronisation); `entries` reads
+    them (move the tensors to the host first to avoid a synchronising read on a GPU)."""
+
+    rows: list[int]
+    """The batch rows these values belong to."""
+    num_top: list[int]
+    """Alternatives each of those rows asked for (`SamplingParams.logprobs`)."""
+    chosen: torch.Tensor
+    """[R] float32: log P(sampled token)."""
+    top_values: torch.Tensor
+    """[R, K] float32, K = max(num_top): the most likely tokens' log-probabilities, most likely first."""
+    top_ids: torch.Tensor
+    """[R, K] int64: their token ids."""
+
+    def entries(self, token_ids: Sequence[int]) -> list[TokenLogprob | None]:
+        """One entry per row of the batch (`token_ids`: its sampled ids, [B]); None for rows not here."""
+        out: list[TokenLogprob | None] = [None] * len(token_ids)
+        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+        for r, (row, k) in enumerate(zip(self.rows, self.num_top)):
+            top = tuple((int(t), float(v)) for t, v in zip(ids[r][:k], values[r][:k]))
+            out[row] = TokenLogprob(int(token_ids[row]), float(chosen[r]), top)
+        return out
+
+
+def logprob_rows(logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int], rows: list[int]) -> LogprobRows:
+    """The sampled tokens' log-probabilities and top alternatives of the rows that ask for them.
+
+    logits: [R, V] of those rows only (the logits their tokens were sampled from); token_ids: [R].
+    One log_softmax and one topk; nothing is read back."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0]  # [R]
+    k = max(num_top, default=0)
+    if k:
+        top_values, top_ids = logprobs.topk(k, dim=-1)  # [R, K]
+    else:
+        top_values, top_ids = logprobs[:, :0], token_ids.new_empty(logprobs.shape[0], 0)
+    return LogprobRows(rows, num_top, chosen, top_values, top_ids)
+
+
 def sampled_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
 ) -> list[TokenLogprob | None]:
     """Each row's chosen-token log-probability and top alternatives, for rows whose params ask for them.
 
-    logits: [B, V] (the raw logits the tokens were sampled from); token_ids: [B]. Rows without
+    logits: [B, V] (the logits the tokens were sampled from); token_ids: [B]. Rows without
     `params[i].logprobs` get None. One log_softmax and one topk over the rows that ask.
     """
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    out: list[TokenLogprob | None] = [None] * len(params)
     if not rows:
-        return out
+        return [None] * len(params)
     index = torch.tensor(rows, device=logits.device)
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
-    chosen = logprobs.gather(-1, token_ids[index][:, None])[:, 0].tolist()  # [R]
-    num_top = max(int(params[i].logprobs or 0) for i in rows)
-    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0])
-    values, ids, picked = top_values.tolist(), top_ids.tolist(), token_ids[index].tolist()
-    for r, i in enumerate(rows):
-        k = int(params[i].logprobs or 0)
-        top = tuple((int(t), float(v)) for t, v in zip(ids[r][:k], values[r][:k]))
-        out[i] = TokenLogprob(int(picked[r]), float(chosen[r]), top)
-    return out
+    asked = logprob_rows(logits[index], token_ids[index], [int(params[i].logprobs or 0) for i in rows], rows)
+    return asked.entries(token_ids.tolist())

@@ -80,7 +80,8 @@ class VarlenLayout:
         cls, q_lens: Sequence[int], k_lens: Sequence[int], device: torch.device | str = "cpu"
     ) -> VarlenLayout:
         """The layout of sequences with these (host) lengths, offsets on `device`; checked on the host,
-        so later host reads of the offsets cost no device synchronization."""
+        so later host reads of the offsets cost no device synchronization, and sent to a GPU without
+        waiting for it (an engine plans a step's layout while the step before still runs)."""
         if len(q_lens) != len(k_lens) or not q_lens:
             raise KernelInputError(
                 f"{len(q_lens)} query lengths and {len(k_lens)} key lengths; pass one of each per sequence "
@@ -89,12 +90,7 @@ class VarlenLayout:
         offsets_q, offsets_k = _offsets(q_lens), _offsets(k_lens)
         max_seqlen_q, max_seqlen_k = int(max(q_lens)), int(max(k_lens))
         _check_lengths(offsets_q, offsets_k, max_seqlen_q, max_seqlen_k)
-        layout = cls(
-            torch.tensor(offsets_q, dtype=torch.int32, device=device),
-            torch.tensor(offsets_k, dtype=torch.int32, device=device),
-            max_seqlen_q,
-            max_seqlen_k,
-        )
+        layout = cls(_offsets_tensor(offsets_q, device), _offsets_tensor(offsets_k, device), max_seqlen_q, max_seqlen_k)
         # seed the cache: the offsets are known here, never read back from the device
         layout.__dict__["host_offsets"] = (offsets_q, offsets_k)
         return layout
@@ -159,6 +155,15 @@ def _check_lengths(
                 f"sequence {b} has q_len={q_len}, k_len={k_len} above max_seqlen_q={max_seqlen_q}, "
                 f"max_seqlen_k={max_seqlen_k}; pass the true maxima"
             )
+
+
+def _offsets_tensor(offsets: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """int32 offsets on `device`; to a GPU through pinned memory with a non-blocking copy (a pageable
+    copy would make the host wait for every kernel queued before it)."""
+    host = torch.tensor(offsets, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _offsets(lengths: Sequence[int]) -> tuple[int, ...]:

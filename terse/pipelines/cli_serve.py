@@ -49,6 +49,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieve-index", help="add passages from this terse.retrieval index to chat prompts")
     parser.add_argument("--retrieve-top-k", type=int, default=4)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_engine_arguments(parser)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Local-engine options (engine mode with a local: model)."""
+    group = parser.add_argument_group("local engine (--model local:...)")
+    group.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                       help="most memory for the KV cache: a fraction of free memory (0.3) or a size (8GiB, "
+                       "512MiB); default: what the running sequences can need, capped at 0.85 of free GPU "
+                       "memory or 0.5 of available RAM")
+    group.add_argument("--sparse-prefill", action="store_true",
+                       help="prefill long uncached prompt chunks with the sparse attention kernels")
+    group.add_argument("--sparse-patterns", default=None, metavar="FILE",
+                       help="per-head patterns from `terse sparse-patterns` (default: the model directory's "
+                       "sparse_patterns.json, else built-in defaults); implies --sparse-prefill")
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields from the local-engine flags, validated before anything loads; an error when
+    they are given for another backend or in proxy mode."""
+    options: dict[str, Any] = {}
+    if args.kv_cache_memory is not None:
+        options["kv_cache_memory"] = args.kv_cache_memory
+    if args.sparse_prefill or args.sparse_patterns:
+        options["sparse_prefill"] = {"enabled": True, "patterns_path": args.sparse_patterns}
+    if not options:
+        return options
+    spec = (args.model if _is_spec(args.model) else f"local:{args.model}") if args.model else None
+    if spec is None or not spec.startswith("local:"):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise ConfigError(f"{flags} configure the local engine; serve a model with --model local:<dir>")
+    from terse.backend.local.config import EngineConfig
+
+    EngineConfig.from_options(options)  # a bad size or a missing patterns file fails here (_flag_names)
+    return options
 
 
 def _hooks(args: argparse.Namespace, backend: Any) -> list[Any]:
@@ -104,6 +139,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
         served_model_names=tuple(args.served_model_name),
     )
     _check_flags(args)
+    engine_options = _engine_options(args)
     _check_bindable(config.host, config.port)
     proxy = None
     if args.upstream:
@@ -118,7 +154,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
         return proxy_app(proxy, config, _hooks(args, None)), config
     spec = args.model if _is_spec(args.model) else f"local:{args.model}"
     embedding = _embedding_model(args.embedding_model)
-    backend = load_backend(spec)
+    backend = load_backend(spec, **engine_options)
     return engine_app(backend, config, _hooks(args, backend), embedding_model=embedding), config
 
 
@@ -179,11 +215,12 @@ def _embedding_model(value: str | None) -> str | None:
 _CONFIG_FLAGS = {
     "port": "--port", "max_body_bytes": "--max-body-bytes", "max_messages": "--max-messages",
     "max_tokens_limit": "--max-tokens-limit", "upstream_url": "--upstream", "api_key": "--api-key",
+    "kv_cache_memory": "--kv-cache-memory", "sparse_prefill.patterns_path": "--sparse-patterns",
 }
 
 
 def _flag_names(message: str) -> str:
-    """ServerConfig / ProxyConfig errors name fields ("port=99999 ..."): name the flag instead."""
+    """ServerConfig / ProxyConfig / EngineConfig errors name fields ("port=99999 ..."): name the flag instead."""
     for field, flag in _CONFIG_FLAGS.items():
         if message.startswith(f"{field}="):
             return f"{flag} {message[len(field) + 1:]}"

@@ -46,13 +46,17 @@ def available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+DEFAULT_MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.5}
+"""Cap of the default KV pool, as a fraction of the memory free after the weights are loaded."""
+
+
 def num_kv_blocks(
     config: EngineConfig, model_config: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Blocks in the pool: `num_kv_blocks` if given, else what `kv_cache_memory` buys, never more than
-    `max_num_seqs` full-length sequences use."""
+    """Blocks in the pool: `num_kv_blocks` if given; else what `max_num_seqs` sequences of
+    `max_model_len` tokens need, capped by `kv_cache_memory` (default: a fraction of free memory)."""
     bs = config.kv_block_size
-    ceiling = config.max_num_seqs * -(-max_model_len // bs)
+    need = config.max_num_seqs * -(-max_model_len // bs)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     per_block = KVCachePool.bytes_per_block(
@@ -63,11 +67,13 @@ def num_kv_blocks(
         dtype=dtype,
     )
     memory = config.kv_cache_memory
+    if memory is None:
+        memory = DEFAULT_MEMORY_FRACTION.get(device.type, 0.5)
     budget = int(available_bytes(device) * memory) if isinstance(memory, float) else int(memory)
-    blocks = min(budget // per_block, ceiling)
+    blocks = min(budget // per_block, need)
     if blocks < 1:
         raise ConfigError(
-            f"kv_cache_memory={memory!r} leaves room for no KV block ({per_block} bytes each); "
-            f"give more memory or set num_kv_blocks"
+            f"kv_cache_memory={config.kv_cache_memory!r} leaves room for no KV block ({per_block} bytes each, "
+            f"{available_bytes(device)} bytes free); give more memory or set num_kv_blocks"
         )
     return blocks

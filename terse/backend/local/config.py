@@ -1,11 +1,13 @@
-"""`EngineConfig`: every knob of the local engine, validated when it is built."""
+"""`EngineConfig`: every knob of the local engine, validated when it is built. Imports no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from terse.backend.local.sparse_prefill import SparsePrefillSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
 
@@ -14,6 +16,45 @@ DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+DEFAULT_MIN_SPARSE_Q_LEN = 32768
+"""Same default as `terse.kernels.prefill.SparsePrefillConfig.min_sparse_q_len` (checked in tests)."""
+
+MODEL_PATTERNS_FILE = "sparse_patterns.json"
+"""Where `terse sparse-patterns MODEL` saves a model's patterns; the engine picks them up from there."""
+
+
+@dataclass(frozen=True)
+class SparsePrefillSettings:
+    """Sparse prefill of the local engine (see sparse_prefill.py). Frozen; a bad value raises
+    `ConfigError` naming the fix."""
+
+    enabled: bool = False
+    """Run long uncached prompt chunks through the sparse kernels (False: every prefill is dense)."""
+    patterns_path: str | None = None
+    """Per-head patterns JSON from `terse sparse-patterns`. None: the model directory's
+    `sparse_patterns.json` when there is one, else the kernels' default patterns (vertical-slash on
+    every head)."""
+    min_sparse_q_len: int = DEFAULT_MIN_SPARSE_Q_LEN
+    """Uncached tokens of a chunk from which it prefills sparsely; shorter chunks stay dense."""
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """Kernel backend: auto = Triton on CUDA for the head dims it is built for, torch otherwise."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"sparse_prefill.enabled={self.enabled!r} must be true or false")
+        if not isinstance(self.min_sparse_q_len, int) or self.min_sparse_q_len < 1:
+            raise ConfigError(
+                f"sparse_prefill.min_sparse_q_len={self.min_sparse_q_len!r} must be an int >= 1 "
+                f"(default {DEFAULT_MIN_SPARSE_Q_LEN})"
+            )
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"sparse_prefill.backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
+        if self.patterns_path is not None and not os.path.isfile(self.patterns_path):
+            raise ConfigError(
+                f"sparse_prefill.patterns_path={self.patterns_path!r} is not a file; write one with "
+                f"`terse sparse-patterns MODEL --prompt-file F`, or leave it unset for the defaults"
+            )
 
 
 @dataclass(frozen=True)
@@ -31,10 +72,12 @@ class EngineConfig:
     chunks of at most this many tokens, interleaved with the decodes of running sequences."""
     kv_block_size: int = 16
     """Tokens per KV cache block (the unit of allocation and of prefix sharing)."""
-    kv_cache_memory: float | int = 0.85
-    """KV pool size: a float in (0, 1] is a fraction of the free device memory after the weights are
-    loaded (on CPU: of the available RAM); an int is a number of bytes. The pool never gets more blocks
-    than `max_num_seqs` full-length sequences need."""
+    kv_cache_memory: float | int | None = None
+    """Most memory the KV pool may take: a float in (0, 1] is a fraction of the memory free after the
+    weights are loaded (on CPU: of the available RAM), an int a number of bytes. None: the pool holds
+    what `max_num_seqs` sequences of `max_model_len` tokens need, capped at 0.85 of free GPU memory or
+    0.5 of available RAM. The pool never gets more blocks than that need, and on CPU only the blocks
+    ever in use at once become resident (see kv_cache.py)."""
     num_kv_blocks: int | None = None
     """Exact number of KV blocks, overriding `kv_cache_memory` (small pools for tests and benchmarks)."""
     max_model_len: int | None = None
@@ -47,10 +90,8 @@ class EngineConfig:
     """Largest decode batch captured as a CUDA graph; larger decode batches run eagerly."""
     default_streaming_kv: StreamingKV | None = None
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
-    prefill_attention: str = "dense"
-    """Name of the prefill attention path (see `terse.backend.local.attention.PREFILL_PATHS`)."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
-    """Sparse prefill of long uncached prompt chunks (off by default; see `sparse_prefill.py`)."""
+    """Sparse prefill of long uncached prompt chunks (off by default; see sparse_prefill.py)."""
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -63,16 +104,7 @@ class EngineConfig:
                 raise ConfigError(f"{name}={value!r} must be an int >= 1")
         if self.kv_block_size & (self.kv_block_size - 1):
             raise ConfigError(f"kv_block_size={self.kv_block_size} must be a power of two (16 is usual)")
-        memory = self.kv_cache_memory
-        if isinstance(memory, bool) or not isinstance(memory, int | float):
-            raise ConfigError(f"kv_cache_memory={memory!r} must be a fraction in (0, 1] or a byte count")
-        if isinstance(memory, float) and not 0.0 < memory <= 1.0:
-            raise ConfigError(
-                f"kv_cache_memory={memory} is a float outside (0, 1]; give a fraction such as 0.85 "
-                f"or an int number of bytes"
-            )
-        if isinstance(memory, int) and memory < 1:
-            raise ConfigError(f"kv_cache_memory={memory} bytes must be >= 1")
+        _check_memory(self.kv_cache_memory)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1 or None")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -82,5 +114,70 @@ class EngineConfig:
                 f"sparse_prefill={self.sparse_prefill!r} must be a SparsePrefillSettings, e.g. "
                 f"SparsePrefillSettings(enabled=True)"
             )
-        if not self.prefill_attention:
-            raise ConfigError("prefill_attention must name a prefill path, e.g. 'dense'")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> EngineConfig:
+        """Build from plain data (keyword options, a parsed JSON / TOML table): unknown names raise;
+        `kv_cache_memory` may be a size string ("8GiB", "0.3"); `sparse_prefill` may be true / false or a
+        table of `SparsePrefillSettings` fields; `default_streaming_kv` a table of `StreamingKV` fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown EngineConfig fields {unknown}; known fields: {sorted(known)}")
+        values = dict(options)
+        if isinstance(values.get("kv_cache_memory"), str):
+            values["kv_cache_memory"] = parse_memory(values["kv_cache_memory"])
+        sparse = values.get("sparse_prefill")
+        if isinstance(sparse, bool):
+            values["sparse_prefill"] = SparsePrefillSettings(enabled=sparse)
+        elif isinstance(sparse, Mapping):
+            values["sparse_prefill"] = _build(SparsePrefillSettings, sparse, "sparse_prefill")
+        streaming = values.get("default_streaming_kv")
+        if isinstance(streaming, Mapping):
+            values["default_streaming_kv"] = _build(StreamingKV, streaming, "default_streaming_kv")
+        return cls(**values)
+
+
+def _build(kind: Any, values: Mapping[str, Any], name: str) -> Any:
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {name} fields {unknown}; known: {sorted(known)}")
+    return kind(**values)
+
+
+def _check_memory(memory: object) -> None:
+    if memory is None:
+        return
+    if isinstance(memory, bool) or not isinstance(memory, int | float):
+        raise ConfigError(f"kv_cache_memory={memory!r} must be a fraction in (0, 1], a byte count or None")
+    if isinstance(memory, float) and not 0.0 < memory <= 1.0:
+        raise ConfigError(
+            f"kv_cache_memory={memory} is a float outside (0, 1]; give a fraction such as 0.5 "
+            f"or an int number of bytes"
+        )
+    if isinstance(memory, int) and memory < 1:
+        raise ConfigError(f"kv_cache_memory={memory} bytes must be >= 1")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_memory(text: str) -> float | int:
+    """"0.3" -> 0.3 (a fraction of free memory); "8GiB", "512MB", "1073741824" -> bytes."""
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"kv_cache_memory={text!r} is neither a fraction nor a size; write e.g. 0.3 (of free memory), "
+            f"8GiB, 512MiB or a byte count"
+        )
+    number = float(match.group(1))
+    if not unit and "." in match.group(1):
+        _check_memory(number)
+        return number
+    size = int(number * _UNITS[unit])
+    _check_memory(size)
+    return size

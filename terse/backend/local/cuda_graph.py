@@ -1,22 +1,20 @@
 """CUDA graphs for decode steps: one graph per padded batch size, replayed with fresh inputs.
 
-Decode shapes depend only on the batch size once block tables are padded to `max_blocks_per_seq`, so
-a graph captured per size in {1, 2, 4, 8, 16, 24, 32, ...} serves any batch up to that size; padding
-rows read and write the pool's scratch block, never a real one.
+Decode shapes depend only on the batch size once inputs are padded (see `inputs.DecodeBatch`), so a
+graph captured per size in {1, 2, 4, 8, 16, 24, 32, ...} serves any batch up to that size; padding rows
+read and write the pool's scratch block, never a real one. The wrapper takes tensors only: it copies a
+`DecodeBatch` into its static buffers and replays the graph of that size around the forward function
+it was given (the runner's eager decode forward, the same code).
 """
 
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-from terse.backend.local.attention import AttentionMetadata
-from terse.backend.local.sequence import Sequence
-
-if TYPE_CHECKING:
-    from terse.backend.local.runner import ModelRunner
+from terse.backend.local.inputs import DecodeBatch
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -27,18 +25,23 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forwards sharing one set of static input buffers and one memory pool."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
-        self.runner = runner
+    def __init__(
+        self, forward: Callable[[DecodeBatch], torch.Tensor], *, max_batch_size: int, max_blocks_per_seq: int,
+        scratch_block: int, block_size: int, device: torch.device,
+    ) -> None:
         self.sizes = graph_batch_sizes(max_batch_size)
-        n, nb, dev = max_batch_size, runner.max_blocks_per_seq, runner.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        scratch_slot = runner.pool.scratch_block * runner.block_size  # capture writes must not touch real blocks
-        self.slots = torch.full((n,), scratch_slot, dtype=torch.int64, device=dev)
-        self.block_tables = torch.full((n, nb), runner.pool.scratch_block, dtype=torch.int64, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.hidden = torch.zeros(n, runner.model.config.hidden_size, dtype=runner.pool.kv.dtype, device=dev)
+        n = max_batch_size
+        i64 = torch.int64
+        # Capture writes must not touch real blocks: every static row starts on the scratch block.
+        self.static = DecodeBatch(
+            input_ids=torch.zeros(n, dtype=i64, device=device),
+            positions=torch.zeros(n, dtype=i64, device=device),
+            slot_mapping=torch.full((n,), scratch_block * block_size, dtype=i64, device=device),
+            block_tables=torch.full((n, max_blocks_per_seq), scratch_block, dtype=i64, device=device),
+            context_lens=torch.ones(n, dtype=i64, device=device),
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         pool = None
         # Collect garbage before capturing and not during it: tensors freed mid-capture (say, of an
         # engine this process closed earlier) would touch the allocator while the stream is captured.
@@ -48,11 +51,12 @@ class DecodeGraphs:
         try:
             with torch.inference_mode():
                 for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
-                    graph = torch.cuda.CUDAGraph()
-                    self._forward(size)  # warm-up outside capture (kernel selection, lazy init)
+                    inputs = self._view(size)
+                    forward(inputs)  # warm-up outside capture (kernel compilation, lazy init)
                     torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        self._forward(size)
+                        self.outputs[size] = forward(inputs)
                     pool = graph.pool()
                     self.graphs[size] = graph
         finally:
@@ -60,33 +64,25 @@ class DecodeGraphs:
                 gc.enable()
         torch.cuda.synchronize()
 
-    def _forward(self, size: int) -> None:
-        meta = AttentionMetadata(
-            slot_mapping=self.slots[:size],
-            num_decode_tokens=size,
-            decode_block_tables=self.block_tables[:size],
-            decode_context_lens=self.context_lens[:size],
-            use_triton_decode=self.runner.use_triton_decode,
-        )
-        r = self.runner
-        self.hidden[:size] = r.model(self.input_ids[:size], self.positions[:size], r.pool, meta)
+    def _view(self, size: int) -> DecodeBatch:
+        s = self.static
+        return DecodeBatch(s.input_ids[:size], s.positions[:size], s.slot_mapping[:size], s.block_tables[:size],
+                           s.context_lens[:size])
 
-    def fits(self, batch_size: int) -> bool:
-        return 0 < batch_size <= self.sizes[-1]
+    def padded_size(self, batch_size: int) -> int | None:
+        """The captured size a batch of `batch_size` rows runs at (None: larger than any graph)."""
+        return next((s for s in self.sizes if s >= batch_size), None)
 
-    def run(self, seqs: list[Sequence], input_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Replay the smallest graph holding len(seqs) rows; returns hidden states [len(seqs), hidden]."""
-        num = len(seqs)
-        size = next(s for s in self.sizes if s >= num)
-        r = self.runner
-        scratch_slot = r.pool.scratch_block * r.block_size
-        pad = size - num
-        self.input_ids[:size].copy_(r._tensor(input_ids + [0] * pad))
-        self.positions[:size].copy_(r._tensor(positions + [0] * pad))
-        self.slots[:size].copy_(r._tensor(slots + [scratch_slot] * pad))
-        self.context_lens[:size].copy_(r._tensor([s.num_kv_tokens + 1 for s in seqs] + [1] * pad, torch.int32))
-        self.block_tables[:size].fill_(r.pool.scratch_block)
-        width = max(len(s.block_table) for s in seqs)
-        self.block_tables[:num, :width].copy_(r.padded_tables(seqs, width))
+    def run(self, batch: DecodeBatch) -> torch.Tensor:
+        """Replay the graph of batch's (padded) size on its inputs. -> hidden states [size, hidden]
+        (a static buffer: read it before the next replay)."""
+        size = batch.input_ids.shape[0]
+        width = batch.block_tables.shape[1]
+        s = self.static
+        s.input_ids[:size].copy_(batch.input_ids)
+        s.positions[:size].copy_(batch.positions)
+        s.slot_mapping[:size].copy_(batch.slot_mapping)
+        s.context_lens[:size].copy_(batch.context_lens)
+        s.block_tables[:size, :width].copy_(batch.block_tables)  # entries past width: stale but valid ids
         self.graphs[size].replay()
-        return self.hidden[:num]
+        return self.outputs[size]

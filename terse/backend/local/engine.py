@@ -1,9 +1,26 @@
 """`LocalEngine`: terse's own inference engine behind the `Backend` contract.
 
-One loop thread owns the scheduler, the KV pool and the model; other threads talk to it through a
-queue of commands (add a request, cancel one). Each loop iteration drains the queue, asks the scheduler
-for a plan, runs it, and turns sampled tokens into text deltas, stops and completions. A request that
-fails (bad tokens, a detokenizer error, a failed step) fails its own handle; the loop keeps going.
+One loop thread owns the scheduler, the KV manager and the model; other threads talk to it through a
+queue of commands (add a request, cancel one). The loop keeps the device busy while the host works:
+
+    host:    schedule N+1 | launch N+1 | wait N, stream N's tokens | schedule N+2 | launch N+2 | wait N+1 ...
+    device:  ....... step N ........ | ........ step N+1 ........ | ........ step N+2 ......
+
+Step N+1 is scheduled and launched before step N's sampled tokens reach the host: a sequence decoding
+in step N+1 takes its input token from step N's sampled ids on the device (the host holds a
+`PENDING_TOKEN` placeholder until step N is collected). Only then are its tokens turned into text
+deltas, stops and completions. A sequence that stops at step N (end-of-sequence, a stop string) has
+computed one extra token in step N+1, which is dropped; length limits are known ahead and cost nothing.
+
+Structured output keeps that overlap. A constrained sequence's mask for step N+1 needs its step-N token,
+so step N+1 runs its forward like any other but samples the constrained rows only once step N was
+collected and its tokens advanced the grammars (`ModelRunner.sample_late`), before step N+2 is launched:
+
+    host:    launch N+1 (free rows sampled) | wait N, advance grammars | mask + sample N+1's constrained rows | ...
+
+Log-probabilities (`SamplingParams.logprobs`) are computed on the device beside the sampled ids, for the
+rows that ask only, and come back with them. A request that fails (bad tokens, a detokenizer error, a failed step) fails its own handle; the loop
+keeps going.
 """
 
 from __future__ import annotations
@@ -14,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,18 +40,20 @@ from transformers import PreTrainedTokenizerBase
 from terse.backend.base import BackendBase
 from terse.backend.grammar import GrammarViolationError
 from terse.backend.handle import RequestHandle
-from terse.backend.local.attention import PREFILL_PATHS, paged_decode_supported
+from terse.backend.local.attention import AttentionBackend, DecodeFn, triton_decode_supported
 from terse.backend.local.build import num_kv_blocks, resolve_device, resolve_dtype, resolve_max_model_len
-from terse.backend.local.config import EngineConfig
+from terse.backend.local.config import MODEL_PATTERNS_FILE, EngineConfig
 from terse.backend.local.grammar import grammar_compiler, grammar_state
 from terse.backend.local.kv_cache import BlockAllocator, KVCachePool
+from terse.backend.local.kv_manager import KVManager
 from terse.backend.local.kv_policy import policy_for
 from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
 from terse.backend.local.models.loader import load_model, random_model, read_model_config, resolve_model_dir
+from terse.backend.local.models.ops import choose_ops
 from terse.backend.local.prefix_cache import RadixPrefixCache
 from terse.backend.local.requests import Request, max_new_tokens, validate_prompt
-from terse.backend.local.runner import ModelRunner
-from terse.backend.local.scheduler import Scheduler
+from terse.backend.local.runner import ModelRunner, StepHandle
+from terse.backend.local.scheduler import Scheduler, StepPlan
 from terse.backend.local.sequence import Sequence as Seq
 from terse.backend.local.sparse_prefill import build_sparse_prefill
 from terse.backend.sampling import make_generator
@@ -49,14 +68,15 @@ from terse.backend.tokenization import (
     render_chat_template,
 )
 from terse.backend.types import Message, SamplingParams, TokenLogprob, TokenScores
-from terse.errors import BackendUnavailableError, ConfigError, InvalidRequestError, UnsupportedOperationError
+from terse.errors import BackendUnavailableError, InvalidRequestError, UnsupportedOperationError
+from terse.kernels.decode_reference import paged_decode_reference
 
 _SCORE_PARAMS = SamplingParams(max_tokens=0)
 
 
 @dataclass
 class EngineParts:
-    """What the engine wires together (built by `LocalEngine.build`)."""
+    """What the engine wires together (built by `LocalEngine.from_spec` / `from_random`)."""
 
     model: LlamaForCausalLM
     tokenizer: PreTrainedTokenizerBase | None
@@ -67,50 +87,40 @@ class LocalEngine(BackendBase):
     """Continuous-batching engine over a paged, prefix-shared KV cache. Thread-safe."""
 
     def __init__(self, parts: EngineParts, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
-        _check_seams(self.config)
+        self.config = config = config or EngineConfig()
         self._model_name = parts.model_name
         self.tokenizer = parts.tokenizer
         self._tok_lock = threading.Lock()  # Rust tokenizers may refuse concurrent use
-        model_config = parts.model.config
+        model, model_config = parts.model, parts.model.config
         self.model_config = model_config
-        self.device = next(parts.model.parameters()).device
-        self.dtype = next(parts.model.parameters()).dtype
-        self._max_model_len = resolve_max_model_len(self.config, model_config)
-        parts.model.setup_rope(self._max_model_len, self.device)
-        self.num_kv_blocks = num_kv_blocks(self.config, model_config, self._max_model_len, self.dtype, self.device)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._max_model_len = resolve_max_model_len(config, model_config)
+        model.setup_rope(self._max_model_len, self.device)
+        model.ops = choose_ops(self.device, self.dtype, model_config.head_dim)
+        self.num_kv_blocks = num_kv_blocks(config, model_config, self._max_model_len, self.dtype, self.device)
         self.pool = KVCachePool(
-            num_layers=model_config.num_layers,
-            num_blocks=self.num_kv_blocks,
-            block_size=self.config.kv_block_size,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            dtype=self.dtype,
+            num_layers=model_config.num_layers, num_blocks=self.num_kv_blocks, block_size=config.kv_block_size,
+            num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=self.dtype,
             device=self.device,
         )
-        self.allocator = BlockAllocator(self.num_kv_blocks)
-        cache = RadixPrefixCache(self.allocator, self.config.kv_block_size) if self.config.enable_prefix_cache else None
-        self.prefix_cache = cache
+        self.kv = KVManager(
+            self.num_kv_blocks, config.kv_block_size, enable_prefix_cache=config.enable_prefix_cache,
+            default_streaming_kv=config.default_streaming_kv,
+        )
         self.scheduler = Scheduler(
-            allocator=self.allocator,
-            block_size=self.config.kv_block_size,
-            max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            prefix_cache=cache,
+            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(
-            parts.model,
-            self.pool,
-            device=self.device,
-            max_model_len=self._max_model_len,
-            prefill_path=self.config.prefill_attention,
-            use_triton_decode=self.device.type == "cuda" and paged_decode_supported(self.config.kv_block_size, model_config.head_dim),
+        attention = AttentionBackend(
+            decode=self._decode_kernel(), block_size=config.kv_block_size,
+            num_q_per_kv=model_config.num_heads // model_config.num_kv_heads, device=self.device,
             sparse_prefill=build_sparse_prefill(
-                self.config.sparse_prefill, parts.model_name, model_config.num_layers, model_config.num_heads
+                config.sparse_prefill, parts.model_name, model_config.num_layers, model_config.num_heads
             ),
         )
-        if self.device.type == "cuda" and self.config.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs))
+        self.runner = ModelRunner(model, self.pool, attention, device=self.device, max_model_len=self._max_model_len)
+        if self.device.type == "cuda" and config.enable_cuda_graphs:
+            self.runner.capture_cuda_graphs(min(config.max_cuda_graph_batch_size, config.max_num_seqs))
         tok = self.tokenizer
         self.eos_token_ids = eos_token_ids(tok, model_config) if tok is not None else frozenset(model_config.eos_token_ids)
         self._bos_context = context_ids(tok) if tok is not None else []
@@ -124,15 +134,30 @@ class LocalEngine(BackendBase):
         self.num_prefill_tokens = 0
         self.num_decode_tokens = 0
         self.num_failed_steps = 0
+        self.host_seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "process": 0.0, "late": 0.0}
+        """Loop-thread time by phase: scheduling, launching (inputs, graph replay, sampling calls), waiting
+        for the device, turning tokens into text / completions, and masking + sampling constrained rows."""
         self._thread = threading.Thread(target=self._loop, name="terse-engine", daemon=True)
         self._thread.start()
+
+    def _decode_kernel(self) -> DecodeFn:
+        if self.device.type == "cuda" and triton_decode_supported(self.config.kv_block_size, self.model_config.head_dim):
+            from terse.kernels.paged_decode import paged_decode_triton
+
+            return paged_decode_triton
+        return paged_decode_reference
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, target: str, **config_fields: Any) -> LocalEngine:
-        """`local:<dir-or-hub-name>`: load the model and tokenizer; `config_fields` are EngineConfig fields."""
-        config = _make_config(config_fields)
+        """`local:<dir-or-hub-name>`: load the model and tokenizer; `config_fields` are EngineConfig fields
+        (see `EngineConfig.from_options`). Sparse prefill without a patterns file takes the model
+        directory's `sparse_patterns.json` when there is one."""
+        config = EngineConfig.from_options(config_fields)
         model_dir = resolve_model_dir(target)
+        saved = model_dir / MODEL_PATTERNS_FILE
+        if config.sparse_prefill.enabled and config.sparse_prefill.patterns_path is None and saved.is_file():
+            config = replace(config, sparse_prefill=replace(config.sparse_prefill, patterns_path=str(saved)))
         model_config = read_model_config(model_dir)
         device = resolve_device(config)
         model = load_model(model_dir, model_config, device=device, dtype=resolve_dtype(config, device))
@@ -164,19 +189,19 @@ class LocalEngine(BackendBase):
             raise InvalidRequestError(f"params={params!r} must be a SamplingParams")
         prompt_ids = self._prompt_ids(prompt)
         seq = Seq(next(self._ids), prompt_ids, params, self._max_model_len)
-        policy = policy_for(params.streaming_kv or self.config.default_streaming_kv)
+        policy = self.kv.policy(seq)
         validate_prompt(seq, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size)
         seq.generator = make_generator(params.seed, self.device)
         seq.constraint = grammar_state(self._grammar, params)  # structured output (local/grammar.py)
         handle = RequestHandle(f"local-{seq.seq_id}", on_cancel=lambda: self._send("cancel", seq.seq_id))
         stream = TextStream(self.tokenizer, params.stop, prompt_ids) if self.tokenizer is not None else None
-        self._send("add", (Request(seq, policy, handle, stream), None))
+        self._send("add", (Request(seq, handle, stream), None))
         return handle
 
     def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Most tokens a prompt of `count_tokens()` length may generate: context room and what the KV pool
         holds. Counts the BOS a text prompt may get on submit, so it can be one token short for ids."""
-        policy = policy_for(params.streaming_kv or self.config.default_streaming_kv)
+        policy = policy_for(params.streaming_kv or self.kv.default_streaming_kv)
         num_prompt = num_prompt_tokens + len(self._bos_context)
         return max_new_tokens(
             num_prompt, params, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size
@@ -202,7 +227,7 @@ class LocalEngine(BackendBase):
             start = max(len(prefix_ids) - 1, 0)
             seq = Seq(next(self._ids), ids, _SCORE_PARAMS, self._max_model_len, num_logprob_start=start)
             future: Future[list[float]] = Future()
-            self._send("add", (Request(seq, policy_for(None), None, None), future))
+            self._send("add", (Request(seq, None, None), future))
             futures.append(future)
         results = []
         for enc, maybe_future in zip(encoded, futures):
@@ -248,29 +273,43 @@ class LocalEngine(BackendBase):
             torch.cuda.empty_cache()
 
     @property
+    def allocator(self) -> BlockAllocator:
+        """The KV manager's block allocator, for inspection (tests, metrics): never allocate through it."""
+        return self.kv.allocator
+
+    @property
+    def prefix_cache(self) -> RadixPrefixCache | None:
+        """The KV manager's prefix cache, for inspection (None when off)."""
+        return self.kv.prefix_cache
+
+    @property
     def prefix_cache_hit_rate(self) -> float:
         """Share of admitted prompt tokens whose KV came from the prefix cache (0.0 before any request)."""
-        admitted = self.scheduler.num_admitted_prompt_tokens
-        return self.scheduler.num_cached_tokens / admitted if admitted else 0.0
+        admitted = self.kv.num_admitted_prompt_tokens
+        return self.kv.num_cached_tokens / admitted if admitted else 0.0
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since start (steps, prefill/decode/cached tokens, preemptions, failed steps) and gauges
-        read now (requests running / waiting, KV blocks in the pool / free / held by the prefix cache).
+        """Counters since start (steps, prefill/decode/cached tokens, preemptions, failed steps, decode
+        inputs taken on the device from the step before, constrained rows sampled late) and gauges read
+        now (requests running / waiting, KV blocks in the pool / free / held by the prefix cache / in use).
         Read-only and lock-free: a reading taken while a step runs may be one step stale."""
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_kv_blocks": self.num_kv_blocks,
-            "num_free_kv_blocks": self.allocator.num_free_blocks,
-            "num_cached_kv_blocks": self.prefix_cache.num_cached_blocks if self.prefix_cache is not None else 0,
+            "num_free_kv_blocks": self.kv.num_free_blocks,
+            "num_cached_kv_blocks": self.kv.num_cached_blocks,
+            "num_kv_blocks_used": self.kv.num_used_blocks,
             "num_steps": self.num_steps,
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_decode_tokens": self.num_decode_tokens,
-            "num_cached_tokens": self.scheduler.num_cached_tokens,
-            "num_admitted_prompt_tokens": self.scheduler.num_admitted_prompt_tokens,
+            "num_cached_tokens": self.kv.num_cached_tokens,
+            "num_admitted_prompt_tokens": self.kv.num_admitted_prompt_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_failed_steps": self.num_failed_steps,
+            "num_device_inputs": self.runner.num_device_inputs,
+            "num_late_samples": self.runner.num_late_samples,
         }
 
     # -- helpers on the caller's thread ---------------------------------------------------------
@@ -298,13 +337,23 @@ class LocalEngine(BackendBase):
 
     # -- the loop thread -------------------------------------------------------------------------
     def _loop(self) -> None:
+        inflight: StepHandle | None = None
         while not self._closed:
             self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wakeup.wait(timeout=0.1)
-                self._wakeup.clear()
-                continue
-            self._step()
+            launched = self._launch() if self.scheduler.has_work() else None
+            previous, inflight = inflight, launched
+            if previous is not None:
+                self._complete(previous)  # the device is already busy with `launched`
+            if launched is not None and launched.late is not None:
+                self._sample_late(launched)  # `previous`'s tokens have advanced the grammars
+            if launched is None:
+                if not self.scheduler.has_work():
+                    self._wakeup.wait(timeout=0.1)
+                    self._wakeup.clear()
+                elif previous is None:
+                    time.sleep(0.001)  # nothing schedulable and nothing in flight: do not spin
+        if inflight is not None:
+            self._complete(inflight)
         self._drain_inbox()  # requests submitted while closing are failed too, never left hanging
         for request in list(self._requests.values()):
             self._fail(request, BackendUnavailableError("the local engine was closed before this request ended"))
@@ -319,46 +368,72 @@ class LocalEngine(BackendBase):
                 request, future = payload
                 request.future = future
                 self._requests[request.seq.seq_id] = request
-                self.scheduler.add(request.seq, request.policy)
+                self.scheduler.add(request.seq)
             elif kind == "cancel" and payload in self._requests:
                 self._finish(self._requests[payload], "abort")
 
-    def _step(self) -> None:
+    def _launch(self) -> StepHandle | None:
+        """Schedule the next step and queue it on the device; None when there is nothing to run."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.host_seconds["schedule"] += t1 - t0
         if plan.is_empty:
-            time.sleep(0.001)
-            return
+            return None
         try:
-            output = self.runner.execute(plan)
+            handle = self.runner.launch(plan)
         except Exception as e:  # a failed step fails the requests in it, not the engine
-            self.num_failed_steps += 1
-            for chunk in plan.chunks:
-                if chunk.seq.seq_id in self._requests:
-                    self._fail(self._requests[chunk.seq.seq_id], e)
-            return
+            self._fail_step(plan, e)
+            return None
+        self.scheduler.on_step_launched(plan)
+        for seq in handle.sampled_seqs:
+            seq.append_pending()
         self.num_steps += 1
+        self.num_decode_tokens += len(plan.decodes)
         self.num_prefill_tokens += sum(c.num_new_tokens for c in plan.prefills)
         for chunk in plan.prefills:  # usage reports the cache hit of the first admission
             request = self._requests.get(chunk.seq.seq_id)
             if request is not None and request.num_cached_prompt_tokens is None:
                 request.num_cached_prompt_tokens = chunk.seq.num_cached_tokens
-        self.num_decode_tokens += len(plan.decodes)
-        self.scheduler.on_step_done(plan)
-        for (seq, token_id), logprob in zip(output.sampled, output.logprobs or [None] * len(output.sampled)):
+        self.host_seconds["launch"] += time.perf_counter() - t1
+        return handle
+
+    def _complete(self, handle: StepHandle) -> None:
+        """Collect a launched step: stream its tokens, record its scores, finish what ended."""
+        t0 = time.perf_counter()
+        try:
+            output = handle.wait()
+        except Exception as e:  # an error raised on the device surfaces here
+            self._fail_step(handle.plan, e)
+            return
+        t1 = time.perf_counter()
+        self.host_seconds["wait"] += t1 - t0
+        for (seq, token_id), logprob in zip(output.sampled, output.logprobs):
             request = self._requests.get(seq.seq_id)
             if request is not None:
                 self._on_token(request, token_id, logprob)
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            if seq.is_scoring and seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._requests:
+        current = handle.preemptions_at_launch
+        for seq, score in output.scores:  # not after a preemption: the recompute scores again
+            if seq.seq_id in self._requests and seq.num_preemptions == current[seq.seq_id]:
+                seq.prompt_logprobs.append(score)
+        for seq in handle.completed_seqs:  # scored or prefilled: nothing to sample, the request is done
+            if seq.seq_id in self._requests and seq.num_preemptions == current[seq.seq_id]:
                 self._finish(self._requests[seq.seq_id], "length")
+        self.host_seconds["process"] += time.perf_counter() - t1
+
+    def _sample_late(self, handle: StepHandle) -> None:
+        """Mask and sample the constrained rows of the step just launched (runner.py)."""
+        t0 = time.perf_counter()
+        try:
+            self.runner.sample_late(handle)
+        except Exception as e:  # a failed mask fails the step's requests now, before the next launch
+            handle.discard()
+            self._fail_step(handle.plan, e)
+        self.host_seconds["late"] += time.perf_counter() - t0
 
     def _on_token(self, request: Request, token_id: int, logprob: TokenLogprob | None = None) -> None:
         seq = request.seq
-        if seq.params.max_tokens == 0:  # prefill only (e.g. to warm the prefix cache): keep no token
-            self._finish(request, "length")
-            return
-        seq.token_ids.append(token_id)
+        seq.resolve_pending(token_id)
         request.mark_first_token()
         grammar_done = False
         if seq.constraint is not None:  # structured output: advance the grammar (local/grammar.py)
@@ -380,13 +455,15 @@ class LocalEngine(BackendBase):
         except Exception as e:  # a detokenizer failure ends this request only
             self._fail(request, e)
             return
+        num_resolved = seq.num_tokens - seq.num_pending_tokens
         if stop_hit or grammar_done or ends:
             self._finish(request, "stop")
-        elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
+        elif num_resolved - seq.num_prompt_tokens >= seq.params.max_tokens or num_resolved >= seq.max_len:
             self._finish(request, "length")
 
     def _finish(self, request: Request, reason: str) -> None:
         self._requests.pop(request.seq.seq_id, None)
+        request.seq.drop_pending()
         self.scheduler.finish(request.seq)
         if request.stream is not None and reason != "stop" and request.handle is not None:
             with self._tok_lock:
@@ -395,28 +472,12 @@ class LocalEngine(BackendBase):
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._requests.pop(request.seq.seq_id, None)
+        request.seq.drop_pending()
         self.scheduler.finish(request.seq)
         request.fail(error)
 
-
-def _check_seams(config: EngineConfig) -> None:
-    """Fail at construction (not at the first request) for a prefill path or KV policy that is not there."""
-    if config.prefill_attention not in PREFILL_PATHS:
-        raise ConfigError(
-            f"prefill_attention={config.prefill_attention!r} is not a registered prefill path "
-            f"(known: {sorted(PREFILL_PATHS)}); use 'dense' or register the path first"
-        )
-    if config.default_streaming_kv is not None:
-        try:
-            policy_for(config.default_streaming_kv)
-        except InvalidRequestError as e:
-            raise ConfigError(f"default_streaming_kv: {e}") from e
-
-
-def _make_config(config_fields: dict[str, Any]) -> EngineConfig:
-    known = {f.name for f in fields(EngineConfig)}
-    unknown = sorted(set(config_fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown EngineConfig fields {unknown}; known fields: {sorted(known)}")
-    return EngineConfig(**config_fields)
-
+    def _fail_step(self, plan: StepPlan, error: BaseException) -> None:
+        self.num_failed_steps += 1
+        for chunk in plan.chunks:
+            if chunk.seq.seq_id in self._requests:
+                self._fail(self._requests[chunk.seq.seq_id], error)

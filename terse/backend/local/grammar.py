@@ -2,19 +2,23 @@
 
 The whole hook, and every line of the engine that touches it:
 
-    engine.submit         seq.constraint = grammar_state(compiler, params)     (compiles on the caller's
+    engine.submit          seq.constraint = grammar_state(compiler, params)    (compiles on the caller's
                                                                               thread; a bad schema raises
                                                                               InvalidRequestError there)
-    runner.execute        masks = runner.grammar_masks.begin(sample_seqs)      before the forward pass
-    runner._sample        masks.apply(logits)                                  on logits [N, V], before sampling
-    engine._on_token      finished = seq.constraint.advance(token_id)          grammar done -> finish "stop"
+    runner.launch          constrained rows keep their hidden states           (free rows sample at once)
+    engine._on_token       finished = seq.constraint.advance(token_id)         grammar done -> finish "stop"
+    runner.sample_late     masks = runner.grammar_masks.begin(late_seqs)       after the step before was
+                           masks.apply(logits)                                 collected: logits [L, V]
 
-`begin` hands the mask computation to a worker thread, so the grammar work of step t runs while the
-forward pass of step t runs (llguidance and torch both release the GIL; a few rows are filled inline
-instead, see MIN_ROWS_ON_WORKER); `apply` waits for it and sets
-disallowed logits to -inf on the constrained rows only. Logits are computed outside the captured CUDA
-graphs, so graphs are unaffected. A sequence's grammar state follows its token ids: preemption by
-recomputation, the prefix cache and streaming KV never change the tokens, so they never touch the state.
+The engine loop launches step N+1 before step N's tokens reach the host, and a mask needs the grammar
+advanced by the token before it; so a constrained row runs its forward in step N+1 with everyone else,
+and is masked and sampled once step N was collected, before step N+2 is launched (runner.py). `begin`
+hands the mask computation to a worker thread, so it runs while the constrained rows' lm_head runs
+(llguidance and torch both release the GIL; a few rows are filled inline instead, see
+MIN_ROWS_ON_WORKER); `apply` waits for it and sets disallowed logits to -inf on the constrained rows.
+Logits are computed outside the captured CUDA graphs, so graphs are unaffected. A sequence's grammar
+state follows its token ids: preemption by recomputation, the prefix cache and streaming KV never change
+the tokens, so they never touch the state.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ def grammar_state(compiler: GrammarCompiler | None, params: SamplingParams) -> C
 
 MIN_ROWS_ON_WORKER = 4
 """Fewer constrained rows are filled inline in `apply` (tens of microseconds each): handing them to a
-thread costs more on a busy host than it saves. On CUDA inline filling still overlaps the forward pass,
-whose kernels run asynchronously until the sampled tokens are read."""
+thread costs more on a busy host than it saves. On CUDA inline filling still overlaps the device, which
+is running the step's forward pass meanwhile."""
 
 
 class PendingMasks:
@@ -104,7 +108,8 @@ class GrammarMasks:
         self._buffer = torch.empty(0, self._width, dtype=torch.int32)
 
     def _bitmask(self, num_rows: int) -> torch.Tensor:
-        # Reused between steps: the previous step's host-to-device copy finished when its tokens were read.
+        # Reused between steps: the previous step's host-to-device copy was queued before its results'
+        # event, and that event was waited for (the step collected) before this step's late sampling.
         if self._buffer.shape[0] < num_rows:
             pin = self.device.type == "cuda"
             self._buffer = torch.empty(max(num_rows, 2 * self._buffer.shape[0]), self._width, dtype=torch.int32,

@@ -1,74 +1,108 @@
-"""Per-sequence KV policies: how many blocks a sequence needs and which it may give back.
+"""Per-sequence KV policies: how a sequence's blocks grow, which it may give back, how they are laid out.
 
-The dense policy keeps every token's KV for the life of the sequence. Other policies (a sink + recent
-window, for instance) register here and are picked per request from `SamplingParams.streaming_kv` or
-`EngineConfig.default_streaming_kv`; the scheduler only ever talks to the `KVPolicy` interface.
+`SeqKV` is one sequence's KV layout (its block table and, for policies that drop KV, how many leading
+positions no longer have any). The KV manager owns every `SeqKV` and applies its sequence's policy to
+it; the runner only reads `block_ids` and `num_dropped_tokens`. The dense policy keeps every token's
+KV for the life of the sequence; the streaming policy (streaming.py) keeps sinks + a recent window.
+`policy_for` picks one per request from `SamplingParams.streaming_kv` (or the engine default).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from terse.backend.local.sequence import Sequence
 from terse.backend.types import StreamingKV
-from terse.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from terse.backend.local.prefix_cache import RadixNode
+
+
+class KVCopy(NamedTuple):
+    """Copy whole blocks in every layer before a step: V as is, K re-rotated by `rope_shift` positions
+    (0: a plain copy). The destination blocks belong to one sequence alone."""
+
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    rope_shift: int
+
+
+@dataclass(eq=False)
+class SeqKV:
+    """Where one sequence's KV lives; mutated only by the KV manager and the sequence's policy.
+
+    The KV of position p sits at index c = p - num_dropped_tokens of the table:
+    slot(p) = block_ids[c // block_size] * block_size + c % block_size.
+    """
+
+    policy: KVPolicy
+    block_ids: list[int] = field(default_factory=list)
+    num_dropped_tokens: int = 0
+    """Positions whose KV the policy released (whole blocks after the sinks; 0 under the dense policy)."""
+    side_block_ids: list[int] = field(default_factory=list)
+    """Blocks the sequence holds that its table does not list (streaming: the original sink blocks
+    while the table starts with re-rotated private copies)."""
+    rope_shift: int = 0
+    """Streaming: the shift the private sink copies were last rotated by."""
+    locked: RadixNode | None = None
+    """The deepest prefix-cache node this sequence pins (the manager's; None when it pins none)."""
+
+    def kv_len(self, num_tokens: int) -> int:
+        """Table entries covering positions [0, num_tokens)."""
+        return num_tokens - self.num_dropped_tokens
 
 
 class KVPolicy(Protocol):
-    """Decides the block footprint of one sequence. Pure: reads the sequence, mutates nothing."""
-
-    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        """Blocks to add to `seq.block_table` before computing `num_new_tokens` more tokens."""
-        ...
+    """One sequence's block footprint. Methods mutate only the `SeqKV` they are given."""
 
     def max_blocks(self, seq: Sequence, block_size: int) -> int:
         """Most blocks the sequence can ever hold (to reject one that cannot fit in the pool alone)."""
         ...
 
-    def num_sink_blocks(self, block_size: int) -> int:
-        """Leading blocks kept for the whole life of the sequence when others are released."""
+    def release(self, kv: SeqKV, first_query: int, block_size: int) -> list[int]:
+        """Remove from `kv.block_ids` the blocks that queries from position `first_query` on no longer
+        see and advance `kv.num_dropped_tokens`. Returns the removed block ids (the caller drops the
+        sequence's references on them)."""
         ...
 
-    def num_releasable_blocks(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        """Blocks after the sinks the next `num_new_tokens` no longer attend to (0: keep everything)."""
+    def num_blocks_needed(self, kv: SeqKV, end: int, block_size: int) -> int:
+        """Blocks to add (after `release`) so that positions below `end` have KV slots."""
+        ...
+
+    def place(self, kv: SeqKV, new_block_ids: list[int], block_size: int) -> KVCopy | None:
+        """Add freshly allocated blocks to the layout; returns a copy the step needs first, if any."""
         ...
 
 
 class DenseKVPolicy:
     """Every computed token keeps its KV: blocks = ceil(tokens / block_size)."""
 
-    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        total_len = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total_len // block_size) - len(seq.block_table))
+    def __repr__(self) -> str:
+        return "DenseKVPolicy()"
 
     def max_blocks(self, seq: Sequence, block_size: int) -> int:
         max_tokens = min(seq.max_len, seq.num_prompt_tokens + seq.params.max_tokens)
         return -(-max_tokens // block_size)
 
-    def num_sink_blocks(self, block_size: int) -> int:
-        return 0
+    def release(self, kv: SeqKV, first_query: int, block_size: int) -> list[int]:
+        return []
 
-    def num_releasable_blocks(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        return 0
+    def num_blocks_needed(self, kv: SeqKV, end: int, block_size: int) -> int:
+        return max(0, -(-end // block_size) - len(kv.block_ids))
+
+    def place(self, kv: SeqKV, new_block_ids: list[int], block_size: int) -> KVCopy | None:
+        kv.block_ids += new_block_ids
+        return None
 
 
 DENSE = DenseKVPolicy()
 
-# StreamingKV settings -> policy; terse.backend.local.streaming registers "sink_window" on import.
-STREAMING_POLICIES: dict[str, Callable[[StreamingKV], KVPolicy]] = {}
-
 
 def policy_for(streaming_kv: StreamingKV | None) -> KVPolicy:
-    """The policy for one request: dense when `streaming_kv` is None."""
+    """The policy of one request: dense when `streaming_kv` is None, else sinks + window."""
     if streaming_kv is None:
         return DENSE
-    import terse.backend.local.streaming  # noqa: F401  (registers the sink + window policy)
+    from terse.backend.local.streaming import StreamingKVPolicy
 
-    factory = STREAMING_POLICIES.get("sink_window")
-    if factory is None:
-        raise InvalidRequestError(
-            f"streaming_kv={streaming_kv} is not supported by this engine build (no streaming KV policy "
-            f"is registered); leave streaming_kv=None to use the dense cache"
-        )
-    return factory(streaming_kv)
+    return StreamingKVPolicy(streaming_kv.sink_tokens, streaming_kv.window_tokens)

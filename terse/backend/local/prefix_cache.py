@@ -15,8 +15,12 @@ pins the node and all its ancestors. Hence an unlocked node's blocks are referen
 and evicting it really frees them.
 
 Contract (`PrefixCache`):
-- `match(token_ids)`: longest cached whole-block prefix -> `MatchResult(block_ids, node)`. It may split
-  a node so `node` ends exactly at the match. It refreshes the path's LRU time; it does not lock.
+- `lookup(token_ids)`: longest cached whole-block prefix -> `PrefixHit`. Read-only: no split, no LRU
+  refresh, so ordering a queue by it changes nothing for requests that are not admitted. A hit is valid
+  until the tree next changes (an insert, commit or eviction).
+- `commit(hit)`: make the hit the request's: split the node the match ends inside (so a node ends
+  exactly at the match) and refresh the path's LRU time; returns that node (not locked).
+  `match(token_ids)` is `lookup` + `commit` in one call.
 - `lock(node)` / `unlock(node)`: pin / unpin the path root..node. Callers lock a match before asking
   the allocator for more blocks (an allocation may evict), and unlock exactly once per lock.
 - `insert(token_ids, block_ids)`: adopt the blocks of a computed prefix (len(token_ids) ==
@@ -55,6 +59,18 @@ class RadixNode:
         return not self.children
 
 
+class PrefixHit(NamedTuple):
+    """Where a lookup's match ends: `num_node_blocks` blocks into `node` (all of its blocks, or fewer
+    when the match ends inside the node's edge)."""
+
+    block_ids: list[int]
+    """Cached blocks covering the matched prefix, in order."""
+    node: RadixNode
+    """Deepest node the match reaches (the root when nothing matched)."""
+    num_node_blocks: int
+    """Blocks of `node` inside the match."""
+
+
 class MatchResult(NamedTuple):
     block_ids: list[int]
     """Cached blocks covering the matched prefix, in order (len * block_size tokens)."""
@@ -73,7 +89,14 @@ class PrefixCache(ABC):
     """See the module docstring for the contract."""
 
     @abstractmethod
-    def match(self, token_ids: Sequence[int]) -> MatchResult: ...
+    def lookup(self, token_ids: Sequence[int]) -> PrefixHit: ...
+
+    @abstractmethod
+    def commit(self, hit: PrefixHit) -> RadixNode: ...
+
+    def match(self, token_ids: Sequence[int]) -> MatchResult:
+        hit = self.lookup(token_ids)
+        return MatchResult(hit.block_ids, self.commit(hit))
 
     @abstractmethod
     def insert(self, token_ids: Sequence[int], block_ids: Sequence[int]) -> InsertResult: ...
@@ -137,31 +160,36 @@ class RadixPrefixCache(PrefixCache):
         upper.children[self._key(node.token_ids, 0)] = node
         return upper
 
-    def _walk(self, token_ids: Sequence[int]) -> tuple[RadixNode, int, list[int]]:
-        """Follow whole matching blocks, splitting a partly matched edge. -> (node, tokens matched, blocks)."""
-        now = self._tick()
-        node, pos, blocks = self.root, 0, []
+    def lookup(self, token_ids: Sequence[int]) -> PrefixHit:
+        node, pos, blocks, num_node_blocks = self.root, 0, [], 0
         num_full = len(token_ids) // self.block_size * self.block_size
         while pos < num_full:
             child = node.children.get(self._key(token_ids, pos))
             if child is None:
                 break
             n = self._num_matching_blocks(child, token_ids, pos, num_full)
+            blocks.extend(child.block_ids[:n])
+            node, num_node_blocks = child, n
             if n * self.block_size < len(child.token_ids):
-                child = self._split(child, n)
-            child.last_access = now
-            blocks.extend(child.block_ids)
+                break  # the match ends inside this edge
             pos += len(child.token_ids)
-            node = child
-        return node, pos, blocks
+        return PrefixHit(blocks, node, num_node_blocks)
 
-    def match(self, token_ids: Sequence[int]) -> MatchResult:
-        node, _, blocks = self._walk(token_ids)
-        return MatchResult(blocks, node)
+    def commit(self, hit: PrefixHit) -> RadixNode:
+        node = hit.node
+        if node is not self.root and hit.num_node_blocks < len(node.block_ids):
+            node = self._split(node, hit.num_node_blocks)
+        now = self._tick()
+        cur: RadixNode | None = node
+        while cur is not None and cur is not self.root:
+            cur.last_access = now
+            cur = cur.parent
+        return node
 
     def insert(self, token_ids: Sequence[int], block_ids: Sequence[int]) -> InsertResult:
         assert len(token_ids) == len(block_ids) * self.block_size, "insert whole blocks only"
-        node, pos, _ = self._walk(token_ids)
+        hit = self.lookup(token_ids)
+        node, pos = self.commit(hit), len(hit.block_ids) * self.block_size
         if pos == len(token_ids):
             return InsertResult(0, node)
         new_blocks = list(block_ids[pos // self.block_size :])

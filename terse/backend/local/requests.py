@@ -20,7 +20,6 @@ class Request:
     """A sequence plus where its results go: a handle (generation) or a future (scoring)."""
 
     seq: Sequence
-    policy: KVPolicy
     handle: RequestHandle | None
     stream: TextStream | None
     future: Future[list[float]] | None = None

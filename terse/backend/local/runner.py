@@ -1,165 +1,227 @@
-"""The model runner: turns a `StepPlan` into tensors, runs the model, samples and scores.
+"""The model runner: launches a `StepPlan` on the device and hands back a `StepHandle` (step.py).
 
-Flat layout of one step (see attention.py): decode tokens first, then prefill chunks. Per token the
-runner provides its id, its position in its sequence and its KV slot:
-
-    slot(p) = block_table[c // block_size] * block_size + c % block_size,  c = p - num_dropped_tokens
-
-(c = p for the dense cache; a streaming sequence's table skips its released blocks, see streaming.py).
-The RoPE position of a token stays p.
+`launch` never waits for the device: it builds the step's inputs (inputs.py), runs the forward (a
+captured CUDA graph for decode steps that fit one, else eagerly), computes the logits of the rows that
+sample or score, samples on the device, and starts copying the results to pinned host memory. The
+engine collects them with `StepHandle.wait()` while the next step already runs. A decode input sampled
+by the step just before (still `PENDING_TOKEN` on the host) is copied from that step's sampled ids on
+the device.
 
 Only rows that need logits go through the lm_head: the last token of a chunk that completes its
-sequence (it samples the next token), and every scored position of a scoring request.
+sequence (it samples the next token), and every scored position of a scoring request. Sampling runs
+outside any captured graph, in two places:
+
+    launch        free rows (no grammar): sampled at once; log-probabilities on the device for the
+                  rows that ask, nothing read back
+    sample_late   constrained rows: their grammar mask needs the token sampled by the step before,
+                  which reaches the host only after this step was launched. The engine calls it once
+                  that token advanced the grammar; it masks (local/grammar.py), samples, writes the
+                  ids into the step's sampled ids and seals the handle, before the next launch.
+
+So a constrained sequence decodes in every step, like a free one, and a step without constraints does
+exactly what it did without this hook.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from terse.backend.attention_kernels import no_cudnn_attention
-from terse.backend.local.attention import AttentionMetadata, PrefillSpan, build_prefill_groups
+from terse.backend.local.attention import AttentionBackend
 from terse.backend.local.cuda_graph import DecodeGraphs
-from terse.backend.local.grammar import GrammarMasks, PendingMasks
+from terse.backend.local.grammar import GrammarMasks
+from terse.backend.local.inputs import DecodeBatch, prepare_decode, prepare_mixed
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
-from terse.backend.local.scheduler import StepPlan
-from terse.backend.local.sequence import Sequence
-from terse.backend.local.sparse_prefill import SparsePrefill
-from terse.backend.local.streaming import apply_sink_rotation
-from terse.backend.sampling import sample_next, sampled_logprobs
-from terse.backend.types import TokenLogprob
+from terse.backend.local.scheduler import ScheduledChunk, StepPlan
+from terse.backend.local.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from terse.backend.local.staging import to_device
+from terse.backend.local.step import LateRows, StepHandle, StepOutput
+from terse.backend.sampling import LogprobRows, logprob_rows, sample_next
+
+__all__ = ["ModelRunner", "StepHandle", "StepOutput"]
 
 
-@dataclass
-class StepOutput:
-    sampled: list[tuple[Sequence, int]] = field(default_factory=list)
-    """(sequence, next token id) for each sequence whose chunk reached its last token."""
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    """Parallel to `sampled`: the token's log-probabilities when its request asked for them, else None."""
+class _Rows(NamedTuple):
+    """Which rows of a step's flat batch need logits, and why."""
+
+    sample: list[tuple[int, Sequence]]
+    """(row, sequence) of each chunk that completes its sequence and samples its next token."""
+    score: list[tuple[int, Sequence, int]]
+    """(row, scoring sequence, target token) per scored position, in position order."""
+    completed: list[Sequence]
+    """Sequences that sample nothing (scoring, prefill-only) whose last token this step computes."""
+
+
+def _step_rows(plan: StepPlan) -> _Rows:
+    rows = _Rows([], [], [])
+    row = 0
+    for chunk in plan.chunks:
+        seq, start = chunk.seq, chunk.seq.num_computed_tokens
+        end = start + chunk.num_new_tokens
+        if seq.num_logprob_start is not None:
+            for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
+                rows.score.append((row + p - start, seq, seq.token_ids[p + 1]))
+        if end == seq.num_tokens and seq.samples:
+            rows.sample.append((row + end - start - 1, seq))
+        elif end == seq.num_tokens:
+            rows.completed.append(seq)
+        row += chunk.num_new_tokens
+    return rows
 
 
 class ModelRunner:
-    """Executes plans on one device. Mutates the KV pool and scoring sequences' `prompt_logprobs`."""
+    """Executes plans on one device. Mutates the KV pool."""
 
     def __init__(
-        self,
-        model: LlamaForCausalLM,
-        pool: KVCachePool,
-        *,
-        device: torch.device,
-        max_model_len: int,
-        prefill_path: str = "dense",
-        use_triton_decode: bool = False,
-        sparse_prefill: SparsePrefill | None = None,
+        self, model: LlamaForCausalLM, pool: KVCachePool, attention: AttentionBackend, *,
+        device: torch.device, max_model_len: int,
     ) -> None:
         self.model = model
         self.pool = pool
+        self.attention = attention
         self.device = device
         self.block_size = pool.block_size
         self.max_blocks_per_seq = -(-max_model_len // pool.block_size)
-        self.prefill_path = prefill_path
-        self.use_triton_decode = use_triton_decode
         self.graphs: DecodeGraphs | None = None
-        self.sparse_prefill = sparse_prefill
         self.grammar_masks = GrammarMasks(model.config.vocab_size, device)
+        self._inv_freq = rope_inv_freq(model.config)
+        self._last_ids: torch.Tensor | None = None  # [N] ids sampled by the latest launched step
+        self._last_rows: dict[int, int] = {}  # seq_id -> its row in _last_ids
+        self.num_device_inputs = 0
+        """Decode inputs copied on the device from the step before (launched before it was collected)."""
+        self.num_late_samples = 0
+        """Constrained rows sampled by `sample_late`."""
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        self.graphs = DecodeGraphs(self, max_batch_size)
+        self.graphs = DecodeGraphs(
+            self._forward_decode, max_batch_size=max_batch_size, max_blocks_per_seq=self.max_blocks_per_seq,
+            scratch_block=self.pool.scratch_block, block_size=self.block_size, device=self.device,
+        )
 
     def release(self) -> None:
         """Drop the captured graphs and their static buffers (the engine is closing)."""
         self.graphs = None
-
-    def _tensor(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table, dropped = self.block_size, seq.block_table, seq.num_dropped_tokens
-        return [table[c // bs] * bs + c % bs for c in range(start - dropped, end - dropped)]
-
-    def padded_tables(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
-        """[len(seqs), num_blocks] block tables padded with the scratch block."""
-        rows = [s.block_table + [self.pool.scratch_block] * (num_blocks - len(s.block_table)) for s in seqs]
-        if not rows:
-            return torch.zeros(0, num_blocks, dtype=torch.int64, device=self.device)
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self._last_ids = None
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepOutput:
-        if plan.sink_rotations:
-            inv_freq = rope_inv_freq(self.model.config)
-            for rotation in plan.sink_rotations:
-                apply_sink_rotation(self.pool.kv, rotation, inv_freq)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[tuple[int, Sequence]] = []
-        score_rows: list[tuple[int, Sequence, int]] = []  # (flat row, seq, target token id)
-        spans: list[PrefillSpan] = []
-        decode_seqs = [c.seq for c in plan.decodes]
-        tagged = [(False, c) for c in plan.decodes] + [(True, c) for c in plan.prefills]
-        for is_prefill, chunk in tagged:
-            seq, start = chunk.seq, chunk.seq.num_computed_tokens
-            end = start + chunk.num_new_tokens
-            row0 = len(input_ids)
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += self._slots(seq, start, end)
-            if is_prefill:
-                kv_end = end - seq.num_dropped_tokens
-                sparse = self.sparse_prefill is not None and self.sparse_prefill.is_sparse(end - start)
-                table = seq.block_table[: -(-kv_end // self.block_size)]
-                spans.append(PrefillSpan(row0, end - start, kv_end, table, sparse))
-            if seq.num_logprob_start is not None:
-                for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
-                    score_rows.append((row0 + p - start, seq, seq.token_ids[p + 1]))
-            elif end == seq.num_tokens:
-                sample_rows.append((row0 + end - start - 1, seq))
-        masks = self.grammar_masks.begin([s for _, s in sample_rows])  # structured output: overlaps the forward
-        if not plan.prefills and self.graphs is not None and self.graphs.fits(len(decode_seqs)):
-            hidden = self.graphs.run(decode_seqs, input_ids, positions, slots)
-        else:
-            max_blocks = max((len(s.block_table) for s in decode_seqs), default=1)
-            cfg = self.model.config
-            groups = build_prefill_groups(
-                spans, block_size=self.block_size, num_q_per_kv=cfg.num_heads // cfg.num_kv_heads, device=self.device
-            )
-            meta = AttentionMetadata(
-                slot_mapping=self._tensor(slots),
-                num_decode_tokens=len(decode_seqs),
-                decode_block_tables=self.padded_tables(decode_seqs, max_blocks),
-                decode_context_lens=self._tensor([s.num_kv_tokens + 1 for s in decode_seqs], torch.int32),
-                prefills=spans,
-                prefill_groups=groups,
-                prefill_path=self.prefill_path,
-                use_triton_decode=self.use_triton_decode,
-                sparse_prefill=self.sparse_prefill if any(s.sparse for s in spans) else None,
-            )
-            with no_cudnn_attention(self.device):
-                hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.pool, meta)  # [T, hidden]
-        self._score(hidden, score_rows)
-        return self._sample(hidden, sample_rows, masks)
+    def launch(self, plan: StepPlan) -> StepHandle:
+        """Queue the step on the device; returns at once (on CPU, once it has run). A step with
+        constrained rows returns an unsealed handle: call `sample_late` before the next launch."""
+        for copy in plan.copies:
+            self.pool.apply_copy(copy, self._inv_freq)
+        hidden = self._run_mixed(plan) if plan.prefills else self._run_decode(plan.decodes)  # [T, hidden]
+        rows = _step_rows(plan)
+        free = [(r, s) for r, s in rows.sample if s.constraint is None]
+        late = [(r, s) for r, s in rows.sample if s.constraint is not None]
+        sampled = [s for _, s in free] + [s for _, s in late]
+        free_ids: torch.Tensor | None = None
+        logprobs: LogprobRows | None = None
+        if free:
+            free_seqs = [s for _, s in free]
+            logits = self.model.logits(self._rows(hidden, [r for r, _ in free]))  # [F, V]
+            free_ids = sample_next(logits, [s.params for s in free_seqs], [s.generator for s in free_seqs])  # [F]
+            logprobs = self._logprobs(logits, free_ids, free_seqs, list(range(len(free))))
+        next_ids = free_ids
+        late_rows = None
+        if late:  # the late rows' ids are written by sample_late, after the free ones
+            next_ids = torch.zeros(len(sampled), dtype=torch.int64, device=self.device)
+            if free_ids is not None:
+                next_ids[: len(free)] = free_ids
+            late_rows = LateRows([s for _, s in late], self._rows(hidden, [r for r, _ in late]), len(free))
+        self._last_ids = next_ids
+        self._last_rows = {seq.seq_id: i for i, seq in enumerate(sampled)}
+        scores = self._score(hidden, rows.score) if rows.score else None
+        handle = StepHandle(plan, sampled, next_ids, [s for _, s, _ in rows.score], scores, rows.completed, late_rows)
+        if logprobs is not None:
+            handle.add_logprobs(logprobs)
+        if late_rows is None:
+            handle.seal()
+        return handle
 
-    def _sample(
-        self, hidden: torch.Tensor, rows: list[tuple[int, Sequence]], masks: PendingMasks | None = None
-    ) -> StepOutput:
-        if not rows:
-            return StepOutput()
-        logits = self.model.compute_logits(hidden[self._tensor([r for r, _ in rows])])  # [N, V]
-        if masks is not None:
-            masks.apply(logits)  # grammar masks on the constrained rows only
-        seqs = [s for _, s in rows]
-        params = [s.params for s in seqs]
-        next_ids = sample_next(logits, params, [s.generator for s in seqs])  # [N]
-        return StepOutput(list(zip(seqs, next_ids.tolist())), sampled_logprobs(logits, next_ids, params))
+    @torch.inference_mode()
+    def sample_late(self, handle: StepHandle) -> None:
+        """Sample the constrained rows of a launched step and seal it. Call once the tokens of the step
+        before have advanced their grammars, and before the next launch. Rows of sequences that ended
+        meanwhile are skipped (their tokens are dropped)."""
+        late = handle.late
+        assert late is not None and handle.sampled_ids is not None, "the step has no constrained rows"
+        live = [i for i, s in enumerate(late.seqs) if s.status is not SequenceStatus.FINISHED]
+        if live:
+            seqs = [late.seqs[i] for i in live]
+            masks = self.grammar_masks.begin(seqs)  # filled on a worker while the lm_head runs
+            logits = self.model.logits(self._rows(late.hidden, live))  # [L, V]
+            if masks is not None:
+                masks.apply(logits)
+            ids = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])  # [L]
+            rows = [late.offset + i for i in live]
+            handle.sampled_ids.index_copy_(0, to_device(rows, torch.int64, self.device), ids)
+            handle.add_logprobs(self._logprobs(logits, ids, seqs, rows))
+            self.num_late_samples += len(live)
+        handle.seal()
 
-    def _score(self, hidden: torch.Tensor, rows: list[tuple[int, Sequence, int]]) -> None:
+    # -- forward passes --------------------------------------------------------------------------
+    def _run_decode(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
+        graphs = self.graphs
+        size = graphs.padded_size(len(decodes)) if graphs is not None else None
+        batch = prepare_decode(decodes, size or len(decodes), self.block_size, self.pool.scratch_block, self.device)
+        self._fill_pending(batch.input_ids, decodes)
+        if graphs is not None and size is not None:
+            return graphs.run(batch)
+        return self._forward_decode(batch)
+
+    def _forward_decode(self, batch: DecodeBatch) -> torch.Tensor:
+        """The decode forward (eager, and the function the CUDA graphs capture). -> [size, hidden]."""
+        plan = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens)
+        return self.model(batch.input_ids, batch.positions, self.pool, plan)
+
+    def _run_mixed(self, plan: StepPlan) -> torch.Tensor:
+        sparse = self.attention.sparse_prefill
+        batch = prepare_mixed(
+            plan.decodes, plan.prefills, self.block_size, self.device,
+            sparse.config.min_sparse_q_len if sparse is not None else None,
+        )
+        self._fill_pending(batch.input_ids, plan.decodes)
+        attn = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens, batch.spans)
+        with no_cudnn_attention(self.device):
+            return self.model(batch.input_ids, batch.positions, self.pool, attn)  # [T, hidden]
+
+    def _fill_pending(self, input_ids: torch.Tensor, decodes: list[ScheduledChunk]) -> None:
+        """Copy decode inputs still on the device (sampled by the previous step) into `input_ids`."""
+        rows, src = [], []
+        for i, chunk in enumerate(decodes):
+            seq = chunk.seq
+            if seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
+                rows.append(i)
+                src.append(self._last_rows[seq.seq_id])
         if not rows:
             return
-        logits = self.model.compute_logits(hidden[self._tensor([r for r, _, _ in rows])])  # [N, V]
-        targets = self._tensor([t for _, _, t in rows])
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].tolist()
-        for (_, seq, _), lp in zip(rows, logprobs):
-            seq.prompt_logprobs.append(lp)
+        assert self._last_ids is not None
+        index = to_device(rows + src, torch.int64, self.device)
+        input_ids.index_copy_(0, index[: len(rows)], self._last_ids.index_select(0, index[len(rows) :]))
+        self.num_device_inputs += len(rows)
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def _rows(self, values: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if rows == list(range(len(rows))):
+            return values[: len(rows)]
+        return values.index_select(0, to_device(rows, torch.int64, self.device))
+
+    def _logprobs(
+        self, logits: torch.Tensor, ids: torch.Tensor, seqs: list[Sequence], rows: list[int]
+    ) -> LogprobRows | None:
+        """Log-probabilities of the sampled `ids` [N] (from `logits` [N, V]) for the sequences that ask,
+        left on the device; None when none does. `rows`: each sequence's row in the step's sampled ids."""
+        asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not asking:
+            return None
+        num_top = [int(seqs[i].params.logprobs or 0) for i in asking]
+        return logprob_rows(self._rows(logits, asking), self._rows(ids, asking), num_top, [rows[i] for i in asking])
+
+    def _score(self, hidden: torch.Tensor, rows: list[tuple[int, Sequence, int]]) -> torch.Tensor:
+        """log P(target) per scored row: [M] float32 (device)."""
+        logits = self.model.compute_logits(self._rows(hidden, [r for r, _, _ in rows]))  # [M, V]
+        index = to_device([t for _, _, t in rows], torch.int64, self.device)
+        return torch.log_softmax(logits, dim=-1).gather(-1, index[:, None])[:, 0]

@@ -1,16 +1,18 @@
-"""Per-request state of the local engine: token ids, KV block table and progress counters.
+"""Per-request state of the local engine: token ids and progress counters.
 
-Index arithmetic of one sequence (block size 4, 10 prompt tokens, 2 generated):
+Index arithmetic of one sequence (10 prompt tokens, 2 generated, one more sampled on the device):
 
-    token_ids:  p0 p1 p2 p3 | p4 p5 p6 p7 | p8 p9 g0 g1
-    blocks:     [ block 7  ] [ block 2   ] [ block 9    ]      block_table = [7, 2, 9]
-    num_cached_tokens = 8     (p0..p7 came from the prefix cache: blocks 7 and 2 are shared)
-    num_computed_tokens = 11  (KV written for p0..g0; g1 was just sampled and has no KV yet)
+    token_ids:  p0 p1 p2 p3 p4 p5 p6 p7 p8 p9 g0 g1 [?]
+    num_cached_tokens = 8     (p0..p7 came from the prefix cache)
+    num_computed_tokens = 11  (KV written for p0..g0; g1 is the next step's input)
+    num_pending_tokens = 1    ([?]: sampled by a step still running on the device; its value reaches
+                               the host after the next step was launched, see engine.py)
 
 A sequence is in prefill while more than one of its tokens lacks KV, in decode afterwards (exactly one
 token, the last sampled one, lacks KV). A step that computes a sequence's last uncomputed token samples
-its next token. Preemption by recomputation resets it to zero computed
-tokens and an empty block table; its generated tokens stay and are prefilled again with the prompt.
+its next token. Preemption by recomputation resets it to zero computed tokens; its generated tokens
+stay and are prefilled again with the prompt. Where its KV lives is the KV manager's business
+(kv_manager.py), not the sequence's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from terse.backend.types import SamplingParams
+
+PENDING_TOKEN = -1
+"""Placeholder id of a token sampled on the device whose value has not reached the host yet."""
 
 
 class SequenceStatus(enum.Enum):
@@ -44,16 +49,13 @@ class Sequence:
     """Scoring requests: the first position whose next-token log-probability is wanted; None when the
     request generates instead. Such positions are never taken from the prefix cache."""
     token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache at the latest admission."""
+    num_pending_tokens: int = 0
+    """Trailing entries of `token_ids` that are `PENDING_TOKEN` placeholders (at most two: one sampled
+    by the step in flight, one by the step launched after it)."""
     num_preemptions: int = 0
-    num_dropped_tokens: int = 0
-    """Tokens whose KV a streaming policy released (whole blocks after the sinks): a kept token at
-    position p sits at index p - num_dropped_tokens of the block table's KV (see streaming.py)."""
-    sink_source_blocks: list[int] = field(default_factory=list)
-    """Streaming only: the original sink blocks, held while `block_table` starts with rotated copies."""
     status: SequenceStatus = SequenceStatus.WAITING
     prompt_logprobs: list[float] = field(default_factory=list)
     """Scoring requests: log P(token_ids[p + 1] | token_ids[:p + 1]) for p from num_logprob_start on."""
@@ -61,7 +63,8 @@ class Sequence:
     """The request's seeded torch.Generator (None: unseeded); opaque to the scheduler."""
     constraint: Any = None
     """Structured output: the request's grammar `ConstraintState` (None: unconstrained); opaque to the
-    scheduler. Only the runner's mask hook and the engine's token hook use it (see local/grammar.py)."""
+    scheduler. Only the runner's late sampling and the engine's token hook use it (see local/grammar.py):
+    a constrained sequence is scheduled like any other, its token still pending on the device."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -77,16 +80,12 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, pending ones included."""
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids) :]
-
-    @property
-    def num_kv_tokens(self) -> int:
-        """Computed tokens whose KV the sequence still holds (all of them under the dense cache)."""
-        return self.num_computed_tokens - self.num_dropped_tokens
+        return self.token_ids[len(self.prompt_ids) : len(self.token_ids) - self.num_pending_tokens]
 
     @property
     def is_prefilling(self) -> bool:
@@ -102,6 +101,16 @@ class Sequence:
         return self.num_logprob_start is not None
 
     @property
+    def samples(self) -> bool:
+        """Whether completing its tokens samples a next one (not for scoring or prefill-only requests)."""
+        return self.num_logprob_start is None and self.params.max_tokens > 0
+
+    @property
+    def reached_length_limit(self) -> bool:
+        """No further token may be generated (pending ones counted): max_tokens or max_len is reached."""
+        return self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= self.max_len
+
+    @property
     def max_cacheable_prefix_len(self) -> int:
         """Longest prefix that may come from the cache: at least one token is always computed (its
         logits give the next token), and scoring requests compute every position they score."""
@@ -110,11 +119,25 @@ class Sequence:
             limit = min(limit, self.num_logprob_start)
         return max(limit, 0)
 
+    def append_pending(self) -> None:
+        """A step that samples this sequence's next token was launched: hold its place."""
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending_tokens += 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token's value arrived from the device."""
+        assert self.num_pending_tokens > 0, "no pending token to resolve"
+        self.token_ids[len(self.token_ids) - self.num_pending_tokens] = token_id
+        self.num_pending_tokens -= 1
+
+    def drop_pending(self) -> None:
+        """Forget tokens still pending (the request ended before they were needed)."""
+        if self.num_pending_tokens:
+            del self.token_ids[len(self.token_ids) - self.num_pending_tokens :]
+            self.num_pending_tokens = 0
+
     def reset_for_recompute(self) -> None:
-        """Forget all KV (the caller has released the blocks): the sequence will prefill again."""
-        self.block_table = []
-        self.sink_source_blocks = []
-        self.num_dropped_tokens = 0
+        """Forget all KV (the KV manager has released the blocks): the sequence will prefill again."""
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.prompt_logprobs = []

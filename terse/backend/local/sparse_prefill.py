@@ -6,7 +6,11 @@ What changes and what does not:
     step:  write K/V of the step's tokens into the pool          (unchanged: same slots, same values)
            dense spans  -> solo causal kernel / padded groups     (unchanged)
            sparse spans -> gather cached + new K/V through the block table, then
-                           sparse_prefill_attention(q = new tokens, k/v = cached + new)
+                           sparse_prefill(q = new tokens, k/v = cached + new)
+
+The step's plan (`SparsePrefill.plan`, once per step) holds the flat query rows of the sparse spans,
+the pool slots of their keys (cached + new) and the varlen offsets; each layer then only gathers its
+K/V through those slots and runs the kernels (`SparsePrefill.run`).
 
 A span is sparse when its new tokens (q_len: the part the prefix cache did not cover) reach the
 threshold, `choose_prefill_path(q_len, ...)` of the kernels (32K tokens by default, the measured
@@ -19,43 +23,32 @@ layers' KV follow from the (approximate) hidden states as they would with any at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from terse.errors import ConfigError
+from terse.backend.local.config import SparsePrefillSettings
+from terse.backend.local.staging import to_device
 
 if TYPE_CHECKING:
-    from terse.backend.local.attention import AttentionMetadata
+    from terse.backend.local.attention import PrefillSpan
     from terse.kernels.patterns import ModelPatterns
     from terse.kernels.prefill import SparsePrefillConfig
-
-DEFAULT_MIN_SPARSE_Q_LEN = 32768
-"""Same default as `terse.kernels.prefill.SparsePrefillConfig.min_sparse_q_len` (checked in tests)."""
+    from terse.kernels.varlen import VarlenLayout
 
 
-@dataclass(frozen=True)
-class SparsePrefillSettings:
-    """Sparse prefill of the local engine. Frozen; a bad value raises `ConfigError` naming the fix."""
+@dataclass
+class SparsePlan:
+    """The sparse spans of one step, as index tensors and one varlen layout (built once, read by every
+    layer)."""
 
-    enabled: bool = False
-    """Run long uncached prompt chunks through the sparse kernels (False: every prefill is dense)."""
-    patterns_path: str | None = None
-    """Per-head patterns JSON from `terse sparse-patterns`; None (or a missing file) takes the kernels'
-    default patterns (vertical-slash on every head)."""
-    min_sparse_q_len: int = DEFAULT_MIN_SPARSE_Q_LEN
-    """Uncached tokens of a chunk from which it prefills sparsely; shorter chunks stay dense."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """Kernel backend: auto = Triton on CUDA for the head dims it is built for, torch otherwise."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.min_sparse_q_len, int) or self.min_sparse_q_len < 1:
-            raise ConfigError(
-                f"sparse_prefill.min_sparse_q_len={self.min_sparse_q_len!r} must be an int >= 1 "
-                f"(default {DEFAULT_MIN_SPARSE_Q_LEN})"
-            )
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"sparse_prefill.backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
+    q_rows: torch.Tensor
+    """[total_q] int64: flat rows of the spans' queries, span by span."""
+    kv_slots: torch.Tensor
+    """[total_k] int64: pool slots of each span's context keys (cached + new), span by span."""
+    layout: VarlenLayout
+    """Where each span's queries and keys sit in the gathered rows (offsets known on the host too)."""
 
 
 class SparsePrefill:
@@ -65,51 +58,40 @@ class SparsePrefill:
         self.patterns = patterns
         self.config = config
         self.num_sparse_spans = 0
-        """Spans prefilled sparsely so far (counted at layer 0)."""
+        """Spans prefilled sparsely so far."""
 
     def is_sparse(self, q_len: int) -> bool:
         from terse.kernels.prefill import choose_prefill_path
 
         return choose_prefill_path(q_len, self.config) == "sparse"
 
-    def __call__(
-        self, q: torch.Tensor, layer_kv: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor, layer_index: int
-    ) -> None:
+    def plan(self, spans: list[PrefillSpan], block_size: int, device: torch.device) -> SparsePlan:
+        """Index tensors of the step's sparse spans (each span's block table covers its context)."""
+        from terse.kernels.varlen import VarlenLayout
+
+        self.num_sparse_spans += len(spans)
+        q_rows = np.concatenate([np.arange(s.q_start, s.q_start + s.q_len) for s in spans])
+        slots = np.concatenate([_slots(s.block_table, s.context_len, block_size) for s in spans])
+        layout = VarlenLayout.from_lengths([s.q_len for s in spans], [s.context_len for s in spans], device)
+        return SparsePlan(to_device(q_rows, torch.int64, device), to_device(slots, torch.int64, device), layout)
+
+    def run(self, q: torch.Tensor, layer_kv: torch.Tensor, plan: SparsePlan, out: torch.Tensor, layer_index: int) -> None:
         """q: [T, H, D]; layer_kv: [2, NB, bs, KVH, D] holding this step's K/V. Writes the rows of the
         sparse spans into `out` ([T, H, D])."""
-        from terse.kernels.prefill import sparse_prefill_attention
+        from terse.kernels.prefill import sparse_prefill
+        from terse.kernels.varlen import VarlenBatch
 
-        spans = [s for s in meta.prefills if s.sparse]
-        if not spans:
-            return
-        if layer_index == 0:
-            self.num_sparse_spans += len(spans)
-        q_rows = torch.cat([q[s.q_start : s.q_start + s.q_len] for s in spans])  # [total_q, H, D]
-        keys, values = [], []
-        for s in spans:
-            table = torch.tensor(s.block_table, dtype=torch.int64, device=q.device)
-            kv = layer_kv[:, table].flatten(1, 2)[:, : s.context_len]  # [2, context_len, KVH, D]
-            keys.append(kv[0])
-            values.append(kv[1])
-        cu_q = _cumulative([s.q_len for s in spans], q.device)
-        cu_k = _cumulative([s.context_len for s in spans], q.device)
-        attended = sparse_prefill_attention(
-            q_rows, torch.cat(keys), torch.cat(values), cu_q, cu_k,
-            max(s.q_len for s in spans), max(s.context_len for s in spans),
-            self.patterns.layer(layer_index), q.shape[-1] ** -0.5, config=self.config,
-        )  # [total_q, H, D]
-        row = 0
-        for s in spans:
-            out[s.q_start : s.q_start + s.q_len] = attended[row : row + s.q_len]
-            row += s.q_len
+        flat = layer_kv.view(2, -1, *layer_kv.shape[-2:])  # [2, NB * bs, KVH, D]
+        kv = flat.index_select(1, plan.kv_slots)  # [2, total_k, KVH, D]
+        batch = VarlenBatch(q.index_select(0, plan.q_rows), kv[0], kv[1], plan.layout)
+        attended = sparse_prefill(batch, self.patterns.layer(layer_index), q.shape[-1] ** -0.5, config=self.config)
+        out.index_copy_(0, plan.q_rows, attended)  # attended: [total_q, H, D]
 
 
-def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """[len(lengths) + 1] int32 offsets."""
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+def _slots(block_table: list[int], num_tokens: int, block_size: int) -> np.ndarray:
+    """Pool slots of positions [0, num_tokens) through a block table."""
+    c = np.arange(num_tokens)
+    return np.asarray(block_table, dtype=np.int64)[c // block_size] * block_size + c % block_size
 
 
 def build_sparse_prefill(

@@ -38,10 +38,11 @@ where d = num_dropped_tokens. Each time d grows, the sinks' keys are rewritten a
 computed in float64, then cast once to the cache dtype: one rounding, however long the sequence runs.
 The originals stay untouched in their own blocks (they are usually shared with the prefix cache or
 other requests); the rotated copies live in blocks this sequence owns alone and replace the originals
-in its block table. Window keys are written once, never shifted; only sink keys are rewritten.
+in its block table; the policy hands the manager a `KVCopy` (originals -> copies, shift d) that the
+runner applies before the step. Window keys are written once, never shifted; only sink keys are rewritten.
 
-Prefix cache: a shared prompt prefix stays shared until the first release. At that moment the sequence
-unlocks its radix-tree path (so the tree may evict those blocks once nobody uses them) and stops
+Prefix cache: a shared prompt prefix stays shared until the first release. At that moment the KV
+manager unlocks the sequence's radix-tree path (so the tree may evict those blocks once nobody uses them) and stops
 publishing blocks to it (its block table no longer maps positions to block indices one to one). A
 release drops this sequence's reference only: a block another request or the tree holds stays intact.
 
@@ -54,13 +55,8 @@ by token, so it is not bit-identical to the cache that was evicted.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
-
-from terse.backend.local.kv_policy import STREAMING_POLICIES, KVPolicy
+from terse.backend.local.kv_policy import KVCopy, SeqKV
 from terse.backend.local.sequence import Sequence
-from terse.backend.types import StreamingKV
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -70,8 +66,8 @@ def _ceil_div(a: int, b: int) -> int:
 class StreamingKVPolicy:
     """Sinks (rounded up to whole blocks) + a recent window of at least `window_tokens` tokens.
 
-    Pure like every `KVPolicy`: it computes counts from the sequence and never mutates it; the scheduler
-    applies the releases (`release_old_blocks`) and `place_new_blocks` lays out the fresh blocks.
+    A `KVPolicy`: the KV manager calls `release` before each allocation, then `num_blocks_needed`,
+    then `place` with the fresh blocks.
     """
 
     def __init__(self, sink_tokens: int, window_tokens: int) -> None:
@@ -85,24 +81,46 @@ class StreamingKVPolicy:
         """Blocks kept from the start of the sequence for its whole life."""
         return _ceil_div(self.sink_tokens, block_size)
 
-    def num_releasable_blocks(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        """Blocks after the sinks (and after those already released) that the step's first query, at
-        position `seq.num_computed_tokens`, no longer sees."""
-        first_query = seq.num_computed_tokens
+    def num_releasable_blocks(self, kv: SeqKV, first_query: int, block_size: int) -> int:
+        """Blocks after the sinks (and after those already released) that a query at position
+        `first_query` no longer sees."""
         oldest_visible = first_query + 1 - self.window_tokens  # first position of the query's window
         if oldest_visible <= 0:
             return 0
-        first_kept = self.num_sink_blocks(block_size) + seq.num_dropped_tokens // block_size
+        first_kept = self.num_sink_blocks(block_size) + kv.num_dropped_tokens // block_size
         return max(0, oldest_visible // block_size - first_kept)
 
-    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, block_size: int) -> int:
-        """Blocks to add before computing `num_new_tokens` more tokens (after releases): the window's
-        new blocks, plus private copies of the sink blocks at the first release."""
-        kv_len = seq.num_computed_tokens + num_new_tokens - seq.num_dropped_tokens
-        needed = max(0, _ceil_div(kv_len, block_size) - len(seq.block_table))
-        if seq.num_dropped_tokens and not seq.sink_source_blocks:
+    def release(self, kv: SeqKV, first_query: int, block_size: int) -> list[int]:
+        num_release = self.num_releasable_blocks(kv, first_query, block_size)
+        if num_release == 0:
+            return []
+        num_sink = self.num_sink_blocks(block_size)
+        released = kv.block_ids[num_sink : num_sink + num_release]
+        del kv.block_ids[num_sink : num_sink + num_release]
+        kv.num_dropped_tokens += num_release * block_size
+        return released
+
+    def num_blocks_needed(self, kv: SeqKV, end: int, block_size: int) -> int:
+        """The window's new blocks, plus private copies of the sink blocks at the first release."""
+        needed = max(0, _ceil_div(kv.kv_len(end), block_size) - len(kv.block_ids))
+        if kv.num_dropped_tokens and not kv.side_block_ids:
             needed += self.num_sink_blocks(block_size)
         return needed
+
+    def place(self, kv: SeqKV, new_block_ids: list[int], block_size: int) -> KVCopy | None:
+        """At the first release the first `num_sink_blocks` new blocks become the private sink copies
+        (the originals move to `kv.side_block_ids`); the rest extend the window. Returns the sink
+        rewrite when the sinks must move (num_dropped_tokens grew since their last rewrite)."""
+        num_sink = self.num_sink_blocks(block_size)
+        if kv.num_dropped_tokens and num_sink and not kv.side_block_ids:
+            kv.side_block_ids = kv.block_ids[:num_sink]
+            kv.block_ids[:num_sink] = new_block_ids[:num_sink]
+            new_block_ids = new_block_ids[num_sink:]
+        kv.block_ids += new_block_ids
+        if not num_sink or kv.num_dropped_tokens == kv.rope_shift:
+            return None
+        kv.rope_shift = kv.num_dropped_tokens
+        return KVCopy(list(kv.side_block_ids), kv.block_ids[:num_sink], kv.rope_shift)
 
     def max_blocks(self, seq: Sequence, block_size: int) -> int:
         """The decode bound plus the longest first prefill chunk (the prompt), capped by the dense need."""
@@ -114,72 +132,3 @@ class StreamingKVPolicy:
     def max_decode_blocks(self, block_size: int) -> int:
         """Most blocks a decoding sequence holds: 2 * ceil(s / bs) + ceil(w / bs) + 1."""
         return 2 * self.num_sink_blocks(block_size) + _ceil_div(self.window_tokens, block_size) + 1
-
-
-class SinkRotation(NamedTuple):
-    """Rewrite one sequence's sink copies: K = R(shift) K_original, V = V_original, in every layer."""
-
-    seq_id: int
-    src_block_ids: list[int]
-    """The original sink blocks (keys rotated at positions 0..num_sink_blocks * bs - 1)."""
-    dst_block_ids: list[int]
-    """The sequence's private copies (first entries of its block table)."""
-    shift: int
-    """num_dropped_tokens: the sinks move to positions shift..shift + num_sink_blocks * bs - 1."""
-
-
-def release_old_blocks(seq: Sequence, policy: KVPolicy, num_new_tokens: int, block_size: int) -> list[int]:
-    """Remove from `seq.block_table` the blocks its next `num_new_tokens` no longer see and advance
-    `seq.num_dropped_tokens`. Returns the removed block ids: the caller drops its references on them."""
-    if not isinstance(policy, StreamingKVPolicy):
-        return []
-    num_release = policy.num_releasable_blocks(seq, num_new_tokens, block_size)
-    if num_release == 0:
-        return []
-    num_sink = policy.num_sink_blocks(block_size)
-    released = seq.block_table[num_sink : num_sink + num_release]
-    del seq.block_table[num_sink : num_sink + num_release]
-    seq.num_dropped_tokens += num_release * block_size
-    return released
-
-
-def place_new_blocks(
-    seq: Sequence, policy: KVPolicy, new_block_ids: list[int], block_size: int, released: bool
-) -> SinkRotation | None:
-    """Add freshly allocated blocks to `seq`: at the first release the first `num_sink_blocks` of them
-    become the private sink copies (the originals move to `seq.sink_source_blocks`), the rest extend the
-    window. Returns the sink rewrite this step needs (None when nothing was released)."""
-    num_sink = policy.num_sink_blocks(block_size) if isinstance(policy, StreamingKVPolicy) else 0
-    if seq.num_dropped_tokens and num_sink and not seq.sink_source_blocks:
-        seq.sink_source_blocks = seq.block_table[:num_sink]
-        seq.block_table[:num_sink] = new_block_ids[:num_sink]
-        new_block_ids = new_block_ids[num_sink:]
-        released = True
-    seq.block_table += new_block_ids
-    if not released or not num_sink:
-        return None
-    return SinkRotation(seq.seq_id, seq.sink_source_blocks, seq.block_table[:num_sink], seq.num_dropped_tokens)
-
-
-@torch.inference_mode()
-def apply_sink_rotation(kv: torch.Tensor, rotation: SinkRotation, inv_freq: torch.Tensor) -> None:
-    """kv: the whole pool [L, 2, NB, bs, KVH, D] (mutated at `rotation.dst_block_ids`); inv_freq: [D / 2]
-    float32 RoPE inverse frequencies (scaling applied). One rounding to the pool dtype per rewrite."""
-    device = kv.device
-    src = torch.tensor(rotation.src_block_ids, dtype=torch.int64, device=device)
-    dst = torch.tensor(rotation.dst_block_ids, dtype=torch.int64, device=device)
-    angles = rotation.shift * inv_freq.to(device=device, dtype=torch.float64)  # [D / 2], exact enough at 1e6+
-    cos = torch.cat((angles, angles)).cos().float()  # [D]
-    sin = torch.cat((angles, angles)).sin().float()
-    keys = kv[:, 0, src].float()  # [L, n, bs, KVH, D]
-    half = keys.shape[-1] // 2
-    rotated = keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), dim=-1) * sin
-    kv[:, 0, dst] = rotated.to(kv.dtype)
-    kv[:, 1, dst] = kv[:, 1, src]
-
-
-def _make_policy(settings: StreamingKV) -> KVPolicy:
-    return StreamingKVPolicy(settings.sink_tokens, settings.window_tokens)
-
-
-STREAMING_POLICIES["sink_window"] = _make_policy

@@ -192,7 +192,10 @@ class DocQAConfig:
     backend: str = ""
     """Backend spec: "local:<model dir>", "hf:<model dir>" or "openai:<base_url>#<model>"."""
     backend_options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword options of the backend's factory (e.g. {"max_batch_size": 8} for hf:)."""
+    """Extra keyword options of the backend's factory (e.g. {"max_batch_size": 8} for hf:). For local:
+    these are `EngineConfig` fields, checked when the config is built, e.g. `kv_cache_memory = "4GiB"`
+    (or a fraction of free memory, 0.3) and `sparse_prefill = true` or
+    `sparse_prefill = {enabled = true, patterns_path = "patterns.json"}`."""
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     """Top-k chunk retrieval."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -207,6 +210,10 @@ class DocQAConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.backend_options, dict),
                  f"backend_options={self.backend_options!r} must be a table / object of options")
+        if self.backend.startswith("local:") and self.backend_options:
+            from terse.backend.local.config import EngineConfig
+
+            EngineConfig.from_options(self.backend_options)  # fail at load time, naming the field
 
     def with_overrides(self, **sections: dict[str, Any]) -> DocQAConfig:
         """A copy with fields of nested sections replaced, e.g. `with_overrides(retrieval={"top_k": 8})`."""

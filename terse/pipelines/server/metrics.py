@@ -45,6 +45,9 @@ _ENGINE_SERIES: dict[str, tuple[str, str, str]] = {
     "num_decode_tokens": ("counter", "engine_decode_tokens", "Tokens computed in decode steps."),
     "num_steps": ("counter", "engine_steps", "Engine steps run."),
     "num_failed_steps": ("counter", "engine_failed_steps", "Engine steps that failed (their requests failed)."),
+    "num_kv_blocks_used": ("gauge", "engine_kv_blocks_used", "KV cache blocks held by requests or the prefix cache."),
+    "num_device_inputs": ("counter", "engine_device_inputs", "Decode inputs taken on the device from the step before (overlapped with the host)."),
+    "num_late_samples": ("counter", "engine_late_samples", "Constrained rows masked and sampled after the step before was collected."),
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from terse.backend.local.attention import AttentionMetadata, PrefillSpan, attend, build_prefill_groups
+from terse.backend.local.attention import AttentionBackend, PrefillSpan, build_prefill_groups
+from terse.kernels.decode_reference import paged_decode_reference
 
 BS, KVH, H, D = 4, 2, 6, 8
 
@@ -41,18 +42,16 @@ def test_solo_and_grouped_spans_match_reference() -> None:
     q = torch.randn(num_tokens, H, D, generator=gen)
     k = torch.randn(num_tokens, KVH, D, generator=gen)
     v = torch.randn(num_tokens, KVH, D, generator=gen)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        num_decode_tokens=0,
-        decode_block_tables=torch.zeros(0, 1, dtype=torch.int64),
-        decode_context_lens=torch.zeros(0, dtype=torch.int32),
-        prefills=spans,
-        prefill_groups=build_prefill_groups(spans, block_size=BS, num_q_per_kv=H // KVH, device=torch.device("cpu"),
-                                            max_key_rows=64),
-    )
-    assert len(meta.prefill_groups) == 2  # the 300-token prompt runs alone; 64 padded keys split the rest
-    out = attend(q, k, v, pool, meta)
+    cpu = torch.device("cpu")
+    backend = AttentionBackend(decode=paged_decode_reference, block_size=BS, num_q_per_kv=H // KVH, device=cpu)
+    plan = backend.plan(torch.tensor(slots), torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), spans)
+    assert len(plan.prefill_groups) == 1  # the 300-token prompt runs alone, the rest in one padded group
+    plan.prefill_groups = build_prefill_groups(spans, block_size=BS, num_q_per_kv=H // KVH, device=cpu, max_key_rows=64)
+    assert len(plan.prefill_groups) == 2  # at most 64 padded keys per group splits the rest
     flat = pool.view(2, -1, KVH, D)
+    flat[0, torch.tensor(slots)] = k  # the model's rope-and-store op writes the step's K/V first
+    flat[1, torch.tensor(slots)] = v
+    out = plan.attend(q, k, v, pool, 0)
     for span in spans:
         table_slots = torch.tensor([b * BS + o for b in span.block_table for o in range(BS)])[: span.context_len]
         rows = slice(span.q_start, span.q_start + span.q_len)

@@ -145,7 +145,7 @@ def test_prefix_cache_with_eviction_and_preemption(llama: Path, ref: Reference) 
         outs = eng.generate(prompts, params)
         outs2 = eng.generate(prompts[::-1], params)[::-1]
         assert eng.scheduler.num_preemptions > 0
-        assert eng.scheduler.num_cached_tokens > 0
+        assert eng.stats["num_cached_tokens"] > 0
         assert eng.prefix_cache is not None and eng.prefix_cache.num_evicted_blocks > 0
         assert_no_leak(eng)
     for prompt, out, out2 in zip(prompts, outs, outs2):
@@ -173,7 +173,7 @@ def test_many_threads_overlapping_prefixes(llama: Path, ref: Reference) -> None:
         for t in threads:
             t.join()
         assert_no_leak(eng)
-        assert eng.scheduler.num_cached_tokens > 0
+        assert eng.stats["num_cached_tokens"] > 0
     for i, prompt in enumerate(prompts):
         assert results[i] == ref.greedy(prompt, 8, []), i
 

@@ -68,22 +68,22 @@ def test_loader_errors(tiny_model_factory: Callable[..., Path], tmp_path: Path) 
         LocalEngine.from_spec(str(variant(src, tmp_path / "yarn", yarn)))
     with pytest.raises(ModelLoadError, match=r"lacks 1 weights .*lm_head.weight"):
         LocalEngine.from_spec(str(variant(src, tmp_path / "nohead", {}, drop=("lm_head.weight",))))
-    with pytest.raises(ConfigError, match=r"prefill_attention='sparse' is not a registered prefill path"):
+    with pytest.raises(ConfigError, match=r"unknown EngineConfig fields \['prefill_attention'\]"):
         LocalEngine.from_spec(str(src), prefill_attention="sparse")
 
 
 def test_failed_step_fails_its_requests_only(tiny_model_factory: Callable[..., Path]) -> None:
     with LocalEngine.from_spec(str(tiny_model_factory("llama")), kv_block_size=4, enable_prefix_cache=False) as engine:
-        real_execute = engine.runner.execute
+        real_launch = engine.runner.launch
         calls = {"n": 0}
 
         def flaky(plan: Any) -> Any:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("simulated device fault")
-            return real_execute(plan)
+            return real_launch(plan)
 
-        engine.runner.execute = flaky  # type: ignore[method-assign]
+        engine.runner.launch = flaky  # type: ignore[method-assign]
         first = engine.submit("The quick brown fox", SamplingParams(max_tokens=4))
         with pytest.raises(RuntimeError, match="simulated device fault"):
             first.result(timeout=60)

@@ -1,5 +1,5 @@
-"""Correctness anchor: greedy outputs equal transformers' `generate` token for token, and `score()`
-equals transformers' log-probabilities, on the same random weights (float32, CPU)."""
+"""Correctness anchor: greedy outputs equal transformers' `generate` token for token, and `score()` and
+generated tokens' logprobs equal transformers' log-probabilities, on the same random weights (float32, CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from terse.backend.local.engine import LocalEngine
 from terse.backend.types import Completion, SamplingParams
@@ -81,3 +82,33 @@ def test_score_without_prefix_conditions_on_bos(pair: tuple[LocalEngine, Referen
     (got,) = engine.score(["the lazy dog"])
     ids = ref.tokenizer("the lazy dog").input_ids  # BOS first
     assert got.logprobs == pytest.approx(ref.logprobs(ids), abs=1e-4)
+
+
+def test_generated_logprobs_match_transformers_in_a_mixed_batch(pair: tuple[LocalEngine, Reference]) -> None:
+    """Rows asking for logprobs (greedy and sampled, different top-k) beside rows that do not: each entry
+    is transformers' log-softmax at that position (before temperature), computed on the device and
+    carried back with the sampled ids."""
+    engine, ref = pair
+    prompts = mixed_prompts(4, seed=3)
+    params = [
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True),
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, logprobs=0, temperature=1.0, seed=5),
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, logprobs=5, temperature=0.7, seed=6),
+    ]
+    outs = [h.result(timeout=120) for h in [engine.submit(p, sp) for p, sp in zip(prompts, params)]]
+    assert outs[1].logprobs is None
+    for prompt, sp, out in zip(prompts, params, outs):
+        if sp.logprobs is None:
+            continue
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == MAX_NEW
+        ids = ref.tokenizer(prompt).input_ids + list(out.token_ids)
+        with torch.no_grad():
+            logits = ref.model(torch.tensor([ids])).logits[0].float()  # [L, V]
+        expected = torch.log_softmax(logits, dim=-1)[len(ids) - MAX_NEW - 1 : -1]  # [MAX_NEW, V]
+        for entry, token_id, row in zip(out.logprobs, out.token_ids, expected):
+            assert entry.token_id == token_id
+            assert entry.logprob == pytest.approx(row[token_id].item(), abs=1e-4)
+            values, top_ids = row.topk(sp.logprobs)
+            assert [t for t, _ in entry.top] == top_ids.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)

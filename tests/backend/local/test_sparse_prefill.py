@@ -4,6 +4,7 @@ and writes the same layer-0 KV as dense prefill."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from terse.backend.local.config import DEFAULT_MIN_SPARSE_Q_LEN, EngineConfig, SparsePrefillSettings
 from terse.backend.local.engine import LocalEngine
-from terse.backend.local.sparse_prefill import DEFAULT_MIN_SPARSE_Q_LEN, SparsePrefillSettings
 from terse.backend.types import SamplingParams
 from terse.errors import ConfigError
 from terse.kernels.patterns import (
@@ -86,7 +87,7 @@ def test_full_budget_patterns_match_dense_greedy_with_prefix_hits(llama: Path, t
         for p, kv in zip(prompts[:3], dense_kv):  # every layer: the attention outputs matched dense
             torch.testing.assert_close(prompt_kv(eng, p), kv, atol=1e-5, rtol=1e-5)
         assert all(c.usage.cached_prompt_tokens >= 128 for c in rest[:2])
-        sparse = eng.runner.sparse_prefill
+        sparse = eng.runner.attention.sparse_prefill
         assert sparse is not None and sparse.num_sparse_spans == 3  # the 10-token prompt stays dense
 
 
@@ -109,9 +110,30 @@ def test_real_sparse_pattern_runs_and_writes_dense_layer0_kv(llama: Path, tmp_pa
     with make_engine(llama, settings) as eng:
         completion = eng.generate([prompt], GREEDY)[0]
         sparse_kv = prompt_kv(eng, prompt)
-        assert eng.runner.sparse_prefill is not None and eng.runner.sparse_prefill.num_sparse_spans == 1
+        sparse = eng.runner.attention.sparse_prefill
+        assert sparse is not None and sparse.num_sparse_spans == 1
     assert len(completion.token_ids) == 12
     torch.testing.assert_close(sparse_kv[0], dense_kv[0], rtol=0, atol=0)  # same K/V writes
     # Layer 1's K/V come from layer 0's (sparse) attention output: they must move, else nothing was skipped.
     assert not torch.allclose(sparse_kv[1], dense_kv[1], atol=1e-4)
     assert torch.isfinite(sparse_kv).all()
+
+
+def test_patterns_saved_in_the_model_directory_are_picked_up(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = Path(shutil.copytree(tiny_model_factory("llama"), tmp_path / "model"))
+    saved = model_dir / "sparse_patterns.json"  # where `terse sparse-patterns MODEL` writes
+    save_patterns(ModelPatterns("tiny", 2, 4, (TIGHT,) * 2), saved)
+    with LocalEngine.from_spec(str(model_dir), kv_block_size=BS, sparse_prefill={"min_sparse_q_len": 64}) as off:
+        assert off.runner.attention.sparse_prefill is None  # enabled stays False unless asked
+    with LocalEngine.from_spec(str(model_dir), kv_block_size=BS, sparse_prefill=True) as eng:
+        sparse = eng.runner.attention.sparse_prefill
+        assert sparse is not None and sparse.patterns.layer(0) == TIGHT
+        assert eng.config.sparse_prefill.patterns_path == str(saved)
+    explicit = patterns_file(tmp_path, FULL)  # a file given by the user wins over the saved one
+    with LocalEngine.from_spec(str(model_dir), sparse_prefill={"enabled": True, "patterns_path": explicit}) as eng:
+        sparse = eng.runner.attention.sparse_prefill
+        assert sparse is not None and sparse.patterns.layer(0) == FULL
+    with pytest.raises(ConfigError, match=r"unknown sparse_prefill fields \['threshold'\]"):
+        EngineConfig.from_options({"sparse_prefill": {"threshold": 3}})

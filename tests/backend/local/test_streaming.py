@@ -14,11 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from terse.backend.local.engine import LocalEngine
+from terse.backend.local.kv_policy import KVCopy, SeqKV
 from terse.backend.local.models.llama import rope_inv_freq
 from terse.backend.local.models.loader import read_model_config
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import Sequence
-from terse.backend.local.streaming import StreamingKVPolicy, place_new_blocks, release_old_blocks
+from terse.backend.local.streaming import StreamingKVPolicy
 from terse.backend.types import SamplingParams, StreamingKV
 from terse.errors import InvalidRequestError
 
@@ -47,17 +48,17 @@ def greedy(max_tokens: int, streaming: StreamingKV | None = None) -> SamplingPar
 def held_blocks_per_step(eng: LocalEngine) -> list[tuple[int, int, int]]:
     """Wrap the runner: (seq_id, position of the step's first token, blocks held) per decode chunk."""
     records: list[tuple[int, int, int]] = []
-    execute = eng.runner.execute
+    launch = eng.runner.launch
 
     def recording(plan: StepPlan) -> Any:
         for chunk in plan.decodes:
-            seq = chunk.seq
-            records.append((seq.seq_id, seq.num_computed_tokens, len(seq.block_table) + len(seq.sink_source_blocks)))
+            kv = chunk.kv
+            records.append((chunk.seq.seq_id, chunk.seq.num_computed_tokens, len(kv.block_ids) + len(kv.side_block_ids)))
         for seq in plan.preempted:  # -1 marks a preemption; the count is the tokens it must recompute
             records.append((seq.seq_id, -1, seq.num_tokens))
-        return execute(plan)
+        return launch(plan)
 
-    eng.runner.execute = recording  # type: ignore[method-assign]
+    eng.runner.launch = recording  # type: ignore[method-assign]
     return records
 
 
@@ -73,20 +74,19 @@ def test_policy_counts_and_bound() -> None:
     assert policy.max_decode_blocks(BS) == 2 * 1 + 3 + 1
     # The module docstring's example: sinks 4, window 8, first query at position 21 releases b1, b2.
     diagram = StreamingKVPolicy(sink_tokens=4, window_tokens=8)
-    seq = Sequence(0, list(range(22)), SamplingParams(), max_len=64)
-    seq.num_computed_tokens, seq.block_table = 21, [10, 11, 12, 13, 14, 15]
-    assert diagram.num_releasable_blocks(seq, 1, BS) == 2
-    assert release_old_blocks(seq, diagram, 1, BS) == [11, 12]
-    assert (seq.block_table, seq.num_dropped_tokens) == ([10, 13, 14, 15], 8)
-    assert diagram.num_releasable_blocks(seq, 1, BS) == 0
-    assert diagram.num_blocks_needed(seq, 1, BS) == 1  # the private sink copy; 21 - 8 + 1 tokens fit 4 blocks
-    rotation = place_new_blocks(seq, diagram, [20], BS, released=True)
-    assert rotation is not None and (rotation.src_block_ids, rotation.dst_block_ids, rotation.shift) == ([10], [20], 8)
-    assert (seq.block_table, seq.sink_source_blocks) == ([20, 13, 14, 15], [10])
-    fresh = Sequence(1, [0] * 20, SamplingParams(), max_len=64)
+    kv = SeqKV(diagram, [10, 11, 12, 13, 14, 15])
+    assert diagram.num_releasable_blocks(kv, 21, BS) == 2
+    assert diagram.release(kv, 21, BS) == [11, 12]
+    assert (kv.block_ids, kv.num_dropped_tokens) == ([10, 13, 14, 15], 8)
+    assert diagram.num_releasable_blocks(kv, 21, BS) == 0
+    assert diagram.num_blocks_needed(kv, 22, BS) == 1  # the private sink copy; 22 - 8 tokens fit 4 blocks
+    assert diagram.place(kv, [20], BS) == KVCopy([10], [20], 8)
+    assert (kv.block_ids, kv.side_block_ids) == ([20, 13, 14, 15], [10])
+    assert diagram.place(kv, [], BS) is None  # the sinks already sit at shift 8
+    fresh = SeqKV(diagram, [0, 1, 2, 3, 4])
     for first_query, expected in ((14, 0), (15, 1)):  # releases start at sinks + window + one block = 16 tokens
-        fresh.num_computed_tokens = first_query
-        assert diagram.num_releasable_blocks(fresh, 1, BS) == expected
+        assert diagram.num_releasable_blocks(fresh, first_query, BS) == expected
+    assert diagram.max_blocks(Sequence(1, [0] * 20, SamplingParams(max_tokens=500), max_len=4096), BS) == 2 + 2 + 1 + 5
     with pytest.raises(InvalidRequestError, match="window_tokens=0"):
         StreamingKV(sink_tokens=4, window_tokens=0)
 
@@ -150,14 +150,14 @@ def test_matches_step_by_step_reference_past_the_window(llama: Path, sink_tokens
     prompt = prompt_ids(7, 10)
     with make_engine(llama) as eng:
         captured: list[torch.Tensor] = []
-        compute_logits = eng.runner.model.compute_logits
+        sampling_logits = eng.runner.model.logits  # called for sampled rows only: one per step
 
         def capture(hidden: torch.Tensor) -> torch.Tensor:
-            logits = compute_logits(hidden)
+            logits = sampling_logits(hidden)
             captured.append(logits[0].clone())
             return logits
 
-        eng.runner.model.compute_logits = capture  # type: ignore[method-assign]
+        eng.runner.model.logits = capture  # type: ignore[method-assign]
         completion = eng.submit(prompt, greedy(70, streaming)).result()
         assert_no_leak(eng)
     ids = prompt + list(completion.token_ids)

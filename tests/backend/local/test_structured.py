@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -89,6 +90,47 @@ def test_unconstrained_requests_of_a_mixed_batch_decode_as_without_constraints(e
     assert [m.token_ids for m in mixed[::2]] == [a.token_ids for a in alone]
     for m in mixed[1::2]:
         _valid(m.text, SCHEMAS["defs_anyof"])
+
+
+def test_a_mixed_batch_stays_on_the_overlapped_loop(engine: LocalEngine) -> None:
+    """Every decode of a batch mixing free and constrained requests is launched before the step that
+    sampled its input was collected (the input is copied on the device), constrained rows included:
+    they are masked and sampled late, not held back a step. Their logprobs come back too."""
+    before = engine.stats
+    free = SamplingParams(max_tokens=16, ignore_eos=True)
+    constrained = SamplingParams(max_tokens=120, constraint=JsonSchemaConstraint.of(SCHEMAS["flat"]), logprobs=2)
+    handles = [engine.submit(p, free) for p in PROMPTS[:2]] + [engine.submit(p, constrained) for p in PROMPTS[2:]]
+    outs = [h.result(timeout=120) for h in handles]
+    after = engine.stats
+    num_decodes = after["num_decode_tokens"] - before["num_decode_tokens"]
+    assert num_decodes >= 2 * 15 and after["num_device_inputs"] - before["num_device_inputs"] == num_decodes
+    assert after["num_late_samples"] - before["num_late_samples"] >= sum(len(o.token_ids) for o in outs[2:])
+    for out in outs[2:]:
+        _valid(out.text, SCHEMAS["flat"])
+        assert out.logprobs is not None and [e.token_id for e in out.logprobs] == list(out.token_ids)
+        assert all(e.logprob <= 0 and e.top[0][1] >= e.logprob for e in out.logprobs)  # of the masked logits
+    assert outs[0].logprobs is None
+
+
+def test_a_failed_late_sampling_fails_that_step_only(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.runner.sample_late
+    calls = {"n": 0}
+
+    def flaky(handle: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated mask fault")
+        real(handle)
+
+    monkeypatch.setattr(engine.runner, "sample_late", flaky)
+    failed_before = engine.stats["num_failed_steps"]
+    params = SamplingParams(max_tokens=200, constraint=JsonSchemaConstraint.of(SCHEMAS["flat"]))
+    with pytest.raises(RuntimeError, match="simulated mask fault"):
+        engine.submit("Hello there", params).result(timeout=60)
+    assert engine.stats["num_failed_steps"] == failed_before + 1
+    _valid(engine.generate(["Hello there"], params)[0].text, SCHEMAS["flat"])
+    cached = engine.prefix_cache.num_cached_blocks if engine.prefix_cache is not None else 0
+    assert engine.allocator.num_free_blocks + cached == engine.num_kv_blocks
 
 
 def test_prefix_cache_and_stop_strings_work_with_constraints(engine: LocalEngine) -> None:

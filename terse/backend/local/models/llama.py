@@ -2,8 +2,16 @@
 
 Module and parameter names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj.weight`,
 ...) so a safetensors state dict loads as is. Tokens of all sequences in a step travel flattened:
-hidden states are [T, hidden] where T is the step's token count; attention.py knows which token belongs
-to which sequence and where its KV lives.
+hidden states are [T, hidden] where T is the step's token count; the step's `AttentionPlan` knows which
+token belongs to which sequence and where its KV lives. The elementwise work between the matrix
+products (norms with the residual add, RoPE with the KV write, SiLU-and-multiply) goes through the
+model's `ops` (models/ops.py): torch references or fused Triton kernels, chosen once.
+
+The residual stream travels beside the hidden states so each norm can fuse the add before it:
+
+    layer i:  h, res = norm(h + res)     (layer 0: h, res = norm(embed), embed)
+              h = attention(h);  h, res = norm(h + res);  h = mlp(h)
+    final:    out, _ = norm(h + res)
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terse.backend.local.attention import AttentionMetadata, attend
+from terse.backend.local.attention import AttentionPlan
 from terse.backend.local.kv_cache import KVCachePool
+from terse.backend.local.models.ops import LayerOps, TorchOps
 from terse.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -126,7 +135,8 @@ _FP32_ANGLE_LIMIT = 1 << 15  # positions below this keep float32 angles, as the 
 
 
 class RotaryEmbedding:
-    """cos/sin tables for positions [0, max_len), looked up per token (positions need not be sorted)."""
+    """cos/sin tables [max_len, head_dim] (float32) for positions [0, max_len); the model's ops look
+    them up per token (positions need not be sorted)."""
 
     def __init__(self, config: ModelConfig, max_len: int, device: torch.device) -> None:
         inv_freq = rope_inv_freq(config).to(device)
@@ -143,19 +153,12 @@ class RotaryEmbedding:
             self.cos[_FP32_ANGLE_LIMIT:] = far_emb.cos().float()
             self.sin[_FP32_ANGLE_LIMIT:] = far_emb.sin().float()
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, 1, D] in `dtype` (looked up once per step, used by every layer)."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos, sin: [T, 1, D] -> x rotated (same shape and dtype)."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _head_norm(ops: LayerOps, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """Per-head RMSNorm (Qwen3's q/k norm): x [T, heads, D] -> same shape."""
+    num_tokens, num_heads, head_dim = x.shape
+    out, _ = ops.rms_norm(x.reshape(num_tokens * num_heads, head_dim), None, norm.weight, norm.eps)
+    return out.view(num_tokens, num_heads, head_dim)
 
 
 def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
@@ -181,16 +184,12 @@ def _split_into(
 
 
 class RMSNorm(nn.Module):
+    """The norm's weight and epsilon; the math is the model's `ops.rms_norm`."""
+
     def __init__(self, dim: int, eps: float, device: torch.device | str, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -213,9 +212,7 @@ class Attention(nn.Module):
         self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: KVCachePool, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: LayerOps, rope: Any, kv: KVCachePool, attn: AttentionPlan) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
@@ -226,9 +223,11 @@ class Attention(nn.Module):
         k = k_flat.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v_flat.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attend(q, k, v, kv.layer(self.layer_index), meta, self.layer_index)  # [T, H, D]
+            q = _head_norm(ops, q, self.q_norm)
+            k = _head_norm(ops, k, self.k_norm)
+        layer_kv = kv.layer(self.layer_index)
+        q, k = ops.rope_store(rope, q, k, v, layer_kv, attn.slot_mapping)  # writes k, v into the pool
+        out = attn.attend(q, k, v, layer_kv, self.layer_index)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -245,12 +244,10 @@ class MLP(nn.Module):
         self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -262,10 +259,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: KVCachePool, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, ops: LayerOps, rope: Any, kv: KVCachePool,
+        attn: AttentionPlan,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] (the previous layer's output, or the embeddings); residual: the stream before
+        it (None at layer 0). -> (this layer's MLP output, the residual stream before it)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = ops.rms_norm(x, residual, norm1.weight, norm1.eps)
+        h = self.self_attn(h, ops, rope, kv, attn)
+        h, residual = ops.rms_norm(h, residual, norm2.weight, norm2.eps)
+        return self.mlp(h, ops), residual
 
 
 class DecoderStack(nn.Module):
@@ -286,6 +289,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderStack(config, device, dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.rope: RotaryEmbedding | None = None
+        self.ops: LayerOps = TorchOps()
+        """The elementwise kernels (see models/ops.py); the engine may swap in the Triton ones."""
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:
@@ -316,18 +321,27 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(self.config, max_len, device)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCachePool, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCachePool, attn: AttentionPlan
     ) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> final hidden states [T, hidden]."""
+        """input_ids, positions: [T] int64 -> final hidden states [T, hidden]. Writes the step's K/V into
+        `kv` at `attn.slot_mapping`."""
         assert self.rope is not None, "setup_rope() must run before forward()"
+        ops = self.ops
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        rope = self.rope.lookup(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, kv, meta)
-        normed: torch.Tensor = self.model.norm(x)
-        return normed
+        rope = ops.prepare_rope(self.rope, positions, x.dtype)
+        residual: torch.Tensor | None = None
+        for layer in self.decoder_layers:
+            x, residual = layer(x, residual, ops, rope, kv, attn)
+        norm = self.model.norm
+        out, _ = ops.rms_norm(x, residual, norm.weight, norm.eps)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in the model dtype (sampling upcasts what it needs:
+        the argmax of the upcast is the argmax of these)."""
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
-        logits: torch.Tensor = self.lm_head(hidden)
-        return logits.float()
+        return self.logits(hidden).float()

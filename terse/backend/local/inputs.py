@@ -1,0 +1,125 @@
+"""Host-side step inputs: a `StepPlan` -> the tensors the model reads, built once per step.
+
+Per token the runner provides its id, its RoPE position p and its KV slot:
+
+    slot(p) = block_ids[c // block_size] * block_size + c % block_size,  c = p - num_dropped_tokens
+
+(c = p for the dense cache; a streaming sequence's table skips its released blocks, see streaming.py).
+Integers are packed into one pinned host buffer and sent with one non-blocking copy.
+
+A decode input may still be on the device (`PENDING_TOKEN`: sampled by the step launched just before
+and not yet read back); its row gets 0 here and the runner copies the sampled id in on the device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from terse.backend.local.attention import PrefillSpan
+from terse.backend.local.scheduler import ScheduledChunk
+from terse.backend.local.staging import pinned_empty, send
+
+
+class DecodeBatch(NamedTuple):
+    """One decode step's inputs, padded to `size` rows (padding rows: id 0, position 0, the scratch
+    slot and block, context length 1). The CUDA graphs take exactly these tensors."""
+
+    input_ids: torch.Tensor
+    """[size] int64."""
+    positions: torch.Tensor
+    """[size] int64."""
+    slot_mapping: torch.Tensor
+    """[size] int64."""
+    block_tables: torch.Tensor
+    """[size, W] int64: W = the most blocks any row holds."""
+    context_lens: torch.Tensor
+    """[size] int64: KV entries each query reads, its own included."""
+
+
+class MixedBatch(NamedTuple):
+    """A step with prefill chunks: flat tokens (decodes first) and the prefill spans."""
+
+    input_ids: torch.Tensor
+    """[T] int64."""
+    positions: torch.Tensor
+    """[T] int64."""
+    slot_mapping: torch.Tensor
+    """[T] int64."""
+    block_tables: torch.Tensor
+    """[num decodes, W] int64."""
+    context_lens: torch.Tensor
+    """[num decodes] int64."""
+    spans: list[PrefillSpan]
+
+
+def _token(token_id: int) -> int:
+    return token_id if token_id >= 0 else 0  # pending: filled in on the device
+
+
+def prepare_decode(
+    chunks: list[ScheduledChunk], size: int, block_size: int, scratch_block: int, device: torch.device
+) -> DecodeBatch:
+    """The decode rows of `chunks` (one token each), padded to `size` rows."""
+    width = max(max((len(c.kv.block_ids) for c in chunks), default=1), 1)
+    host = pinned_empty(size * (4 + width), torch.int64, device)
+    arr = host.numpy()
+    ids, pos, slots, lens = (arr[i * size : (i + 1) * size] for i in range(4))
+    tables = arr[4 * size :].reshape(size, width)
+    ids[:], pos[:], slots[:], lens[:], tables[:] = 0, 0, scratch_block * block_size, 1, scratch_block
+    for i, chunk in enumerate(chunks):
+        seq, kv = chunk.seq, chunk.kv
+        p = seq.num_computed_tokens
+        c = p - kv.num_dropped_tokens
+        blocks = kv.block_ids
+        ids[i] = _token(seq.token_ids[p])
+        pos[i] = p
+        slots[i] = blocks[c // block_size] * block_size + c % block_size
+        lens[i] = c + 1
+        tables[i, : len(blocks)] = blocks
+    dev = send(host, device)
+    return DecodeBatch(
+        dev[:size], dev[size : 2 * size], dev[2 * size : 3 * size], dev[4 * size :].view(size, width),
+        dev[3 * size : 4 * size],
+    )
+
+
+def prepare_mixed(
+    decodes: list[ScheduledChunk], prefills: list[ScheduledChunk], block_size: int, device: torch.device,
+    sparse_min_len: int | None,
+) -> MixedBatch:
+    """Flat inputs of a step with prefill chunks. `sparse_min_len`: chunks of at least this many new
+    tokens are marked for the sparse prefill (None: sparse prefill off)."""
+    dec = prepare_decode(decodes, len(decodes), block_size, 0, device) if decodes else None
+    ids, pos, slots, spans = [], [], [], []
+    row = len(decodes)
+    for chunk in prefills:
+        seq, kv = chunk.seq, chunk.kv
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_new_tokens
+        positions = np.arange(start, end, dtype=np.int64)
+        c = positions - kv.num_dropped_tokens
+        table = np.asarray(kv.block_ids, dtype=np.int64)
+        ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+        pos.append(positions)
+        slots.append(table[c // block_size] * block_size + c % block_size)
+        kv_end = kv.kv_len(end)
+        sparse = sparse_min_len is not None and end - start >= sparse_min_len
+        spans.append(PrefillSpan(row, end - start, kv_end, kv.block_ids[: -(-kv_end // block_size)], sparse))
+        row += end - start
+    num_prefill = row - len(decodes)
+    host = pinned_empty(3 * num_prefill, torch.int64, device)
+    arr = host.numpy()
+    arr[:num_prefill] = np.concatenate(ids)
+    arr[num_prefill : 2 * num_prefill] = np.concatenate(pos)
+    arr[2 * num_prefill :] = np.concatenate(slots)
+    flat = send(host, device)
+    p_ids, p_pos, p_slots = flat[:num_prefill], flat[num_prefill : 2 * num_prefill], flat[2 * num_prefill :]
+    if dec is None:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return MixedBatch(p_ids, p_pos, p_slots, empty.view(0, 1), empty, spans)
+    return MixedBatch(
+        torch.cat((dec.input_ids, p_ids)), torch.cat((dec.positions, p_pos)), torch.cat((dec.slot_mapping, p_slots)),
+        dec.block_tables, dec.context_lens, spans,
+    )

@@ -1,0 +1,70 @@
+"""Triton RMSNorm with the residual add fused in: one launch reads x and the residual stream once,
+writes the new residual stream and the normalised row.
+
+    residual_out = x + residual                     (rounded to the input dtype, as torch's add)
+    out = weight * (residual_out * rsqrt(mean(residual_out^2) + eps))   (normalised in float32,
+                                                     cast to the input dtype, then scaled)
+
+One program per row (rows are the step's tokens; the row fits one block). The torch reference is
+`terse.kernels.decode_reference.add_rms_norm_reference` (and `rms_norm_reference` without residual).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    stride_x, stride_res, stride_out, stride_res_out,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * stride_res_out + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / N + eps)
+    y = (x32 * inv).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [T, N] with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+    if weight.shape != (x.shape[1],) or weight.dtype != x.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not fit x [*, {x.shape[1]}] {x.dtype}")
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, N] (residual None: plain RMSNorm) -> (normed [T, N], new residual [T, N];
+    with residual None the new residual is x itself)."""
+    _check(x, weight)
+    num_rows, n = x.shape
+    out = torch.empty_like(x)
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)}")
+        res_out = torch.empty_like(x)
+    else:
+        residual, res_out = x, x
+    block = triton.next_power_of_2(n)
+    _add_rms_norm_kernel[(num_rows,)](
+        x, residual, weight, out, res_out,
+        x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0),
+        n, eps,
+        HAS_RESIDUAL=res_out is not x, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )
+    return out, res_out
