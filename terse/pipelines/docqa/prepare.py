@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from terse.backend.base import Backend
 from terse.backend.types import Message
+from terse.compress.analysis import AnalysisCache
 from terse.compress.compressor import PromptCompressor
 from terse.compress.config import Budget, CompressorConfig
+from terse.compress.tokenizer import target_tokenizer_of
 from terse.organize.formats import Context, qa_messages
 from terse.pipelines.docqa.config import CompressionConfig
 from terse.pipelines.docqa.contexts import ContextSource, passage_key, relevant_documents
@@ -23,6 +25,7 @@ from terse.pipelines.docqa.records import Passage, QuestionRecord, Source
 from terse.retrieval.types import Document
 
 _PLACEHOLDER = "?"
+_STAND_IN = "x"  # stands in for each document in the template whose tokens are counted
 
 
 @dataclass(frozen=True)
@@ -48,28 +51,34 @@ class PreparedQuestion:
 class NaivePromptCounter:
     """Counts the tokens of the naive prompt, every relevant document pasted whole.
 
-    The documents part is counted once per document set (with a placeholder question) and the question
-    is added, so a large corpus is tokenized once, not once per question; the count is exact up to the
-    tokenizer merging across the seam around the question (a token or two).
+    Each document is counted once (its count cached by text, and shared with the compressor's
+    analyses); per document set, only the chat template around the documents is tokenized, with a
+    one-token stand-in for each document, and the question is added. Exact when the tokenizer does
+    not merge a document's first or last characters with the template text around it (the reference
+    tokenizer never does); otherwise off by a token or two per document, as the seam around the
+    question always may be.
     """
 
-    def __init__(self, backend: Backend, corpus: Mapping[str, Document]) -> None:
+    def __init__(self, backend: Backend, corpus: Mapping[str, Document], analyses: AnalysisCache | None = None) -> None:
         self.backend = backend
         self.corpus = corpus
+        self.analyses = analyses or AnalysisCache(target_tokenizer_of(backend))
         self._base: dict[tuple[str, ...], int] = {}
-        self._placeholder_tokens = backend.count_tokens(_PLACEHOLDER)
+        self._placeholder_tokens = self.analyses.tokenizer.count(_PLACEHOLDER)
+        self._stand_in_tokens = self.analyses.tokenizer.count(_STAND_IN)
 
     def count(self, question: QuestionRecord) -> int:
         """Tokens of the naive prompt of `question`."""
-        return self.documents_part(question) + self.backend.count_tokens(question.question)
+        return self.documents_part(question) + self.analyses.tokenizer.count(question.question)
 
     def documents_part(self, question: QuestionRecord) -> int:
         """Tokens of the naive prompt without the question (chat template, instructions, documents)."""
         key = question.doc_ids or ("*",)
         if key not in self._base:
-            docs = [(d.id, d.text) for d in relevant_documents(question, self.corpus)]
-            prompt = self.backend.render_chat(qa_messages(_PLACEHOLDER, docs))
-            self._base[key] = self.backend.count_tokens(prompt) - self._placeholder_tokens
+            docs = relevant_documents(question, self.corpus)
+            skeleton = self.backend.render_chat(qa_messages(_PLACEHOLDER, [(d.id, _STAND_IN) for d in docs]))
+            self._base[key] = (self.analyses.tokenizer.count(skeleton) - self._placeholder_tokens
+                               + sum(self.analyses.count(d.text) - self._stand_in_tokens for d in docs))
         return self._base[key]
 
 
@@ -88,7 +97,7 @@ class Preparer:
         self.source = source
         self.compression = compression
         self.naive = naive or NaivePromptCounter(backend, corpus)
-        self.compressor = _build_compressor(backend, compression) if compression.enabled else None
+        self.compressor = _build_compressor(backend, compression, self.naive.analyses) if compression.enabled else None
 
     def prepare(self, question: QuestionRecord) -> PreparedQuestion:
         """Passages, compression and prompt of one question. Raises what the stages raise."""
@@ -157,7 +166,7 @@ class Preparer:
         return contexts, _merge_adjacent(sources)
 
 
-def _build_compressor(backend: Backend, config: CompressionConfig) -> PromptCompressor:
+def _build_compressor(backend: Backend, config: CompressionConfig, analyses: AnalysisCache) -> PromptCompressor:
     needs_scorer = config.ranker == "lm" or config.token_pruner
     compressor_config = CompressorConfig(
         ranker=config.ranker,
@@ -165,7 +174,7 @@ def _build_compressor(backend: Backend, config: CompressionConfig) -> PromptComp
         token_pruner="parallel" if config.token_pruner else None,
         reorder="original",
     )
-    return PromptCompressor(backend if needs_scorer else None, backend, compressor_config)
+    return PromptCompressor(backend if needs_scorer else None, backend, compressor_config, analyses=analyses)
 
 
 def _merge_adjacent(sources: Sequence[Source]) -> list[Source]:
