@@ -45,14 +45,21 @@ class TargetTokenizer(Protocol):
 
 
 class FastTokenizerTarget:
-    """A Rust `tokenizers.Tokenizer`: counts and offsets in one call. Picklable (for worker processes)."""
+    """A Rust `tokenizers.Tokenizer`: counts and offsets in one call. Picklable (for worker processes).
+
+    It encodes with a private copy of the tokenizer, so its callers never contend with the owner's
+    other users (an engine serialises its own tokenizer's use behind a lock)."""
 
     def __init__(self, tokenizer: Any, name: str = "") -> None:
         rust = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        if not (hasattr(rust, "encode") and hasattr(rust, "encode_batch")):
+        if not (hasattr(rust, "encode") and hasattr(rust, "encode_batch") and hasattr(rust, "to_str")):
             raise ConfigError(f"{tokenizer!r} is not a fast tokenizer (a tokenizers.Tokenizer or a transformers "
                               f"PreTrainedTokenizerFast); wrap its counter with CounterTarget instead")
-        self._rust = rust
+        from tokenizers import Tokenizer
+
+        self._rust = Tokenizer.from_str(rust.to_str())
+        self._rust.no_truncation()  # counts are of the whole text, whatever the owner last configured
+        self._rust.no_padding()
         self.name = name or str(getattr(tokenizer, "name_or_path", "") or "tokenizer")
 
     def count(self, text: str) -> int:
