@@ -224,6 +224,12 @@ class AnalysisCache:
                 self._entries.popitem(last=False)
         return analysis
 
+    def clear(self) -> None:
+        """Forget every cached text."""
+        with self._lock:
+            self._entries.clear()
+            self._counted.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
 

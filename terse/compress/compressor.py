@@ -68,6 +68,15 @@ class PromptCompressor:
         other._stages = other._build_stages()
         return other
 
+    def clear_caches(self) -> None:
+        """Forget every cached context analysis and ranker statistic (to bound memory between jobs,
+        or to measure what unseen contexts cost). Loaded models stay loaded."""
+        self.analyses.clear()
+        for ranker in self._rankers.values():
+            clear = getattr(ranker, "clear", None)
+            if clear is not None:
+                clear()
+
     def _ranker(self, name: str) -> Ranker:
         if name not in self._rankers:
             self._rankers[name] = build_ranker(name, self.config, self.scorer)

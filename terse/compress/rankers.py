@@ -89,6 +89,11 @@ class BM25Ranker:
         self._max_cached = max_cached
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Forget the cached term statistics."""
+        with self._lock:
+            self._stats.clear()
+
     def stats(self, text: str) -> TermStats:
         """The cached term statistics of `text`."""
         with self._lock:

@@ -73,6 +73,12 @@ class NaivePromptCounter:
         """Tokens of the naive prompt of `question`."""
         return self.documents_part(question) + self.analyses.tokenizer.count(question.question)
 
+    def clear(self) -> None:
+        """Forget every cached count (documents and document sets)."""
+        self.analyses.clear()
+        self._base.clear()
+        self._stubs.clear()
+
     def documents_part(self, question: QuestionRecord) -> int:
         """Tokens of the naive prompt without the question (chat template, instructions, documents)."""
         key = question.doc_ids or ("*",)
@@ -115,6 +121,12 @@ class Preparer:
         self.compression = compression
         self.naive = naive or NaivePromptCounter(backend, corpus)
         self.compressor = _build_compressor(backend, compression, self.naive.analyses) if compression.enabled else None
+
+    def clear_caches(self) -> None:
+        """Forget everything cached about documents (counts, analyses, ranking statistics)."""
+        self.naive.clear()
+        if self.compressor is not None:
+            self.compressor.clear_caches()
 
     def prepare(self, question: QuestionRecord) -> PreparedQuestion:
         """Passages, compression and prompt of one question. Raises what the stages raise."""
