@@ -133,7 +133,7 @@ class PromptCompressor:
         conditioning = question if condition is None else condition
         env = StageEnv(self.scorer, conditioning, self.count_tokens, self.config, max(1, target - num_fixed), costs)
         if target < num_original:
-            _mark_question_sentences(plans, conditioning, self.config.keep_question_terms)
+            _mark_question_sentences(plans, conditioning, self.config.question_sentences_first)
             assign_ratios(plans, env.context_budget, 0.0)
             for stage in self._stages:
                 t0 = time.perf_counter()

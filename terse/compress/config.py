@@ -143,6 +143,10 @@ class CompressorConfig:
     keep_question_terms: bool = True
     """Token stage: rank words that share a term with the question (names, key nouns) above all others;
     conditioned on the question they look predictable, yet they are what ties a context to it."""
+    question_sentences_first: bool = True
+    """Within the selected contexts, keep every word of a sentence that shares a search term with the
+    question (or `condition`) before any word of a sentence that shares none: filler is always cut
+    first, whatever the rankers and the token stage make of it."""
     segment_tokens: int = 128
     """Scorer tokens per segment of the token-level stage."""
     max_prefix_tokens: int = 1024

@@ -6,7 +6,7 @@ most, and the exact-fit stage then keeps words in that priority order until the 
     tier 0  protected words: user literals anywhere (mandatory), then structural spans in selected
             contexts (kept whole while they fit)
     tier 1  words of selected contexts, in two groups: first the sentences that share a search term
-            with the question, then those that share none (`keep_question_terms`); within a group,
+            with the question, then those that share none (`question_sentences_first`); within a group,
             sentences the sentence filter keeps (by token key, or by sentence rank when no token
             stage ran) before filtered-out ones (best sentence first)
     tier 3  words of contexts the coarse stage dropped, best context first
