@@ -168,8 +168,8 @@ class Preparer:
         calls_model = self.compressor is not None and self.compressor.scorer is not None
         if workers <= 1 or pending <= 1 or not calls_model:  # threads only pay when there are model calls
             return [finish(q, p) for q, p in zip(questions, found)]
-        with ThreadPoolExecutor(max_workers=min(workers, pending), thread_name_prefix="terse-prepare") as pool:
-            return list(pool.map(finish, questions, found))
+        with ThreadPoolExecutor(max_workers=min(workers, pending), thread_name_prefix="terse-prepare") as threads:
+            return list(threads.map(finish, questions, found))
 
     def _compress_on(self, pool: PreparePool | None, questions: Sequence[QuestionRecord],
                      found: Sequence[list[Passage] | Exception]) -> list[CompressionResult | Exception | None] | None:
