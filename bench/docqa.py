@@ -39,21 +39,19 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
-import transformers
-
-import terse
-from terse.backend.base import Backend
-from terse.backend.registry import load_backend
-from terse.backend.types import SamplingParams
+# Heavy imports live inside the functions: the doc-QA job starts its preparation workers with
+# "spawn", which re-imports this file in each worker, and they need none of torch.
 from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths, JobSummary
 from terse.pipelines.docqa.sample import REFERENCE_MODEL_DIR, reference_model_dir, write_synthetic
+
+if TYPE_CHECKING:
+    from terse.backend.base import Backend
 
 # Random-weight shapes for timing runs: (hidden, intermediate, layers, heads, kv heads)
 SHAPES = {"reference": (256, 640, 8, 8, 2), "1b": (2048, 8192, 16, 32, 8), "8b": (4096, 14336, 32, 32, 8)}
@@ -62,6 +60,7 @@ ON_DEVICE = ("8b",)  # built on the device by the local engine (head_dim 128, un
 
 def random_model(directory: Path, shape: str) -> Path:
     """A random Llama of `shape` with the reference tokenizer (timings only: its answers are noise)."""
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
@@ -98,6 +97,9 @@ def on_device_model(shape: str, prefix_cache: bool) -> Backend:
 
 
 def load(spec: str, scheme: str, prefix_cache: bool) -> Backend:
+    from terse.backend.registry import load_backend
+    from terse.backend.types import SamplingParams
+
     options: dict[str, Any] = {"enable_prefix_cache": prefix_cache} if scheme == "local" else {}
     if spec.startswith("random-on-device:"):
         backend = on_device_model(spec.split(":", 1)[1], prefix_cache)
@@ -178,7 +180,15 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--label", default=None)
+    p.add_argument("--also-in-process", action="store_true",
+                   help="also time terse with preparation in the main process (prepare_processes = 0)")
+    p.add_argument("--prepare-processes", default="auto",
+                   help='terse job: worker processes that compress ("auto": half the cores up to 8, 0 below 4)')
     args = p.parse_args()
+    import torch
+    import transformers
+
+    import terse
 
     workdir = Path(tempfile.mkdtemp(prefix="terse-bench-docqa-"))
     if args.random_shape in ON_DEVICE:
@@ -200,7 +210,9 @@ def main() -> None:
     naive_config = DocQAConfig(backend=spec).with_overrides(
         retrieval={"enabled": False}, compression={"enabled": False}, generation=generation,
         run={"batch_size": 1, "progress": False})
-    terse_config = DocQAConfig(backend=spec).with_overrides(generation=generation, run={"progress": False})
+    processes: int | str = args.prepare_processes if args.prepare_processes == "auto" else int(args.prepare_processes)
+    terse_config = DocQAConfig(backend=spec).with_overrides(
+        generation=generation, run={"progress": False, "prepare_processes": processes})
 
     naive, naive_walls, _ = run_job(naive_config, args.scheme, False, docs, questions, workdir, "naive", args.repeats)
     ours, terse_walls, terse_stages = run_job(terse_config, args.scheme, True, docs, questions, workdir, "terse",
@@ -211,6 +223,14 @@ def main() -> None:
         row("terse default", ours, statistics.median(terse_walls),
             answer_kept_rate(workdir / "terse-0.jsonl", docs, questions)),
     ]
+    extra: dict[str, Any] = {}
+    if args.also_in_process:
+        in_process = terse_config.with_overrides(run={"prepare_processes": 0})
+        one, one_walls, one_stages = run_job(in_process, args.scheme, True, docs, questions, workdir,
+                                             "terse-in-process", args.repeats)
+        rows.append(row("terse, prep in process", one, statistics.median(one_walls),
+                        answer_kept_rate(workdir / "terse-in-process-0.jsonl", docs, questions)))
+        extra = {"walls_s_in_process": one_walls, "stage_seconds_in_process": one_stages}
     result = {
         "label": label, "model": str(model), "backend": spec,
         "hardware": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
@@ -221,7 +241,7 @@ def main() -> None:
                      "context_tokens": args.context_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats},
         "terse_config": terse_config.to_dict(), "rows": rows,
         "walls_s": {"naive": naive_walls, "terse": terse_walls},
-        "terse_stage_seconds": terse_stages,
+        "terse_stage_seconds": terse_stages, **extra,
         "token_reduction": naive.prompt_tokens / max(1, ours.prompt_tokens),
         "speedup": statistics.median(naive_walls) / statistics.median(terse_walls),
     }
@@ -232,11 +252,11 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2).replace(root, "").replace(str(workdir), "<scratch>") + "\n")
 
     print(f"\n{label}: {naive.num_questions} questions, {spec}, median of {args.repeats} runs ({out})")
-    print(f"{'variant':<14} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "
+    print(f"{'variant':<24} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "
           f"{'q/s':>7}")
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
-        print(f"{r['variant']:<14} {acc:>9} {r['answer_kept_rate']:>12.1%} {r['prompt_tokens']:>12,} "
+        print(f"{r['variant']:<24} {acc:>9} {r['answer_kept_rate']:>12.1%} {r['prompt_tokens']:>12,} "
               f"{r['cached_tokens']:>8,} {r['wall_s_median']:>8.2f} {r['questions_per_s']:>7.2f}")
     print(f"tokens: {result['token_reduction']:.2f}x fewer   wall time: {result['speedup']:.2f}x faster")
     median_run = sorted(zip(terse_walls, terse_stages))[len(terse_walls) // 2][1]
