@@ -122,12 +122,13 @@ def target_tokenizer_of(target: Any, *, probe_counter: Callable[[str], int] | No
     if isinstance(target, FastTokenizerTarget | CounterTarget | WordCountTarget):
         return target
     if isinstance(target, Backend):
+        # (not `model_name`: a remote backend may ask its server for it)
         inner = getattr(target, "tokenizer", None)
         if inner is not None and hasattr(inner, "backend_tokenizer"):
-            fast = FastTokenizerTarget(inner, name=target.model_name)
+            fast = FastTokenizerTarget(inner)
             if _agrees(fast, target.count_tokens):
                 return fast
-        return CounterTarget(target.count_tokens, name=target.model_name)
+        return CounterTarget(target.count_tokens, name=type(target).__name__)
     if hasattr(target, "backend_tokenizer") or (hasattr(target, "encode_batch") and hasattr(target, "get_vocab")):
         fast = FastTokenizerTarget(target)
         if probe_counter is not None and not _agrees(fast, probe_counter):
