@@ -117,13 +117,12 @@ def target_tokenizer_of(target: Any, *, probe_counter: Callable[[str], int] | No
     """A `TargetTokenizer` for what a caller passes: a TargetTokenizer, a Backend (its own tokenizer's
     offsets when it holds a fast tokenizer whose counts agree with `count_tokens`, else its counter),
     a fast tokenizer, or a `str -> int` counter."""
-    from terse.backend.base import Backend
-
     if isinstance(target, FastTokenizerTarget | CounterTarget | WordCountTarget):
         return target
-    if isinstance(target, Backend):
-        # (not `model_name`: a remote backend may ask its server for it)
-        inner = getattr(target, "tokenizer", None)
+    if _is_backend(target):
+        # only plain attributes are read: a remote backend's properties (model name, window, tokenizer
+        # strategy) may ask its server, and an unreachable server must fail where it is first used
+        inner = vars(target).get("tokenizer")
         if inner is not None and hasattr(inner, "backend_tokenizer"):
             fast = FastTokenizerTarget(inner)
             if _agrees(fast, target.count_tokens):
@@ -154,6 +153,12 @@ def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
         raise ConfigError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; give a model "
                           f"with a tokenizer.json (a fast tokenizer)")
     return FastTokenizerTarget(tokenizer, name=name_or_path)
+
+
+def _is_backend(target: Any) -> bool:
+    """A Backend, checked on its type (a runtime Protocol check would evaluate its properties)."""
+    kind = type(target)
+    return callable(getattr(kind, "count_tokens", None)) and callable(getattr(kind, "render_chat", None))
 
 
 def _agrees(fast: FastTokenizerTarget, counter: Callable[[str], int]) -> bool:
