@@ -93,5 +93,6 @@ def test_a_job_prepares_ahead_on_processes_with_the_same_answers(tiny_llama: Pat
 def test_prepare_processes_is_validated() -> None:
     with pytest.raises(ConfigError, match="prepare_processes"):
         DocQAConfig().with_overrides(run={"prepare_processes": -1})
-    assert auto_processes(3) == 3
+    assert auto_processes(3) == 3 and auto_processes(3, num_questions=10) == 3
+    assert auto_processes("auto", num_questions=56) == 0  # a small job prepares in process
     assert auto_processes("auto") >= 0

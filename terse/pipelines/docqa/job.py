@@ -178,16 +178,17 @@ def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], co
         main:     prepare 0 | generate 0         | generate 1         | ...
         ahead:              | prepare 1 (procs)  | prepare 2 (procs)  |
 
-    Batch 0 is prepared in this process while the workers start. Without a pool (few cores, a
-    compressor that calls the model, a single batch) batches run one after the other, as
-    `BatchAnswerer.answer` does. `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
+    Batch 0 is prepared in this process while the workers start. Without a pool (few cores, a job
+    under `AUTO_MIN_QUESTIONS` with "auto", a compressor that calls the model, a single batch)
+    batches run one after the other, as `BatchAnswerer.answer` does. `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from terse.pipelines.docqa.prepare_pool import PreparePool, auto_processes
 
     seconds.update(prepare=0.0, generate=0.0, prepare_overlapped=0.0)
-    num_processes = auto_processes(config.run.prepare_processes) if len(batches) > 1 else 0
+    num_questions = sum(len(b) for b in batches)
+    num_processes = auto_processes(config.run.prepare_processes, num_questions) if len(batches) > 1 else 0
     pool = PreparePool.for_compressor(answerer.preparer.compressor, num_processes, config.run.prepare_start_method)
 
     def timed_prepare(batch: Sequence[QuestionRecord]) -> tuple[list[Any], float]:
