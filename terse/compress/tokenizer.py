@@ -156,9 +156,9 @@ def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
 
 
 def _is_backend(target: Any) -> bool:
-    """A Backend, checked on its type (a runtime Protocol check would evaluate its properties)."""
-    kind = type(target)
-    return callable(getattr(kind, "count_tokens", None)) and callable(getattr(kind, "render_chat", None))
+    """A Backend (or a wrapper delegating to one), told by its methods: a runtime Protocol check
+    would evaluate its properties, which a remote backend answers by asking its server."""
+    return callable(getattr(target, "count_tokens", None)) and callable(getattr(target, "render_chat", None))
 
 
 def _agrees(fast: FastTokenizerTarget, counter: Callable[[str], int]) -> bool:
