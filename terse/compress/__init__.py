@@ -12,6 +12,7 @@ from terse.compress.messages import CompressedMessages, MessagePolicy, compress_
 from terse.compress.rankers import Ranker, register_ranker
 from terse.compress.recover import recover
 from terse.compress.result import CompressionResult, ContextReport, KeptSpan
+from terse.compress.tokenizer import TargetTokenizer, load_target_tokenizer, target_tokenizer_of
 
 __all__ = [
     "Budget",
@@ -24,7 +25,10 @@ __all__ = [
     "PromptCompressor",
     "ProtectionPolicy",
     "Ranker",
+    "TargetTokenizer",
     "compress_messages",
+    "load_target_tokenizer",
     "recover",
     "register_ranker",
+    "target_tokenizer_of",
 ]

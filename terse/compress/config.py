@@ -62,15 +62,20 @@ class ProtectionPolicy:
 
     `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops.
     The structural flags protect spans inside the contexts that survive the coarse stage (a dropped
-    context goes whole, so its numbers do not clutter the result).
+    context goes whole, so its numbers do not clutter the result). Each structural span is kept whole
+    or not at all, ahead of every unprotected word; when they do not all fit the budget, the spans of
+    the best contexts are kept first (with a target tokenizer that gives offsets; a bare counter
+    treats them as mandatory). `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
     """
 
     literals: tuple[str, ...] = ()
-    """Exact substrings to keep (every occurrence), e.g. ("Acme Corp", "ORDER-7731")."""
+    """Exact substrings to keep (every occurrence), e.g. ("Acme Corp", "ORDER-7731"). Mandatory: a
+    prompt whose verbatim parts and literals exceed the target is refused."""
     patterns: tuple[str, ...] = ()
     """Regular expressions whose matches are kept (Python `re` syntax), e.g. (r"[A-Z]{3}-\\d+",)."""
     numbers: bool = False
-    """Keep numbers, dates, versions and amounts (any word holding a digit run)."""
+    """Keep numbers, numeric dates, versions and amounts (digit runs, with a CJK date or amount suffix
+    such as 1958年), and CJK numerals (一九五八年, 一千五百万)."""
     code_blocks: bool = False
     """Keep fenced code blocks (```...```) and `inline code` whole."""
     json_keys: bool = False
@@ -79,6 +84,12 @@ class ProtectionPolicy:
     """Keep role labels at line starts (User:, Assistant:, System:, Q:, A:, Question:, Answer:)."""
     markdown: bool = False
     """Keep markdown structure: heading lines, list bullets, table pipes, block quotes, rules."""
+    dates: bool = False
+    """Keep dates written with month names ("May 5, 2019", "5 March 2020", "June 2021")."""
+    urls: bool = False
+    """Keep URLs (scheme://... or www....), without trailing punctuation."""
+    emails: bool = False
+    """Keep e-mail addresses."""
 
     def __post_init__(self) -> None:
         for name in ("literals", "patterns"):
@@ -96,7 +107,15 @@ class ProtectionPolicy:
     @classmethod
     def everything(cls, literals: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> ProtectionPolicy:
         """Every structural flag on: for prompts holding code, data or transcripts."""
-        return cls(literals, patterns, True, True, True, True, True)
+        return cls(literals, patterns, numbers=True, code_blocks=True, json_keys=True, role_labels=True,
+                   markdown=True, dates=True, urls=True, emails=True)
+
+    @classmethod
+    def standard(cls, literals: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> ProtectionPolicy:
+        """The default of `terse compress` and the chat hook: numbers (CJK numerals included), dates,
+        URLs, e-mail addresses, code spans and fences: the facts answers are made of. Switch single
+        ones off with `dataclasses.replace(policy, urls=False)`."""
+        return cls(literals, patterns, numbers=True, code_blocks=True, dates=True, urls=True, emails=True)
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,10 @@ class CompressorConfig:
     keep_question_terms: bool = True
     """Token stage: rank words that share a term with the question (names, key nouns) above all others;
     conditioned on the question they look predictable, yet they are what ties a context to it."""
+    question_sentences_first: bool = True
+    """Within the selected contexts, keep every word of a sentence that shares a search term with the
+    question (or `condition`) before any word of a sentence that shares none: filler is always cut
+    first, whatever the rankers and the token stage make of it."""
     segment_tokens: int = 128
     """Scorer tokens per segment of the token-level stage."""
     max_prefix_tokens: int = 1024

@@ -16,7 +16,7 @@ from terse.compress import (
     compress_messages,
     recover,
 )
-from terse.errors import InvalidRequestError
+from terse.errors import ConfigError, InvalidRequestError
 from tests.compress.checks import is_subsequence, words_of
 from tests.compress.corpus import make_docset
 
@@ -83,3 +83,28 @@ def test_recover_on_a_real_compression(counter: Counter) -> None:
     recovered = recover(data.docs[0], result.text, f"It says: {quoted}")
     assert recovered.startswith("It says: ")
     assert data.docs[0].startswith(recovered[len("It says: "):])
+
+
+def test_recover_picks_the_occurrence_the_compressed_word_came_from() -> None:
+    original = "the cat sat on the mat and the dog"
+    assert recover(original, "the mat dog", "It was the mat.") == "It was the mat."
+    assert recover(original, "cat the mat", "So: cat the mat") == "So: cat sat on the mat"
+
+
+def test_recover_maps_each_span_to_its_own_context_in_rank_order(counter: Counter) -> None:
+    docs = ["Nora lives in Oslo and works at Globex as an engineer since 2001. Nora likes chess.",
+            "Omar lives in Lima and works at Hooli as an engineer since 1999. Omar likes sailing.",
+            "The weather was mild. The harvest was good. Many visitors came for the festival."]
+    compressor = PromptCompressor(None, counter, CompressorConfig(token_pruner=None))
+    result = compressor.compress(docs, question="Where does Omar work?", budget=Budget(rate=0.6))
+    assert result.context_order[0] == 1  # ranked first: output order differs from input order
+    omar = result.contexts[1]
+    quoted = " ".join(words_of(omar)[:6])
+    recovered = recover(docs, result, f"Answer: {quoted}")
+    assert recovered.startswith("Answer: ")
+    assert docs[1].startswith(recovered[len("Answer: "):])  # expanded from Omar's document, not Nora's
+    # words shared by both documents ("lives in", "works at", "engineer since") map to the right one
+    tail = " ".join(words_of(omar)[-4:])
+    assert recover(docs, result, tail) in docs[1]
+    with pytest.raises(ConfigError, match="CompressionResult"):
+        recover(docs, result.text, "x")

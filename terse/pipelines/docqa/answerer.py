@@ -15,6 +15,7 @@ from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
 from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
 from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, Preparer, schedule
+from terse.pipelines.docqa.prepare_pool import PreparePool
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
 from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
 from terse.retrieval.types import Document
@@ -71,9 +72,20 @@ class BatchAnswerer:
 
     def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:
         """One record per question (order: prompts sharing documents together, failures first)."""
+        return self.generate(batch, self.prepare(batch))
+
+    def prepare(self, batch: Sequence[QuestionRecord], pool: PreparePool | None = None
+                ) -> list[PreparedQuestion | Exception]:
+        """The batch's prompts (an exception in a failed question's place); compressed on `pool`'s
+        worker processes when given. Safe to run on another thread while `generate` runs."""
+        return self.preparer.prepare_all(batch, self.prepare_workers, pool)
+
+    def generate(self, batch: Sequence[QuestionRecord], items: Sequence[PreparedQuestion | Exception]
+                 ) -> list[AnswerRecord | FailureRecord]:
+        """Answer the prepared questions of `batch` (`items` from `prepare`, in the same order)."""
         prepared: list[PreparedQuestion] = []
         records: list[AnswerRecord | FailureRecord] = []
-        for question, item in zip(batch, self.preparer.prepare_all(batch, self.prepare_workers)):
+        for question, item in zip(batch, items):
             if isinstance(item, Exception):  # a question that cannot be prepared fails alone
                 records.append(failure(question.id, item))
             else:

@@ -165,6 +165,14 @@ class RunConfig:
     """Questions of a batch compressed at once. When compression calls the model (the LM ranker or the
     token pruner), their scorer calls reach the backend together and a local engine batches them into
     shared forward passes. 1 prepares one question at a time."""
+    prepare_processes: int | Literal["auto"] = "auto"
+    """Worker processes that compress questions while the engine generates (scorer-free compression
+    is pure Python and holds the GIL, so threads cannot spread it): batch N+1 is prepared while batch
+    N generates. "auto": half the cores up to 8, none below 4 cores; 0 or 1: in this process, one
+    batch after the other. Unused when compression calls the model (`prepare_workers` applies)."""
+    prepare_start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    """How worker processes start: "spawn" (safe beside CUDA and threads; ~1 s of imports, overlapped
+    with the first batch), "forkserver", or "fork" (fastest; only where the parent's threads allow)."""
     requests_per_s: float | None = None
     """async runner: most requests started per second (None: unlimited)."""
     max_consecutive_unavailable: int = 8
@@ -179,6 +187,12 @@ class RunConfig:
         _positive_int("run.batch_size", self.batch_size, 16)
         _positive_int("run.concurrency", self.concurrency, 8)
         _positive_int("run.prepare_workers", self.prepare_workers, 8)
+        _require(self.prepare_processes == "auto" or (isinstance(self.prepare_processes, int)
+                                                      and not isinstance(self.prepare_processes, bool)
+                                                      and self.prepare_processes >= 0),
+                 f"run.prepare_processes={self.prepare_processes!r} must be \"auto\" or an int >= 0, e.g. 4")
+        _require(self.prepare_start_method in ("spawn", "forkserver", "fork"),
+                 f"run.prepare_start_method={self.prepare_start_method!r} must be 'spawn', 'forkserver' or 'fork'")
         _positive_int("run.max_consecutive_unavailable", self.max_consecutive_unavailable, 8)
         _require(self.requests_per_s is None or (isinstance(self.requests_per_s, int | float)
                                                   and self.requests_per_s > 0),
