@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("terse.pipelines.cli_index", "build or update a retrieval index from documents"),
     "search": ("terse.pipelines.cli_search", "search a retrieval index (dense, BM25 or hybrid)"),
     "sparse-patterns": ("terse.kernels.cli_patterns", "search per-head sparse prefill patterns for a model"),
+    "quantize": ("terse.backend.local.quant.cli", "quantize a model's weights to INT4 and save the checkpoint"),
 }
 
 

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieve-index", help="add passages from this terse.retrieval index to chat prompts")
     parser.add_argument("--retrieve-top-k", type=int, default=4)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # INT4 weight-only quantization of local: models (terse.backend.local.quant)
+    from terse.backend.local.quant.cli import add_quantization_arguments
+
+    parser.add_argument("--quantization", choices=["int4"], help="engine mode, local: models: quantize the "
+                        "weights to INT4 as they load (see the --quantization-* flags)")
+    add_quantization_arguments(parser)
 
 
 def _hooks(args: argparse.Namespace, backend: Any) -> list[Any]:
@@ -86,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.model:
         spec = args.model if _is_spec(args.model) else f"local:{args.model}"
-        backend = load_backend(spec)
+        from terse.backend.local.quant.cli import serve_options
+
+        backend = load_backend(spec, **serve_options(args, spec))
         app = engine_app(backend, config, _hooks(args, backend))
     else:
         proxy = ProxyConfig(

@@ -20,15 +20,16 @@ folded in: W *= s on the group's input channels, and 1 / s into what produces x:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from terse.backend.local.models.llama import LlamaForCausalLM
+from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
 
-from .calibration import CalibrationForward
+from .calibration import CalibrationForward, LayerInputs
 from .config import QuantizationConfig, Scheme
 from .rtn import fake_quantize
 
@@ -89,30 +90,36 @@ def apply_awq(model: LlamaForCausalLM, samples: list[torch.Tensor], config: Quan
     """Search and fold scales into every decoder layer's dense weights (in place), layer by layer."""
     forward = CalibrationForward(model, samples)
     dtype = model.model.norm.weight.dtype
-    c = model.config
-    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     choices: list[ScaleChoice] = []
     for index, layer in enumerate(model.decoder_layers):
-        inputs = forward.step(layer)
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = _group(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
-        gate_up = _group(mlp, "gate_up_proj", ("gate_proj", "up_proj"))
+        choices += _fold_layer(index, layer, forward.step(layer), model.config, config, dtype)
+    return choices
 
-        def fold(name: str, x: torch.Tensor, targets: list[nn.Linear], producer: Any, index: int = index) -> None:
-            stacked = torch.cat([t.weight.float() for t in targets])
-            s, alpha, rtn_error, error = search_scale(x, stacked, config, dtype)
-            for target in targets:
-                _scale_columns(target, s)
-            producer(s)
-            choices.append(ScaleChoice(index, name, alpha, rtn_error, error))
 
-        fold("qkv", inputs.attn_in, qkv, lambda s: _divide_(layer.input_layernorm.weight, s))
-        if c.num_heads == c.num_kv_heads:
-            v_rows = _rows(attn, "qkv_proj", "v_proj", q_dim + kv_dim, kv_dim)
-            fold("o", inputs.attn_out, [attn.o_proj], lambda s: _divide_rows(v_rows, s))
-        fold("gate_up", inputs.mlp_in, gate_up, lambda s: _divide_(layer.post_attention_layernorm.weight, s))
-        up_rows = _rows(mlp, "gate_up_proj", "up_proj", c.intermediate_size, c.intermediate_size)
-        fold("down", inputs.mlp_act, [mlp.down_proj], lambda s: _divide_rows(up_rows, s))
+def _fold_layer(
+    index: int, layer: Any, inputs: LayerInputs, c: ModelConfig, config: QuantizationConfig, dtype: torch.dtype
+) -> list[ScaleChoice]:
+    attn, mlp = layer.self_attn, layer.mlp
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    choices: list[ScaleChoice] = []
+
+    def fold(name: str, x: torch.Tensor, targets: list[nn.Linear], divide: Callable[[torch.Tensor], None]) -> None:
+        stacked = torch.cat([t.weight.float() for t in targets])
+        s, alpha, rtn_error, error = search_scale(x, stacked, config, dtype)
+        for target in targets:
+            _scale_columns(target, s)
+        divide(s)
+        choices.append(ScaleChoice(index, name, alpha, rtn_error, error))
+
+    qkv = _group(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+    fold("qkv", inputs.attn_in, qkv, lambda s: _divide_(layer.input_layernorm.weight, s))
+    if c.num_heads == c.num_kv_heads:
+        v_rows = _rows(attn, "qkv_proj", "v_proj", q_dim + kv_dim, kv_dim)
+        fold("o", inputs.attn_out, [attn.o_proj], lambda s: _divide_rows(v_rows, s))
+    gate_up = _group(mlp, "gate_up_proj", ("gate_proj", "up_proj"))
+    fold("gate_up", inputs.mlp_in, gate_up, lambda s: _divide_(layer.post_attention_layernorm.weight, s))
+    up_rows = _rows(mlp, "gate_up_proj", "up_proj", c.intermediate_size, c.intermediate_size)
+    fold("down", inputs.mlp_act, [mlp.down_proj], lambda s: _divide_rows(up_rows, s))
     return choices
 
 

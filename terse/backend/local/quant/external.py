@@ -104,8 +104,7 @@ def awq_weight(tensors: dict[str, torch.Tensor], prefix: str, qc: dict[str, Any]
     if not _setting(qc, "zero_point", default=True):
         raise ModelLoadError("AWQ checkpoints without zero points are not supported (zero_point must be true)")
     packed = tensors[f"{prefix}.qweight"].to(torch.int32)  # [K, N / 8]
-    k, n = packed.shape[0], packed.shape[1] * PACK
-    group_size = _group_size(qc, k, "AWQ")
+    group_size = _group_size(qc, packed.shape[0], "AWQ")
     q = _awq_columns(packed)  # [K, N]
     zeros = _awq_columns(tensors[f"{prefix}.qzeros"].to(torch.int32))  # [G, N]
     scales = tensors[f"{prefix}.scales"].to(dtype).contiguous()

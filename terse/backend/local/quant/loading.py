@@ -64,7 +64,7 @@ def load_prequantized_model(
         layer = Int4Linear(weight, None if bias is None else bias.to(dtype))
         setattr(model.get_submodule(parent_name) if parent_name else model, name, layer)
     if "model.embed_tokens.qweight" in tensors:
-        model.model.embed_tokens = Int4Embedding(convert(tensors, "model.embed_tokens", qc, dtype))
+        model.model.embed_tokens = Int4Embedding(convert(tensors, "model.embed_tokens", qc, dtype))  # type: ignore[assignment]
     _load_dense(model, tensors, dtype, model_dir)
     _fuse(model)
     return model.eval()
@@ -94,13 +94,13 @@ def _load_dense(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], dtype
     wanted = [name for name, p in model.named_parameters() if p.is_meta]
     state = {name: tensors[name].to(dtype) for name in wanted if name in tensors}
     model.load_state_dict(state, strict=False, assign=True)
-    if model.lm_head is not None and isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
-        if model.config.tie_word_embeddings:
-            embed = model.model.embed_tokens
-            if isinstance(embed, Int4Embedding):
-                model.lm_head = Int4Linear(embed.int4)
-            else:
-                model.lm_head.weight = embed.weight
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and head.weight.is_meta and model.config.tie_word_embeddings:
+        embed = model.model.embed_tokens
+        if isinstance(embed, Int4Embedding):
+            model.lm_head = Int4Linear(embed.int4)  # type: ignore[assignment]
+        else:
+            head.weight = embed.weight
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise ModelLoadError(

@@ -162,7 +162,7 @@ def split_linear(module: nn.Module, sizes: list[int]) -> list[nn.Module]:
             start += size
         return parts
     assert isinstance(module, nn.Linear), f"cannot split {type(module).__name__}"
-    out = []
+    out: list[nn.Module] = []
     for w, b in zip(module.weight.data.split(sizes), module.bias.data.split(sizes) if module.bias is not None else [None] * len(sizes)):
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
         lin.weight = nn.Parameter(w, requires_grad=False)

@@ -88,12 +88,12 @@ def _quantize_vocab(model: LlamaForCausalLM, config: QuantizationConfig, dtype: 
     count = 0
     if config.embeddings and isinstance(embed, nn.Embedding):
         packed = quantize_weight(embed.weight.data, config.group_size, config.scheme, dtype)
-        model.model.embed_tokens = Int4Embedding(packed)
+        model.model.embed_tokens = Int4Embedding(packed)  # type: ignore[assignment]
         if config.lm_head and tied:
-            model.lm_head = Int4Linear(packed)
+            model.lm_head = Int4Linear(packed)  # type: ignore[assignment]
             return 1
     if config.lm_head and isinstance(head, nn.Linear):
-        model.lm_head = quantize_linear(head, config, dtype)
+        model.lm_head = quantize_linear(head, config, dtype)  # type: ignore[assignment]
         count = 1
     return count
 
