@@ -45,9 +45,15 @@ def chosen_plans() -> dict[PlanKey, tuple[Plan, list[tuple[str, float]]]]:
     return {key: (plan, _TIMINGS.get(key, [])) for key, plan in _PLANS.items()}
 
 
-def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] (any row stride, contiguous along K) -> [M, N] in x's dtype. CUDA (or the interpreter)."""
-    check_w4a16_inputs(x, weight, bias)
+def w4a16_matmul(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True
+) -> torch.Tensor:
+    """x: [M, K] (any row stride, contiguous along K) -> [M, N] in x's dtype. CUDA (or the interpreter).
+
+    `check=False` skips the input checks: for layers that validated their weight once and pass x of the
+    right shape and dtype (a decode step's dozens of products pay no Python checks)."""
+    if check:
+        check_w4a16_inputs(x, weight, bias)
     if weight.input_perm is not None:
         x = x.index_select(1, weight.input_perm)  # act-order checkpoints: stored row r multiplies x[:, perm[r]]
     m = x.shape[0]
@@ -66,19 +72,20 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """Run one plan on an already permuted x."""
-    options = dict(plan.options)
+    o = dict(plan.options)
     if plan.kind == "gemv":
-        from terse.kernels.w4a16_gemv import w4a16_gemv
+        from terse.kernels.w4a16_gemv import launch_gemv
 
-        return w4a16_gemv(x, weight, bias, **options)
+        return launch_gemv(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"], o["num_stages"])
     if plan.kind == "dequant":
-        from terse.kernels.w4a16_gemm import w4a16_dequantize
+        from terse.kernels.w4a16_gemm import launch_dequantize
 
-        w = w4a16_dequantize(weight)  # [K, N]
-        return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
-    from terse.kernels.w4a16_gemm import w4a16_gemm
+        w = launch_dequantize(weight)  # [K, N]
+        return torch.addmm(bias, x, w) if bias is not None else x @ w
+    from terse.kernels.w4a16_gemm import launch_gemm
 
-    return w4a16_gemm(x, weight, bias, **options)
+    return launch_gemm(x, weight, bias, o["block_m"], o["block_n"], o["block_k"], o["split_k"], o.get("group_m", 8),
+                       o["num_warps"], o["num_stages"])
 
 
 def _num_sms(device: torch.device) -> int:

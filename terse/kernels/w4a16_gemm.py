@@ -126,11 +126,19 @@ def w4a16_gemm(
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if value not in (16, 32, 64, 128, 256):
             raise KernelInputError(f"{name}={value} is not supported; use 16, 32, 64, 128 or 256")
+    return launch_gemm(x, weight, bias, block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
+
+
+def launch_gemm(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_m: int, block_n: int, block_k: int,
+    split_k: int, group_m: int, num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """`w4a16_gemm` without the input checks (for callers that checked once)."""
     m, k = x.shape
     n = weight.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return out if bias is None else out
+        return out
     num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split_k = max(1, min(split_k, k_tiles)) if num_tiles <= MAX_SPLIT_TILES else 1
@@ -153,6 +161,11 @@ def w4a16_dequantize(weight: Int4Weight, *, block_k: int = 64, block_n: int = 12
     """The [K, N] weight (rows in stored order) in the scales' dtype."""
     weight.check()
     check_device_for_triton(weight.qweight)
+    return launch_dequantize(weight, block_k, block_n)
+
+
+def launch_dequantize(weight: Int4Weight, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
+    """`w4a16_dequantize` without the checks."""
     k, n = weight.in_features, weight.out_features
     out = torch.empty(k, n, dtype=weight.scales.dtype, device=weight.qweight.device)
     zeros = weight.zeros if weight.zeros is not None else weight.scales

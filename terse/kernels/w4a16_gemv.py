@@ -20,7 +20,7 @@ import triton.language as tl
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import nibbles_minus_zero, split_k_buffers, store_tile
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, nibbles_minus_zero, split_k_buffers, store_tile
 
 
 @triton.jit
@@ -86,13 +86,21 @@ def w4a16_gemv(
         raise KernelInputError(f"w4a16_gemv takes one row; got M={x.shape[0]} (use w4a16_gemm)")
     _check_tile("block_n", block_n, (16, 32, 64, 128, 256, 512))
     _check_tile("block_k", block_k, (16, 32, 64, 128, 256, 512))
+    return launch_gemv(x, weight, bias, block_n, block_k, split_k, num_warps, num_stages)
+
+
+def launch_gemv(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, block_k: int, split_k: int,
+    num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """`w4a16_gemv` without the input checks (for callers that checked once)."""
     n, k = weight.out_features, weight.in_features
     num_tiles = triton.cdiv(k, block_k)
-    split_k = max(1, min(split_k, num_tiles))
+    num_n = triton.cdiv(n, block_n)
+    split_k = max(1, min(split_k, num_tiles)) if num_n <= MAX_SPLIT_TILES else 1
     k_per_split = triton.cdiv(num_tiles, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)  # no empty slices
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    num_n = triton.cdiv(n, block_n)
     workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
     _w4a16_gemv_kernel[(num_n, split_k)](

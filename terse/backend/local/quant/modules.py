@@ -32,6 +32,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", weight.zeros)
         self.register_buffer("input_perm", weight.input_perm)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.scales.dtype), requires_grad=False)
+        if self.bias is not None and self.bias.shape != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(self.bias.shape)}; expected [{self.out_features}]")
 
     @property
     def int4(self) -> Int4Weight:
@@ -44,7 +46,10 @@ class Int4Linear(nn.Module):
         if x2.is_cuda:
             from terse.kernels.w4a16 import w4a16_matmul
 
-            out = w4a16_matmul(x2 if x2.stride(1) == 1 else x2.contiguous(), self.int4, self.bias)
+            if x2.dtype != self.scales.dtype or x2.stride(1) != 1:
+                x2 = x2.to(self.scales.dtype).contiguous()
+            # the weight was checked when this layer was built; x's shape comes from the reshape above
+            out = w4a16_matmul(x2, self.int4, self.bias, check=False)
         else:
             out = w4a16_reference(x2, self.int4, self.bias)
         return out.view(*lead, self.out_features)
