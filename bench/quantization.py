@@ -134,23 +134,27 @@ def _rel(got: Any, want: Any) -> float:
 
 
 def kernel_check_gpu() -> dict[str, float]:
-    """Every candidate plan at two 8B projection shapes, bfloat16, vs the float32 dequantized product."""
+    """bfloat16 products vs the float32 dequantized product: every candidate plan at the 8B q/k/v shape
+    (group 128, asymmetric: the plans the INT4 engine then picks from, so their compilation is paid here
+    once), and the gemv / gemm / dequant paths at the down_proj shape with group 32, symmetric."""
     import torch
 
     from terse.backend.local.quant.rtn import quantize_weight
-    from terse.kernels.w4a16 import candidate_plans, run_plan
+    from terse.kernels.w4a16 import Plan, candidate_plans, heuristic_plan, run_plan
     from terse.kernels.w4a16_layout import dequantize
 
     out: dict[str, float] = {}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for (n, k), group, scheme in (((6144, 4096), 128, "asym"), ((4096, 14336), 32, "sym")):
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for (n, k), group, scheme, every_plan in (((6144, 4096), 128, "asym", True), ((4096, 14336), 32, "sym", False)):
         w = quantize_weight(torch.randn(n, k, device="cuda", generator=gen) * 0.02, group, scheme, torch.bfloat16)
         dense = dequantize(w, torch.float32)
         for m in (1, 5, 48, 300, 2048):
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             want = x.float() @ dense
             bucket = 1 << (m - 1).bit_length()
-            for plan in candidate_plans(bucket, w, torch.cuda.get_device_properties(0).multi_processor_count):
+            plans = candidate_plans(bucket, w, num_sms) if every_plan else [heuristic_plan(bucket, w, num_sms), Plan("dequant")]
+            for plan in plans:
                 out[f"{n}x{k}/g{group}-{scheme}/M={m}/{plan.describe()}"] = _rel(run_plan(plan, x, w, None), want)
     worst = max(out.values())
     print(f"[quantization] kernel check: {len(out)} runs, worst relative error {worst:.2e}", flush=True)
@@ -198,7 +202,8 @@ def engine_check_gpu() -> dict[str, Any]:
 def _sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure_engine(engine: Any, vocab: int, prefill_prompts: int, prefill_len: int) -> dict[str, Any]:
@@ -253,9 +258,12 @@ def hf_static_decode_ms(model: Any, vocab: int, new: int = 128) -> dict[str, flo
     import torch
     from transformers import LogitsProcessorList
 
-    ids = torch.randint(0, vocab, (1, 128), device="cuda")
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, 128), device=device)
     kwargs: dict[str, Any] = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0,
                               "attention_mask": torch.ones_like(ids), "max_new_tokens": new, "min_new_tokens": new}
+    if device.type != "cuda":
+        kwargs["disable_compile"] = True  # (dry runs on the CPU)
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(ids, **kwargs)
@@ -305,13 +313,15 @@ def gpu_part(args: argparse.Namespace) -> dict[str, Any]:
     from terse.backend.local.quant.config import QuantizationConfig
     from terse.kernels.w4a16 import chosen_plans
 
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "versions": {
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}}
-    if not args.skip_checks:
+    on_gpu = torch.cuda.is_available()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu (dry run)", "shape": args.shape,
+                              "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                                           "transformers": transformers.__version__}}
+    if on_gpu and not args.skip_checks:
         result["kernel_check"] = kernel_check_gpu()
         result["engine_check"] = engine_check_gpu()
         _write(args.out, result)
-    config = model_config("8b", max_len=4096)
+    config = model_config(args.shape, max_len=4096)
     engine_config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=4096,
                                  num_kv_blocks=4096, enable_prefix_cache=False)
     vocab = config.vocab_size
@@ -335,7 +345,7 @@ def gpu_part(args: argparse.Namespace) -> dict[str, Any]:
         engine = LocalEngine.from_random(config, replace(engine_config, quantization=quantization))
         build_s = time.perf_counter() - t0
         result[name] = {"build_s": build_s, **measure_engine(engine, vocab, args.prefill_prompts, args.prefill_len)}
-        if name == "int4":
+        if name == "int4" and on_gpu:
             h, i = config.hidden_size, config.intermediate_size
             q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
             shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (vocab, h)}
@@ -396,9 +406,9 @@ def gpu_table(r: dict[str, Any]) -> str:
                          f"{e['step_ms_batch32']:.2f} | {e['prefill_tok_s']:.0f} |")
     if "transformers_static" in r:
         lines.append(f"| transformers static (bf16) | | {r['transformers_static']['decode_ms_batch1']:.2f} | | |")
-    for k, t in r.get("targets", {}).items():
-        lines.append(f"\ntarget {k}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'NOT met'}")
-    return "\n".join(lines)
+    targets = [f"target {k}: {t['value']:.3f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}"
+               for k, t in r.get("targets", {}).items()]
+    return "\n".join(lines) + ("\n\n" + "\n".join(targets) if targets else "")
 
 
 def plot(path: Path, out: Path) -> None:
@@ -431,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="")
     parser.add_argument("--worlds", type=int, default=4, help="CPU: test-split worlds for doc-QA (0: perplexity only)")
     parser.add_argument("--ppl-docs", type=int, default=80, help="CPU: test-split documents scored for perplexity")
+    parser.add_argument("--shape", default="8b", help="GPU: model shape of bench/engine.py (tiny: a CPU dry run)")
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--skip-checks", action="store_true", help="GPU: skip the kernel and engine checks")
