@@ -1,12 +1,12 @@
 """W4A16 GEMM for several activation rows (batched decode, prefill), and a dequantization kernel.
 
-`w4a16_gemm`: tiles [BLOCK_M, BLOCK_N] of the output; each K tile of the weight is loaded packed,
-unpacked in registers (every row k reads its word k // 8 and shifts by 4 * (k % 8); the 8 rows of a
-word hit the same cache line) and fed to `tl.dot` in the activation dtype. Within one quantization group
-(ONE_GROUP: GROUP_SIZE % BLOCK_K == 0) the dot runs on the exact small integers q - zero and the scale
-multiplies its [BLOCK_M, BLOCK_N] result once per tile. Optional split-K (grid dim 1) for skinny
-products whose column tiles alone do not fill the GPU. Tiles are visited in groups of GROUP_M row
-tiles so a weight tile is reused from L2 while it is hot (large M).
+`w4a16_gemm`: tiles [BLOCK_M, BLOCK_N] of the output; each K tile of the weight is loaded packed
+(BLOCK_K / 8 words per column, each read once), unpacked in registers to rows in the order (j, r) ->
+input row 8r + j, scaled, and fed to `tl.dot` in the activation dtype; x's columns are loaded in the same
+permuted order, which leaves the product unchanged. (Unpacking after a load of one word per row would
+read every word 8 times and keep 8x the shared memory per pipeline stage.) Optional split-K (grid dim 1)
+for skinny products whose column tiles alone do not fill the GPU. Tiles are visited in groups of GROUP_M
+row tiles so a weight tile is reused from L2 while it is hot (large M).
 
 `w4a16_dequantize`: the whole [K, N] weight in the activation dtype, for "dequantize, then a dense
 matmul" (the fast path when M is large enough for the matmul to be compute-bound).
@@ -22,8 +22,6 @@ from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 from terse.kernels.w4a16_tiles import (
-    MAGIC_BITS,
-    MAGIC_VALUE,
     MAX_SPLIT_TILES,
     nibbles_minus_zero,
     split_k_buffers,
@@ -51,7 +49,12 @@ def _w4a16_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    # A K tile is loaded packed ([BLOCK_K / 8, BLOCK_N] words, each read once) and unpacked to rows in
+    # the order (j, r) -> k = 8r + j; x's columns are loaded in the same order, so the product is the same.
+    PACKED: tl.constexpr = BLOCK_K // 8
+    offs_i = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, PACKED)
+    k_order = 8 * (offs_i % PACKED) + offs_i // PACKED  # tile row i holds input row k0 + k_order[i]
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -59,13 +62,11 @@ def _w4a16_gemm_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-        w_ptrs = QW + (kk // 8).to(tl.int64)[:, None] * N + offs_n[None, :]
-        packed = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
-        q = (packed >> ((kk % 8) * 4)[:, None]) & 0xF
-        q_float = (q | MAGIC_BITS).to(tl.float32, bitcast=True)  # 2**23 + q, exactly
+        kk = k0 + k_order
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
+        rows = k0 // 8 + offs_r
+        w_ptrs = QW + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+        packed = tl.load(w_ptrs, mask=(rows < K // 8)[:, None] & n_mask[None, :], other=0)  # [R, BN]
         if ONE_GROUP:
             g = k0 // GROUP_SIZE
             s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -73,18 +74,19 @@ def _w4a16_gemm_kernel(
                 z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N], 8.0, tl.float32)
-            w = (q_float - (MAGIC_VALUE + z[None, :])).to(x.dtype)  # small integers: exact in any dtype
-            acc += tl.dot(x, w, input_precision=DOT_PRECISION) * s[None, :]
+            w3 = nibbles_minus_zero(packed, z) * s  # [8, R, BN]
         else:
-            gs_ptrs = (kk // GROUP_SIZE).to(tl.int64)[:, None] * N + offs_n[None, :]
-            gs_mask = k_mask[:, None] & n_mask[None, :]
-            s = tl.load(S + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
+            k3 = k0 + offs_r[None, :] * 8 + tl.arange(0, 8)[:, None]  # [8, R]
+            gs_ptrs = (k3 // GROUP_SIZE).to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
+            gs_mask = (k3 < K)[:, :, None] & n_mask[None, None, :]
+            s3 = tl.load(S + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                z = tl.load(Z + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
+                z3 = tl.load(Z + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
+                w3 = nibbles_minus_zero(packed, z3) * s3
             else:
-                z = tl.full([BLOCK_K, BLOCK_N], 8.0, tl.float32)
-            w = ((q_float - (MAGIC_VALUE + z)) * s).to(x.dtype)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+                w3 = nibbles_minus_zero(packed, 8.0) * s3
+        w = tl.reshape(w3, [BLOCK_K, BLOCK_N]).to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     tile_id = pid_m * num_pid_n + pid_n
     store_tile(acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k,
                HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
