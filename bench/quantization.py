@@ -388,12 +388,18 @@ def _write(path: str, result: dict[str, Any]) -> None:
 
 def cpu_table(r: dict[str, Any]) -> str:
     dense = r["perplexity"]["dense/float32"]
-    lines = ["| configuration | perplexity | vs dense fp32 | doc-QA EM single / multi / list / needle |", "|---|---|---|---|"]
+    lines = ["| configuration | perplexity | vs dense fp32 | doc-QA EM single / multi / list / needle | EM all |",
+             "|---|---|---|---|---|"]
     for key, ppl in r["perplexity"].items():
         name = key.split("/")[0]
         qa = r["docqa"].get(name) if key.endswith("float32") else None
-        em = " / ".join(f"{qa['exact_match'].get(k, float('nan')):.3f}" for k in ("single", "multi", "list", "needle")) if qa else ""
-        lines.append(f"| {key} | {ppl:.4f} | {100 * (ppl / dense - 1):+.2f}% | {em} |")
+        em = overall = ""
+        if qa:
+            em = " / ".join(f"{qa['exact_match'].get(k, float('nan')):.3f}" for k in ("single", "multi", "list", "needle"))
+            n = qa["num_questions"]
+            correct = sum(qa["exact_match"][k] * n[k] for k in n)
+            overall = f"{correct / sum(n.values()):.3f} ({round(correct)}/{sum(n.values())})"
+        lines.append(f"| {key} | {ppl:.4f} | {100 * (ppl / dense - 1):+.2f}% | {em} | {overall} |")
     return "\n".join(lines)
 
 
@@ -448,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-hf", action="store_true", help="GPU: skip transformers' static-cache baseline")
     parser.add_argument("--skip-dense-head", action="store_true", help="GPU: skip the INT4 engine with a bf16 LM head")
     parser.add_argument("--plot", type=Path, help="draw docs/quantization_8b.png from a GPU result JSON")
+    parser.add_argument("--table", type=Path, help="print the table of a result JSON (CPU or GPU part)")
     args = parser.parse_args(argv)
+    if args.table:
+        saved = json.loads(args.table.read_text())
+        print(cpu_table(saved) if "perplexity" in saved else gpu_table(saved))
+        return 0
     if args.plot:
         plot(args.plot, ROOT / "docs" / "quantization_8b.png")
         return 0
