@@ -55,16 +55,22 @@ def quantization_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def serve_options(args: argparse.Namespace, spec: str) -> dict[str, Any]:
-    """`terse serve`'s engine options from --quantization and its detail flags ({} when not quantizing)."""
+def quantization_options(args: argparse.Namespace) -> dict[str, Any]:
+    """{"quantization": QuantizationConfig} from --quantization and its detail flags; {} without them."""
     fields = quantization_fields(args)
-    if args.quantization is None:
+    if getattr(args, "quantization", None) is None:
         if fields:
             raise ConfigError("--quantization-* flags need --quantization int4")
         return {}
-    if not spec.startswith("local:"):
-        raise ConfigError(f"--quantization applies to local: models; {spec!r} is not one (serve it as local:<dir>)")
     return {"quantization": QuantizationConfig(**fields)}
+
+
+def serve_options(args: argparse.Namespace, spec: str) -> dict[str, Any]:
+    """`terse serve`'s engine options from the quantization flags ({} when not quantizing)."""
+    options = quantization_options(args)
+    if options and not spec.startswith("local:"):
+        raise ConfigError(f"--quantization applies to local: models; {spec!r} is not one (serve it as local:<dir>)")
+    return options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
