@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from terse.errors import ConfigError, TerseError
+from terse.pipelines.cli_quantize import add_quantization_arguments, quantization_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparse-patterns", default=None, metavar="FILE",
                        help="per-head patterns from `terse sparse-patterns` (default: the model directory's "
                        "sparse_patterns.json, else built-in defaults); implies --sparse-prefill")
+    group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
+                       "(see the --quantization-* flags)")
+    add_quantization_arguments(group)  # type: ignore[arg-type]  (an argument group takes the same calls)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +78,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["kv_cache_memory"] = args.kv_cache_memory
     if args.sparse_prefill or args.sparse_patterns:
         options["sparse_prefill"] = {"enabled": True, "patterns_path": args.sparse_patterns}
+    options.update(quantization_options(args))  # INT4 weight-only quantization (cli_quantize.py)
     if not options:
         return options
     spec = (args.model if _is_spec(args.model) else f"local:{args.model}") if args.model else None

@@ -51,6 +51,7 @@ from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
 from terse.backend.local.models.loader import load_model, random_model, read_model_config, resolve_model_dir
 from terse.backend.local.models.ops import choose_ops
 from terse.backend.local.prefix_cache import RadixPrefixCache
+from terse.backend.local.quant.transform import apply_quantization
 from terse.backend.local.requests import Request, max_new_tokens, validate_prompt
 from terse.backend.local.runner import ModelRunner, StepHandle
 from terse.backend.local.scheduler import Scheduler, StepPlan
@@ -161,7 +162,9 @@ class LocalEngine(BackendBase):
         model_config = read_model_config(model_dir)
         device = resolve_device(config)
         model = load_model(model_dir, model_config, device=device, dtype=resolve_dtype(config, device))
-        return cls(EngineParts(model, load_tokenizer(model_dir), target), config)
+        tokenizer = load_tokenizer(model_dir)
+        apply_quantization(model, config.quantization, tokenizer=tokenizer)  # INT4 at load time (quant/)
+        return cls(EngineParts(model, tokenizer, target), config)
 
     @classmethod
     def from_random(
@@ -173,6 +176,7 @@ class LocalEngine(BackendBase):
         config = config or EngineConfig()
         device = resolve_device(config)
         model = random_model(model_config, device=device, dtype=resolve_dtype(config, device), seed=seed)
+        apply_quantization(model, config.quantization, tokenizer=tokenizer)
         return cls(EngineParts(model, tokenizer, name), config)
 
     # -- Backend contract ------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Triton building blocks of the W4A16 kernels (imports triton: load only where it exists).
+
+- `nibbles_minus_zero`: a packed tile [R, N] of int32 words -> float32 [8, R, N] holding q - zero for the
+  rows 8r + j at [j, r]. The int -> float conversion is the exponent trick: OR-ing a nibble into the
+  mantissa of 2**23 gives exactly 2**23 + q as a float32, so one subtraction of (2**23 + zero) yields
+  q - zero with no conversion instruction.
+- `store_tile`: writes a [BLOCK_M, BLOCK_N] float32 accumulator (+ bias) to the output, directly or,
+  under split-K, through a workspace where the last of the SPLIT_K programs of the tile adds the
+  partial sums in a fixed order (deterministic) and resets the tile's arrival counter:
+
+      program (tile t, split s):  partials[t, s] = acc        (plain stores)
+                                  c = atomic_add(locks[t], 1) (acquire-release)
+                                  c == SPLIT_K - 1 ->  out = sum_s partials[t, s]; locks[t] = 0
+
+  One launch per product (no reduction kernel, no memset): the counters reset themselves, so the
+  same workspace serves every later launch in stream order, CUDA graph replays included.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAGIC_BITS = tl.constexpr(0x4B000000)
+"""float32 bit pattern of 2**23."""
+MAGIC_VALUE = tl.constexpr(8388608.0)
+"""2**23."""
+
+
+@triton.jit
+def nibbles_minus_zero(packed, zero):
+    # packed: [R, N] int32; zero: [N] float32 (or a scalar) -> [8, R, N] float32 (q - zero)
+    shifts = tl.arange(0, 8) * 4
+    q = (packed[None, :, :] >> shifts[:, None, None]) & 0xF
+    as_float = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
+    return as_float - (MAGIC_VALUE + zero)
+
+
+@triton.jit
+def store_tile(
+    acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range
+    if SPLIT_K > 1:
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = WS + tile_id.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(base + pid_k * (BLOCK_M * BLOCK_N) + tile, acc)
+        arrived = tl.atomic_add(Locks + tile_id, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
+            _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+            tl.atomic_xchg(Locks + tile_id, 0)
+    else:
+        _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+
+# -- split-K workspace (torch side) ----------------------------------------------------------------
+# One lock array and a few partial-sum buffers per device, allocated once and never freed: launches
+# captured in CUDA graphs keep their addresses. Launches that share them must run in stream order
+# (one engine's forward on one stream), which is how the engine runs its layers.
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
+MAX_SPLIT_TILES = 1 << 16
+"""Most output tiles a split-K launch may have (the size of the per-device lock array)."""
+
+
+def split_k_buffers(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace float32 [>= numel], locks int32 [MAX_SPLIT_TILES], zero between launches) on `device`."""
+    locks = _LOCKS.get(device)
+    if locks is None:
+        locks = _LOCKS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    size = 1 << max(numel - 1, 1).bit_length()  # power-of-two sizes: few buffers, each reused
+    workspace = _WORKSPACES.get((device, size))
+    if workspace is None:
+        workspace = _WORKSPACES[(device, size)] = torch.empty(size, dtype=torch.float32, device=device)
+    return workspace, locks
