@@ -13,12 +13,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from terse.backend.local.quant.config import GROUP_SIZES, QuantizationConfig
 from terse.errors import ConfigError
 
-from terse.backend.local.quant.config import GROUP_SIZES, QuantizationConfig
 
-
-def add_quantization_arguments(parser: argparse.ArgumentParser, prefix: str = "--quantization-") -> None:
+def add_quantization_arguments(parser: argparse._ActionsContainer, prefix: str = "--quantization-") -> None:
     """The QuantizationConfig fields as flags named `<prefix>group-size`, `<prefix>scheme`, ... (all
     default to None: unset flags keep the config's defaults)."""
     parser.add_argument(f"{prefix}group-size", dest="quantization_group_size", type=int, choices=GROUP_SIZES,
@@ -78,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
     from terse.backend.local.build import resolve_device, resolve_dtype
     from terse.backend.local.config import EngineConfig
     from terse.backend.local.models.loader import load_model, read_model_config, resolve_model_dir
-    from terse.backend.tokenization import load_tokenizer
-
     from terse.backend.local.quant.checkpoint import save_quantized
     from terse.backend.local.quant.loading import read_quantization_config
     from terse.backend.local.quant.transform import quantize_model
+    from terse.backend.tokenization import load_tokenizer
 
     config = QuantizationConfig(**quantization_fields(args))
     model_dir = resolve_model_dir(args.model)

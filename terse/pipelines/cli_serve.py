@@ -67,7 +67,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        "sparse_patterns.json, else built-in defaults); implies --sparse-prefill")
     group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
                        "(see the --quantization-* flags)")
-    add_quantization_arguments(group)  # type: ignore[arg-type]  (an argument group takes the same calls)
+    add_quantization_arguments(group)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
