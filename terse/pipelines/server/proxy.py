@@ -2,8 +2,9 @@
 
 - The request body goes upstream as received (unknown fields such as tools or response_format pass
   through) with only `messages` replaced when a hook rewrote them.
-- Streams are passed through byte for byte as the upstream sends them (no re-encoding); accounting then
-  travels in the `x-terse-*` headers. With hooks, whole answers also get `usage.terse` and the hooks'
+- Streams are passed through byte for byte as the upstream sends them; accounting travels in the
+  `x-terse-*` headers, and with hooks also as `usage.terse` in the stream's usage chunk (that one event
+  re-encoded, `sse_usage.py`). With hooks, whole answers also get `usage.terse` and the hooks'
   `on_response`; without hooks they are relayed untouched (headers only).
 - Upstream failures before the first byte are retried (`ProxyConfig.retry`, logged on
   "terse.backend.openai"); then: unreachable -> 502, no answer in time -> 504, 4xx -> passed through.
@@ -20,7 +21,7 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
@@ -34,6 +35,7 @@ from terse.pipelines.server.hooks import ChatResult, HookChain
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import DONE_EVENT, SSEResponse, error_event
+from terse.pipelines.server.sse_usage import with_terse_usage
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
@@ -118,6 +120,10 @@ class ProxyService:
     # -- endpoints -------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
         forwarded = await self._forward("POST", "/chat/completions", request.upstream_body(), ctx, stream=request.stream)
+        if isinstance(forwarded, SSEResponse) and self.hooks and ctx.accounting is not None:
+            # the usage chunk reports what the headers report
+            relayed = cast(AsyncIterator[bytes], forwarded.body_iterator)
+            forwarded.body_iterator = with_terse_usage(relayed, ctx.accounting.usage_fields())
         if request.stream or forwarded.status_code >= 400 or not self.hooks:
             return forwarded  # no hooks: nothing saved, the x-terse-* headers say so without re-encoding
         return await self._finish_chat(forwarded, request, ctx)

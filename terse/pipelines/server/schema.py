@@ -42,15 +42,32 @@ class ChatRequest:
     """The JSON body as received (proxy mode forwards it, with `messages` replaced if a hook changed them)."""
     text_only: bool = True
     """False when some message had non-text parts (images, audio): hooks are skipped, proxy forwards as is."""
+    wire_messages: tuple[Mapping[str, Any], ...] = ()
+    """The messages as they go upstream, one per entry of `messages`, with every field kept (tool_calls,
+    tool_call_id, name, content parts, unknown keys); () for a request built by hand."""
+    notes: Mapping[str, str | int] = dataclasses.field(default_factory=dict)
+    """What hooks report about their rewrite; sent as `x-terse-<key>` headers and under `usage.terse`."""
 
     def with_messages(self, messages: tuple[Message, ...]) -> ChatRequest:
-        return dataclasses.replace(self, messages=messages)
+        """New text messages. One that is one of this request's own (the same object) keeps its wire
+        form; any other message goes upstream as {"role", "content"}."""
+        own = {id(m): w for m, w in zip(self.messages, self.wire_messages)}
+        wire = tuple(own.get(id(m)) or dict(m) for m in messages)
+        return dataclasses.replace(self, messages=messages, wire_messages=wire)
+
+    def with_wire_messages(self, wire: tuple[Mapping[str, Any], ...]) -> ChatRequest:
+        """New wire messages (every field kept as given); the text messages are derived from them."""
+        return dataclasses.replace(self, messages=tuple(_message(m, i)[0] for i, m in enumerate(wire)), wire_messages=wire)
+
+    def with_notes(self, **notes: str | int) -> ChatRequest:
+        return dataclasses.replace(self, notes={**self.notes, **notes})
 
     def upstream_body(self) -> dict[str, Any]:
         """The body to forward: the original one, with the (possibly rewritten) messages."""
         body = dict(self.body)
         if self.text_only:
-            body["messages"] = [dict(m) for m in self.messages]
+            wire = self.wire_messages or self.messages
+            body["messages"] = [dict(m) for m in wire]
         return body
 
 
@@ -195,6 +212,7 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         include_usage=include_usage,
         body=body,
         text_only=all(ok for _, ok in parsed),
+        wire_messages=tuple(raw_messages),
     )
 
 
