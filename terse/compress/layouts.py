@@ -47,6 +47,7 @@ MIN_PASSAGE_CHARS = 200
 """Default shortest paragraph (or heading body) taken as a document outside a container (~40 words)."""
 
 _WS = re.compile(r"\s*")
+_SPACES = re.compile(r"[ \t]*")
 _BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 _DOC_TAGS = "document|doc|passage|source|result|search_result|snippet|chunk|article|excerpt|page|file"
 _CONTAINER_TAGS = (
@@ -121,10 +122,15 @@ class TextLayout:
     kind: LayoutKind
     documents: tuple[DocumentSpan, ...] = ()
     units: tuple[Span, ...] = ()
-    """Per document, the stretch removed when it is dropped (contains the document; units never overlap)."""
+    """Per document, the stretch removed when it is dropped: the document with its marker, heading line
+    or element tags (units never overlap)."""
 
     def render(self, texts: Sequence[str]) -> str:
-        """The text with document i replaced by `texts[i]` ("" removes the document's unit)."""
+        """The text with document i replaced by `texts[i]` ("" removes the document's unit).
+
+        A removed unit takes the whitespace after it along when the text before it already ends in
+        whitespace, so removing documents leaves one separator where there were several.
+        """
         _check_count(texts, self.documents)
         pieces: list[str] = []
         pos = 0
@@ -132,9 +138,13 @@ class TextLayout:
             if new:
                 pieces += [self.text[pos : doc.span.start], new]
                 pos = doc.span.end
-            else:
-                pieces.append(self.text[pos : unit.start])
-                pos = unit.end
+                continue
+            pieces.append(self.text[pos : unit.start])
+            pos = unit.end
+            before = next((p for p in reversed(pieces) if p), "\n")
+            if before[-1].isspace():
+                gap = _WS if before[-1] == "\n" else _SPACES
+                pos = gap.match(self.text, pos).end()  # type: ignore[union-attr]
         pieces.append(self.text[pos:])
         return "".join(pieces)
 
@@ -231,17 +241,9 @@ class _Finder(Protocol):
 
 def _text_layout(text: str, kind: LayoutKind, hits: Sequence[_Hit]) -> TextLayout:
     hits = sorted(h for h in hits if h.span.end > h.span.start)
-    units: list[Span] = []
-    for i, hit in enumerate(hits):
-        end = max(hit.unit_end, hit.span.end)
-        # a unit takes the whitespace up to the next unit with it, so removing a run of units leaves one
-        # separator; before verbatim text it takes none, so that text keeps its own spacing
-        following = hits[i + 1].unit_start if i + 1 < len(hits) else -1
-        if following >= end and not text[end:following].strip():
-            end = following
-        units.append(Span(hit.unit_start, end))
+    units = tuple(Span(h.unit_start, max(h.unit_end, h.span.end)) for h in hits)
     documents = tuple(DocumentSpan(text[h.span.start : h.span.end], h.span, h.label) for h in hits)
-    return TextLayout(text, kind, documents, tuple(units))
+    return TextLayout(text, kind, documents, units)
 
 
 def _strip(text: str, start: int, end: int) -> Span:
@@ -369,7 +371,7 @@ def _reads_as_instruction(paragraph: str) -> bool:
 
 
 def _numbered(text: str, min_chars: int) -> list[_Hit]:
-    hits = _marker_hits_strong(text, 0, len(text))
+    hits = [h for h in _marker_hits_strong(text, 0, len(text)) if h.span.end > h.span.start]
     if not hits:
         return []
     # the last source ends where a short or instruction-like paragraph starts (the question, a request)

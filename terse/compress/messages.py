@@ -229,7 +229,10 @@ def _locate(
     whole = policy.compress_history and role not in _INSTRUCTION_ROLES and index != last_user
     for part in parts:
         part.layout = parse_layout(part.text, whole_fallback=whole, min_passage_chars=policy.min_passage_chars)
-    return "documents" if any(p.layout is not None and p.layout.documents for p in parts) else "unrecognised"
+    if any(p.layout is not None and p.layout.documents for p in parts):
+        return "documents"
+    # a text shorter than one passage holds no material worth reporting: an instruction, a question
+    return "unrecognised" if chars >= policy.min_passage_chars else "short"
 
 
 def _verbatim_texts(parts: Sequence[list[_Part]], outcomes: Sequence[Outcome]) -> list[str]:
