@@ -18,6 +18,7 @@ instructions and question stay verbatim); earlier turns and tool results by thei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -182,11 +183,12 @@ def compress_messages(
         out = _render(messages, parts, outcomes, documents, result.contexts, policy.placeholder)
         if room is None or budget.target_tokens is None:
             break
-        # seams between verbatim text and documents can tokenize differently from the parts alone
+        # the kept documents' markers, tags and separators, and seams between verbatim text and documents,
+        # come on top of what the compressor measured: take the excess (and a little more) off the room
         over = _content_tokens(out, count) - budget.target_tokens
         if over <= 0 or room - over < 1:
             break
-        room -= over
+        room -= over + math.ceil(0.02 * room)
     return CompressedMessages(out, result, _report(messages, parts, outcomes, result, documents))
 
 
@@ -236,6 +238,7 @@ def _locate(
 
 
 def _verbatim_texts(parts: Sequence[list[_Part]], outcomes: Sequence[Outcome]) -> list[str]:
+    """Every text that is not a document or its unit: what stays whatever the compression drops."""
     return [
         part.layout.verbatim_text() if outcome == "documents" and part.layout is not None else part.text
         for p, outcome in zip(parts, outcomes) for part in p

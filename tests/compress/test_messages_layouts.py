@@ -158,12 +158,3 @@ def test_cjk_and_mixed_language_documents_compress_in_place(counter: Counter) ->
     assert text.endswith("问题：李娜创办了哪家公司？") and counter(text) < counter(messages[0]["content"])
     for compressed, original in zip(result.contexts, [*zh, mixed]):
         assert is_subsequence(words_of(compressed), words_of(original))
-
-
-def test_a_megabyte_message_gets_a_result(counter: Counter) -> None:
-    data = make_docset(seed=1, num_docs=10, num_filler=4)
-    big = "\n\n".join(data.docs * 400)  # ~1 MB of blank-line passages
-    assert len(big) > 1_000_000
-    messages = [{"role": "user", "content": f"Here are the notes.\n\n{big}"}, {"role": "user", "content": data.question}]
-    out, result, _ = compress_messages(scorer_free(len), messages, MessagePolicy(Budget(rate=0.01)))
-    assert result is not None and len(out[0]["content"]) < 0.02 * len(big) and out[1] == messages[1]
