@@ -33,12 +33,12 @@ cut an instruction.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from terse.compress.json_scan import array_cuts, json_string_body, scan_json
 from terse.compress.words import Span
 
 LayoutKind = Literal["json", "tags", "sections", "numbered", "headings", "passages", "whole", "none"]
@@ -93,15 +93,6 @@ _INSTRUCTION_CUES = re.compile(
     r"assistant|instructions?)\b",
     re.I,
 )
-_JSON_TEXT_KEYS = frozenset(
-    ("text", "content", "body", "snippet", "passage", "page_content", "chunk", "document", "abstract",
-     "summary", "description", "excerpt", "article", "contents", "full_text")
-)
-_JSON_LABEL_KEYS = ("id", "title", "name", "url", "source", "doc_id")
-_JSON_MIN_CHARS = 20
-_JSON_MAX_DEPTH = 64
-
-
 @dataclass(frozen=True)
 class DocumentSpan:
     """One document found in a message."""
@@ -177,13 +168,13 @@ class JsonLayout:
         for (array, index), keep in alive.items():
             if array >= 0 and not keep:
                 removed.setdefault(array, set()).add(index)
-        cuts = [cut for array, indices in removed.items() for cut in _array_cuts(self.arrays[array], indices)]
+        cuts = [cut for array, indices in removed.items() for cut in array_cuts(self.arrays[array], indices)]
         cuts = [c for c in cuts if not any(o != c and o.start <= c.start and c.end <= o.end for o in cuts)]
         edits = [(c.start, c.end, "") for c in cuts]
         for doc, new in zip(self.documents, texts):
             if not any(c.start <= doc.span.start and doc.span.end <= c.end for c in cuts):
                 raw = self.text[doc.span.start : doc.span.end]
-                edits.append((doc.span.start, doc.span.end, _json_string_body(new, raw)))
+                edits.append((doc.span.start, doc.span.end, json_string_body(new, raw)))
         pieces: list[str] = []
         pos = 0
         for start, end, new_text in sorted(edits):
@@ -210,9 +201,10 @@ def parse_layout(text: str, *, whole_fallback: bool = False, min_passage_chars: 
     are material by nature: tool results, earlier turns) instead of leaving it verbatim.
     """
     if text.lstrip()[:1] in ("[", "{"):
-        found = _json_layout(text)
-        if found is not None:
-            return found
+        scan = scan_json(text, min_passage_chars)
+        if scan is not None and scan.documents:
+            documents = tuple(DocumentSpan(t, span, label) for t, span, label in scan.documents)
+            return JsonLayout(text, documents, scan.elements, scan.arrays)
     for kind, finder in _RECOGNISERS:
         hits = finder(text, min_passage_chars)
         if hits:
@@ -421,125 +413,6 @@ _RECOGNISERS: tuple[tuple[LayoutKind, _Finder], ...] = (
     ("headings", _headings),
     ("passages", _passages),
 )
-
-
-# -- JSON --------------------------------------------------------------------------------------------------
-class _JsonScan:
-    """Walks a JSON text recording string fields that hold documents and every array's element spans."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.documents: list[DocumentSpan] = []
-        self.elements: list[tuple[int, int]] = []
-        self.arrays: list[list[Span]] = []
-        self._decoder = json.JSONDecoder()
-
-    def value(self, i: int, depth: int, key: str | None, element: tuple[int, int]) -> int:
-        if depth > _JSON_MAX_DEPTH:
-            raise ValueError("JSON nested too deep to look for documents")
-        c = self.text[i]
-        if c == "{":
-            return self.object(i, depth, element)
-        if c == "[":
-            return self.array(i, depth)
-        if c == '"':
-            decoded, end = self._decoder.raw_decode(self.text, i)
-            is_text_field = key is not None and key.lower() in _JSON_TEXT_KEYS and len(decoded) >= _JSON_MIN_CHARS
-            is_passage = key is None and element[0] >= 0 and len(decoded) >= MIN_PASSAGE_CHARS
-            if is_text_field or is_passage:
-                self.documents.append(DocumentSpan(decoded, Span(i + 1, end - 1)))
-                self.elements.append(element)
-            return int(end)
-        _, end = self._decoder.raw_decode(self.text, i)
-        return int(end)
-
-    def object(self, i: int, depth: int, element: tuple[int, int]) -> int:
-        first_doc = len(self.documents)
-        labels: dict[str, str] = {}
-        i = self._ws(i + 1)
-        if self.text[i] == "}":
-            return i + 1
-        while True:
-            key, i = self._decoder.raw_decode(self.text, i)
-            i = self._ws(self._expect(self._ws(i), ":"))
-            if key in _JSON_LABEL_KEYS and self.text[i] in '"0123456789':
-                labels.setdefault(key, str(self._decoder.raw_decode(self.text, i)[0]))
-            i = self._ws(self.value(i, depth + 1, key, element))
-            if self.text[i] == ",":
-                i = self._ws(i + 1)
-                continue
-            end = self._expect(i, "}")
-            label = next((labels[k] for k in _JSON_LABEL_KEYS if k in labels), "")
-            for n in range(first_doc, len(self.documents)):
-                if not self.documents[n].label:
-                    self.documents[n] = DocumentSpan(self.documents[n].text, self.documents[n].span, label)
-            return end
-
-    def array(self, i: int, depth: int) -> int:
-        array_id = len(self.arrays)
-        self.arrays.append([])
-        i = self._ws(i + 1)
-        if self.text[i] == "]":
-            return i + 1
-        while True:
-            end = self.value(i, depth + 1, None, (array_id, len(self.arrays[array_id])))
-            self.arrays[array_id].append(Span(i, end))
-            i = self._ws(end)
-            if self.text[i] == ",":
-                i = self._ws(i + 1)
-                continue
-            return self._expect(i, "]")
-
-    def _ws(self, i: int) -> int:
-        return _WS.match(self.text, i).end()  # type: ignore[union-attr]
-
-    def _expect(self, i: int, char: str) -> int:
-        if self.text[i] != char:
-            raise ValueError(f"expected {char!r} at {i}")
-        return i + 1
-
-
-def _json_layout(text: str) -> JsonLayout | None:
-    try:
-        json.loads(text)
-        scan = _JsonScan(text)
-        scan.value(_WS.match(text).end(), 0, None, (-1, -1))  # type: ignore[union-attr]
-    except (ValueError, RecursionError, IndexError):
-        return None
-    if not scan.documents:
-        return None
-    arrays = tuple(tuple(a) for a in scan.arrays)
-    return JsonLayout(text, tuple(scan.documents), tuple(scan.elements), arrays)
-
-
-def _array_cuts(elements: Sequence[Span], removed: set[int]) -> list[Span]:
-    """Spans to delete so the array loses `removed` elements and stays valid JSON.
-
-    A run of removed elements followed by a kept one goes with its trailing separators; a run at the
-    end goes with the separator before it. All removed: the elements go, the brackets stay ("[ ]").
-    """
-    kept = [i for i in range(len(elements)) if i not in removed]
-    if not kept:
-        return [Span(elements[0].start, elements[-1].end)]
-    cuts: list[Span] = []
-    run: list[int] = []
-    for i in range(len(elements) + 1):
-        if i < len(elements) and i in removed:
-            run.append(i)
-            continue
-        if run:
-            if i < len(elements):
-                cuts.append(Span(elements[run[0]].start, elements[i].start))
-            else:
-                cuts.append(Span(elements[kept[-1]].end, elements[run[-1]].end))
-            run = []
-    return cuts
-
-
-def _json_string_body(new: str, raw: str) -> str:
-    """`new` escaped as the inside of a JSON string, ASCII-only when the original was written so."""
-    ascii_only = "\\u" in raw and raw.isascii()
-    return json.dumps(new, ensure_ascii=ascii_only)[1:-1]
 
 
 def _check_count(texts: Sequence[str], documents: Sequence[DocumentSpan]) -> None:
