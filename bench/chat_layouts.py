@@ -223,7 +223,10 @@ def accuracy(args: argparse.Namespace, questions: list[Question], data: SplitDat
             rid = f"{ratio:g}-{layout}-{q.qid}"
             got = ask(proxies[ratio][1], rid, layout_messages(layout, q, data), args.max_tokens)
             forwarded = recorder.bodies.pop(rid)["messages"]
+            terse_usage = got.pop("terse")
             return {"ratio": ratio, "layout": layout, "qid": q.qid, "kind": q.kind, **got,
+                    "usage_matches_headers": terse_usage.get("saved_prompt_tokens", 0) == got["original"] - got["sent"],
+                    "unrecognised": terse_usage.get("unrecognised_messages", "none"),
                     "kept": kept(q, forwarded), "em": exact_match(got["text"], q.answer, q.items)}
 
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -261,9 +264,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "original_tokens": statistics.mean(r["original"] for r in mine),
                 "sent_tokens": statistics.mean(r["sent"] for r in mine),
                 "upstream_prompt_tokens": statistics.mean(r["upstream_prompt_tokens"] for r in mine),
-                "unrecognised": sum(r["terse"].get("unrecognised_messages", "none") != "none" for r in mine),
-                "usage_matches_headers": all(not r["terse"] or r["terse"]["saved_prompt_tokens"] == r["original"] - r["sent"]
-                                             for r in mine),
+                "unrecognised": sum(r["unrecognised"] != "none" for r in mine),
+                "usage_matches_headers": all(r["usage_matches_headers"] for r in mine),
             })
     return out
 
@@ -338,6 +340,14 @@ def hook_times(requests: list[Messages]) -> dict[str, float]:
             "tokenize_once": median_ms(lambda p: tokenizer.count_tokens(tokenizer.render_chat(p.messages) or ""))}
 
 
+def dump(report: dict[str, Any]) -> str:
+    """The report as JSON, one line per request row (the rows are most of it)."""
+    rows = report["rows"]
+    head = json.dumps({**report, "rows": "ROWS"}, indent=1)
+    lines = ",\n  ".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in rows)
+    return head.replace('"ROWS"', f"[\n  {lines}\n ]" if rows else "[]")
+
+
 def subsample(questions: list[Question], per_world: int) -> list[Question]:
     """The first `per_world` questions of each world, kinds taken in turn (single, multi, list, ...)."""
     out = []
@@ -407,7 +417,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
+    tmp.write_text(dump(report))
     tmp.replace(args.out)
     print("\n".join(table(summary, over)))
 
