@@ -1,0 +1,170 @@
+"""Budget-aware closing: a constrained request that runs out of tokens still ends with a complete value.
+
+Each constrained request keeps a closing plan: a short token sequence that would complete its grammar from
+where it stands (terse.backend.closing). With R tokens left to generate (max_tokens left, or context room
+if smaller) and a plan of L tokens, each step is one of:
+
+    R <= L           FORCE   the next token is the plan's first (the mask allows only it). The
+                             request writes the plan to its end and finishes "length".
+    R <= 2 L + ZONE  CHECK   the model samples as usual; the sampled token is then checked: if
+                             the grammar could no longer be completed within R - 1 tokens after it,
+                             the plan's first token replaces it
+    otherwise        FREE    nothing to do
+
+A token the model samples on its own is kept whenever a completion still fits after it, so a request that
+finishes on its own is not changed (unless it would finish in its last few tokens by a route shorter than
+the plan: the plan is short, not always the shortest). CHECK needs the sampled token on the host before
+the next step: on a GPU that is one synchronisation per step while any request is that close to its
+budget. FREE rows cost nothing but, after a token that broke the plan, one replan once the budget comes
+within reach of the old plan's length plus one token per token generated since (a token that adds more
+than that to the closing length far from the budget is caught by the zone's margin).
+
+Not thread-safe: one owner at a time (the decode loop, or the mask worker while it holds the rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from terse.backend.closing import ByteClasses, ClosingPlanner
+from terse.errors import InvalidRequestError
+
+ZONE = 16
+"""Extra tokens of margin for CHECK beyond twice the plan's length."""
+RETRY_AFTER = 8
+"""Tokens to wait before searching again when no plan was found."""
+
+
+class BudgetStep(NamedTuple):
+    """What one step of a constrained request must do about its budget."""
+
+    force: int | None
+    """The token the step must produce (FORCE), or None."""
+    check: bool
+    """Sample freely, then `BudgetGuard.check` the sampled token (CHECK)."""
+
+
+FREE = BudgetStep(None, False)
+CHECK = BudgetStep(None, True)
+
+
+class BudgetGuard:
+    """One constrained request's closing plan, kept in step with its grammar matcher.
+
+    The owner calls `step(matcher, remaining)` before each sample, `check(...)` on the sampled token when
+    the step said so, and `on_token(token)` after the matcher consumed a token."""
+
+    def __init__(self, planner: ClosingPlanner, classes: ByteClasses, min_len: int | None) -> None:
+        self._planner = planner
+        self._classes = classes
+        self._plan: list[int] | None = None
+        """A completion valid from the matcher's current state (None: unknown)."""
+        self._verify = False
+        """The plan was valid before the last token: check it before use."""
+        self._stale_len = min_len or 0
+        """Length of the last known plan."""
+        self._since = 0
+        """Tokens consumed since that plan was valid."""
+        self._after: tuple[int, list[int]] | None = None
+        """(token, plan after it) found while checking a sampled token."""
+        self._retry_at = 0
+        self._overrun = False
+        """The plan is longer than the budget and no shorter one was found (do not search every step)."""
+        self.closed = False
+        """True once the budget decided a token (FORCE, or a CHECK that replaced the model's token)."""
+
+    def on_token(self, token: int) -> None:
+        """The matcher consumed `token`: move the plan along."""
+        after, self._after = self._after, None
+        if self._plan is None:
+            self._since += 1
+        elif self._plan and self._plan[0] == token:
+            self._plan = self._plan[1:]
+        elif after is not None and after[0] == token:
+            self._plan, self._overrun = after[1], False
+        else:
+            self._verify = True
+
+    def step(self, matcher: Any, remaining: int) -> BudgetStep:
+        """The decision for the next token, `remaining` tokens (this one included) left to generate."""
+        plan = self._current(matcher, remaining)
+        if plan is None:
+            return FREE
+        if len(plan) > remaining and not self._overrun:  # the quick plan does not fit: look harder
+            better = self._planner.fit(matcher, remaining, self._classes)
+            if better is not None:
+                self._plan = plan = better
+            self._overrun = better is None
+        if plan and len(plan) >= remaining:
+            self.closed = True
+            return BudgetStep(plan[0], False)
+        if remaining <= 2 * len(plan) + ZONE:
+            return CHECK
+        return FREE
+
+    def check(self, matcher: Any, token: int, remaining: int) -> int:
+        """The token to keep for a CHECK step: `token` itself when a completion still fits in the
+        `remaining - 1` tokens after it, else the plan's first token (EOS when the plan is empty)."""
+        plan = self._plan
+        assert plan is not None, "check() follows a CHECK step, which has a plan"
+        planner = self._planner
+        if token in planner.eos_ids or (plan and token == plan[0]):
+            return token
+        if 1 + len(plan) <= remaining and matcher.validate_tokens([token, *plan, planner.eos]) == len(plan) + 2:
+            self._after = (token, plan)
+            return token
+        child = matcher.deep_copy()
+        if child.consume_token(token):
+            found = planner.fit(child, remaining - 1, self._classes)
+            if found is not None:
+                self._after = (token, found)
+                return token
+        self.closed = True
+        return plan[0] if plan else planner.eos
+
+    def _current(self, matcher: Any, remaining: int) -> list[int] | None:
+        """The plan from the matcher's state; None while it is unknown and the budget far away."""
+        if self._verify:
+            self._verify = False
+            assert self._plan is not None
+            if not self._planner.completes(matcher, self._plan):
+                self._stale_len, self._since, self._plan = len(self._plan), 1, None
+        if self._plan is not None:
+            return self._plan
+        upper = self._stale_len + self._since
+        if remaining > 2 * upper + ZONE + 1 or self._since < self._retry_at:
+            return None
+        self._overrun = False
+        self._plan = self._planner.plan(matcher, 2 * remaining + ZONE, self._classes)
+        if self._plan is None:  # no completion found: try again a few tokens later
+            self._retry_at = self._since + RETRY_AFTER
+        else:
+            self._since = self._retry_at = 0
+        return self._plan
+
+
+def check_budget(min_len: int | None, max_tokens: int, room: int | None, what: str) -> None:
+    """Refuse a request whose budget cannot hold the grammar's shortest completion (`min_len` tokens).
+
+    `room`: context tokens left after the prompt (None: not known here). Raises `InvalidRequestError`
+    naming max_tokens (param "max_tokens")."""
+    if min_len is None:
+        return
+    if max_tokens < min_len:
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} is too small for this {what}: its shortest complete output is "
+            f"{min_len} tokens; set max_tokens to at least {min_len}",
+            param="max_tokens",
+        )
+    if room is not None and room < min_len:
+        raise InvalidRequestError(
+            f"the prompt leaves {room} tokens of context, fewer than the {min_len} tokens of this {what}'s "
+            f"shortest complete output; shorten the prompt",
+            param="max_tokens",
+        )
+
+
+def shortest_len(planner: ClosingPlanner, matcher: Any, classes: ByteClasses, limit: int) -> int | None:
+    """Length of the shortest completion found from `matcher` (None: none within `limit` tokens)."""
+    found = planner.shortest(matcher, limit, classes)
+    return None if found is None else len(found)
