@@ -4,20 +4,23 @@ Each constrained request keeps a closing plan: a short token sequence that would
 where it stands (terse.backend.closing). With R tokens left to generate (max_tokens left, or context room
 if smaller) and a plan of L tokens, each step is one of:
 
-    R <= L           FORCE   the next token is the plan's first (the mask allows only it). The
-                             request writes the plan to its end and finishes "length".
-    R <= 2 L + ZONE  CHECK   the model samples as usual; the sampled token is then checked: if
-                             the grammar could no longer be completed within R - 1 tokens after it,
-                             the plan's first token replaces it
+    R <= 2 L + ZONE  CHECK   the model samples as usual (grammar mask); the sampled token is then
+                             checked: when no completion fits in the R - 1 tokens after it, the
+                             plan's first token replaces it. Once R == L every token the model
+                             picks off a shortest path is replaced: the request writes the plan
+                             and finishes "length" with a complete value.
     otherwise        FREE    nothing to do
+    R < L            FORCE   only when a token far from the budget made the plan grow by more than
+                             the zone's margin: the plan's tokens as far as the budget goes (the
+                             value stays incomplete; not seen in the tests and benchmarks)
 
 A token the model samples on its own is kept whenever a completion still fits after it, so a request that
-finishes on its own is not changed (unless it would finish in its last few tokens by a route shorter than
-the plan: the plan is short, not always the shortest). CHECK needs the sampled token on the host before
-the next step: on a GPU that is one synchronisation per step while any request is that close to its
-budget. FREE rows cost nothing but, after a token that broke the plan, one replan once the budget comes
-within reach of the old plan's length plus one token per token generated since (a token that adds more
-than that to the closing length far from the budget is caught by the zone's margin).
+finishes on its own within its budget is not changed, except where the plan is not the shortest
+completion (closing.py: the searches are bounded) and the model would have finished in its last tokens.
+CHECK needs the sampled token on the host before the next step: on a GPU that is one synchronisation per
+step while any request is that close to its budget. A FREE row costs a plan check (a few microseconds)
+after a token that left the plan's path, and a replan once the budget comes within reach of the last
+plan's length plus one token per token generated since.
 
 Not thread-safe: one owner at a time (the decode loop, or the mask worker while it holds the rows).
 """
@@ -95,8 +98,8 @@ class BudgetGuard:
             if better is not None:
                 self._plan = plan = better
             self._overrun = better is None
-        if plan and len(plan) >= remaining:
-            self.closed = True
+        if len(plan) > remaining:  # cannot fit any more (a token far from the budget grew the plan by
+            self.closed = True  # more than the zone's margin): close as far as the budget goes
             return BudgetStep(plan[0], False)
         if remaining <= 2 * len(plan) + ZONE:
             return CHECK

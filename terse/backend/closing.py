@@ -51,9 +51,19 @@ SEARCH_MAX_POPS = 600
 """States the search may take off its queue before giving up."""
 SEARCH_MAX_CHILDREN = 12
 """Children per expanded state (one per class of bytes that act alike)."""
+SEARCH_SHORTCUTS = 6
+"""Multi-byte tokens tried per structural state besides the single bytes."""
+MAX_GROUPS_FOR_SHORTCUTS = 8
+"""A state with more classes of bytes than this is free text: no multi-byte shortcuts."""
 _PROBE_BYTES = bytes(range(32, 127)) + b"\n\t"
 """Bytes whose acceptance makes a state's signature (printable ASCII, newline, tab)."""
 _CLASS_CACHE_SIZE = 4096
+
+
+def _raw_bound(max_len: int) -> int:
+    """Tokens a path may take before re-tokenizing when it must fit `max_len` after: single-byte steps
+    often merge (`ed` is one token where `e` `d` were two)."""
+    return 2 * max_len + 8
 
 
 def _preference(order: bytes) -> list[int]:
@@ -119,7 +129,8 @@ class ClosingPlanner:
         self._structural = [single[b] for b in _preference(_STRUCTURAL_ORDER) if b in single]
         self._free = [single[b] for b in _preference(_FREE_ORDER) if b in single]
         self._probes = [single[b] for b in _FREE_PROBES if b in single]
-        self._rank = {single[b]: i for i, b in enumerate(_preference(_SEARCH_RANK)) if b in single}
+        self._byte_rank = {b: i for i, b in enumerate(_preference(_SEARCH_RANK))}
+        self._rank = {single[b]: i for b, i in self._byte_rank.items() if b in single}
         probes = [b for b in _PROBE_BYTES if b in single]
         self._probe_bits = [(1 << (i + 1), single[b]) for i, b in enumerate(probes)]
         """(signature bit, token) per probe byte; bit 0 of a signature is `is_accepting`."""
@@ -128,9 +139,9 @@ class ClosingPlanner:
     def plan(self, matcher: Any, max_len: int, classes: ByteClasses | None = None) -> list[int] | None:
         """A completion of at most `max_len` tokens, quickly: the greedy walk, the search only when the
         walk fails. None when neither finds one. `matcher` is not changed."""
-        path = self.greedy(matcher, max_len)
+        path = self.greedy(matcher, _raw_bound(max_len))
         if path is None:
-            path = self.search(matcher, max_len, classes)
+            path = self.search(matcher, _raw_bound(max_len), classes)
         return None if path is None else self.compact(matcher, path)
 
     def fit(self, matcher: Any, max_len: int, classes: ByteClasses | None = None) -> list[int] | None:
@@ -139,7 +150,7 @@ class ClosingPlanner:
         path = self.plan(matcher, max_len, classes)
         if path is not None and len(path) <= max_len:
             return path
-        found = self.search(matcher, max_len, classes)
+        found = self.search(matcher, _raw_bound(max_len), classes)
         if found is None:
             return None
         found = self.compact(matcher, found)
@@ -150,7 +161,7 @@ class ClosingPlanner:
         best = self.plan(matcher, max_len, classes)
         if best is not None and not best:
             return best
-        found = self.search(matcher, max_len if best is None else len(best) - 1, classes)
+        found = self.search(matcher, _raw_bound(max_len if best is None else len(best) - 1), classes)
         if found is not None:
             found = self.compact(matcher, found)
             if best is None or len(found) < len(best):
@@ -252,8 +263,27 @@ class ClosingPlanner:
         reps = sorted(groups.values(), key=lambda t: self._rank[t])[:SEARCH_MAX_CHILDREN]
         if not reps:
             reps = self._allowed_any(m, SEARCH_MAX_CHILDREN)
+        elif len(groups) <= MAX_GROUPS_FOR_SHORTCUTS:
+            reps += self._shortcuts(m)
         classes.put(signature, reps)
         return reps
+
+    def _shortcuts(self, m: Any) -> list[int]:
+        """Allowed tokens of 2-4 bytes in a structural state (` 3` after `"x":` where the vocabulary
+        merges the space with the digit), best-ranked first byte, then shortest."""
+        words = np.frombuffer(bytes(m.compute_bitmask()), dtype=np.uint32)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        found: list[tuple[int, int, int]] = []
+        for t in np.flatnonzero(bits).tolist():
+            raw = self._token_bytes(t)
+            if 2 <= len(raw) <= 4:
+                found.append((self._byte_rank[raw[0]], len(raw), t))
+        return [t for _, _, t in sorted(found)[:SEARCH_SHORTCUTS]]
+
+    def _token_bytes(self, token: int) -> bytes:
+        if self._tok.is_special_token(token):
+            return b""
+        return bytes(self._tok.decode_bytes([token]))
 
     def _allowed_any(self, m: Any, limit: int) -> list[int]:
         """Up to `limit` allowed tokens of any length, shortest first (EOS and special tokens left out)."""
