@@ -27,11 +27,14 @@ Not thread-safe: one owner at a time (the decode loop, or the mask worker while 
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 from terse.backend.closing import ByteClasses, ClosingPlanner
 from terse.errors import InvalidRequestError
 
+MAX_MIN_LEN = 4096
+"""Longest complete output the compiler looks for (a grammar that needs more is never refused)."""
 ZONE = 16
 """Extra tokens of margin for CHECK beyond twice the plan's length."""
 RETRY_AFTER = 8
@@ -146,28 +149,55 @@ class BudgetGuard:
         return self._plan
 
 
-def check_budget(min_len: int | None, max_tokens: int, room: int | None, what: str) -> None:
-    """Refuse a request whose budget cannot hold the grammar's shortest completion (`min_len` tokens).
+class GrammarBudget:
+    """What the budget logic shares between all requests of one compiled grammar: the planner, the byte
+    classes its searches learn, and the grammar's shortest complete output from the start.
 
-    `room`: context tokens left after the prompt (None: not known here). Raises `InvalidRequestError`
-    naming max_tokens (param "max_tokens")."""
-    if min_len is None:
-        return
-    if max_tokens < min_len:
+    The quick (greedy) completion length is computed once when the grammar is compiled; the search for
+    the shortest one runs only for a request whose budget is below the quick length. Thread-safe."""
+
+    def __init__(self, planner: ClosingPlanner, matcher: Any, kind: str) -> None:
+        self.planner = planner
+        self.classes = ByteClasses()
+        self.kind = kind
+        """What the grammar's output is, for messages ("JSON object", "tool call", ...)."""
+        self._pristine = matcher
+        quick = planner.plan(matcher, MAX_MIN_LEN, self.classes)
+        self.quick_len = None if quick is None else len(quick)
+        """Tokens of a complete output found quickly (None: none found)."""
+        self._min_len: int | None = None
+        self._lock = threading.Lock()
+
+    def guard(self) -> BudgetGuard:
+        """The budget guard of a new request at the grammar's start."""
+        return BudgetGuard(self.planner, self.classes, self.quick_len)
+
+    def min_len(self) -> int | None:
+        """Tokens of the shortest complete output found (searched once, then cached; None: none found)."""
+        with self._lock:
+            if self._min_len is None:
+                found = self.planner.shortest(self._pristine, self.quick_len or MAX_MIN_LEN, self.classes)
+                self._min_len = None if found is None else len(found)
+            return self._min_len
+
+    def check(self, max_tokens: int, room: int | None) -> None:
+        """Refuse a request whose budget cannot hold the grammar's shortest complete output. `room`:
+        context tokens left after the prompt (None: not known). Raises `InvalidRequestError` naming
+        max_tokens (param "max_tokens")."""
+        budget = max_tokens if room is None else min(max_tokens, room)
+        if self.quick_len is not None and budget >= self.quick_len:
+            return
+        min_len = self.min_len()
+        if min_len is None or budget >= min_len:
+            return
+        if max_tokens < min_len:
+            raise InvalidRequestError(
+                f"max_tokens={max_tokens} is too small for a complete {self.kind}: the shortest is {min_len} "
+                f"tokens; set max_tokens to at least {min_len}",
+                param="max_tokens",
+            )
         raise InvalidRequestError(
-            f"max_tokens={max_tokens} is too small for this {what}: its shortest complete output is "
-            f"{min_len} tokens; set max_tokens to at least {min_len}",
+            f"the prompt leaves {room} tokens of context, fewer than the {min_len} tokens of the shortest "
+            f"complete {self.kind}; shorten the prompt",
             param="max_tokens",
         )
-    if room is not None and room < min_len:
-        raise InvalidRequestError(
-            f"the prompt leaves {room} tokens of context, fewer than the {min_len} tokens of this {what}'s "
-            f"shortest complete output; shorten the prompt",
-            param="max_tokens",
-        )
-
-
-def shortest_len(planner: ClosingPlanner, matcher: Any, classes: ByteClasses, limit: int) -> int | None:
-    """Length of the shortest completion found from `matcher` (None: none within `limit` tokens)."""
-    found = planner.shortest(matcher, limit, classes)
-    return None if found is None else len(found)

@@ -82,12 +82,17 @@ class VocabBytes:
         """byte value -> a token that is exactly that byte."""
         self.by_bytes: dict[bytes, int] = {}
         """a token's bytes -> the token (the first of equal ones), special tokens left out."""
+        self.lengths = np.zeros(vocab_size, dtype=np.int64)
+        """[V] bytes per token (0: special, or beyond the tokenizer)."""
+        self.first = np.zeros(vocab_size, dtype=np.int64)
+        """[V] each token's first byte."""
         for token in range(min(vocab_size, int(ll_tokenizer.vocab_size))):
             if ll_tokenizer.is_special_token(token):
                 continue
             raw = bytes(ll_tokenizer.decode_bytes([token]))
             if raw:
                 self.by_bytes.setdefault(raw, token)
+                self.lengths[token], self.first[token] = len(raw), raw[0]
                 if len(raw) == 1:
                     self.single.setdefault(raw[0], token)
         self.max_token_len = max((len(b) for b in self.by_bytes), default=1)
@@ -130,6 +135,7 @@ class ClosingPlanner:
         self._free = [single[b] for b in _preference(_FREE_ORDER) if b in single]
         self._probes = [single[b] for b in _FREE_PROBES if b in single]
         self._byte_rank = {b: i for i, b in enumerate(_preference(_SEARCH_RANK))}
+        self._byte_rank_array = np.asarray([self._byte_rank[b] for b in range(256)], dtype=np.int64)
         self._rank = {single[b]: i for b, i in self._byte_rank.items() if b in single}
         probes = [b for b in _PROBE_BYTES if b in single]
         self._probe_bits = [(1 << (i + 1), single[b]) for i, b in enumerate(probes)]
@@ -271,27 +277,24 @@ class ClosingPlanner:
     def _shortcuts(self, m: Any) -> list[int]:
         """Allowed tokens of 2-4 bytes in a structural state (` 3` after `"x":` where the vocabulary
         merges the space with the digit), best-ranked first byte, then shortest."""
-        words = np.frombuffer(bytes(m.compute_bitmask()), dtype=np.uint32)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-        found: list[tuple[int, int, int]] = []
-        for t in np.flatnonzero(bits).tolist():
-            raw = self._token_bytes(t)
-            if 2 <= len(raw) <= 4:
-                found.append((self._byte_rank[raw[0]], len(raw), t))
-        return [t for _, _, t in sorted(found)[:SEARCH_SHORTCUTS]]
+        allowed = self._allowed_ids(m)
+        lengths = self.vocab.lengths[allowed]
+        picked = allowed[(lengths >= 2) & (lengths <= 4)]
+        order = np.lexsort((self.vocab.lengths[picked], self._byte_rank_array[self.vocab.first[picked]]))
+        return [int(t) for t in picked[order[:SEARCH_SHORTCUTS]]]
 
-    def _token_bytes(self, token: int) -> bytes:
-        if self._tok.is_special_token(token):
-            return b""
-        return bytes(self._tok.decode_bytes([token]))
+    def _allowed_ids(self, m: Any) -> np.ndarray:
+        """[A] int64: the tokens the state allows (one mask computation)."""
+        words = np.frombuffer(bytes(m.compute_bitmask()), dtype=np.uint32)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: len(self.vocab.lengths)]
+        return np.flatnonzero(bits).astype(np.int64)
 
     def _allowed_any(self, m: Any, limit: int) -> list[int]:
         """Up to `limit` allowed tokens of any length, shortest first (EOS and special tokens left out)."""
-        words = np.frombuffer(bytes(m.compute_bitmask()), dtype=np.uint32)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-        allowed = [int(t) for t in np.flatnonzero(bits) if not self._tok.is_special_token(int(t))]
-        allowed.sort(key=lambda t: len(self._tok.decode_bytes([t])))
-        return allowed[:limit]
+        allowed = self._allowed_ids(m)
+        allowed = allowed[self.vocab.lengths[allowed] > 0]
+        order = np.argsort(self.vocab.lengths[allowed], kind="stable")
+        return [int(t) for t in allowed[order[:limit]]]
 
     # -- re-tokenizing -------------------------------------------------------------------------------
     def compact(self, matcher: Any, path: list[int]) -> list[int]:

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from terse.backend.budget import BudgetGuard, BudgetStep, shortest_len
-from terse.backend.closing import ByteClasses, ClosingPlanner
+from terse.backend.budget import BudgetStep, GrammarBudget
+from terse.backend.closing import ClosingPlanner
 from terse.backend.constraints import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
@@ -47,8 +47,6 @@ JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_
 """JSON layout the grammar allows: `{"a": 1, "b": [2, 3]}` and nothing looser. Free whitespace lets a weak
 model pad with newlines until max_tokens; one fixed layout keeps every output short and parseable."""
 _CACHE_SIZE = 256  # compiled grammars kept per tokenizer (LRU); a cached one is copied, not rebuilt
-MAX_MIN_LEN = 4096
-"""Longest shortest-completion the compiler looks for (a grammar that needs more is never refused)."""
 
 
 class GrammarViolationError(TerseError):
@@ -64,13 +62,15 @@ class ConstraintState:
     """One request's position in its grammar and its closing plan. Not thread-safe: one owner at a time
     (the decode loop, or the mask worker while it fills the step's masks)."""
 
-    def __init__(self, matcher: Any, guard: BudgetGuard, min_len: int | None, kind: str) -> None:
+    def __init__(self, matcher: Any, budget: GrammarBudget) -> None:
         self._matcher = matcher
-        self._guard = guard
-        self.min_len = min_len
-        """Tokens of the grammar's shortest complete output found at compile time (None: none found)."""
-        self.kind = kind
-        """What the grammar is, for messages ("JSON schema", "regex", ...)."""
+        self._budget = budget
+        self._guard = budget.guard()
+
+    def check_budget(self, max_tokens: int, room: int | None = None) -> None:
+        """Raise `InvalidRequestError` (param max_tokens) when `max_tokens` (or `room`, the context left
+        after the prompt) cannot hold the grammar's shortest complete output."""
+        self._budget.check(max_tokens, room)
 
     @property
     def matcher(self) -> Any:
@@ -239,23 +239,29 @@ class GrammarCompiler:
             matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # releases the GIL while building
             if matcher.is_error():
                 raise InvalidRequestError(f"invalid {_kind(constraint)}: {matcher.get_error()}")
-            classes = ByteClasses()
-            compiled = _Compiled(matcher, classes, shortest_len(planner, matcher, classes, MAX_MIN_LEN))
+            compiled = _Compiled(matcher, GrammarBudget(planner, matcher, _OUTPUT_KIND[type(constraint)]))
             with self._lock:
                 self._cache[constraint] = compiled
                 while len(self._cache) > _CACHE_SIZE:
                     self._cache.popitem(last=False)
-        guard = BudgetGuard(planner, compiled.classes, compiled.min_len)
-        return ConstraintState(compiled.matcher.deep_copy(), guard, compiled.min_len, _kind(constraint))
+        return ConstraintState(compiled.matcher.deep_copy(), compiled.budget)
 
 
 class _Compiled(NamedTuple):
-    """A compiled constraint as cached: its pristine matcher, the byte classes its searches share, and
-    the length of its shortest complete output (None: none found)."""
+    """A compiled constraint as cached: its pristine matcher and what its requests' budgets share."""
 
     matcher: Any
-    classes: ByteClasses
-    min_len: int | None
+    budget: GrammarBudget
+
+
+_OUTPUT_KIND: dict[type, str] = {
+    RegexConstraint: "match of the regex",
+    JsonSchemaConstraint: "JSON value of the schema",
+    JsonObjectConstraint: "JSON object",
+    ChoiceConstraint: "choice",
+    GrammarConstraint: "output of the grammar",
+    ToolCallConstraint: "tool call",
+}
 
 
 def _kind(constraint: Constraint) -> str:

@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.base import BackendBase
-from terse.backend.budget import check_budget
 from terse.backend.grammar import (
     ConstraintState,
     GrammarCompiler,
@@ -132,7 +131,7 @@ class HFBackend(BackendBase):
         _validate_prompt(prompt_ids, params, self._max_len)
         grammar = self._grammar.compile(params.constraint) if params.constraint is not None else None
         if grammar is not None:  # the budget must hold the shortest complete output (terse.backend.budget)
-            check_budget(grammar.min_len, params.max_tokens, self._max_len - len(prompt_ids), grammar.kind)
+            grammar.check_budget(params.max_tokens, self._max_len - len(prompt_ids))
         handle = RequestHandle(f"hf-{next(self._ids)}")
         self._queue.put(_Request(handle, prompt_ids, params, grammar))
         return handle

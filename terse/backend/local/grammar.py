@@ -41,7 +41,6 @@ from collections.abc import Sequence as Seq
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from terse.backend.budget import check_budget
 from terse.backend.grammar import ConstraintState, GrammarCompiler, GrammarRows, bitmask_width
 from terse.backend.local.sequence import Sequence
 from terse.backend.sampling import apply_token_bitmask
@@ -81,7 +80,7 @@ def grammar_state(
             "structured output (SamplingParams.constraint) needs a tokenizer; this engine was built without one"
         )
     state = compiler.compile(params.constraint)
-    check_budget(state.min_len, params.max_tokens, room, state.kind)
+    state.check_budget(params.max_tokens, room)
     return state
 
 
