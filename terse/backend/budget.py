@@ -4,15 +4,19 @@ Each constrained request keeps a closing plan: a short token sequence that would
 where it stands (terse.backend.closing). With R tokens left to generate (max_tokens left, or context room
 if smaller) and a plan of L tokens, each step is one of:
 
-    R <= 2 L + ZONE  CHECK   the model samples as usual (grammar mask); the sampled token is then
+    R <= 2 L + M     CHECK   the model samples as usual (grammar mask); the sampled token is then
                              checked: when no completion fits in the R - 1 tokens after it, the
                              plan's first token replaces it. Once R == L every token the model
                              picks off a shortest path is replaced: the request writes the plan
                              and finishes "length" with a complete value.
     otherwise        FREE    nothing to do
     R < L            FORCE   only when a token far from the budget made the plan grow by more than
-                             the zone's margin: the plan's tokens as far as the budget goes (the
-                             value stays incomplete; not seen in the tests and benchmarks)
+                             the margin M: the plan's tokens as far as the budget goes (the value
+                             stays incomplete; not seen in the tests and benchmarks)
+
+The margin M covers what one token may add to the closing length (opening an object whose required
+properties must then be written, starting another tool call): per grammar, the larger of ZONE, the
+length of its whole shortest output plus 2, and twice the largest growth seen so far.
 
 A token the model samples on its own is kept whenever a completion still fits after it, so a request that
 finishes on its own within its budget is not changed, except where the plan is not the shortest
@@ -36,7 +40,7 @@ from terse.errors import InvalidRequestError
 MAX_MIN_LEN = 4096
 """Longest complete output the compiler looks for (a grammar that needs more is never refused)."""
 ZONE = 16
-"""Extra tokens of margin for CHECK beyond twice the plan's length."""
+"""Smallest margin M for CHECK beyond twice the plan's length."""
 RETRY_AFTER = 8
 """Tokens to wait before searching again when no plan was found."""
 
@@ -60,14 +64,15 @@ class BudgetGuard:
     The owner calls `step(matcher, remaining)` before each sample, `check(...)` on the sampled token when
     the step said so, and `on_token(token)` after the matcher consumed a token."""
 
-    def __init__(self, planner: ClosingPlanner, classes: ByteClasses, min_len: int | None) -> None:
-        self._planner = planner
-        self._classes = classes
+    def __init__(self, shared: GrammarBudget) -> None:
+        self._shared = shared
+        self._planner = shared.planner
+        self._classes = shared.classes
         self._plan: list[int] | None = None
         """A completion valid from the matcher's current state (None: unknown)."""
         self._verify = False
         """The plan was valid before the last token: check it before use."""
-        self._stale_len = min_len or 0
+        self._stale_len = shared.quick_len or 0
         """Length of the last known plan."""
         self._since = 0
         """Tokens consumed since that plan was valid."""
@@ -104,7 +109,7 @@ class BudgetGuard:
         if len(plan) > remaining:  # cannot fit any more (a token far from the budget grew the plan by
             self.closed = True  # more than the zone's margin): close as far as the budget goes
             return BudgetStep(plan[0], False)
-        if remaining <= 2 * len(plan) + ZONE:
+        if remaining <= 2 * len(plan) + self._shared.margin:
             return CHECK
         return FREE
 
@@ -123,6 +128,7 @@ class BudgetGuard:
         if child.consume_token(token):
             found = planner.fit(child, remaining - 1, self._classes)
             if found is not None:
+                self._shared.observe_growth(1 + len(found) - len(plan))
                 self._after = (token, found)
                 return token
         self.closed = True
@@ -138,14 +144,17 @@ class BudgetGuard:
         if self._plan is not None:
             return self._plan
         upper = self._stale_len + self._since
-        if remaining > 2 * upper + ZONE + 1 or self._since < self._retry_at:
+        margin = self._shared.margin
+        if remaining > 2 * upper + margin + 1 or self._since < self._retry_at:
             return None
         self._overrun = False
-        self._plan = self._planner.plan(matcher, 2 * remaining + ZONE, self._classes)
+        self._plan = self._planner.plan(matcher, 2 * remaining + margin, self._classes)
         if self._plan is None:  # no completion found: try again a few tokens later
             self._retry_at = self._since + RETRY_AFTER
-        else:
-            self._since = self._retry_at = 0
+            return None
+        if self._since == 1:  # the plan broke on the last token: that token's growth
+            self._shared.observe_growth(len(self._plan) - self._stale_len + 1)
+        self._since = self._retry_at = 0
         return self._plan
 
 
@@ -165,12 +174,19 @@ class GrammarBudget:
         quick = planner.plan(matcher, MAX_MIN_LEN, self.classes)
         self.quick_len = None if quick is None else len(quick)
         """Tokens of a complete output found quickly (None: none found)."""
+        self.margin = max(ZONE, (self.quick_len or 0) + 2)
+        """M: how far beyond twice its plan's length a request's tokens are checked (module docstring)."""
         self._min_len: int | None = None
         self._lock = threading.Lock()
 
     def guard(self) -> BudgetGuard:
         """The budget guard of a new request at the grammar's start."""
-        return BudgetGuard(self.planner, self.classes, self.quick_len)
+        return BudgetGuard(self)
+
+    def observe_growth(self, growth: int) -> None:
+        """A token made a request's closing plan `growth` tokens longer: widen the margin to twice that."""
+        if 2 * growth > self.margin:
+            self.margin = 2 * growth  # a plain int store: racing guards at worst keep the smaller value
 
     def min_len(self) -> int | None:
         """Tokens of the shortest complete output found (searched once, then cached; None: none found)."""

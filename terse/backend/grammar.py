@@ -67,6 +67,11 @@ class ConstraintState:
         self._budget = budget
         self._guard = budget.guard()
 
+    def shortest_len(self) -> int | None:
+        """Tokens of the grammar's shortest complete output from its start (searched once per grammar;
+        None: none found)."""
+        return self._budget.min_len()
+
     def check_budget(self, max_tokens: int, room: int | None = None) -> None:
         """Raise `InvalidRequestError` (param max_tokens) when `max_tokens` (or `room`, the context left
         after the prompt) cannot hold the grammar's shortest complete output."""
