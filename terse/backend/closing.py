@@ -150,13 +150,16 @@ class ClosingPlanner:
             path = self.search(matcher, _raw_bound(max_len), classes)
         return None if path is None else self.compact(matcher, path)
 
-    def fit(self, matcher: Any, max_len: int, classes: ByteClasses | None = None) -> list[int] | None:
-        """A completion of at most `max_len` tokens, trying hard: `plan`, then the search when the plan
-        is too long (the search often finds a shorter one). None when neither fits."""
+    def fit(
+        self, matcher: Any, max_len: int, classes: ByteClasses | None = None, max_pops: int = SEARCH_MAX_POPS
+    ) -> list[int] | None:
+        """A completion of at most `max_len` tokens, trying hard: `plan`, then the search (`max_pops`
+        states at most) when the plan is too long (the search often finds a shorter one). None when
+        neither fits."""
         path = self.plan(matcher, max_len, classes)
         if path is not None and len(path) <= max_len:
             return path
-        found = self.search(matcher, _raw_bound(max_len), classes)
+        found = self.search(matcher, _raw_bound(max_len), classes, max_pops)
         if found is None:
             return None
         found = self.compact(matcher, found)
@@ -208,16 +211,18 @@ class ClosingPlanner:
         return allowed[0] if allowed else None
 
     # -- search --------------------------------------------------------------------------------------
-    def search(self, matcher: Any, max_len: int, classes: ByteClasses | None = None) -> list[int] | None:
+    def search(
+        self, matcher: Any, max_len: int, classes: ByteClasses | None = None, max_pops: int = SEARCH_MAX_POPS
+    ) -> list[int] | None:
         """Breadth-first by token count (see the module docstring); None when nothing within `max_len`
-        tokens was found inside the node budget. `classes` caches which bytes act alike in a state
-        (pass the same object for every search over one grammar)."""
+        tokens was found inside the node budget (`max_pops` states). `classes` caches which bytes act
+        alike in a state (pass the same object for every search over one grammar)."""
         classes = classes if classes is not None else ByteClasses()
         order = itertools.count()
         queue: list[tuple[int, int, list[int], Any]] = [(0, next(order), [], matcher.deep_copy())]
         seen: set[tuple[int, int]] = set()
         per_level: dict[int, int] = {}
-        for _ in range(SEARCH_MAX_POPS):
+        for _ in range(max_pops):
             if not queue:
                 return None
             cost, _, path, m = heapq.heappop(queue)

@@ -72,6 +72,12 @@ class ConstraintState:
         None: none found)."""
         return self._budget.min_len()
 
+    @property
+    def quick_len(self) -> int | None:
+        """Tokens of the grammar's quick (greedy) complete output from its start, found at compile time
+        (None: none found); at least `shortest_len()`."""
+        return self._budget.quick_len
+
     def check_budget(self, max_tokens: int, room: int | None = None) -> None:
         """Raise `InvalidRequestError` (param max_tokens) when `max_tokens` (or `room`, the context left
         after the prompt) cannot hold the grammar's shortest complete output."""
