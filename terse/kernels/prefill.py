@@ -45,6 +45,7 @@ from terse.kernels.patterns import (
 )
 from terse.kernels.reference import a_shape_mask, block_sparse_mask, vertical_slash_mask
 from terse.kernels.varlen import VarlenBatch, VarlenLayout
+from terse.validation import check_choice, check_int
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,10 @@ class SparsePrefillConfig:
     """Online estimation knobs (last queries, forced sinks and local diagonals)."""
 
     def __post_init__(self) -> None:
-        if self.min_sparse_q_len < 1:
-            raise ConfigError(f"min_sparse_q_len={self.min_sparse_q_len}; it must be >= 1")
-        try:
-            check_block_size("block_size_q", self.block_size_q)
-            check_block_size("block_size_k", self.block_size_k)
-        except KernelInputError as e:
-            raise ConfigError(str(e)) from e
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
+        check_int("min_sparse_q_len", self.min_sparse_q_len, low=1, example=32768)
+        check_block_size("block_size_q", self.block_size_q, ConfigError)
+        check_block_size("block_size_k", self.block_size_k, ConfigError)
+        check_choice("backend", self.backend, ("auto", "triton", "torch"))
 
 
 def choose_prefill_path(q_len: int, config: SparsePrefillConfig) -> Literal["dense", "sparse"]:

@@ -27,6 +27,7 @@ from terse.kernels.w4a16_tiles import (
     split_k_buffers,
     store_tile,
 )
+from terse.validation import check_choice
 
 
 @triton.jit
@@ -126,8 +127,7 @@ def w4a16_gemm(
     check_w4a16_inputs(x, weight, bias)
     check_device_for_triton(x)
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if value not in (16, 32, 64, 128, 256):
-            raise KernelInputError(f"{name}={value} is not supported; use 16, 32, 64, 128 or 256")
+        check_choice(name, value, (16, 32, 64, 128, 256), error=KernelInputError)
     return launch_gemm(x, weight, bias, block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
 
 

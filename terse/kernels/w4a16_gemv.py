@@ -21,6 +21,7 @@ from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, nibbles_minus_zero, split_k_buffers, store_tile
+from terse.validation import check_choice
 
 
 @triton.jit
@@ -84,8 +85,8 @@ def w4a16_gemv(
     check_device_for_triton(x)
     if x.shape[0] != 1:
         raise KernelInputError(f"w4a16_gemv takes one row; got M={x.shape[0]} (use w4a16_gemm)")
-    _check_tile("block_n", block_n, (16, 32, 64, 128, 256, 512))
-    _check_tile("block_k", block_k, (16, 32, 64, 128, 256, 512))
+    check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
+    check_choice("block_k", block_k, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     return launch_gemv(x, weight, bias, block_n, block_k, split_k, num_warps, num_stages)
 
 
@@ -112,7 +113,3 @@ def launch_gemv(
     )
     return out
 
-
-def _check_tile(name: str, value: int, allowed: tuple[int, ...]) -> None:
-    if value not in allowed:
-        raise KernelInputError(f"{name}={value} is not supported; use one of {allowed}")

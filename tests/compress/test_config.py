@@ -28,7 +28,7 @@ def test_budget_resolution() -> None:
 def test_protection_policy_validation() -> None:
     with pytest.raises(ConfigError, match="not a valid regex"):
         ProtectionPolicy(patterns=("([a-z",))
-    with pytest.raises(ConfigError, match="tuple of strings"):
+    with pytest.raises(ConfigError, match="tuple of non-empty strings"):
         ProtectionPolicy(literals="Acme")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="non-empty"):
         ProtectionPolicy(literals=("",))
