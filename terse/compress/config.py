@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from terse.errors import ConfigError
 from terse.validation import check_choice, check_int, check_range, check_strings, require
@@ -32,6 +32,10 @@ class Budget:
     rate: float | None = None
     """Fraction of the contexts' tokens to keep, in (0, 1]:
     target = fixed + floor(rate * (original - fixed)), where fixed counts the verbatim parts."""
+
+    one_of: ClassVar[tuple[str, ...]] = ("target_tokens", "rate")
+    """Fields of which exactly one is set: data that sets one of them clears the other
+    (`terse.config_data`)."""
 
     def __post_init__(self) -> None:
         require(
@@ -166,4 +170,9 @@ class CompressorConfig:
         if self.sentence_ranker == "same":
             return self.ranker or "lm"
         return self.sentence_ranker
+
+    def calls_model(self) -> bool:
+        """Whether a stage scores with the model (the "lm" ranker, coarse or for sentences, or a token
+        pruner): a compressor with this config needs a scorer Backend."""
+        return "lm" in (self.ranker, self.resolved_sentence_ranker()) or self.token_pruner is not None
 

@@ -82,7 +82,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
         if value is not None:
             sections[section][name] = value
     if args.budget is not None:
-        sections["compression"].update(target_tokens=args.budget, rate=None)
+        sections["compression"]["budget"] = {"target_tokens": args.budget}  # replaces a configured rate
     overrides: dict[str, Any] = {k: v for k, v in sections.items() if v}
     if args.backend:
         overrides["backend"] = args.backend
@@ -90,7 +90,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
 
 
 _FLAGS = {
-    "retrieval.top_k": "--top-k", "retrieval.index_dir": "--index-dir", "compression.target_tokens": "--budget",
+    "retrieval.top_k": "--top-k", "retrieval.index_dir": "--index-dir", "compression.budget.target_tokens": "--budget",
     "generation.max_tokens": "--max-tokens", "run.batch_size": "--batch-size", "run.concurrency": "--concurrency",
     "run.requests_per_s": "--rps", "organize.mode": "--organize", "run.dispatch": "--dispatch",
 }

@@ -6,10 +6,10 @@ with. Each bad value raises `ConfigError` naming the value, the limit and a work
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from terse.errors import ConfigError
+from terse.config_data import config_from_data, config_to_data
 from terse.validation import check_choice, check_int, check_range, require
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
@@ -144,18 +144,10 @@ class RetrieverConfig:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the manifest's `config` entry)."""
-        return asdict(self)
+        return config_to_data(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetrieverConfig:
-        """Inverse of `to_json`; raises ConfigError on unknown or invalid fields."""
-        try:
-            return cls(
-                chunker=ChunkerConfig(**data["chunker"]),
-                embedder=EmbedderConfig(**data["embedder"]),
-                index=IndexConfig(**data["index"]),
-                rrf_k=data["rrf_k"],
-                candidate_k=data["candidate_k"],
-            )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"retriever config {data!r} is malformed: {e}") from e
+        """Inverse of `to_json`; raises ConfigError naming an unknown or invalid key (missing keys take
+        their defaults)."""
+        return config_from_data(cls, data)

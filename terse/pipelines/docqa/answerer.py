@@ -11,7 +11,6 @@ from typing import Any
 
 from terse.answer_match import exact_match
 from terse.backend.base import Backend
-from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
 from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
 from terse.pipelines.docqa.dispatch import Generated, Outcome, build_dispatch, failure
@@ -19,11 +18,6 @@ from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, 
 from terse.pipelines.docqa.prepare_pool import PreparePool
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
 from terse.retrieval.types import Document
-
-
-def sampling_params(config: DocQAConfig) -> SamplingParams:
-    g = config.generation
-    return SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, stop=g.stop)
 
 
 def is_correct(record: QuestionRecord, answer: str) -> bool | None:
@@ -68,7 +62,7 @@ class BatchAnswerer:
         source = build_context_source(corpus, config.retrieval, naive.documents_part, make_retriever)
         self.preparer = Preparer(backend, corpus, source, config.compression, naive)
         self.prepare_workers = config.run.prepare_workers
-        self.dispatch = build_dispatch(backend, config.backend, sampling_params(config), config.run, config.organize)
+        self.dispatch = build_dispatch(backend, config.backend, config.generation, config.run, config.organize)
 
     def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:
         """One record per question (order: prompts sharing documents together, failures first)."""
