@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +107,19 @@ def error_line(command: str, error: Exception) -> str:
     return f"terse {command}: error: {message}"
 
 
-def run(args: argparse.Namespace) -> int:
+def run_naming_flags(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`body(args)`; a `TerseError` becomes one stderr line (`error_line`) and exit status 2."""
     from terse.errors import TerseError
 
     try:
-        return _run(args)
+        return body(args)
     except TerseError as e:
-        print(error_line("docqa", e), file=sys.stderr)
+        print(error_line(command, e), file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_naming_flags("docqa", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
