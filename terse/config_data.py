@@ -62,10 +62,9 @@ def config_from_data(
             )
         else:
             values[key] = tuple(value) if isinstance(value, list) else value
-    if base is not None:
-        for key in getattr(cls, "one_of", ()):
-            if values.get(key) is not None:
-                values.update({other: None for other in cls.one_of if other not in values})  # type: ignore[attr-defined]
+    one_of: tuple[str, ...] = getattr(cls, "one_of", ())
+    if base is not None and any(values.get(key) is not None for key in one_of):
+        values.update({other: None for other in one_of if other not in values})
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)  # type: ignore[type-var]
     except (TypeError, ValueError) as e:
@@ -111,7 +110,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _nested_type(cls: type, key: str) -> type | None:
     """The config dataclass a field holds (`X` or `X | None`), else None."""
     hint = _field_types(cls).get(key)
-    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    candidates = typing.get_args(hint) if is_union else (hint,)
     found = [c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)]
     return found[0] if len(found) == 1 else None
 

@@ -46,9 +46,10 @@ def check_int(
     error: ErrorType = ConfigError,
 ) -> None:
     """`value` is an int within [low, high] (either bound may be left open by passing None)."""
-    ok = is_int(value) and (low is None or value >= low) and (high is None or value <= high)  # type: ignore[operator]
-    if ok:
-        return
+    if is_int(value):
+        assert isinstance(value, int)
+        if (low is None or value >= low) and (high is None or value <= high):
+            return
     if low is not None and high is not None:
         limit = f"an int in [{low}, {high}]"
     elif low is not None:

@@ -205,7 +205,8 @@ def _attend_indexed(
 def _attend_vertical_slash(
     call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
-    num_vertical, num_slash, mass = _per_head(patterns, ("num_vertical", "num_slash", "target_mass"), call.batch.q.device)
+    names = ("num_vertical", "num_slash", "target_mass")
+    num_vertical, num_slash, mass = _per_head(patterns, names, call.batch.q.device)
     index = estimate_vertical_slash(
         call.batch, num_vertical, num_slash, mass, call.scale, head_ids=head_ids, config=call.config.estimate
     )

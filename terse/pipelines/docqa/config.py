@@ -48,8 +48,9 @@ OrganizeMode = Literal["off", "sot", "dag", "auto"]
 DispatchName = Literal["auto", "batch", "async"]
 
 DOCQA_RETRIEVER = RetrieverConfig(chunker=ChunkerConfig(chunk_tokens=128, overlap_tokens=16))
-"""The library's retriever with smaller chunks than its 200 / 32 tokens: `top_k` = 4 chunks of 128
-tokens put about twice the 240-token compression budget in front of the compressor."""
+"""The library's retriever with smaller chunks than its 200 / 32 tokens (doc-QA's setting from the
+start, kept): `top_k` = 4 chunks of 128 embedder tokens give the compressor about twice its 240-token
+budget to choose from."""
 
 DOCQA_BUDGET = Budget(target_tokens=240)
 """Passages plus question, in the generation model's tokenizer."""
@@ -88,7 +89,8 @@ class RetrievalConfig:
         check_int("top_k", self.top_k, low=1, example=4)
         check_int("min_context_tokens", self.min_context_tokens, low=0, example="4096 (0 always retrieves)")
         check_choice("mode", self.mode, ("dense", "bm25", "hybrid"))
-        require(isinstance(self.retriever, RetrieverConfig), f"retriever={self.retriever!r} must be a RetrieverConfig")
+        require(isinstance(self.retriever, RetrieverConfig),
+                f"retriever={self.retriever!r} must be a RetrieverConfig")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.budget, Budget), f"budget={self.budget!r} must be a Budget")
-        require(isinstance(self.compressor, CompressorConfig), f"compressor={self.compressor!r} must be a CompressorConfig")
+        require(isinstance(self.compressor, CompressorConfig),
+                f"compressor={self.compressor!r} must be a CompressorConfig")
 
 
 @dataclass(frozen=True)
@@ -189,10 +192,12 @@ class DocQAConfig:
     """Scheduling, retries, progress."""
 
     def __post_init__(self) -> None:
-        require(isinstance(self.backend, str), f"backend={self.backend!r} must be a spec string, e.g. 'local:model/'")
+        require(isinstance(self.backend, str),
+                f"backend={self.backend!r} must be a spec string, e.g. 'local:model/'")
         require(isinstance(self.backend_options, dict),
                 f"backend_options={self.backend_options!r} must be a table / object of options")
-        require(isinstance(self.generation, SamplingParams), f"generation={self.generation!r} must be SamplingParams")
+        require(isinstance(self.generation, SamplingParams),
+                f"generation={self.generation!r} must be SamplingParams")
         check_int("generation.max_tokens", self.generation.max_tokens, low=1, example=64)
         if self.backend.startswith("local:") and self.backend_options:
             from terse.backend.local.config import EngineConfig
