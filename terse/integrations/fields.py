@@ -27,5 +27,5 @@ class CompressionFields(BaseModel):
     _compressor: LazyCompressor = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        settings = CompressionSettings(self.rate, self.target_tokens, self.scorer, self.tokenizer)
+        settings = CompressionSettings.of(self.rate, self.target_tokens, self.scorer, self.tokenizer)
         self._compressor = LazyCompressor(settings)

@@ -38,7 +38,7 @@ class TerseCompressor(CompressionFields, BaseDocumentCompressor):
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         compressor = self._compressor.get()
-        budget = self._compressor.settings.budget()
+        budget = self._compressor.settings.budget
         kept = compress_texts(compressor, budget, [d.page_content for d in documents], query)
         return [
             Document(

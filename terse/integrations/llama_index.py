@@ -41,7 +41,7 @@ class TerseNodePostprocessor(CompressionFields, BaseNodePostprocessor):
         query = query_bundle.query_str if query_bundle is not None else ""
         texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
         compressor = self._compressor.get()
-        kept = compress_texts(compressor, self._compressor.settings.budget(), texts, query)
+        kept = compress_texts(compressor, self._compressor.settings.budget, texts, query)
         out = []
         for k in kept:
             node = nodes[k.index].node.model_copy()
