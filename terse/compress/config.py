@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from terse.errors import ConfigError
+from terse.validation import check_choice, check_int, check_range, check_strings, require
 
 Reorder = Literal["original", "rank", "ends"]
 TokenPrunerName = Literal["iterative", "parallel"]
@@ -32,20 +33,20 @@ class Budget:
     """Fraction of the contexts' tokens to keep, in (0, 1]:
     target = fixed + floor(rate * (original - fixed)), where fixed counts the verbatim parts."""
 
+    one_of: ClassVar[tuple[str, ...]] = ("target_tokens", "rate")
+    """Fields of which exactly one is set: data that sets one of them clears the other
+    (`terse.config_data`)."""
+
     def __post_init__(self) -> None:
-        if (self.target_tokens is None) == (self.rate is None):
-            raise ConfigError(
-                f"Budget(target_tokens={self.target_tokens!r}, rate={self.rate!r}): give exactly one, "
-                f"e.g. Budget(rate=0.25) or Budget(target_tokens=300)"
-            )
-        if self.target_tokens is not None and (
-            isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int) or self.target_tokens < 1
-        ):
-            raise ConfigError(f"target_tokens={self.target_tokens!r} must be an int >= 1, e.g. 300")
-        if self.rate is not None and not (
-            isinstance(self.rate, int | float) and math.isfinite(self.rate) and 0.0 < self.rate <= 1.0
-        ):
-            raise ConfigError(f"rate={self.rate!r} must be a number in (0, 1], e.g. 0.25 keeps a quarter")
+        require(
+            (self.target_tokens is None) != (self.rate is None),
+            f"Budget(target_tokens={self.target_tokens!r}, rate={self.rate!r}): give exactly one of "
+            f"target_tokens and rate, e.g. Budget(rate=0.25) or Budget(target_tokens=300)",
+        )
+        if self.target_tokens is not None:
+            check_int("target_tokens", self.target_tokens, low=1, example=300)
+        if self.rate is not None:
+            check_range("rate", self.rate, 0.0, 1.0, low_open=True, example="0.25 (keeps a quarter)")
 
     def resolve(self, num_original_tokens: int, num_fixed_tokens: int = 0) -> int:
         """The target for a prompt of `num_original_tokens`, `num_fixed_tokens` of them kept verbatim."""
@@ -93,11 +94,7 @@ class ProtectionPolicy:
 
     def __post_init__(self) -> None:
         for name in ("literals", "patterns"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple):
-                raise ConfigError(f"{name}={value!r} must be a tuple of strings, e.g. {name}=('x',)")
-            if any(not isinstance(s, str) or s == "" for s in value):
-                raise ConfigError(f"{name}={value!r} must hold non-empty strings only")
+            check_strings(name, getattr(self, name), example=f"{name}=('x',)")
         for pattern in self.patterns:
             try:
                 re.compile(pattern)
@@ -159,19 +156,14 @@ class CompressorConfig:
     """Sentence-transformers model dir for the "embedding" ranker; None means the bundled MiniLM."""
 
     def __post_init__(self) -> None:
-        if self.reorder not in ("original", "rank", "ends"):
-            raise ConfigError(f"reorder={self.reorder!r} must be 'original', 'rank' or 'ends'")
-        if self.token_pruner not in (None, "iterative", "parallel"):
-            raise ConfigError(f"token_pruner={self.token_pruner!r} must be 'iterative', 'parallel' or None")
-        _check_range("context_budget_ratio", self.context_budget_ratio, 1.0, 100.0, "1.4")
-        _check_range("sentence_budget_ratio", self.sentence_budget_ratio, 1.0, 100.0, "2.0")
-        _check_range("dynamic_ratio_spread", self.dynamic_ratio_spread, 0.0, 0.99, "0.3")
+        check_choice("reorder", self.reorder, ("original", "rank", "ends"))
+        check_choice("token_pruner", self.token_pruner, ("iterative", "parallel", None))
+        check_range("context_budget_ratio", self.context_budget_ratio, 1.0, 100.0, example=1.4)
+        check_range("sentence_budget_ratio", self.sentence_budget_ratio, 1.0, 100.0, example=2.0)
+        check_range("dynamic_ratio_spread", self.dynamic_ratio_spread, 0.0, 0.99, example=0.3)
         for name, low in (("segment_tokens", 8), ("max_prefix_tokens", 0), ("fit_max_probes", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name}={value!r} must be an int >= {low}")
-        if self.context_separator == "":
-            raise ConfigError("context_separator='' would glue contexts together; use e.g. '\\n\\n'")
+            check_int(name, getattr(self, name), low=low)
+        require(self.context_separator != "", "context_separator='' would glue contexts together; use e.g. '\\n\\n'")
 
     def resolved_sentence_ranker(self) -> str | None:
         """The sentence filter's ranker name after resolving "same"."""
@@ -179,7 +171,8 @@ class CompressorConfig:
             return self.ranker or "lm"
         return self.sentence_ranker
 
+    def calls_model(self) -> bool:
+        """Whether a stage scores with the model (the "lm" ranker, coarse or for sentences, or a token
+        pruner): a compressor with this config needs a scorer Backend."""
+        return "lm" in (self.ranker, self.resolved_sentence_ranker()) or self.token_pruner is not None
 
-def _check_range(name: str, value: float, low: float, high: float, example: str) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}], e.g. {example}")

@@ -20,13 +20,10 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
+from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import (
-    MAX_SPLIT_TILES,
-    nibbles_minus_zero,
-    split_k_buffers,
-    store_tile,
-)
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.validation import check_choice
 
 
 @triton.jit
@@ -64,27 +61,13 @@ def _w4a16_gemm_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + k_order
         x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
-        rows = k0 // 8 + offs_r
-        w_ptrs = QW + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-        packed = tl.load(w_ptrs, mask=(rows < K // 8)[:, None] & n_mask[None, :], other=0)  # [R, BN]
+        packed = load_packed(QW, k0 // 8 + offs_r, offs_n, n_mask, N, K // 8)  # [R, BN]
         if ONE_GROUP:
-            g = k0 // GROUP_SIZE
-            s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N], 8.0, tl.float32)
+            s, z = group_scale_zero(S, Z, k0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, BLOCK_N)
             w3 = nibbles_minus_zero(packed, z) * s  # [8, R, BN]
         else:
             k3 = k0 + offs_r[None, :] * 8 + tl.arange(0, 8)[:, None]  # [8, R]
-            gs_ptrs = (k3 // GROUP_SIZE).to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
-            gs_mask = (k3 < K)[:, :, None] & n_mask[None, None, :]
-            s3 = tl.load(S + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z3 = tl.load(Z + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
-                w3 = nibbles_minus_zero(packed, z3) * s3
-            else:
-                w3 = nibbles_minus_zero(packed, 8.0) * s3
+            w3 = dequantize_rows(packed, S, Z, k3, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
         w = tl.reshape(w3, [BLOCK_K, BLOCK_N]).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     tile_id = pid_m * num_pid_n + pid_n
@@ -102,19 +85,11 @@ def _w4a16_dequant_kernel(
     rows = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    packed = tl.load(QW + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                     mask=(rows < K // 8)[:, None] & n_mask[None, :], other=0)
+    packed = load_packed(QW, rows, offs_n, n_mask, N, K // 8)
     kk = rows[None, :] * 8 + tl.arange(0, 8)[:, None]  # [8, R]: the weight row held at [j, r]
-    mask = (kk < K)[:, :, None] & n_mask[None, None, :]
-    gs_ptrs = (kk // GROUP_SIZE).to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
-    s = tl.load(S + gs_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(Z + gs_ptrs, mask=mask, other=0.0).to(tl.float32)
-        w = nibbles_minus_zero(packed, z) * s
-    else:
-        w = nibbles_minus_zero(packed, 8.0) * s
+    w = dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
     out_ptrs = Out + kk.to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
-    tl.store(out_ptrs, w.to(Out.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, w.to(Out.dtype.element_ty), mask=(kk < K)[:, :, None] & n_mask[None, None, :])
 
 
 def w4a16_gemm(
@@ -126,8 +101,7 @@ def w4a16_gemm(
     check_w4a16_inputs(x, weight, bias)
     check_device_for_triton(x)
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if value not in (16, 32, 64, 128, 256):
-            raise KernelInputError(f"{name}={value} is not supported; use 16, 32, 64, 128 or 256")
+        check_choice(name, value, (16, 32, 64, 128, 256), error=KernelInputError)
     return launch_gemm(x, weight, bias, block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
 
 

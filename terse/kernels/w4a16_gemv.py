@@ -19,8 +19,10 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
+from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, nibbles_minus_zero, split_k_buffers, store_tile
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.validation import check_choice
 
 
 @triton.jit
@@ -43,30 +45,15 @@ def _w4a16_gemv_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        rows = k0 // 8 + offs_r  # packed rows of this tile
-        w_ptrs = QW + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-        packed = tl.load(w_ptrs, mask=(rows < num_words)[:, None] & n_mask[None, :], other=0)  # [R, BN]
+        packed = load_packed(QW, k0 // 8 + offs_r, offs_n, n_mask, N, num_words)  # [R, BN]
         kk = k0 + offs_r[None, :] * 8 + offs_j[:, None]  # [8, R]: the input row held at [j, r]
         x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
         if ONE_GROUP:
-            g = k0 // GROUP_SIZE
-            s = tl.load(S + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(Z + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N], 8.0, tl.float32)
-            w = nibbles_minus_zero(packed, z)  # [8, R, BN]
+            s, z = group_scale_zero(S, Z, k0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, BLOCK_N)
+            w = nibbles_minus_zero(packed, z)  # [8, R, BN]; the scale is applied once, after the sum
             acc += tl.sum(x[:, :, None] * w, axis=0) * s[None, :]
         else:
-            g = kk // GROUP_SIZE
-            gs_ptrs = g.to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
-            gs_mask = (kk < K)[:, :, None] & n_mask[None, None, :]
-            s = tl.load(S + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(Z + gs_ptrs, mask=gs_mask, other=0.0).to(tl.float32)
-                w = nibbles_minus_zero(packed, z) * s
-            else:
-                w = nibbles_minus_zero(packed, 8.0) * s
+            w = dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
             acc += tl.sum(x[:, :, None] * w, axis=0)
     offs_m = tl.arange(0, 1)
     store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k,
@@ -84,8 +71,8 @@ def w4a16_gemv(
     check_device_for_triton(x)
     if x.shape[0] != 1:
         raise KernelInputError(f"w4a16_gemv takes one row; got M={x.shape[0]} (use w4a16_gemm)")
-    _check_tile("block_n", block_n, (16, 32, 64, 128, 256, 512))
-    _check_tile("block_k", block_k, (16, 32, 64, 128, 256, 512))
+    check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
+    check_choice("block_k", block_k, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     return launch_gemv(x, weight, bias, block_n, block_k, split_k, num_warps, num_stages)
 
 
@@ -112,7 +99,3 @@ def launch_gemv(
     )
     return out
 
-
-def _check_tile(name: str, value: int, allowed: tuple[int, ...]) -> None:
-    if value not in allowed:
-        raise KernelInputError(f"{name}={value} is not supported; use one of {allowed}")

@@ -1,9 +1,6 @@
-"""Triton building blocks of the W4A16 kernels (imports triton: load only where it exists).
+"""Triton output side of the W4A16 kernels (imports triton: load only where it exists); the input side
+(packed weights -> scaled float tiles) is in `w4a16_dequant.py`.
 
-- `nibbles_minus_zero`: a packed tile [R, N] of int32 words -> float32 [8, R, N] holding q - zero for the
-  rows 8r + j at [j, r]. The int -> float conversion is the exponent trick: OR-ing a nibble into the
-  mantissa of 2**23 gives exactly 2**23 + q as a float32, so one subtraction of (2**23 + zero) yields
-  q - zero with no conversion instruction.
 - `store_tile`: writes a [BLOCK_M, BLOCK_N] float32 accumulator (+ bias) to the output, directly or,
   under split-K, through a workspace where the last of the SPLIT_K programs of the tile adds the
   partial sums in a fixed order (deterministic) and resets the tile's arrival counter:
@@ -21,20 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-MAGIC_BITS = tl.constexpr(0x4B000000)
-"""float32 bit pattern of 2**23."""
-MAGIC_VALUE = tl.constexpr(8388608.0)
-"""2**23."""
-
-
-@triton.jit
-def nibbles_minus_zero(packed, zero):
-    # packed: [R, N] int32; zero: [N] float32 (or a scalar) -> [8, R, N] float32 (q - zero)
-    shifts = tl.arange(0, 8) * 4
-    q = (packed[None, :, :] >> shifts[:, None, None]) & 0xF
-    as_float = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
-    return as_float - (MAGIC_VALUE + zero)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ def test_concurrent_preparation_matches_sequential(tiny_llama: Path, tmp_path: P
     batch = [questions[0], broken, *questions[2:]]
     # the token pruner makes compression call the engine: those calls come from several threads at once
     config = DocQAConfig(backend=f"local:{tiny_llama}").with_overrides(
-        compression={"target_tokens": 120, "token_pruner": True}, retrieval={"enabled": False})
+        compression={"budget": {"target_tokens": 120}, "compressor": {"token_pruner": "parallel"}}, retrieval={"enabled": False})
     with LocalEngine.from_spec(str(tiny_llama), num_kv_blocks=512, kv_block_size=16) as engine:
         preparer = BatchAnswerer(config, engine, corpus).preparer
         assert preparer.compressor is not None and preparer.compressor.scorer is engine
@@ -53,7 +53,7 @@ def test_worker_processes_prepare_what_this_process_prepares(tiny_llama: Path, t
     # a question whose documents cannot be found, and one whose compression fails in the worker
     missing = dataclasses.replace(questions[1], doc_ids=("no-such-document",))
     config = DocQAConfig(backend=f"hf:{tiny_llama}").with_overrides(
-        compression={"target_tokens": 60}, retrieval={"enabled": False})
+        compression={"budget": {"target_tokens": 60}}, retrieval={"enabled": False})
     backend = load_backend(f"hf:{tiny_llama}", device="cpu")
     preparer = BatchAnswerer(config, backend, corpus).preparer
     too_long = dataclasses.replace(questions[2], question="why? " * 200)  # the question alone is over budget
@@ -77,7 +77,7 @@ def test_a_job_prepares_ahead_on_processes_with_the_same_answers(tiny_llama: Pat
     outputs = {}
     for processes in (0, 2):
         config = DocQAConfig(backend=f"hf:{tiny_llama}").with_overrides(
-            generation={"max_tokens": 4}, compression={"target_tokens": 80}, retrieval={"enabled": False},
+            generation={"max_tokens": 4}, compression={"budget": {"target_tokens": 80}}, retrieval={"enabled": False},
             run={"progress": False, "batch_size": 2, "prepare_processes": processes})
         job = DocQAJob(config, JobPaths(questions, (docs,), tmp_path / f"answers-{processes}.jsonl"))
         summary = job.run()

@@ -17,7 +17,7 @@ from terse.backend.base import Backend
 from terse.backend.types import Message
 from terse.compress.analysis import AnalysisCache
 from terse.compress.compressor import PromptCompressor
-from terse.compress.config import Budget, CompressorConfig
+from terse.compress.config import Budget
 from terse.compress.result import CompressionResult
 from terse.compress.tokenizer import target_tokenizer_of
 from terse.organize.formats import Context, qa_messages
@@ -191,8 +191,7 @@ class Preparer:
 
     def budget(self) -> Budget:
         """The compression budget of every question."""
-        c = self.compression
-        return Budget(target_tokens=c.target_tokens) if c.target_tokens is not None else Budget(rate=c.rate)
+        return self.compression.budget
 
     def _finish(self, question: QuestionRecord, passages: list[Passage],
                 result: CompressionResult | None = None) -> PreparedQuestion:
@@ -230,14 +229,8 @@ class Preparer:
 
 
 def _build_compressor(backend: Backend, config: CompressionConfig, analyses: AnalysisCache) -> PromptCompressor:
-    needs_scorer = config.ranker == "lm" or config.token_pruner
-    compressor_config = CompressorConfig(
-        ranker=config.ranker,
-        sentence_ranker="same" if config.ranker is not None else None,
-        token_pruner="parallel" if config.token_pruner else None,
-        reorder="original",
-    )
-    return PromptCompressor(backend if needs_scorer else None, backend, compressor_config, analyses=analyses)
+    scorer = backend if config.compressor.calls_model() else None
+    return PromptCompressor(scorer, backend, config.compressor, analyses=analyses)
 
 
 def _merge_adjacent(sources: Sequence[Source]) -> list[Source]:
