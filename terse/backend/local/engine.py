@@ -196,7 +196,7 @@ class LocalEngine(BackendBase):
         policy = self.kv.policy(seq)
         validate_prompt(seq, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size)
         seq.generator = make_generator(params.seed, self.device)
-        seq.constraint = grammar_state(self._grammar, params)  # structured output (local/grammar.py)
+        seq.constraint = grammar_state(self._grammar, params, seq.max_len - seq.num_prompt_tokens)  # local/grammar.py
         handle = RequestHandle(f"local-{seq.seq_id}", on_cancel=lambda: self._send("cancel", seq.seq_id))
         stream = TextStream(self.tokenizer, params.stop, prompt_ids) if self.tokenizer is not None else None
         self._send("add", (Request(seq, handle, stream), None))
@@ -460,8 +460,9 @@ class LocalEngine(BackendBase):
             self._fail(request, e)
             return
         num_resolved = seq.num_tokens - seq.num_pending_tokens
-        if stop_hit or grammar_done or ends:
-            self._finish(request, "stop")
+        if stop_hit or grammar_done or ends:  # a grammar the budget closed ends "length" (local/grammar.py)
+            closed = not stop_hit and seq.constraint is not None and seq.constraint.closed_by_budget
+            self._finish(request, "length" if closed else "stop")
         elif num_resolved - seq.num_prompt_tokens >= seq.params.max_tokens or num_resolved >= seq.max_len:
             self._finish(request, "length")
 
