@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from terse.errors import KernelInputError
-from terse.kernels.w4a16 import heuristic_plan, w4a16_matmul
+from terse.kernels.w4a16 import Plan, candidate_plans, heuristic_plan, w4a16_matmul
 from terse.kernels.w4a16_gemm import w4a16_dequantize, w4a16_gemm
 from terse.kernels.w4a16_gemv import w4a16_gemv
 from terse.kernels.w4a16_gemv_offset import split_range, w4a16_gemv_offset
@@ -164,6 +164,17 @@ def test_heuristic_plans_by_rows():
     assert eight.kind == "gemm" and dict(eight.options)["swap_ab"] == 1 and dict(eight.options)["block_m"] == 16
     assert heuristic_plan(32, w, 132).kind == "gemm"
     assert heuristic_plan(4096, w, 132).kind == "dequant"
+
+
+def test_candidate_plans_by_rows_and_dtype():
+    bf16 = random_weight(256, 64, 128, True, torch.bfloat16)
+    one = candidate_plans(1, bf16, 132)
+    assert {p.kind for p in one} == {"offset", "gemv"} and len(one) == len(set(one))
+    assert {p.kind for p in candidate_plans(1, random_weight(256, 64, 128, True, torch.float32), 132)} == {"gemv"}
+    eight = candidate_plans(8, bf16, 132)
+    assert all(p.kind == "gemm" and dict(p.options)["swap_ab"] == 1 for p in eight)
+    assert candidate_plans(32, bf16, 132)[-1].kind == "dequant"
+    assert candidate_plans(256, bf16, 132) == [Plan("dequant")]  # one candidate: taken without timing
 
 
 def test_launchers_reject_bad_inputs():
