@@ -6,7 +6,10 @@
   q - zero with no conversion instruction.
 - `load_packed`: a tile of packed words; `group_scale_zero`: one group's scales and zeros (the tile lies
   in one group); `dequantize_rows`: (q - zero) * scale with each row's own group (tiles across groups,
-  and the dequantization kernel).
+  and the dequantization kernel); `word_scale_zero`: each word's group scale and zero.
+- `unpack_words`: words [A, B] -> [A, B, 8] in the activation dtype, (q - zero) (* scale), the 8 rows of
+  a word in `word_order` (0, 4, 1, 5, 2, 6, 3, 7); for bfloat16 / float16 on the GPU through 16-bit PTX
+  (below), else plain Triton with the same values and order. `in_word_order` permutes x's columns to match.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """W4A16 GEMM for several activation rows (batched decode, prefill), and a dequantization kernel.
 
 `w4a16_gemm`: tiles [BLOCK_M, BLOCK_N] of the output; each K tile of the weight is loaded packed
-(BLOCK_K / 8 words per column, each read once), unpacked in registers to rows in the order (j, r) ->
-input row 8r + j, scaled, and fed to `tl.dot` in the activation dtype; x's columns are loaded in the same
-permuted order, which leaves the product unchanged. (Unpacking after a load of one word per row would
-read every word 8 times and keep 8x the shared memory per pipeline stage.) Optional split-K (grid dim 1)
-for skinny products whose column tiles alone do not fill the GPU. Tiles are visited in groups of GROUP_M
-row tiles so a weight tile is reused from L2 while it is hot (large M).
+(BLOCK_K / 8 words per column, each read once), unpacked in registers by `unpack_words` (the 16-bit PTX
+path for bfloat16 / float16 on the GPU) to (q - zero) * scale in the activation dtype, rows of a word in
+`word_order`, and fed to `tl.dot`; x's columns are taken in the same order, which leaves the product
+unchanged. (Unpacking after a load of one word per row would read every word 8 times.) SWAP_AB computes
+out^T = W^T x^T: the weight tile is the MMA's first operand, so a Hopper warpgroup MMA covers BLOCK_N >= 64
+weight columns whatever the row count (the form for 1-64 rows). POST_SCALE (tiles inside one group)
+multiplies the tile's partial sums by the scale instead of every weight. Optional split-K (grid dim 1,
+a runtime count) for skinny products whose column tiles alone do not fill the GPU. Tiles are visited in
+groups of GROUP_M row tiles so a weight tile is reused from L2 while it is hot (large M).
 
 `w4a16_dequantize`: the whole [K, N] weight in the activation dtype, for "dequantize, then a dense
 matmul" (the fast path when M is large enough for the matmul to be compute-bound).
