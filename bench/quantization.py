@@ -277,28 +277,40 @@ def hf_static_decode_ms(model: Any, vocab: int, new: int = 128) -> dict[str, flo
 
 
 def kernel_times(model: Any, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    """Per projection shape and M: the INT4 layer (its chosen plan) vs bf16 F.linear, ms (median)."""
+    """Per projection shape and M: the INT4 layer (its chosen plan) vs bf16 F.linear, ms per call inside
+    a CUDA graph of back-to-back calls over weight copies larger than the L2 cache (launch-free, as in
+    the engine's decode graphs; terse/kernels/w4a16_timing.py)."""
     import torch
-    from triton.testing import do_bench
 
     from terse.backend.local.quant.modules import Int4Linear
+    from terse.kernels.w4a16_layout import Int4Weight
+    from terse.kernels.w4a16_timing import graph_ms, rotating_copies
 
     layers = {f"{m.out_features}x{m.in_features}": m for m in model.modules() if isinstance(m, Int4Linear)}
     out: dict[str, Any] = {}
+    device = torch.device("cuda")
     for name, (n, k) in shapes.items():
         layer = layers.get(f"{n}x{k}")
         if layer is None:
             continue
-        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        nbytes = layer.int4.nbytes()
+        copies = [layer] + [Int4Linear(Int4Weight(layer.qweight.clone(), layer.scales.clone(),
+                                                  None if layer.zeros is None else layer.zeros.clone(), layer.group_size))
+                            for _ in range(rotating_copies(nbytes, device, most=8) - 1)]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                 for _ in range(rotating_copies(n * k * 2, device, most=8))]
         for m in (1, 32, 4096):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             layer(x)  # choose the plan
-            int4 = do_bench(lambda x=x, layer=layer: layer(x), return_mode="median")
-            bf16 = do_bench(lambda x=x, dense=dense: torch.nn.functional.linear(x, dense), return_mode="median")
-            nbytes = layer.int4.nbytes()
+            int4 = graph_ms([lambda x=x, c=c: c(x) for c in copies], min_calls=8 if m > 64 else 24)
+            bf16 = graph_ms([lambda x=x, d=d: torch.nn.functional.linear(x, d) for d in dense],
+                            min_calls=8 if m > 64 else 24)
             out[f"{name}/M={m}"] = {"int4_ms": int4, "bf16_ms": bf16, "speedup": bf16 / int4,
-                                    "int4_GBps": nbytes / int4 / 1e6 if m == 1 else None}
-            print(f"[quantization] kernel {name} M={m}: int4 {int4:.4f} ms, bf16 {bf16:.4f} ms", flush=True)
+                                    "int4_GBps": nbytes / int4 / 1e6 if m == 1 else None,
+                                    "bf16_GBps": n * k * 2 / bf16 / 1e6 if m == 1 else None}
+            print(f"[quantization] kernel {name} M={m}: int4 {int4 * 1e3:.1f} us, bf16 {bf16 * 1e3:.1f} us "
+                  f"(launch-free)", flush=True)
+        del copies, dense
     return out
 
 

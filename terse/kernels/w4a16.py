@@ -1,14 +1,18 @@
 """`w4a16_matmul`: x @ W + bias for an INT4 weight in terse's layout, on CUDA, through the fastest of
 its paths for the shape, measured once:
 
-    gemv      one row (batch-1 decode): split-K GEMV, dequantization in registers (w4a16_gemv)
-    gemm      a few to many rows: Triton GEMM on the packed weight, optional split-K (w4a16_gemm)
+    gemm      one to many rows: Triton GEMM on the packed weight, dequantization in registers, optional
+              split-K (w4a16_gemm); for skinny products in the swapped form out^T = W^T x^T
+    gemv      one row: split-K GEMV with float32 FMAs (w4a16_gemv)
     dequant   many rows: dequantize the whole weight, then one dense matmul (cuBLAS)
 
 Plans are chosen per (row-count bucket, N, K, group size, scheme, dtype, device): the first product of a
-bucket times every candidate (`triton.testing.do_bench`) and keeps the fastest. During CUDA graph
-capture nothing is timed: a bucket not yet measured takes the heuristic plan (the engine runs each
-graph's batch size eagerly before capturing it, so decode buckets are measured by then).
+bucket times every candidate and keeps the fastest. Candidates are timed the way the engine runs them,
+inside a CUDA graph of back-to-back calls rotating over copies of the weight larger than the L2 cache
+(w4a16_timing); timed one eager launch at a time, a product of a few microseconds would measure the
+~20 us launch path instead. During CUDA graph capture nothing is timed: a bucket not yet measured takes
+the heuristic plan (the engine runs each graph's batch size eagerly before capturing it, so decode
+buckets are measured by then).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from terse.kernels.checks import interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
-PlanKind = Literal["gemv", "gemm", "dequant"]
+PlanKind = Literal["offset", "gemv", "gemm", "dequant"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ def w4a16_matmul(
 def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """Run one plan on an already permuted x."""
     o = dict(plan.options)
+    if plan.kind == "offset":
+        from terse.kernels.w4a16_gemv_offset import launch_gemv_offset
+
+        return launch_gemv_offset(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"])
     if plan.kind == "gemv":
         from terse.kernels.w4a16_gemv import launch_gemv
 
@@ -85,7 +93,7 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor
     from terse.kernels.w4a16_gemm import launch_gemm
 
     return launch_gemm(x, weight, bias, o["block_m"], o["block_n"], o["block_k"], o["split_k"], o.get("group_m", 8),
-                       o["num_warps"], o["num_stages"])
+                       o["num_warps"], o["num_stages"], bool(o.get("swap_ab", 0)), bool(o.get("post_scale", 0)))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -94,75 +102,124 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _split(num_tiles: int, k: int, block_k: int, num_sms: int) -> int:
-    """Split-K factor giving about two programs per SM, a power of two, at most 16 and K / BLOCK_K."""
-    want = max(1, (2 * num_sms) // max(num_tiles, 1))
+def _split(num_tiles: int, k: int, block_k: int, num_sms: int, waves: int = 2, most: int = 32) -> int:
+    """Split-K factor giving about `waves` programs per SM, a power of two, at most `most` and K / BLOCK_K."""
+    want = max(1, (waves * num_sms) // max(num_tiles, 1))
     split = 1 << (want.bit_length() - 1)
-    return max(1, min(split, 16, -(-k // block_k)))
+    return max(1, min(split, most, -(-k // block_k)))
 
 
-def _gemv(block_n: int, block_k: int, warps: int, stages: int, weight: Int4Weight, num_sms: int) -> Plan:
-    split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms)
+def _offset(block_n: int, block_k: int, warps: int, weight: Int4Weight, num_sms: int, waves: int) -> Plan:
+    split = _split(-(-weight.out_features // block_n), weight.in_features, 8, num_sms, waves, most=128)
+    return Plan("offset", (("block_n", block_n), ("block_k", block_k), ("split_k", split), ("num_warps", warps)))
+
+
+def _gemv(block_n: int, block_k: int, warps: int, stages: int, weight: Int4Weight, num_sms: int, waves: int = 2) -> Plan:
+    split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms, waves)
     return Plan("gemv", (("block_n", block_n), ("block_k", block_k), ("split_k", split),
                          ("num_warps", warps), ("num_stages", stages)))
 
 
-def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight, m: int, num_sms: int) -> Plan:
+def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight, m: int, num_sms: int,
+          *, swap: bool = True, waves: int = 2, post_scale: bool = False) -> Plan:
     tiles = -(-m // bm) * -(-weight.out_features // bn)
-    split = _split(tiles, weight.in_features, bk, num_sms)
+    split = _split(tiles, weight.in_features, bk, num_sms, waves)
     return Plan("gemm", (("block_m", bm), ("block_n", bn), ("block_k", bk), ("split_k", split),
-                         ("num_warps", warps), ("num_stages", stages)))
+                         ("num_warps", warps), ("num_stages", stages), ("swap_ab", int(swap)),
+                         ("post_scale", int(post_scale))))
+
+
+# Tile sets from launch-free sweeps at the 8B projection shapes on an H200 (bench/w4a16_sweep.py,
+# docs/benchmarks.md): the few shapes within a few percent of the best at every projection.
+OFFSET_TILES = ((2048, 8, 4), (1024, 8, 2), (1024, 8, 4), (1024, 32, 4), (512, 32, 4))
+"""(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
+GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))
+"""(BLOCK_N, BLOCK_K, warps, stages) of the float32 GEMV timed for one row."""
+SKINNY_TILES = {16: ((256, 64, 4, 3), (128, 64, 8, 3)), 32: ((128, 128, 8, 3), (256, 64, 4, 3)),
+                64: ((128, 128, 8, 3), (64, 64, 8, 3))}
+"""BLOCK_M -> (BLOCK_N, BLOCK_K, warps, stages) of the swapped GEMM timed for up to 64 rows."""
 
 
 def candidate_plans(bucket: int, weight: Int4Weight, num_sms: int) -> list[Plan]:
-    """The plans timed for a row-count bucket (a power of two)."""
+    """The plans timed for a row-count bucket (a power of two). Beyond 64 rows dequantize-then-matmul
+    is the only one: the dense matmul is compute-bound there and the GEMM measured 5-10x slower."""
     w, s = weight, num_sms
     if bucket == 1:
-        return [
-            _gemv(64, 128, 4, 3, w, s), _gemv(128, 128, 4, 3, w, s), _gemv(256, 64, 4, 3, w, s),
-            _gemv(64, 256, 4, 2, w, s), _gemv(128, 64, 2, 4, w, s), _gemv(32, 128, 2, 3, w, s),
-            _gemm(16, 64, 128, 4, 3, w, 1, s),
-        ]
-    if bucket <= 16:
-        return [_gemm(16, bn, bk, 4, st, w, bucket, s) for bn, bk, st in
-                ((64, 64, 3), (128, 64, 3), (64, 128, 3), (128, 128, 4), (32, 128, 4))]
+        plans = [_gemv(bn, bk, wp, st, w, s, waves) for bn, bk, wp, st in GEMV_TILES for waves in (1, 2)]
+        if w.scales.dtype in (torch.bfloat16, torch.float16):
+            # latency-bound: on the H200 the largest split tried (2 waves) was the fastest at every shape
+            plans = [_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)] + plans
+        return list(dict.fromkeys(plans))
     if bucket <= 64:
-        return [*(_gemm(bucket, bn, bk, wp, 3, w, bucket, s) for bn, bk, wp in
-                  ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8))), Plan("dequant")]
-    if bucket <= 256:
-        return [*(_gemm(bm, bn, bk, wp, st, w, bucket, s) for bm, bn, bk, wp, st in
-                  ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 64, 4, 4))),
-                Plan("dequant")]
-    return [*(_gemm(bm, bn, bk, wp, st, w, bucket, s) for bm, bn, bk, wp, st in
-              ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4))),
-            Plan("dequant")]
+        bm = max(16, bucket)
+        tiles = SKINNY_TILES[bm]
+        plans = [_gemm(bm, bn, bk, wp, st, w, bucket, s, waves=waves) for bn, bk, wp, st in tiles for waves in (1, 2, 4)]
+        plans.append(_gemm(bm, *tiles[0], w, bucket, s, post_scale=True))
+        return list(dict.fromkeys(plans)) + ([Plan("dequant")] if bucket >= 32 else [])
+    return [Plan("dequant")]
 
 
 def heuristic_plan(bucket: int, weight: Int4Weight, num_sms: int) -> Plan:
     """The plan used when nothing was measured (interpreter, CUDA graph capture)."""
     if bucket == 1:
-        block_k = next((b for b in (128, 64, 32) if weight.group_size % b == 0), 64)  # one group per tile
-        return _gemv(128, block_k, 4, 3, weight, num_sms)
+        if weight.scales.dtype in (torch.bfloat16, torch.float16):
+            return _offset(1024, 8, 2, weight, num_sms, 2)
+        return _gemv(128, 128, 4, 3, weight, num_sms)
     if bucket <= 64:
-        return _gemm(min(bucket, 64) if bucket > 16 else 16, 64, 64, 4, 3, weight, bucket, num_sms)
-    if bucket <= 256:
-        return _gemm(64, 128, 64, 4, 3, weight, bucket, num_sms)
+        return _gemm(max(16, bucket), *SKINNY_TILES[max(16, bucket)][0], weight, bucket, num_sms)
     return Plan("dequant")
 
 
-def _tune(key: PlanKey, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Plan:
-    from triton.testing import do_bench
+def _rotating_weights(weight: Int4Weight) -> list[Int4Weight]:
+    """`weight` and enough copies of it that timing calls read the weight from memory, not the L2."""
+    from terse.kernels.w4a16_timing import rotating_copies
 
-    timings: list[tuple[Plan, float]] = []
-    for plan in candidate_plans(key[1], weight, _num_sms(x.device)):
+    copies = [weight]
+    for _ in range(rotating_copies(weight.nbytes(), weight.qweight.device, most=8) - 1):
+        copies.append(Int4Weight(weight.qweight.clone(), weight.scales.clone(),
+                                 None if weight.zeros is None else weight.zeros.clone(), weight.group_size))
+    return copies
+
+
+def _tune(key: PlanKey, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Plan:
+    """Time every candidate of the bucket launch-free and keep the fastest; a candidate whose output
+    differs from dequantize-then-matmul's beyond the activation dtype's rounding is rejected (a
+    miscompiled tile is not a plan)."""
+    from terse.kernels.w4a16_timing import eager_ms, graph_ms
+
+    candidates = candidate_plans(key[1], weight, _num_sms(x.device))
+    if len(candidates) == 1:
+        _PLANS[key] = candidates[0]
+        _TIMINGS[key] = [(candidates[0].describe() + " (only candidate, not timed)", float("nan"))]
+        return candidates[0]
+    reference = run_plan(Plan("dequant"), x, weight, bias).float()
+    tolerance = 1e-3 if x.dtype == torch.float32 else 5e-2
+    copies = _rotating_weights(weight)
+    timings: list[tuple[str, float]] = []
+    best: tuple[Plan, float] | None = None
+    in_graph = True
+    for plan in candidates:
+        calls = [lambda p=plan, w=w: run_plan(p, x, w, bias) for w in copies]
         try:
-            ms = do_bench(lambda p=plan: run_plan(p, x, weight, bias), warmup=5, rep=20, return_mode="median")
+            err = float((run_plan(plan, x, weight, bias).float() - reference).norm() / reference.norm().clamp(min=1e-30))
+            if not err <= tolerance:
+                timings.append((f"{plan.describe()} (rejected: relative error {err:.2e})", float("nan")))
+                continue
+            if in_graph:
+                try:
+                    ms = graph_ms(calls, min_calls=24, replays=5)
+                except RuntimeError:  # capture impossible here: eager timing (launch overhead included)
+                    in_graph = False
+            if not in_graph:
+                ms = eager_ms(calls)
         except Exception:  # a tile shape this GPU cannot compile (shared memory, registers) is not a plan
             continue
-        timings.append((plan, float(ms)))
-    if not timings:
+        timings.append((plan.describe() + ("" if in_graph else " (eager)"), float(ms)))
+        if best is None or ms < best[1]:
+            best = (plan, float(ms))
+    del copies
+    if best is None:
         raise RuntimeError(f"no W4A16 plan ran for M bucket {key[1]}, N={key[2]}, K={key[3]}")
-    best = min(timings, key=lambda t: t[1])[0]
-    _PLANS[key] = best
-    _TIMINGS[key] = [(p.describe(), ms) for p, ms in timings]
-    return best
+    _PLANS[key] = best[0]
+    _TIMINGS[key] = timings
+    return best[0]

@@ -6,7 +6,10 @@
   q - zero with no conversion instruction.
 - `load_packed`: a tile of packed words; `group_scale_zero`: one group's scales and zeros (the tile lies
   in one group); `dequantize_rows`: (q - zero) * scale with each row's own group (tiles across groups,
-  and the dequantization kernel).
+  and the dequantization kernel); `word_scale_zero`: each word's group scale and zero.
+- `unpack_words`: words [A, B] -> [A, B, 8] in the activation dtype, (q - zero) (* scale), the 8 rows of
+  a word in `word_order` (0, 4, 1, 5, 2, 6, 3, 7); for bfloat16 / float16 on the GPU through 16-bit PTX
+  (below), else plain Triton with the same values and order. `in_word_order` permutes x's columns to match.
 """
 
 from __future__ import annotations
@@ -59,3 +62,151 @@ def dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE: tl.const
     else:
         w = nibbles_minus_zero(packed, 8.0) * s
     return w
+
+
+# -- 16-bit unpacking: one packed word -> 8 weights in the activation dtype --------------------------
+# The same exponent trick at 16 bits: OR-ing nibbles into the mantissas of a pair of 16-bit floats
+# (0x4300 is bfloat16 128.0, 0x6400 float16 1024.0; the unit in the last place is 1 at both) gives
+# exactly (magic + q) in each half, so one packed fused multiply-add per two weights subtracts
+# (magic + zero) and a second one scales. Per word: 3 shifts, 4 LOP3, 8 packed FMAs for 8 weights,
+# instead of a shift, a mask, an OR, a subtraction and a multiply per weight in float32. The halves of
+# t_i hold nibbles i and i + 4.
+_UNPACK_HEAD = """{
+.reg .b32 s1, s2, s3, t0, t1, t2, t3, one, nz;
+shr.u32 s1, $8, 4;
+shr.u32 s2, $8, 8;
+shr.u32 s3, $8, 12;
+lop3.b32 t0, $8, 0x000f000f, MAGIC, 0xea;
+lop3.b32 t1, s1, 0x000f000f, MAGIC, 0xea;
+lop3.b32 t2, s2, 0x000f000f, MAGIC, 0xea;
+lop3.b32 t3, s3, 0x000f000f, MAGIC, 0xea;
+mov.b32 one, ONE;
+mov.b32 nz, 0x80008000;
+fma.rn.TYPE t0, t0, one, $9;
+fma.rn.TYPE t1, t1, one, $9;
+fma.rn.TYPE t2, t2, one, $9;
+fma.rn.TYPE t3, t3, one, $9;
+"""
+_UNPACK_SCALE = """fma.rn.TYPE t0, t0, $10, nz;
+fma.rn.TYPE t1, t1, $10, nz;
+fma.rn.TYPE t2, t2, $10, nz;
+fma.rn.TYPE t3, t3, $10, nz;
+"""
+_UNPACK_TAIL = """mov.b32 {$0, $4}, t0;
+mov.b32 {$1, $5}, t1;
+mov.b32 {$2, $6}, t2;
+mov.b32 {$3, $7}, t3;
+}"""
+
+
+def _unpack_asm(type_name: str, magic: str, one: str, scale: bool) -> str:
+    body = _UNPACK_HEAD + (_UNPACK_SCALE if scale else "") + _UNPACK_TAIL
+    return body.replace("MAGIC", magic).replace("ONE", one).replace("TYPE", type_name)
+
+
+ASM_BF16 = tl.constexpr(_unpack_asm("bf16x2", "0x43004300", "0x3f803f80", scale=False))
+ASM_BF16_SCALED = tl.constexpr(_unpack_asm("bf16x2", "0x43004300", "0x3f803f80", scale=True))
+ASM_F16 = tl.constexpr(_unpack_asm("f16x2", "0x64006400", "0x3c003c00", scale=False))
+ASM_F16_SCALED = tl.constexpr(_unpack_asm("f16x2", "0x64006400", "0x3c003c00", scale=True))
+UNPACK_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r")
+
+
+@triton.jit
+def word_order(i):
+    # tile row i of a K tile unpacked by `unpack_words` -> its row offset inside the tile: words stay
+    # in order, the 8 nibbles of a word come as 0, 4, 1, 5, 2, 6, 3, 7 (the dot product sums over K in
+    # any order, so x is loaded in the same order instead of reshuffling the weights)
+    p = i % 8
+    return i - p + (p % 2) * 4 + p // 2
+
+
+@triton.jit
+def in_word_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # [ROWS, COLS] with columns in input order -> columns in `word_order` within every 8: position
+    # 2a + b holds column 4b + a
+    return tl.reshape(tl.permute(tl.reshape(x, [ROWS, COLS // 8, 2, 4]), (0, 1, 3, 2)), [ROWS, COLS])
+
+
+@triton.jit
+def _pair(v):
+    # [A, B] 16-bit floats -> int32 [A, B] holding v in both halves (operands of the packed FMAs)
+    bits = v.to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (bits | (bits << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _join_word_order(o0, o1, o2, o3, o4, o5, o6, o7):
+    # eight [A, B] tensors, o_j holding nibble j -> [A, B, 8] in `word_order` (0, 4, 1, 5, 2, 6, 3, 7).
+    # join's new axis is the fastest: join(P, Q) puts P at the even and Q at the odd positions, so
+    # nibbles j and j + 4 (the two halves of one register of the PTX path) end up side by side.
+    p = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # positions 0, 2, 4, 6
+    q = tl.join(tl.join(o4, o6), tl.join(o5, o7))  # positions 1, 3, 5, 7
+    return tl.reshape(tl.join(p, q), [o0.shape[0], o0.shape[1], 8])
+
+
+@triton.jit
+def _run_unpack(asm: tl.constexpr, packed, nz, ss, BF16: tl.constexpr):
+    if BF16:
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            asm, UNPACK_CONSTRAINTS, [packed, nz, ss], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            asm, UNPACK_CONSTRAINTS, [packed, nz, ss], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return _join_word_order(o0, o1, o2, o3, o4, o5, o6, o7)
+
+
+@triton.jit
+def unpack_words(packed, s, z, DTYPE: tl.constexpr, SCALE: tl.constexpr, FAST: tl.constexpr):
+    # packed: [A, B] int32; s, z: [A, B] float32 (or broadcastable) -> [A, B, 8] DTYPE holding
+    # (q - z) * s (SCALE) or q - z for the 8 weights of each word in `word_order`: [..., p] holds
+    # nibble (p % 2) * 4 + p // 2 (0, 4, 1, 5, 2, 6, 3, 7), the order the 16-bit path leaves them in
+    # registers. FAST: that path (bfloat16/float16 on the GPU), else plain Triton (float32, the
+    # interpreter).
+    if FAST:
+        magic = 128.0 if tl.bfloat16 == DTYPE else 1024.0
+        nz = _pair((-(z + magic)).to(DTYPE))  # exact: small integers
+        ss = _pair(s.to(DTYPE))
+        zero = tl.zeros(packed.shape, tl.int32)
+        if tl.bfloat16 == DTYPE:
+            if SCALE:
+                w = _run_unpack(ASM_BF16_SCALED, packed, nz + zero, ss + zero, tl.bfloat16 == DTYPE)
+            else:
+                w = _run_unpack(ASM_BF16, packed, nz + zero, ss + zero, tl.bfloat16 == DTYPE)
+        else:
+            if SCALE:
+                w = _run_unpack(ASM_F16_SCALED, packed, nz + zero, ss + zero, tl.bfloat16 == DTYPE)
+            else:
+                w = _run_unpack(ASM_F16, packed, nz + zero, ss + zero, tl.bfloat16 == DTYPE)
+        return w
+    else:  # the same values and order through plain Triton (the interpreter tests the joins above)
+        return _join_word_order(
+            _nibble(packed, 0, s, z, DTYPE, SCALE), _nibble(packed, 1, s, z, DTYPE, SCALE),
+            _nibble(packed, 2, s, z, DTYPE, SCALE), _nibble(packed, 3, s, z, DTYPE, SCALE),
+            _nibble(packed, 4, s, z, DTYPE, SCALE), _nibble(packed, 5, s, z, DTYPE, SCALE),
+            _nibble(packed, 6, s, z, DTYPE, SCALE), _nibble(packed, 7, s, z, DTYPE, SCALE),
+        )
+
+
+@triton.jit
+def _nibble(packed, j: tl.constexpr, s, z, DTYPE: tl.constexpr, SCALE: tl.constexpr):
+    # nibble j of every word: (q - z) (* s) in float32 (exact: small integers, one rounding for the
+    # scale, as the reference), then DTYPE
+    q = ((packed >> (4 * j)) & 0xF) | MAGIC_BITS
+    w = q.to(tl.float32, bitcast=True) - (MAGIC_VALUE + z)
+    if SCALE:
+        w = w * s
+    return w.to(DTYPE)
+
+
+@triton.jit
+def word_scale_zero(S, Z, rows, offs_n, n_mask, N, K, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    # packed rows [R] (each inside one group: GROUP_SIZE is a multiple of 8), columns [BN] -> the scale
+    # and zero of every word, [R, BN] float32 (zero 8 in the symmetric layout; 0 past the ends)
+    ptrs = (rows * 8 // GROUP_SIZE).to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = (rows * 8 < K)[:, None] & n_mask[None, :]
+    s = tl.load(S + ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(Z + ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 8.0, tl.float32)
+    return s, z

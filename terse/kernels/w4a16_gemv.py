@@ -1,6 +1,6 @@
 """W4A16 GEMV for one activation row (batch-1 decode): split-K, dequantization in registers.
 
-Each program owns BLOCK_N output columns and one slice of K (grid: [N / BLOCK_N, SPLIT_K]). A K tile
+Each program owns BLOCK_N output columns and one slice of K (grid: [N / BLOCK_N, split_k]). A K tile
 loads BLOCK_K / 8 packed words per column once and unpacks them as [8, BLOCK_K / 8, BLOCK_N] (row 8r + j
 at [j, r]); x is loaded in the same order, so the tile's products reduce over both leading axes with no
 reshuffle. When the tile lies inside one quantization group (GROUP_SIZE % BLOCK_K == 0, ONE_GROUP) the
@@ -25,12 +25,12 @@ from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_ti
 from terse.validation import check_choice
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k"])
 def _w4a16_gemv_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
-    N, K, K_PER_SPLIT,
+    N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,8 +56,8 @@ def _w4a16_gemv_kernel(
             w = dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
             acc += tl.sum(x[:, :, None] * w, axis=0)
     offs_m = tl.arange(0, 1)
-    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k,
-               HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k, split_k,
+               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
 
 
 def w4a16_gemv(
@@ -92,9 +92,9 @@ def launch_gemv(
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
     _w4a16_gemv_kernel[(num_n, split_k)](
         x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
-        n, k, k_per_split,
+        n, k, k_per_split, split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=split_k > 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -2,7 +2,7 @@
 (packed weights -> scaled float tiles) is in `w4a16_dequant.py`.
 
 - `store_tile`: writes a [BLOCK_M, BLOCK_N] float32 accumulator (+ bias) to the output, directly or,
-  under split-K, through a workspace where the last of the SPLIT_K programs of the tile adds the
+  under split-K, through a workspace where the last of the split_k programs of the tile adds the
   partial sums in a fixed order (deterministic) and resets the tile's arrival counter:
 
       program (tile t, split s):  partials[t, s] = acc        (plain stores)
@@ -22,19 +22,21 @@ import triton.language as tl
 
 @triton.jit
 def store_tile(
-    acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
+    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range
-    if SPLIT_K > 1:
+    # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range; split_k programs
+    # share the tile (a runtime count: one compiled kernel serves every split)
+    if USE_SPLIT:
         tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        base = WS + tile_id.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(base + pid_k * (BLOCK_M * BLOCK_N) + tile, acc)
+        rows = (offs_m < M)[:, None]  # rows past M (padding of a skinny product) are never written or read
+        base = WS + tile_id.to(tl.int64) * (split_k * BLOCK_M * BLOCK_N)
+        tl.store(base + pid_k * (BLOCK_M * BLOCK_N) + tile, acc, mask=rows)
         arrived = tl.atomic_add(Locks + tile_id, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
+            for s in range(split_k):
+                total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, mask=rows, other=0.0, cache_modifier=".cg")
             _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
             tl.atomic_xchg(Locks + tile_id, 0)
     else:

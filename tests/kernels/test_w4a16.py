@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from terse.errors import KernelInputError
-from terse.kernels.w4a16 import heuristic_plan, w4a16_matmul
+from terse.kernels.w4a16 import Plan, candidate_plans, heuristic_plan, w4a16_matmul
 from terse.kernels.w4a16_gemm import w4a16_dequantize, w4a16_gemm
 from terse.kernels.w4a16_gemv import w4a16_gemv
+from terse.kernels.w4a16_gemv_offset import split_range, w4a16_gemv_offset
 from terse.kernels.w4a16_layout import Int4Weight, dequantize, pack_int4, unpack_int4, w4a16_reference
 from terse.kernels.w4a16_tiles import split_k_buffers
 from tests.kernels.helpers import rel_err
@@ -81,6 +82,33 @@ def test_gemv_matches_reference(k, n, group_size, asym, block_k, split_k, dtype)
 
 
 @pytest.mark.parametrize(
+    ("k", "n", "group_size", "asym", "block_n", "block_k", "split_k", "dtype"),
+    [
+        (256, 96, 128, True, 64, 8, 1, torch.bfloat16),  # one program per column block, two groups
+        (512, 130, 128, True, 128, 32, 8, torch.bfloat16),  # N tail, slices shorter than a group
+        (200, 40, 32, False, 64, 16, 3, torch.float16),  # K tail inside the last group, symmetric
+        (136, 72, 32, True, 64, 8, 4, torch.float16),  # last group short
+    ],
+)
+def test_offset_gemv_matches_reference(k, n, group_size, asym, block_n, block_k, split_k, dtype):
+    w = random_weight(k, n, group_size, asym, dtype, seed=k + n)
+    x = torch.randn(1, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    out = w4a16_gemv_offset(x, w, bias, block_n=block_n, block_k=block_k, split_k=split_k)
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert rel_err(out, reference(x, w, bias)) < TOL[dtype]
+
+
+def test_offset_split_ranges_are_whole_groups_or_divisors_of_one():
+    assert split_range(4096, 128, 8, 4) == (8, 1024)
+    assert split_range(14336, 128, 8, 32) == (8, 512)  # 448 rounded up to whole groups
+    assert split_range(4096, 128, 8, 64) == (8, 64)  # more slices than groups: half a group each
+    assert split_range(4096, 32, 64, 1) == (32, 4096)  # BLOCK_K shrinks to divide the group
+    with pytest.raises(KernelInputError, match="bfloat16 or float16"):
+        w4a16_gemv_offset(torch.randn(1, 64), random_weight(64, 16, 32, True, torch.float32))
+
+
+@pytest.mark.parametrize(
     ("m", "k", "n", "group_size", "asym", "block_m", "block_k", "split_k", "dtype"),
     [
         (1, 256, 64, 128, True, 16, 64, 2, torch.float32),
@@ -90,11 +118,12 @@ def test_gemv_matches_reference(k, n, group_size, asym, block_k, split_k, dtype)
         (40, 128, 48, 128, False, 32, 128, 1, torch.float32),
     ],
 )
-def test_gemm_matches_reference(m, k, n, group_size, asym, block_m, block_k, split_k, dtype):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gemm_matches_reference(m, k, n, group_size, asym, block_m, block_k, split_k, dtype, swap_ab):
     w = random_weight(k, n, group_size, asym, dtype, seed=m + k)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if m % 2 else None
-    out = w4a16_gemm(x, w, bias, block_m=block_m, block_n=32, block_k=block_k, split_k=split_k)
+    out = w4a16_gemm(x, w, bias, block_m=block_m, block_n=32, block_k=block_k, split_k=split_k, swap_ab=swap_ab)
     assert out.shape == (m, n)
     assert rel_err(out, reference(x, w, bias)) < TOL[dtype]
 
@@ -129,9 +158,23 @@ def test_matmul_entry_applies_the_input_permutation():
 
 def test_heuristic_plans_by_rows():
     w = random_weight(256, 64, 128, True, torch.float16)
-    assert heuristic_plan(1, w, 132).kind == "gemv"
+    assert heuristic_plan(1, w, 132).kind == "offset"
+    assert heuristic_plan(1, random_weight(256, 64, 128, True, torch.float32), 132).kind == "gemv"
+    eight = heuristic_plan(8, w, 132)
+    assert eight.kind == "gemm" and dict(eight.options)["swap_ab"] == 1 and dict(eight.options)["block_m"] == 16
     assert heuristic_plan(32, w, 132).kind == "gemm"
     assert heuristic_plan(4096, w, 132).kind == "dequant"
+
+
+def test_candidate_plans_by_rows_and_dtype():
+    bf16 = random_weight(256, 64, 128, True, torch.bfloat16)
+    one = candidate_plans(1, bf16, 132)
+    assert {p.kind for p in one} == {"offset", "gemv"} and len(one) == len(set(one))
+    assert {p.kind for p in candidate_plans(1, random_weight(256, 64, 128, True, torch.float32), 132)} == {"gemv"}
+    eight = candidate_plans(8, bf16, 132)
+    assert all(p.kind == "gemm" and dict(p.options)["swap_ab"] == 1 for p in eight)
+    assert candidate_plans(32, bf16, 132)[-1].kind == "dequant"
+    assert candidate_plans(256, bf16, 132) == [Plan("dequant")]  # one candidate: taken without timing
 
 
 def test_launchers_reject_bad_inputs():
