@@ -233,7 +233,8 @@ def _tune(key: PlanKey, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor 
                     in_graph = False
             if not in_graph:
                 ms = eager_ms(calls)
-        except Exception:  # a tile shape this GPU cannot compile (shared memory, registers) is not a plan
+        except Exception as exc:  # a tile shape this GPU cannot compile (shared memory, registers) is not a plan
+            timings.append((f"{plan.describe()} (failed: {type(exc).__name__}: {str(exc)[-120:]})", float("nan")))
             continue
         timings.append((plan.describe() + ("" if in_graph else " (eager)"), float(ms)))
         if best is None or ms < best[1]:
