@@ -21,6 +21,7 @@ from tests.kernels.test_w4a16 import TOL, random_weight, reference
         (256, 96, 128, True, 32, 128, 1, torch.bfloat16),  # one tile per group, N tail
         (512, 130, 128, True, 64, 32, 8, torch.bfloat16),  # slices shorter than a group, N tail
         (512, 128, 64, False, 64, 128, 2, torch.float16),  # EVEN; BLOCK_K shrinks to the group
+        (512, 128, 128, True, 64, 32, 8, torch.bfloat16),  # EVEN, slices of half a group
         (200, 40, 32, False, 64, 16, 3, torch.float16),  # K tail inside the last group, symmetric
         (136, 72, 32, True, 32, 64, 4, torch.float16),  # last group short
     ],
