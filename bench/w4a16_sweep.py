@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/w4a16_sweep.py --table bench/results/w4a16_sweep.json
 
 Every candidate (tile shape, warps, stages, split-K; the skinny GEMM in both operand orders, the
-GEMV, dequantize-then-matmul) runs at M = 1 / 8 / 32 / 64 rows on random INT4 weights (group 128,
+GEMVs, including the tuner's one-row offset and streaming GEMVs, dequantize-then-matmul) runs at M = 1 / 8 / 32 / 64 rows on random INT4 weights (group 128,
 asymmetric, bf16 scales and zeros) and is checked against the float32 product of the same dequantized
 weights, then timed in a CUDA graph of back-to-back calls rotating over weight copies larger than the
 L2 cache (terse/kernels/w4a16_timing.py): the cost of the kernel inside the engine's decode graph.
@@ -82,6 +82,8 @@ def gemm_plans(m: int, n: int, k: int) -> list[dict[str, Any]]:
             split = max(1, min(16, 2 * NUM_SMS // -(-n // bn), k // bk))
             plans.append({"kind": "gemv", "block_n": bn, "block_k": bk, "split_k": 1 << (split.bit_length() - 1),
                           "num_warps": warps, "num_stages": stages})
+    if m == 1:  # the one-row 16-bit kernels exactly as the tuner times them (offset, stream)
+        plans += [p for p in tuner_plans(1, n, k) if p["kind"] in ("offset", "stream")]
     if m >= 32:
         plans.append({"kind": "dequant"})
     return plans
@@ -152,33 +154,54 @@ def compile_jobs() -> list[tuple[str, dict[str, Any]]]:
     return jobs + checks
 
 
-def precompile_jobs() -> list[tuple[str, dict[str, Any]]]:
-    """One compile job per kernel the plan tuner can pick at the 8B shapes (bf16, group 128, asymmetric),
-    with the specializations the engine's calls get (the offset GEMV both with and without ragged edges)."""
+def tuner_plans(bucket: int, n: int, k: int) -> list[dict[str, Any]]:
+    """The plan tuner's candidates for a row bucket at one shape (bf16, group 128, asymmetric) as specs."""
     import torch
 
     from terse.kernels.w4a16 import candidate_plans
     from terse.kernels.w4a16_layout import Int4Weight
 
+    weight = Int4Weight(torch.zeros(k // 8, n, dtype=torch.int32, device="meta"),
+                        torch.zeros(k // GROUP, n, dtype=torch.bfloat16, device="meta"),
+                        torch.zeros(k // GROUP, n, dtype=torch.bfloat16, device="meta"), GROUP)
+    return [{"kind": plan.kind, **dict(plan.options)} for plan in candidate_plans(bucket, weight, NUM_SMS)]
+
+
+def precompile_jobs() -> list[tuple[str, dict[str, Any]]]:
+    """One compile job per kernel the plan tuner can pick at the 8B shapes (bf16, group 128, asymmetric),
+    with the specializations the engine's calls get (the one-row offset kernels both with and without
+    ragged edges)."""
     seen: set[str] = set()
     jobs = []
     for n, k in SHAPES.values():
-        weight = Int4Weight(torch.zeros(k // 8, n, dtype=torch.int32, device="meta"),
-                            torch.zeros(k // GROUP, n, dtype=torch.bfloat16, device="meta"),
-                            torch.zeros(k // GROUP, n, dtype=torch.bfloat16, device="meta"), GROUP)
         for bucket in (1, 2, 4, 8, 16, 32, 64, 128):
-            for plan in candidate_plans(bucket, weight, NUM_SMS):
-                spec = {"kind": plan.kind, **dict(plan.options)}
-                split = spec.get("split_k", 1)
+            for plan in tuner_plans(bucket, n, k):
+                spec = dict(plan)
                 if "split_k" in spec:
-                    spec["split_k"] = 2 if split > 1 else 1
-                for even in ([True, False] if plan.kind == "offset" else [True]):
+                    spec["split_k"] = 2 if spec["split_k"] > 1 else 1
+                for even in ([True, False] if plan["kind"] in ("offset", "stream") else [True]):
                     key = describe(spec) + f" even={even}"
                     if key not in seen:
                         seen.add(key)
                         width = spec.get("block_n", 64) * (2 if even else 3) + (0 if even else 64)
                         jobs.append(("compile", {"plan": spec, "m": bucket, "n": width}))
     return jobs
+
+
+def run_jobs(jobs: list[tuple[str, dict[str, Any]]], workers: int) -> list[dict[str, Any]]:
+    """`compile_job` over `jobs` in worker processes; a worker that dies (a compiler crash) fails the jobs
+    it leaves unfinished, recorded as errors, instead of hanging the run."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    done: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [(job, pool.submit(compile_job, job)) for job in jobs]
+        for job, future in futures:
+            try:
+                done.append(future.result())
+            except Exception as exc:  # BrokenProcessPool and the like
+                done.append({"job": job[0], "plan": describe(job[1]["plan"]), "error": f"{type(exc).__name__}: {exc}"})
+    return done
 
 
 # -- phase 2: time every plan launch-free at the 8B shapes ------------------------------------------------
@@ -330,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.precompile:
         t0 = time.perf_counter()
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            done = pool.map(compile_job, precompile_jobs(), chunksize=1)
+        done = run_jobs(precompile_jobs(), args.workers)
         bad = [d for d in done if "error" in d or d.get("rel_err", 0) > 2e-2]
         print(f"[precompile] {len(done)} kernels in {time.perf_counter() - t0:.0f} s; worst rel err "
               f"{max((d.get('rel_err', 0) for d in done), default=0):.2e}; bad: {bad[:5]}", flush=True)
@@ -346,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     old_cmd = [sys.executable, __file__, "--old-job", args.old_plans, str(ROOT / "terse" / "kernels" / "w4a16_timing.py")]
     old_env = {**os.environ, "PYTHONPATH": args.old_pythonpath}
     warm = subprocess.Popen([*old_cmd, ""], env=old_env) if args.old_plans else None  # compiles meanwhile
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        result["compile"] = pool.map(compile_job, compile_jobs(), chunksize=1)
+    result["compile"] = run_jobs(compile_jobs(), args.workers)
     if warm is not None:
         warm.wait()
     result["compile_s"] = time.perf_counter() - t0

@@ -4,6 +4,9 @@ its paths for the shape, measured once:
     gemm      one to many rows: Triton GEMM on the packed weight, dequantization in registers, optional
               split-K (w4a16_gemm); for skinny products in the swapped form out^T = W^T x^T
     gemv      one row: split-K GEMV with float32 FMAs (w4a16_gemv)
+    offset    one 16-bit row: GEMV with offset floats, one small tile at a time (w4a16_gemv_offset)
+    stream    one 16-bit row: the offset GEMV with its weight loads kept in flight, through Triton's
+              software pipeliner or register double-buffering (w4a16_gemv_stream)
     dequant   many rows: dequantize the whole weight, then one dense matmul (cuBLAS)
 
 Plans are chosen per (row-count bucket, N, K, group size, scheme, dtype, device): the first product of a
@@ -25,7 +28,7 @@ import torch
 from terse.kernels.checks import interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
-PlanKind = Literal["offset", "gemv", "gemm", "dequant"]
+PlanKind = Literal["offset", "stream", "gemv", "gemm", "dequant"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor
         from terse.kernels.w4a16_gemv_offset import launch_gemv_offset
 
         return launch_gemv_offset(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"])
+    if plan.kind == "stream":
+        from terse.kernels.w4a16_gemv_stream import launch_gemv_stream
+
+        return launch_gemv_stream(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"],
+                                  o["num_stages"], bool(o["prefetch"]))
     if plan.kind == "gemv":
         from terse.kernels.w4a16_gemv import launch_gemv
 
@@ -114,6 +122,13 @@ def _offset(block_n: int, block_k: int, warps: int, weight: Int4Weight, num_sms:
     return Plan("offset", (("block_n", block_n), ("block_k", block_k), ("split_k", split), ("num_warps", warps)))
 
 
+def _stream(block_n: int, block_k: int, warps: int, stages: int, prefetch: int, weight: Int4Weight, num_sms: int,
+            waves: int) -> Plan:
+    split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms, waves, most=128)
+    return Plan("stream", (("block_n", block_n), ("block_k", block_k), ("split_k", split), ("num_warps", warps),
+                           ("num_stages", stages), ("prefetch", prefetch)))
+
+
 def _gemv(block_n: int, block_k: int, warps: int, stages: int, weight: Int4Weight, num_sms: int, waves: int = 2) -> Plan:
     split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms, waves)
     return Plan("gemv", (("block_n", block_n), ("block_k", block_k), ("split_k", split),
@@ -133,6 +148,11 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight
 # docs/benchmarks.md): the few shapes within a few percent of the best at every projection.
 OFFSET_TILES = ((2048, 8, 4), (1024, 8, 2), (1024, 8, 4), (1024, 32, 4), (512, 32, 4))
 """(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
+STREAM_TILES = ((256, 128, 8, 3, 0), (256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (512, 128, 8, 4, 0),
+                (256, 128, 8, 1, 1), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1))
+"""(BLOCK_N, BLOCK_K, warps, stages, prefetch) of the streaming offset GEMV timed for one row of 16-bit
+activations (not yet measured on a GPU: the tuner keeps them only where they beat the plans above; none
+spills registers when compiled for sm_90)."""
 GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))
 """(BLOCK_N, BLOCK_K, warps, stages) of the float32 GEMV timed for one row."""
 SKINNY_TILES = {16: ((256, 64, 4, 3), (128, 64, 8, 3)), 32: ((128, 128, 8, 3), (256, 64, 4, 3)),
@@ -148,7 +168,8 @@ def candidate_plans(bucket: int, weight: Int4Weight, num_sms: int) -> list[Plan]
         plans = [_gemv(bn, bk, wp, st, w, s, waves) for bn, bk, wp, st in GEMV_TILES for waves in (1, 2)]
         if w.scales.dtype in (torch.bfloat16, torch.float16):
             # latency-bound: on the H200 the largest split tried (2 waves) was the fastest at every shape
-            plans = [_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)] + plans
+            plans = ([_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)]
+                     + [_stream(*tile, w, s, waves) for tile in STREAM_TILES for waves in (1, 2, 4)] + plans)
         return list(dict.fromkeys(plans))
     if bucket <= 64:
         bm = max(16, bucket)
@@ -212,7 +233,8 @@ def _tune(key: PlanKey, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor 
                     in_graph = False
             if not in_graph:
                 ms = eager_ms(calls)
-        except Exception:  # a tile shape this GPU cannot compile (shared memory, registers) is not a plan
+        except Exception as exc:  # a tile shape this GPU cannot compile (shared memory, registers) is not a plan
+            timings.append((f"{plan.describe()} (failed: {type(exc).__name__}: {str(exc)[-120:]})", float("nan")))
             continue
         timings.append((plan.describe() + ("" if in_graph else " (eager)"), float(ms)))
         if best is None or ms < best[1]:
