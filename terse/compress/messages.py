@@ -19,13 +19,14 @@ instructions and question stay verbatim); earlier turns and tool results by thei
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from terse.backend.types import Role
 from terse.compress.compressor import PromptCompressor
 from terse.compress.config import Budget, ProtectionPolicy
+from terse.compress.layout_cache import LayoutCache
 from terse.compress.layouts import MIN_PASSAGE_CHARS, Layout, LayoutKind, parse_layout
 from terse.compress.plan import TokenCounter
 from terse.compress.result import CompressionResult
@@ -139,17 +140,23 @@ class _Part:
 
 
 def compress_messages(
-    compressor: PromptCompressor, messages: Sequence[Mapping[str, Any]], policy: MessagePolicy
+    compressor: PromptCompressor, messages: Sequence[Mapping[str, Any]], policy: MessagePolicy,
+    *, layouts: LayoutCache | None = None,
 ) -> CompressedMessages:
     """Compressed copy of `messages` under `policy`, using `compressor`'s stages and tokenizer.
 
+    `layouts` keeps parsed layouts between calls (a long-lived hook: conversations resend their
+    system prompt and history); texts are counted through the compressor's analysis cache.
     Raises `InvalidRequestError` naming the message when one is malformed, and when the verbatim text
     alone exceeds a `target_tokens` budget.
     """
     parts = [_text_parts(m, i) for i, m in enumerate(messages)]
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     count = compressor.analyses.count  # texts that recur (system prompts, earlier turns) are counted once
-    outcomes: list[Outcome] = [_locate(m, i, p, last_user, len(messages), policy, count) for i, (m, p) in enumerate(zip(messages, parts))]
+    parse = parse_layout if layouts is None else layouts.parse
+    outcomes: list[Outcome] = [
+        _locate(m, i, p, last_user, len(messages), policy, count, parse) for i, (m, p) in enumerate(zip(messages, parts))
+    ]
     documents = [
         (i, k, d) for i, p in enumerate(parts) if outcomes[i] == "documents" for k, part in enumerate(p)
         if part.layout is not None for d in part.layout.documents
@@ -216,7 +223,7 @@ def _text_parts(message: Any, index: int) -> list[_Part]:
 
 def _locate(
     message: Mapping[str, Any], index: int, parts: list[_Part], last_user: int, num_messages: int,
-    policy: MessagePolicy, count: TokenCounter,
+    policy: MessagePolicy, count: TokenCounter, parse: Callable[..., Layout],
 ) -> Outcome:
     """Decide what to do with one message; parses the layouts of those that are looked at."""
     role = message["role"]
@@ -235,7 +242,7 @@ def _locate(
 
     whole = policy.compress_history and role not in _INSTRUCTION_ROLES and index != last_user
     for part in parts:  # parsed first (cheap): a short text without documents is never counted
-        part.layout = parse_layout(part.text, whole_fallback=whole, min_passage_chars=policy.min_passage_chars)
+        part.layout = parse(part.text, whole_fallback=whole, min_passage_chars=policy.min_passage_chars)
     if any(p.layout is not None and p.layout.documents for p in parts):
         if not short():
             return "documents"

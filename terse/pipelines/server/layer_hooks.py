@@ -27,6 +27,7 @@ from terse.compress import (
     target_tokenizer_of,
 )
 from terse.compress.analysis import AnalysisCache
+from terse.compress.layout_cache import LayoutCache
 from terse.compress.tokenizer import CharEstimateTarget
 from terse.errors import ConfigError, InvalidRequestError
 from terse.pipelines.server.hooks import ChatResult, TokenCount
@@ -46,16 +47,21 @@ class CompressHook:
     and whether budgets were counted with the model's tokenizer or estimated.
 
     One hook keeps one compressor for its whole life: a document, system prompt or earlier turn seen
-    in one request is not tokenized or analysed again in the next (a conversation resends its history
-    every turn), within the compressor's bounded cache (`cache_chars`).
+    in one request is not parsed, tokenized or analysed again in the next (a conversation resends its
+    history every turn), within the bounded caches (`cache_chars`): the compressor's analyses and
+    `layouts`, the parsed message layouts.
     """
 
     name = "compress"
 
-    def __init__(self, compressor: PromptCompressor, policy: MessagePolicy, budget_count: TokenCount) -> None:
+    def __init__(
+        self, compressor: PromptCompressor, policy: MessagePolicy, budget_count: TokenCount,
+        layouts: LayoutCache | None = None,
+    ) -> None:
         self.compressor = compressor
         self.policy = policy
         self.budget_count = budget_count
+        self.layouts = layouts if layouts is not None else LayoutCache()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> CompressHook:
@@ -71,8 +77,9 @@ class CompressHook:
         - `protect`: a `ProtectionPolicy`, or flag names ("numbers", "code_blocks", ...), or "none";
           default: `ProtectionPolicy.standard()` (numbers incl. CJK numerals, dates, URLs, e-mail
           addresses, code spans and fences);
-        - `cache_chars`: most characters of documents and turns whose analyses the hook keeps between
-          requests (default 2,000,000: ~80 MB); 0 keeps only the latest.
+        - `cache_chars`: most characters of documents and turns whose analyses, and of messages whose
+          parsed layouts, the hook keeps between requests (default 2,000,000: at most ~90 MB in all);
+          0 keeps only the latest of each.
         """
         from terse.backend.registry import load_backend
 
@@ -93,7 +100,8 @@ class CompressHook:
         config = CompressorConfig() if backend is not None else CompressorConfig(token_pruner=None)
         policy = MessagePolicy(budget=budget, protect=protection(options.get("protect", "default")))
         analyses = AnalysisCache(tokenizer, max_chars=cache_chars)
-        hook = cls(PromptCompressor(backend, config=config, analyses=analyses), policy, budget_count)
+        compressor = PromptCompressor(backend, config=config, analyses=analyses)
+        hook = cls(compressor, policy, budget_count, LayoutCache(max_chars=cache_chars))
         hook.warm_up()
         return hook
 
@@ -107,7 +115,8 @@ class CompressHook:
 
     def on_request(self, request: ChatRequest) -> ChatRequest:
         try:
-            compressed = compress_messages(self.compressor, request.wire_messages or request.messages, self.policy)
+            messages = request.wire_messages or request.messages
+            compressed = compress_messages(self.compressor, messages, self.policy, layouts=self.layouts)
         except InvalidRequestError:
             # the verbatim text (or the protected spans) alone exceed the budget: forward as sent, and say so
             return request.with_notes(compress_budget_count=self.budget_count, compress_skipped="verbatim-over-budget")
