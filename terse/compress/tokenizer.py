@@ -175,8 +175,10 @@ def target_tokenizer_of(target: Any, *, probe_counter: Callable[[str], int] | No
 def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
     """The fast tokenizer of a model directory or hub name (offline cache), for counting budgets.
 
-    Raises `ModelLoadError` naming the path when it cannot be loaded; `ConfigError` when the model
-    has only a slow (Python) tokenizer, which gives no offsets.
+    Its Rust encoder's offsets are used when it counts the probes exactly as the transformers
+    tokenizer does (as the server's accounting counts); otherwise the transformers tokenizer counts,
+    without offsets (exact, slower). Raises `ModelLoadError` naming the path when it cannot be loaded;
+    `ConfigError` when the model has only a slow (Python) tokenizer, which gives no offsets.
     """
     from terse.backend.tokenization import load_tokenizer
 
@@ -184,7 +186,12 @@ def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise ConfigError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; give a model "
                           f"with a tokenizer.json (a fast tokenizer)")
-    return FastTokenizerTarget(tokenizer, name=name_or_path)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fast = FastTokenizerTarget(tokenizer, name=name_or_path)
+    return fast if _agrees(fast, count) else CounterTarget(count, name=name_or_path)
 
 
 def _is_backend(target: Any) -> bool:

@@ -12,7 +12,13 @@ from terse.compress import Budget, CompressorConfig, MessagePolicy, PromptCompre
 from terse.compress.analysis import AnalysisCache
 from terse.compress.layout_cache import LayoutCache
 from terse.compress.layouts import parse_layout
-from terse.compress.tokenizer import CharEstimateTarget, target_tokenizer_of
+from terse.compress.tokenizer import (
+    CharEstimateTarget,
+    CounterTarget,
+    FastTokenizerTarget,
+    load_target_tokenizer,
+    target_tokenizer_of,
+)
 from terse.errors import ConfigError
 from tests.compress.test_messages_layouts import layouts
 from tests.compress.test_overhead import CountingTarget
@@ -131,3 +137,15 @@ def test_compression_under_the_estimate_meets_the_estimated_budget() -> None:
     compressor = PromptCompressor(None, CharEstimateTarget(), FREE)
     result = compress_messages(compressor, messages["system"], MessagePolicy(budget=Budget(rate=0.3))).result
     assert result is not None and 0 < result.num_compressed_tokens <= result.target_tokens
+
+
+def test_a_named_tokenizer_gives_offsets_only_when_its_counts_agree(tiny_llama: Path, monkeypatch: Any) -> None:
+    assert isinstance(load_target_tokenizer(str(tiny_llama)), FastTokenizerTarget)
+    # an encoder that counts unlike the transformers tokenizer (Python-side normalisation): not trusted
+    monkeypatch.setattr(FastTokenizerTarget, "count", lambda self, text: 1 + len(self.spans(text)))
+    fallback = load_target_tokenizer(str(tiny_llama))
+    assert isinstance(fallback, CounterTarget) and fallback.spans("some text") is None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert fallback.count("some text") == len(tokenizer("some text", add_special_tokens=False)["input_ids"])
