@@ -1,6 +1,7 @@
 """Chat layouts: compression where chat apps already put their documents, through the real proxy.
 
     .venv/bin/python bench/chat_layouts.py [--worlds 4] [--first-world 2] [--ratios 2,4,8] [--per-world N]
+        [--part all|accuracy|overhead|profile [--unseen]]
 
 Workload ("chat-layouts" in BENCHMARKS.md): the synthetic doc-QA test split, worlds 2-5 (the
 compression bench uses worlds 0-1), single-hop, multi-hop and list questions, each with its full
@@ -20,10 +21,12 @@ of free RAM). Greedy answers, exact match against the gold answer.
 
 Measured per layout and ratio: tokens forwarded / original (the proxy's x-terse-* headers: reference
 tokenizer, chat template), gold answer kept in the forwarded messages, exact match vs the uncompressed
-request in the same layout. Overhead: the same ~3K-token requests, one at a time, to an instant stub
-upstream directly and through proxies with and without compression, alternating; added latency =
-proxy p50 - direct p50. Targets at 4x: <= 35% forwarded, >= 90% kept, EM within 2 points; overhead
-<= 10 ms p50. Raw numbers: bench/results/chat_layouts.json.
+request in the same layout, with the answers lost and gained and a paired 95% interval. Overhead: the
+same ~3K-token requests, one at a time, to an instant stub upstream directly and through proxies with and
+without compression, alternating; added latency = proxy p50 - direct p50; in process, the compress hook
+alone on requests seen before and on unseen ones (caches cleared). `--part profile` prints a cProfile of
+the hook on those requests. Targets at 4x: <= 35% forwarded, >= 90% kept, EM within 2 points; overhead
+<= 10 ms p50. Raw numbers: bench/results/chat_layouts.json (and chat_layouts_overhead.json).
 """
 
 from __future__ import annotations

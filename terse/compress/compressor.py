@@ -127,9 +127,9 @@ class PromptCompressor:
         plans = [self._plan(i, text, policy) for i, text in enumerate(docs)]
         sep = self.config.context_separator
         original = Prompt(instruction, question, sep, tuple(range(len(plans))))
-        # verbatim parts measured around a one-token stand-in context (none: nothing to count, as in chat)
-        num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self._constant("x") if (
-            instruction or question) else 0
+        num_fixed = 0  # the verbatim parts, measured around a one-token stand-in context (chat has none)
+        if instruction or question:
+            num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self._constant("x")
         costs = self._costs(num_fixed, sep) if all(p.analysis and p.analysis.has_offsets for p in plans) else None
         num_original = self._num_original(plans, instruction, question, sep, num_fixed, costs)
         target = budget.resolve(num_original, num_fixed if any(docs) else num_original)
