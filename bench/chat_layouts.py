@@ -1,6 +1,7 @@
 """Chat layouts: compression where chat apps already put their documents, through the real proxy.
 
     .venv/bin/python bench/chat_layouts.py [--worlds 4] [--first-world 2] [--ratios 2,4,8] [--per-world N]
+        [--part all|accuracy|overhead|profile [--unseen]]
 
 Workload ("chat-layouts" in BENCHMARKS.md): the synthetic doc-QA test split, worlds 2-5 (the
 compression bench uses worlds 0-1), single-hop, multi-hop and list questions, each with its full
@@ -20,10 +21,12 @@ of free RAM). Greedy answers, exact match against the gold answer.
 
 Measured per layout and ratio: tokens forwarded / original (the proxy's x-terse-* headers: reference
 tokenizer, chat template), gold answer kept in the forwarded messages, exact match vs the uncompressed
-request in the same layout. Overhead: the same ~3K-token requests, one at a time, to an instant stub
-upstream directly and through proxies with and without compression, alternating; added latency =
-proxy p50 - direct p50. Targets at 4x: <= 35% forwarded, >= 90% kept, EM within 2 points; overhead
-<= 10 ms p50. Raw numbers: bench/results/chat_layouts.json.
+request in the same layout, with the answers lost and gained and a paired 95% interval. Overhead: the
+same ~3K-token requests, one at a time, to an instant stub upstream directly and through proxies with and
+without compression, alternating; added latency = proxy p50 - direct p50; in process, the compress hook
+alone on requests seen before and on unseen ones (caches cleared). `--part profile` prints a cProfile of
+the hook on those requests. Targets at 4x: <= 35% forwarded, >= 90% kept, EM within 2 points; overhead
+<= 10 ms p50. Raw numbers: bench/results/chat_layouts.json (and chat_layouts_overhead.json).
 """
 
 from __future__ import annotations
@@ -253,12 +256,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             mine = [r for r in rows if r["layout"] == layout and r["ratio"] == ratio]
             em = statistics.mean(r["em"] for r in mine)
             full = statistics.mean(base[(layout, r["qid"])] for r in mine)
+            diffs = [int(r["em"]) - int(base[(layout, r["qid"])]) for r in mine]
             out.append({
                 "layout": layout, "ratio": ratio, "num_questions": len(mine),
                 "forwarded": sum(r["sent"] for r in mine) / sum(r["original"] for r in mine),
                 "forwarded_max": max(r["sent"] / r["original"] for r in mine),
                 "kept": statistics.mean(r["kept"] for r in mine),
                 "exact_match": em, "em_vs_uncompressed": em - full,
+                # paired: answers right uncompressed and wrong here (lost), and the reverse (gained)
+                "lost": diffs.count(-1), "gained": diffs.count(1), "em_vs_uncompressed_ci95": paired_ci95(diffs),
                 "by_kind": {k: statistics.mean(r["em"] for r in mine if r["kind"] == k) for k in KINDS
                             if any(r["kind"] == k for r in mine)},
                 "original_tokens": statistics.mean(r["original"] for r in mine),
@@ -268,6 +274,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "usage_matches_headers": all(r["usage_matches_headers"] for r in mine),
             })
     return out
+
+
+def paired_ci95(diffs: list[int]) -> tuple[float, float]:
+    """95% interval of the mean paired difference (normal approximation over questions)."""
+    if len(diffs) < 2:
+        return (float("nan"), float("nan"))
+    mean = statistics.mean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return (mean - half, mean + half)
 
 
 # -- the overhead run --------------------------------------------------------------------------------------
@@ -307,6 +322,7 @@ def overhead(args: argparse.Namespace, questions: list[Question], data: SplitDat
             "p50_ms": p50, "p90_ms": p90,
             "added_p50_ms": {name: p50[name] - p50["direct"] for name in ("proxy", "proxy+compress")},
             "added_p90_ms": {name: p90[name] - p90["direct"] for name in ("proxy", "proxy+compress")},
+            "compress_vs_proxy_p50_ms": p50["proxy+compress"] - p50["proxy"],
             "hook_ms": hook_times(requests)}
 
 
@@ -315,29 +331,68 @@ def ask_tokens(url: str, messages: Messages) -> int:
     return int(answer.headers["x-terse-original-prompt-tokens"])
 
 
+def compress_hook(rate: float = 0.25) -> Any:
+    """The hook `terse serve --compress --compress-rate R --tokenizer <reference>` builds."""
+    from terse.models import reference_model_path
+    from terse.pipelines.server.hooks import build_hook
+
+    return build_hook("compress", {"rate": rate, "tokenizer": str(reference_model_path())})
+
+
 def hook_times(requests: list[Messages]) -> dict[str, float]:
-    """In-process medians: the compress hook alone, and tokenizing the rendered prompt once (the floor)."""
+    """In-process medians over 3 passes: the compress hook alone on requests seen before (every text
+    cached, as the overhead run's repeated requests are), on unseen ones (caches cleared before each
+    request), and tokenizing the rendered prompt once (the floor for anything that counts tokens)."""
     from terse.backend.openai_tokens import LocalTokenizer
     from terse.models import reference_model_path
     from terse.pipelines.server import ServerConfig
-    from terse.pipelines.server.hooks import build_hook
     from terse.pipelines.server.schema import parse_chat
 
     tokenizer = LocalTokenizer(str(reference_model_path()))
-    hook = build_hook("compress", {"rate": 0.25, "tokenizer": str(reference_model_path())})
+    hook = compress_hook()
     parsed = [parse_chat({"model": MODEL, "messages": m}, ServerConfig()) for m in requests]
 
-    def median_ms(fn: Callable[[Any], object]) -> float:
+    def median_ms(fn: Callable[[Any], object], before: Callable[[], object] = lambda: None) -> float:
         samples = []
         for _ in range(3):
             for p in parsed:
+                before()
                 t = time.perf_counter()
                 fn(p)
                 samples.append(time.perf_counter() - t)
         return statistics.median(samples) * 1000
 
-    return {"compress_hook": median_ms(hook.on_request),
+    for p in parsed:  # seen once
+        hook.on_request(p)
+    seen = median_ms(hook.on_request)
+    return {"compress_hook": seen, "compress_hook_unseen": median_ms(hook.on_request, hook.compressor.clear_caches),
             "tokenize_once": median_ms(lambda p: tokenizer.count_tokens(tokenizer.render_chat(p.messages) or ""))}
+
+
+def profile(requests: list[Messages], passes: int, unseen: bool) -> None:
+    """cProfile of the compress hook on the requests (`unseen`: caches cleared before each request);
+    prints the functions taking the most time, cumulative and own."""
+    import cProfile
+    import pstats
+
+    from terse.pipelines.server import ServerConfig
+    from terse.pipelines.server.schema import parse_chat
+
+    hook = compress_hook()
+    parsed = [parse_chat({"model": MODEL, "messages": m}, ServerConfig()) for m in requests]
+    for p in parsed:
+        hook.on_request(p)
+    profiler = cProfile.Profile()
+    for _ in range(passes):
+        for p in parsed:
+            if unseen:
+                hook.compressor.clear_caches()
+            profiler.enable()
+            hook.on_request(p)
+            profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
 
 
 def dump(report: dict[str, Any]) -> str:
@@ -360,16 +415,21 @@ def subsample(questions: list[Question], per_world: int) -> list[Question]:
 
 # -- main --------------------------------------------------------------------------------------------------
 def table(summary: list[dict[str, Any]], over: dict[str, Any] | None) -> Iterator[str]:
-    yield f"{'layout':<9}{'ratio':>6}{'n':>5}{'forwarded':>11}{'kept':>7}{'EM':>7}{'vs full':>9}{'tokens':>14}"
+    yield (f"{'layout':<9}{'ratio':>6}{'n':>5}{'forwarded':>11}{'kept':>7}{'EM':>7}{'vs full':>9}{'lost/gained':>13}"
+           f"{'95% CI':>17}{'tokens':>14}")
     for r in summary:
         tokens = f"{r['sent_tokens']:.0f}/{r['original_tokens']:.0f}"
+        lost_gained = f"{r['lost']}/{r['gained']}"
+        ci = "[{:+.3f}, {:+.3f}]".format(*r["em_vs_uncompressed_ci95"])
         yield (f"{r['layout']:<9}{r['ratio']:>5g}x{r['num_questions']:>5}{r['forwarded']:>11.3f}{r['kept']:>7.2f}"
-               f"{r['exact_match']:>7.3f}{r['em_vs_uncompressed']:>+9.3f}{tokens:>14}")
+               f"{r['exact_match']:>7.3f}{r['em_vs_uncompressed']:>+9.3f}{lost_gained:>13}{ci:>17}{tokens:>14}")
     if over:
         added = over["added_p50_ms"]
+        hook = over["hook_ms"]
         yield (f"overhead p50 at {over['mean_original_tokens']:.0f} tokens: proxy +{added['proxy']:.1f} ms, "
-               f"proxy+compress +{added['proxy+compress']:.1f} ms (hook alone {over['hook_ms']['compress_hook']:.1f} ms, "
-               f"tokenize once {over['hook_ms']['tokenize_once']:.1f} ms)")
+               f"proxy+compress +{added['proxy+compress']:.1f} ms (+{over['compress_vs_proxy_p50_ms']:.1f} ms over the "
+               f"proxy alone); hook alone {hook['compress_hook']:.1f} ms on seen requests, "
+               f"{hook['compress_hook_unseen']:.1f} ms on unseen ones; tokenize once {hook['tokenize_once']:.1f} ms")
 
 
 def main() -> None:
@@ -384,7 +444,9 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=2400, help="engine KV pool (16-token blocks)")
     parser.add_argument("--overhead-questions", type=int, default=6, help="questions x 4 layouts per overhead round")
     parser.add_argument("--overhead-rounds", type=int, default=5)
-    parser.add_argument("--part", choices=["all", "accuracy", "overhead"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "overhead", "profile"], default="all",
+                        help="profile: cProfile of the compress hook in this process on the overhead requests")
+    parser.add_argument("--unseen", action="store_true", help="profile: clear the caches before each request")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chat_layouts.json")
     parser.add_argument("--role", choices=["engine", "stub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -398,6 +460,10 @@ def main() -> None:
     questions = [q for q in data.questions if q.kind in KINDS]
     if args.per_world:
         questions = subsample(questions, args.per_world)
+    if args.part == "profile":
+        requests = [layout_messages(layout, q, data) for q in questions[: args.overhead_questions] for layout in LAYOUTS]
+        profile(requests, args.overhead_rounds, args.unseen)
+        return
     t0 = time.perf_counter()
     rows = accuracy(args, questions, data) if args.part in ("all", "accuracy") else []
     seconds = time.perf_counter() - t0

@@ -27,6 +27,7 @@ import numpy as np
 from terse.compress.rankers import terms
 from terse.compress.tokenizer import TargetTokenizer, TokenSpans
 from terse.compress.words import Span, sentence_ids, split_words
+from terse.errors import ConfigError
 
 _NEWLINE = "\n"
 
@@ -184,13 +185,23 @@ def joined_tokens(a: DocAnalysis, kept: list[int], space: int, newline: int) -> 
 
 
 class AnalysisCache:
-    """Analyses by text, least recently used dropped past `max_entries`. Thread-safe."""
+    """Analyses by text, and tokenizations of texts counted but not yet analysed, least recently used
+    dropped first. Bounded by `max_entries` texts of each kind and, when `max_chars` is set, by that
+    many characters of text of both kinds together (an analysis takes ~40 bytes of memory per
+    character of its text, a kept tokenization ~35: a long-lived server bounds the cache by size).
+    Counted texts go before analyses; the latest analysis always stays. Thread-safe."""
 
-    def __init__(self, tokenizer: TargetTokenizer, max_entries: int = 4096) -> None:
+    def __init__(self, tokenizer: TargetTokenizer, max_entries: int = 4096, max_chars: int | None = None) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ConfigError(f"max_entries={max_entries!r} must be an int >= 1, e.g. 4096")
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0):
+            raise ConfigError(f"max_chars={max_chars!r} must be None or an int >= 0, e.g. 2_000_000")
         self.tokenizer = tokenizer
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self._entries: OrderedDict[str, DocAnalysis] = OrderedDict()
         self._counted: OrderedDict[str, TokenSpans | int] = OrderedDict()  # counted, not yet analysed
+        self._num_chars = 0  # characters of the texts in _entries and _counted
         self._lock = threading.Lock()
 
     def count(self, text: str) -> int:
@@ -200,13 +211,16 @@ class AnalysisCache:
             if hit is not None:
                 return hit.num_tokens
             known = self._counted.get(text)
+            if known is not None:
+                self._counted.move_to_end(text)
         if known is None:
             spans = self.tokenizer.spans(text)
             known = spans if spans is not None else self.tokenizer.count(text)
             with self._lock:
-                self._counted[text] = known
-                while len(self._counted) > self.max_entries:
-                    self._counted.popitem(last=False)
+                if text not in self._counted and text not in self._entries:
+                    self._counted[text] = known
+                    self._num_chars += len(text)
+                    self._evict()
         return known if isinstance(known, int) else len(known)
 
     def get(self, text: str) -> DocAnalysis:
@@ -217,25 +231,46 @@ class AnalysisCache:
                 self._entries.move_to_end(text)
                 return hit
             counted = self._counted.pop(text, None)
+            if counted is not None:
+                self._num_chars -= len(text)
         analysis = analyze(text, self.tokenizer, counted if isinstance(counted, list) else None)
         with self._lock:
+            if text not in self._entries:
+                self._num_chars += len(text)
             self._entries[text] = analysis
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._evict()
         return analysis
+
+    def _evict(self) -> None:
+        """Drop least recently used texts past the bounds (the lock held)."""
+        while len(self._counted) > self.max_entries:
+            self._num_chars -= len(self._counted.popitem(last=False)[0])
+        while len(self._entries) > self.max_entries:
+            self._num_chars -= len(self._entries.popitem(last=False)[0])
+        if self.max_chars is None:
+            return
+        while self._num_chars > self.max_chars and self._counted:
+            self._num_chars -= len(self._counted.popitem(last=False)[0])
+        while self._num_chars > self.max_chars and len(self._entries) > 1:
+            self._num_chars -= len(self._entries.popitem(last=False)[0])
+
+    @property
+    def num_chars(self) -> int:
+        """Characters of the texts held now (analysed and counted)."""
+        return self._num_chars
 
     def clear(self) -> None:
         """Forget every cached text."""
         with self._lock:
             self._entries.clear()
             self._counted.clear()
+            self._num_chars = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into worker processes without its entries
-        return {"tokenizer": self.tokenizer, "max_entries": self.max_entries}
+        return {"tokenizer": self.tokenizer, "max_entries": self.max_entries, "max_chars": self.max_chars}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tokenizer"], state["max_entries"])  # type: ignore[misc]
-
+        self.__init__(state["tokenizer"], state["max_entries"], state.get("max_chars"))  # type: ignore[misc]

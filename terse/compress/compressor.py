@@ -115,8 +115,9 @@ class PromptCompressor:
         `question` (e.g. a chat turn kept elsewhere); it is not part of the returned prompt.
 
         Tokenizer use, with a target tokenizer that has offsets: each distinct context text once (then
-        cached), one count of the verbatim parts, one of the final prompt (more only when the
-        tokenizer merges across a cut), plus one batched edge check per new context.
+        cached), one count of the verbatim parts (none without instruction and question), one of the
+        final prompt (more only when the tokenizer merges across a cut), plus one batched edge check
+        per new context.
         """
         start = time.perf_counter()
         docs = [contexts] if isinstance(contexts, str) else list(contexts)
@@ -126,7 +127,9 @@ class PromptCompressor:
         plans = [self._plan(i, text, policy) for i, text in enumerate(docs)]
         sep = self.config.context_separator
         original = Prompt(instruction, question, sep, tuple(range(len(plans))))
-        num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self._constant("x")
+        num_fixed = 0  # the verbatim parts, measured around a one-token stand-in context (chat has none)
+        if instruction or question:
+            num_fixed = self.count_tokens(_join([instruction, "x", question], sep)) - self._constant("x")
         costs = self._costs(num_fixed, sep) if all(p.analysis and p.analysis.has_offsets for p in plans) else None
         num_original = self._num_original(plans, instruction, question, sep, num_fixed, costs)
         target = budget.resolve(num_original, num_fixed if any(docs) else num_original)

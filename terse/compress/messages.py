@@ -19,13 +19,14 @@ instructions and question stay verbatim); earlier turns and tool results by thei
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from terse.backend.types import Role
 from terse.compress.compressor import PromptCompressor
 from terse.compress.config import Budget, ProtectionPolicy
+from terse.compress.layout_cache import LayoutCache
 from terse.compress.layouts import MIN_PASSAGE_CHARS, Layout, LayoutKind, parse_layout
 from terse.compress.plan import TokenCounter
 from terse.compress.result import CompressionResult
@@ -139,17 +140,23 @@ class _Part:
 
 
 def compress_messages(
-    compressor: PromptCompressor, messages: Sequence[Mapping[str, Any]], policy: MessagePolicy
+    compressor: PromptCompressor, messages: Sequence[Mapping[str, Any]], policy: MessagePolicy,
+    *, layouts: LayoutCache | None = None,
 ) -> CompressedMessages:
     """Compressed copy of `messages` under `policy`, using `compressor`'s stages and tokenizer.
 
+    `layouts` keeps parsed layouts between calls (a long-lived hook: conversations resend their
+    system prompt and history); texts are counted through the compressor's analysis cache.
     Raises `InvalidRequestError` naming the message when one is malformed, and when the verbatim text
     alone exceeds a `target_tokens` budget.
     """
     parts = [_text_parts(m, i) for i, m in enumerate(messages)]
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    count = compressor.count_tokens
-    outcomes: list[Outcome] = [_locate(m, i, p, last_user, len(messages), policy, count) for i, (m, p) in enumerate(zip(messages, parts))]
+    count = compressor.analyses.count  # texts that recur (system prompts, earlier turns) are counted once
+    parse = parse_layout if layouts is None else layouts.parse
+    outcomes: list[Outcome] = [
+        _locate(m, i, p, last_user, len(messages), policy, count, parse) for i, (m, p) in enumerate(zip(messages, parts))
+    ]
     documents = [
         (i, k, d) for i, p in enumerate(parts) if outcomes[i] == "documents" for k, part in enumerate(p)
         if part.layout is not None for d in part.layout.documents
@@ -185,7 +192,7 @@ def compress_messages(
             break
         # the kept documents' markers, tags and separators, and seams between verbatim text and documents,
         # come on top of what the compressor measured: take the excess (and a little more) off the room
-        over = _content_tokens(out, count) - budget.target_tokens
+        over = _content_tokens(compressor, out, outcomes) - budget.target_tokens
         if over <= 0 or room - over < 1:
             break
         room -= over + math.ceil(0.02 * room)
@@ -216,7 +223,7 @@ def _text_parts(message: Any, index: int) -> list[_Part]:
 
 def _locate(
     message: Mapping[str, Any], index: int, parts: list[_Part], last_user: int, num_messages: int,
-    policy: MessagePolicy, count: TokenCounter,
+    policy: MessagePolicy, count: TokenCounter, parse: Callable[..., Layout],
 ) -> Outcome:
     """Decide what to do with one message; parses the layouts of those that are looked at."""
     role = message["role"]
@@ -226,15 +233,24 @@ def _locate(
     if role in kept or index >= num_messages - policy.keep_last_messages:
         return "policy"
     chars = sum(len(p.text) for p in parts)
-    if chars < _MAX_CHARS_PER_TOKEN * policy.min_tokens and sum(count(p.text) for p in parts if p.text) < policy.min_tokens:
-        return "short"
+
+    def short() -> bool:
+        # counted only when the length leaves it open (no tokenizer averages 16 characters per token)
+        if chars >= _MAX_CHARS_PER_TOKEN * policy.min_tokens:
+            return False
+        return sum(count(p.text) for p in parts if p.text) < policy.min_tokens
+
     whole = policy.compress_history and role not in _INSTRUCTION_ROLES and index != last_user
-    for part in parts:
-        part.layout = parse_layout(part.text, whole_fallback=whole, min_passage_chars=policy.min_passage_chars)
+    for part in parts:  # parsed first (cheap): a short text without documents is never counted
+        part.layout = parse(part.text, whole_fallback=whole, min_passage_chars=policy.min_passage_chars)
     if any(p.layout is not None and p.layout.documents for p in parts):
-        return "documents"
+        if not short():
+            return "documents"
+        for part in parts:
+            part.layout = None
+        return "short"
     # a text shorter than one passage holds no material worth reporting: an instruction, a question
-    return "unrecognised" if chars >= policy.min_passage_chars else "short"
+    return "unrecognised" if chars >= policy.min_passage_chars and not short() else "short"
 
 
 def _verbatim_texts(parts: Sequence[list[_Part]], outcomes: Sequence[Outcome]) -> list[str]:
@@ -280,11 +296,14 @@ def _with_texts(content: Any, new: dict[int | None, str], placeholder: str) -> A
     return parts or [{"type": "text", "text": placeholder}]
 
 
-def _content_tokens(messages: Sequence[Mapping[str, Any]], count: TokenCounter) -> int:
-    total = 0
+def _content_tokens(compressor: PromptCompressor, messages: Sequence[Mapping[str, Any]], outcomes: Sequence[Outcome]) -> int:
+    """Tokens of every text of `messages`: the rewritten ones in one batched call, the others from the
+    compressor's cache (they were counted as verbatim text already)."""
+    rewritten = [part.text for i, m in enumerate(messages) if outcomes[i] == "documents" for part in _text_parts(m, i)]
+    total = sum(compressor.tokenizer.count_many([t for t in rewritten if t]))
     for i, m in enumerate(messages):
-        for part in _text_parts(m, i):
-            total += count(part.text) if part.text else 0
+        if outcomes[i] != "documents":
+            total += sum(compressor.analyses.count(part.text) for part in _text_parts(m, i) if part.text)
     return total
 
 

@@ -9,6 +9,7 @@ count the stages need is derived from that one tokenization (see `analysis.py`);
       FastTokenizerTarget      a `tokenizers.Tokenizer` (or a transformers fast tokenizer): offsets
       CounterTarget            any `str -> int` counter (a Backend's count_tokens): no offsets
       WordCountTarget          words as split by `words.split_words`: the stated fallback without a model
+      CharEstimateTarget       ~4 characters per token, word by word: an estimate with offsets (chat hook)
 
 `target_tokenizer_of(x)` turns what callers pass (a Backend, a counter, a tokenizer) into one;
 `load_target_tokenizer(name_or_path)` loads one by model directory or hub name (offline).
@@ -16,6 +17,7 @@ count the stages need is derived from that one tokenization (see `analysis.py`);
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -113,11 +115,41 @@ class WordCountTarget:
         return [self.count(t) for t in texts]
 
 
+class CharEstimateTarget:
+    """An estimate for use without the target model's tokenizer: each word (`words.split_words`) costs
+    ceil(len / `chars_per_token`) tokens, a word of wide characters (CJK, full-width forms, emoji) one
+    token per character, and whitespace costs nothing. Counts add up word by word, so it has offsets and the exact fit prices
+    any cut exactly; callers must report its counts as estimates."""
+
+    name = "estimate (~4 characters per token)"
+
+    def __init__(self, chars_per_token: int = 4) -> None:
+        if isinstance(chars_per_token, bool) or not isinstance(chars_per_token, int) or chars_per_token < 1:
+            raise ConfigError(f"chars_per_token={chars_per_token!r} must be an int >= 1, e.g. 4")
+        self.chars_per_token = chars_per_token
+
+    def count(self, text: str) -> int:
+        return len(self.spans(text))
+
+    def spans(self, text: str) -> TokenSpans:
+        from terse.compress.words import split_words
+
+        out: TokenSpans = []
+        step = self.chars_per_token
+        for start, end in split_words(text):
+            width = 1 if unicodedata.east_asian_width(text[start]) in ("W", "F") else step
+            out.extend((a, min(a + width, end)) for a in range(start, end, width))
+        return out
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        return [self.count(t) for t in texts]
+
+
 def target_tokenizer_of(target: Any, *, probe_counter: Callable[[str], int] | None = None) -> TargetTokenizer:
     """A `TargetTokenizer` for what a caller passes: a TargetTokenizer, a Backend (its own tokenizer's
     offsets when it holds a fast tokenizer whose counts agree with `count_tokens`, else its counter),
     a fast tokenizer, or a `str -> int` counter."""
-    if isinstance(target, FastTokenizerTarget | CounterTarget | WordCountTarget):
+    if isinstance(target, FastTokenizerTarget | CounterTarget | WordCountTarget | CharEstimateTarget):
         return target
     if _is_backend(target):
         # only plain attributes are read: a remote backend's properties (model name, window, tokenizer
@@ -143,8 +175,10 @@ def target_tokenizer_of(target: Any, *, probe_counter: Callable[[str], int] | No
 def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
     """The fast tokenizer of a model directory or hub name (offline cache), for counting budgets.
 
-    Raises `ModelLoadError` naming the path when it cannot be loaded; `ConfigError` when the model
-    has only a slow (Python) tokenizer, which gives no offsets.
+    Its Rust encoder's offsets are used when it counts the probes exactly as the transformers
+    tokenizer does (as the server's accounting counts); otherwise the transformers tokenizer counts,
+    without offsets (exact, slower). Raises `ModelLoadError` naming the path when it cannot be loaded;
+    `ConfigError` when the model has only a slow (Python) tokenizer, which gives no offsets.
     """
     from terse.backend.tokenization import load_tokenizer
 
@@ -152,7 +186,12 @@ def load_target_tokenizer(name_or_path: str) -> TargetTokenizer:
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise ConfigError(f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; give a model "
                           f"with a tokenizer.json (a fast tokenizer)")
-    return FastTokenizerTarget(tokenizer, name=name_or_path)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fast = FastTokenizerTarget(tokenizer, name=name_or_path)
+    return fast if _agrees(fast, count) else CounterTarget(count, name=name_or_path)
 
 
 def _is_backend(target: Any) -> bool:

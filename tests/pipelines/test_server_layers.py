@@ -9,9 +9,13 @@ import openai
 import pytest
 
 from terse.backend import load_backend
+from terse.compress import ProtectionPolicy
+from terse.compress.tokenizer import CharEstimateTarget, FastTokenizerTarget
 from terse.errors import ConfigError
 from terse.pipelines.server import ServerConfig, ServerThread, engine_app
 from terse.pipelines.server.hooks import build_hook
+from terse.pipelines.server.layer_hooks import CompressHook, protection
+from terse.pipelines.server.schema import parse_chat
 from tests.pipelines.test_server import MODEL, RecordingBackend
 
 HISTORY = " ".join(
@@ -76,6 +80,38 @@ def test_retrieve_hook_adds_passages_before_the_question(tiny_llama: Path, tmp_p
 def test_unknown_hook_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="compress"):
         build_hook("summarize", {})
-    with pytest.raises(ConfigError, match="known: rate, target, tokenizer, scorer, protect"):
+    with pytest.raises(ConfigError, match="known: cache_chars, protect, rate, scorer, target, tokenizer"):
         build_hook("compress", {"ratio": 0.5})
     assert build_hook("compress", {}).compressor.scorer is None  # scorer-free by default
+
+
+def test_compress_hook_counts_in_the_named_tokenizer_and_keeps_its_caches(tiny_llama: Path) -> None:
+    hook = build_hook("compress", {"rate": 0.25, "tokenizer": str(tiny_llama), "cache_chars": 50_000})
+    assert isinstance(hook, CompressHook) and hook.budget_count == "tokenizer"
+    assert isinstance(hook.compressor.tokenizer, FastTokenizerTarget)  # offsets: each text tokenized once
+    assert hook.policy.protect == ProtectionPolicy.standard()
+    assert hook.compressor.analyses.max_chars == 50_000 == hook.layouts.max_chars
+    assert len(hook.compressor.analyses) == 0  # the warm-up leaves nothing behind
+    request = parse_chat({"model": MODEL, "messages": CONVERSATION}, ServerConfig())
+    first = hook.on_request(request)
+    assert first.notes["compressed_messages"] == "1" and first.wire_messages is not None
+    cached = (len(hook.compressor.analyses), len(hook.layouts))
+    assert cached[0] >= 1 and cached[1] >= 1
+    again = hook.on_request(request)  # the same conversation again: served from the caches
+    assert again.wire_messages == first.wire_messages
+    assert (len(hook.compressor.analyses), len(hook.layouts)) == cached
+
+
+def test_compress_hook_options_are_checked() -> None:
+    estimate = build_hook("compress", {"protect": "numbers, urls"})
+    assert isinstance(estimate, CompressHook) and estimate.budget_count == "estimate"
+    assert isinstance(estimate.compressor.tokenizer, CharEstimateTarget)
+    assert estimate.policy.protect == ProtectionPolicy(numbers=True, urls=True)
+    assert protection("none") == ProtectionPolicy() and protection("default") == ProtectionPolicy.standard()
+    for bad in (-1, "many", True):
+        with pytest.raises(ConfigError, match="cache_chars="):
+            build_hook("compress", {"cache_chars": bad})
+    with pytest.raises(ConfigError, match="target_tokenizer=42"):
+        build_hook("compress", {"tokenizer": 42})
+    with pytest.raises(ConfigError, match="unknown protection"):
+        build_hook("compress", {"protect": "numbers,adjectives"})
