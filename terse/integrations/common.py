@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from terse.errors import ConfigError
 
 if TYPE_CHECKING:
-    from terse.compress import Budget, ContextReport, PromptCompressor
+    from terse.compress import Budget, ContextReport, PromptCompressor, TargetTokenizer
     from terse.retrieval import Hit
 
 
@@ -71,11 +71,11 @@ def build_compressor(settings: CompressionSettings) -> PromptCompressor:
     from terse.compress import CompressorConfig, PromptCompressor
 
     scorer = load_backend(settings.scorer) if settings.scorer else None
-    counter: Callable[[str], int] | None = None
+    counter: TargetTokenizer | Callable[[str], int] | None = None
     if settings.tokenizer is not None:
-        from terse.backend.openai_tokens import LocalTokenizer
+        from terse.compress import load_target_tokenizer
 
-        counter = LocalTokenizer(settings.tokenizer).count_tokens
+        counter = load_target_tokenizer(settings.tokenizer)  # offsets: each text tokenized once
     elif scorer is None:
         from terse.compress.words import split_words
 

@@ -76,3 +76,17 @@ def test_langchain_openai_against_terse_serve(terse_server: tuple[str, str, str]
                                   check_embedding_ctx_length=False)  # send text, not tiktoken ids
     vectors = np.array(embeddings.embed_documents(["Alice works at Acme Corp.", "Bread needs yeast."]))
     assert vectors.shape[0] == 2 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_compressor_counts_in_the_named_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    reference = str(Path(__file__).resolve().parents[2] / "terse" / "models" / "reference")
+    tok = AutoTokenizer.from_pretrained(reference)
+
+    def tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    out = TerseCompressor(target_tokens=40, tokenizer=reference).compress_documents(docs(), QUESTION)
+    assert out[0].id == "alice" and "Acme Corp" in out[0].page_content
+    assert 0 < sum(tokens(d.page_content) for d in out) <= 40 < sum(tokens(t) for t in DOCS.values())
