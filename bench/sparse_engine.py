@@ -28,10 +28,11 @@ import torch
 from engine import SHAPES as ENGINE_SHAPES
 from engine import model_config as engine_model_config
 
-from terse.backend.local.config import DEFAULT_MIN_SPARSE_Q_LEN, EngineConfig, SparsePrefillSettings
+from terse.backend.local.config import EngineConfig, SparsePrefillSettings
 from terse.backend.local.engine import LocalEngine
 from terse.backend.local.models.llama import ModelConfig
 from terse.backend.types import SamplingParams
+from terse.kernels.prefill_config import SparsePrefillConfig
 
 # The engine benchmark's shapes, with a head dim the Triton sparse kernels take (64) for the tiny one.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -56,14 +57,14 @@ def prefill_seconds(engine: LocalEngine, prompt: list[int], num_reps: int) -> li
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     max_len = args.prompt_len + 16
-    threshold = args.threshold or DEFAULT_MIN_SPARSE_Q_LEN
+    threshold = args.threshold or SparsePrefillConfig().min_sparse_q_len
     prompt = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     results: dict[str, Any] = {"prompt_len": args.prompt_len, "threshold": threshold}
     for name, enabled in (("dense", False), ("sparse", True)):
         config = EngineConfig(
             device=args.device, max_model_len=max_len, max_num_seqs=1, max_num_batched_tokens=args.prompt_len,
             enable_prefix_cache=False, enable_cuda_graphs=False, num_kv_blocks=max_len // 16 + 1,
-            sparse_prefill=SparsePrefillSettings(enabled=enabled, min_sparse_q_len=threshold),
+            sparse_prefill=SparsePrefillSettings(enabled=enabled, kernel=SparsePrefillConfig(min_sparse_q_len=threshold)),
         )
         engine = LocalEngine.from_random(model_config(args.shape, max_len), config)
         try:
@@ -95,7 +96,9 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         engine = LocalEngine.from_spec(
             str(reference_model_path()), device=args.device, max_model_len=args.doc_len + args.new_tokens + 16,
             max_num_batched_tokens=args.doc_len + 16, enable_prefix_cache=False,
-            sparse_prefill=SparsePrefillSettings(enabled=enabled, min_sparse_q_len=args.threshold or 1024),
+            sparse_prefill=SparsePrefillSettings(
+                enabled=enabled, kernel=SparsePrefillConfig(min_sparse_q_len=args.threshold or 1024)
+            ),
         )
         try:
             prompts = long_documents(engine, args.num_docs, args.doc_len)

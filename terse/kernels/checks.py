@@ -10,6 +10,7 @@ import os
 import torch
 
 from terse.errors import KernelInputError
+from terse.kernels.prefill_config import BLOCK_SIZES
 from terse.kernels.varlen import VarlenBatch
 from terse.validation import ErrorType, check_choice
 
@@ -59,7 +60,6 @@ def check_index(
         raise KernelInputError(f"{name} has a non-unit last stride; pass {name}.contiguous()")
 
 
-BLOCK_SIZES = (16, 32, 64, 128)
 """Tile sizes the sparse kernels are compiled for."""
 
 

@@ -16,35 +16,15 @@ query blocks to bound memory; the only Python loops are over sequences and those
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from terse.kernels.checks import num_blocks
+from terse.kernels.prefill_config import EstimateConfig
 from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
-from terse.validation import check_int
 
 FORCED_BONUS = 4.0  # added to forced items' scores (real scores are <= 1) so they rank first
 MAX_CHUNK_ELEMENTS = 1 << 27
-
-
-@dataclass(frozen=True)
-class EstimateConfig:
-    """Knobs of the online estimators (shared by every head of a call)."""
-
-    last_q_len: int = 64
-    """Queries (the last ones of each sequence) whose attention scores columns and diagonals."""
-    num_sink_tokens: int = 4
-    """First key columns always kept by vertical-slash heads (attention sinks)."""
-    num_local_diagonals: int = 64
-    """Diagonal offsets 0 .. n - 1 always kept by vertical-slash heads (the local window)."""
-
-    def __post_init__(self) -> None:
-        check_int("last_q_len", self.last_q_len, low=1, example=64)
-        # at least one sink column and one local diagonal, so that no query row is empty
-        check_int("num_sink_tokens", self.num_sink_tokens, low=1, example=4)
-        check_int("num_local_diagonals", self.num_local_diagonals, low=1, example=64)
 
 
 def select_by_budget(

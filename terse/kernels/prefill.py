@@ -28,46 +28,22 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypedDict
 
 import torch
 
-from terse.errors import ConfigError, KernelInputError
-from terse.kernels.checks import SUPPORTED_HEAD_DIMS, check_block_size
-from terse.kernels.estimate import EstimateConfig, estimate_vertical_slash
+from terse.errors import KernelInputError
+from terse.kernels.checks import SUPPORTED_HEAD_DIMS
+from terse.kernels.estimate import estimate_vertical_slash
 from terse.kernels.estimate_blocks import estimate_block_sparse
 from terse.kernels.patterns import (
     PATTERN_KINDS,
     AShapePattern,
     HeadPattern,
 )
+from terse.kernels.prefill_config import SparsePrefillConfig
 from terse.kernels.reference import a_shape_mask, block_sparse_mask, vertical_slash_mask
 from terse.kernels.varlen import VarlenBatch, VarlenLayout
-from terse.validation import check_choice, check_int
-
-
-@dataclass(frozen=True)
-class SparsePrefillConfig:
-    """How one layer's prefill attention is computed."""
-
-    min_sparse_q_len: int = 32768
-    """Sequences with fewer new query tokens than this run dense (measured crossover on the H200)."""
-    block_size_q: int = 64
-    """Query tile and index block size (16, 32, 64 or 128)."""
-    block_size_k: int = 64
-    """Key tile and index block size (16, 32, 64 or 128)."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """auto: Triton kernels on CUDA (head dims 64 / 128), torch otherwise; triton on the CPU needs
-    TRITON_INTERPRET=1."""
-    estimate: EstimateConfig = field(default_factory=EstimateConfig)
-    """Online estimation knobs (last queries, forced sinks and local diagonals)."""
-
-    def __post_init__(self) -> None:
-        check_int("min_sparse_q_len", self.min_sparse_q_len, low=1, example=32768)
-        check_block_size("block_size_q", self.block_size_q, ConfigError)
-        check_block_size("block_size_k", self.block_size_k, ConfigError)
-        check_choice("backend", self.backend, ("auto", "triton", "torch"))
 
 
 def choose_prefill_path(q_len: int, config: SparsePrefillConfig) -> Literal["dense", "sparse"]:

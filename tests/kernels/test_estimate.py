@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from terse.errors import ConfigError
-from terse.kernels.estimate import EstimateConfig, diagonal_sums, estimate_vertical_slash, select_by_budget
+from terse.kernels.estimate import diagonal_sums, estimate_vertical_slash, select_by_budget
 from terse.kernels.estimate_blocks import estimate_block_sparse
+from terse.kernels.prefill_config import EstimateConfig
 from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
 

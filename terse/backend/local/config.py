@@ -11,6 +11,7 @@ from typing import Any, Literal
 from terse.backend.local.quant.config import QuantizationConfig
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
+from terse.kernels.prefill_config import EstimateConfig, SparsePrefillConfig
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -18,16 +19,14 @@ DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-DEFAULT_MIN_SPARSE_Q_LEN = 32768
-"""Same default as `terse.kernels.prefill.SparsePrefillConfig.min_sparse_q_len` (checked in tests)."""
-
 MODEL_PATTERNS_FILE = "sparse_patterns.json"
 """Where `terse sparse-patterns MODEL` saves a model's patterns; the engine picks them up from there."""
 
 
 @dataclass(frozen=True)
 class SparsePrefillSettings:
-    """Sparse prefill of the local engine (see sparse_prefill.py). Frozen; a bad value raises
+    """Sparse prefill of the local engine (see sparse_prefill.py): whether it runs, which per-head
+    patterns it uses, and the kernels' own `SparsePrefillConfig`. Frozen; a bad value raises
     `ConfigError` naming the fix."""
 
     enabled: bool = False
@@ -36,26 +35,45 @@ class SparsePrefillSettings:
     """Per-head patterns JSON from `terse sparse-patterns`. None: the model directory's
     `sparse_patterns.json` when there is one, else the kernels' default patterns (vertical-slash on
     every head)."""
-    min_sparse_q_len: int = DEFAULT_MIN_SPARSE_Q_LEN
-    """Uncached tokens of a chunk from which it prefills sparsely; shorter chunks stay dense."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """Kernel backend: auto = Triton on CUDA for the head dims it is built for, torch otherwise."""
+    kernel: SparsePrefillConfig = field(default_factory=SparsePrefillConfig)
+    """The kernels' settings: `min_sparse_q_len` (uncached tokens of a chunk from which it prefills
+    sparsely; shorter chunks stay dense), tile sizes, backend ("auto": Triton on CUDA for the head dims
+    it is built for, torch otherwise) and the estimators' knobs."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"sparse_prefill.enabled={self.enabled!r} must be true or false")
-        if not isinstance(self.min_sparse_q_len, int) or self.min_sparse_q_len < 1:
+        if not isinstance(self.kernel, SparsePrefillConfig):
             raise ConfigError(
-                f"sparse_prefill.min_sparse_q_len={self.min_sparse_q_len!r} must be an int >= 1 "
-                f"(default {DEFAULT_MIN_SPARSE_Q_LEN})"
+                f"sparse_prefill.kernel={self.kernel!r} must be a SparsePrefillConfig, e.g. "
+                f"SparsePrefillConfig(min_sparse_q_len=4096)"
             )
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"sparse_prefill.backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
         if self.patterns_path is not None and not os.path.isfile(self.patterns_path):
             raise ConfigError(
                 f"sparse_prefill.patterns_path={self.patterns_path!r} is not a file; write one with "
                 f"`terse sparse-patterns MODEL --prompt-file F`, or leave it unset for the defaults"
             )
+
+    @classmethod
+    def from_table(cls, values: Mapping[str, Any]) -> SparsePrefillSettings:
+        """From plain data: `enabled`, `patterns_path`, and the kernels' fields either under `kernel`
+        or at the top level (`{"enabled": true, "min_sparse_q_len": 4096}`); `estimate` a table of
+        `EstimateConfig` fields. Unknown names raise `ConfigError` listing the known ones."""
+        own = {"enabled", "patterns_path"}
+        kernel_fields = {f.name for f in fields(SparsePrefillConfig)}
+        unknown = sorted(set(values) - own - kernel_fields - {"kernel"})
+        if unknown:
+            raise ConfigError(
+                f"unknown sparse_prefill fields {unknown}; known: {sorted(own | kernel_fields | {'kernel'})}"
+            )
+        kernel = values.get("kernel", {})
+        if isinstance(kernel, Mapping):
+            flat = {k: v for k, v in values.items() if k in kernel_fields}
+            kernel = dict(kernel) | flat
+            if isinstance(kernel.get("estimate"), Mapping):
+                kernel["estimate"] = _build(EstimateConfig, kernel["estimate"], "sparse_prefill.estimate")
+            kernel = _build(SparsePrefillConfig, kernel, "sparse_prefill.kernel")
+        return cls(**{k: v for k, v in values.items() if k in own}, kernel=kernel)
 
 
 @dataclass(frozen=True)
@@ -137,7 +155,7 @@ class EngineConfig:
         if isinstance(sparse, bool):
             values["sparse_prefill"] = SparsePrefillSettings(enabled=sparse)
         elif isinstance(sparse, Mapping):
-            values["sparse_prefill"] = _build(SparsePrefillSettings, sparse, "sparse_prefill")
+            values["sparse_prefill"] = SparsePrefillSettings.from_table(sparse)
         streaming = values.get("default_streaming_kv")
         if isinstance(streaming, Mapping):
             values["default_streaming_kv"] = _build(StreamingKV, streaming, "default_streaming_kv")

@@ -34,7 +34,7 @@ from terse.backend.local.staging import to_device
 if TYPE_CHECKING:
     from terse.backend.local.attention import PrefillSpan
     from terse.kernels.patterns import ModelPatterns
-    from terse.kernels.prefill import SparsePrefillConfig
+    from terse.kernels.prefill_config import SparsePrefillConfig
     from terse.kernels.varlen import VarlenLayout
 
 
@@ -102,8 +102,6 @@ def build_sparse_prefill(
     if not settings.enabled:
         return None
     from terse.kernels.patterns import load_or_default
-    from terse.kernels.prefill import SparsePrefillConfig
 
     patterns = load_or_default(settings.patterns_path, model_name, num_layers, num_q_heads)
-    config = SparsePrefillConfig(min_sparse_q_len=settings.min_sparse_q_len, backend=settings.backend)
-    return SparsePrefill(patterns, config)
+    return SparsePrefill(patterns, settings.kernel)

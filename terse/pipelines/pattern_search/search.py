@@ -24,7 +24,7 @@ import torch
 
 from terse.errors import ConfigError
 from terse.kernels.checks import num_blocks
-from terse.kernels.estimate import EstimateConfig, estimate_vertical_slash
+from terse.kernels.estimate import estimate_vertical_slash
 from terse.kernels.estimate_blocks import estimate_block_sparse
 from terse.kernels.patterns import (
     AShapePattern,
@@ -34,6 +34,7 @@ from terse.kernels.patterns import (
     ModelPatterns,
     VerticalSlashPattern,
 )
+from terse.kernels.prefill_config import EstimateConfig
 from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import convert_vertical_slash
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from terse.backend.local.config import DEFAULT_MIN_SPARSE_Q_LEN, EngineConfig, SparsePrefillSettings
+from terse.backend.local.config import EngineConfig, SparsePrefillSettings
 from terse.backend.local.engine import LocalEngine
 from terse.backend.types import SamplingParams
 from terse.errors import ConfigError
@@ -24,7 +24,7 @@ from terse.kernels.patterns import (
     VerticalSlashPattern,
     save_patterns,
 )
-from terse.kernels.prefill import SparsePrefillConfig
+from terse.kernels.prefill_config import SparsePrefillConfig
 
 BS = 4
 FULL = (
@@ -63,19 +63,34 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def test_settings_validate_and_match_the_kernel_default(llama: Path, tmp_path: Path) -> None:
-    assert SparsePrefillConfig().min_sparse_q_len == DEFAULT_MIN_SPARSE_Q_LEN
+    assert SparsePrefillSettings().kernel == SparsePrefillConfig()  # the kernels' defaults, held, not copied
     with pytest.raises(ConfigError, match="min_sparse_q_len=0"):
-        SparsePrefillSettings(min_sparse_q_len=0)
+        SparsePrefillSettings.from_table({"min_sparse_q_len": 0})
     wrong = patterns_file(tmp_path, FULL[:2])
     with pytest.raises(ConfigError, match="2 heads"):
         make_engine(llama, SparsePrefillSettings(enabled=True, patterns_path=wrong))
+
+
+def test_settings_from_a_table_hold_the_kernel_config() -> None:
+    flat = SparsePrefillSettings.from_table({"enabled": True, "min_sparse_q_len": 64, "backend": "torch"})
+    nested = SparsePrefillSettings.from_table(
+        {"enabled": True, "kernel": {"min_sparse_q_len": 64, "backend": "torch", "estimate": {"last_q_len": 32}}}
+    )
+    assert flat.kernel == SparsePrefillConfig(min_sparse_q_len=64, backend="torch")
+    assert nested.kernel.min_sparse_q_len == 64 and nested.kernel.estimate.last_q_len == 32
+    assert EngineConfig.from_options({"sparse_prefill": {"enabled": True, "block_size_q": 32}}).sparse_prefill.kernel.block_size_q == 32
+    with pytest.raises(ConfigError, match="unknown sparse_prefill fields \\['min_q'\\]"):
+        SparsePrefillSettings.from_table({"min_q": 1})
+    with pytest.raises(ConfigError, match="block_size_q=48"):
+        SparsePrefillSettings.from_table({"block_size_q": 48})
 
 
 def test_full_budget_patterns_match_dense_greedy_with_prefix_hits(llama: Path, tmp_path: Path) -> None:
     shared = prompt_ids(0, 128)
     prompts = [shared + prompt_ids(1 + i, 100 + 7 * i) for i in range(3)] + [prompt_ids(9, 10)]
     settings = SparsePrefillSettings(
-        enabled=True, patterns_path=patterns_file(tmp_path, FULL), min_sparse_q_len=32, backend="torch"
+        enabled=True, patterns_path=patterns_file(tmp_path, FULL),
+        kernel=SparsePrefillConfig(min_sparse_q_len=32, backend="torch"),
     )
     with make_engine(llama) as dense_eng:
         expected = [c.token_ids for c in dense_eng.generate(prompts, GREEDY)]
@@ -102,7 +117,8 @@ def prompt_kv(eng: LocalEngine, ids: list[int]) -> torch.Tensor:
 def test_real_sparse_pattern_runs_and_writes_dense_layer0_kv(llama: Path, tmp_path: Path) -> None:
     prompt = prompt_ids(5, 160)
     settings = SparsePrefillSettings(
-        enabled=True, patterns_path=patterns_file(tmp_path, TIGHT), min_sparse_q_len=64, backend="torch"
+        enabled=True, patterns_path=patterns_file(tmp_path, TIGHT),
+        kernel=SparsePrefillConfig(min_sparse_q_len=64, backend="torch"),
     )
     with make_engine(llama) as dense_eng:
         dense_eng.generate([prompt], GREEDY)
