@@ -21,7 +21,7 @@ from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
 from terse.validation import check_choice
 
 
@@ -55,9 +55,7 @@ def _w4a16_gemv_kernel(
         else:
             w = dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
             acc += tl.sum(x[:, :, None] * w, axis=0)
-    offs_m = tl.arange(0, 1)
-    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv(

@@ -20,6 +20,8 @@ tile of BLOCK_K / 8 packed rows at a time; `store_tile` adds the split partial s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ import triton.language as tl
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
 from terse.validation import check_choice
 
 
@@ -51,6 +53,24 @@ def _x(X, kr, j: tl.constexpr, mask, EVEN: tl.constexpr):
     else:
         v = tl.load(X + kr + j, mask=mask, other=0.0)
     return v.to(tl.float32)
+
+
+@triton.jit
+def _fma8(acc, words, x0, x1, x2, x3, x4, x5, x6, x7):
+    # acc [R, BN] + sum_j x_j (2048 + q_j or 128 + q_j) over the eight input rows of each packed row
+    a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
+    b = words << 4  # nibbles 2, 3
+    c = words >> 4  # nibbles 4, 5
+    d = words >> 12  # nibbles 6, 7
+    acc += x0[:, None] * _even(a)
+    acc += x1[:, None] * _odd(a)
+    acc += x2[:, None] * _even(b)
+    acc += x3[:, None] * _odd(b)
+    acc += x4[:, None] * _even(c)
+    acc += x5[:, None] * _odd(c)
+    acc += x6[:, None] * _even(d)
+    acc += x7[:, None] * _odd(d)
+    return acc
 
 
 @triton.jit
@@ -105,23 +125,10 @@ def _w4a16_gemv_offset_kernel(
             odd = (x1 + x3) + (x5 + x7)
             offset += even * 2048.0 + odd * 128.0
             xsum += even + odd
-            a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
-            b = words << 4  # nibbles 2, 3
-            c = words >> 4  # nibbles 4, 5
-            d = words >> 12  # nibbles 6, 7
-            tg += x0[:, None] * _even(a)
-            tg += x1[:, None] * _odd(a)
-            tg += x2[:, None] * _even(b)
-            tg += x3[:, None] * _odd(b)
-            tg += x4[:, None] * _even(c)
-            tg += x5[:, None] * _odd(c)
-            tg += x6[:, None] * _even(d)
-            tg += x7[:, None] * _odd(d)
+            tg = _fma8(tg, words, x0, x1, x2, x3, x4, x5, x6, x7)
         s, z = _group_scale_zero(S, Z, g0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
         acc += s[None, :] * (tg - offset[:, None] - z[None, :] * xsum[:, None])
-    offs_m = tl.arange(0, 1)
-    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv_offset(
@@ -131,15 +138,52 @@ def w4a16_gemv_offset(
     """x: [1, K] bfloat16 or float16 (permuted when weight.input_perm is set: the caller applies it)
     -> [1, N] in x's dtype. `split_k` slices K into about that many ranges of whole groups (or of a
     divisor of the group size, when there are fewer groups than slices)."""
-    check_w4a16_inputs(x, weight, bias)
-    check_device_for_triton(x)
-    if x.shape[0] != 1:
-        raise KernelInputError(f"w4a16_gemv_offset takes one row; got M={x.shape[0]} (use w4a16_gemm)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise KernelInputError(f"w4a16_gemv_offset takes bfloat16 or float16 x; got {x.dtype} (use w4a16_gemv)")
+    check_one_16bit_row("w4a16_gemv_offset", x, weight, bias)
     check_choice("block_n", block_n, (64, 128, 256, 512, 1024, 2048, 4096), error=KernelInputError)
     check_choice("block_k", block_k, (8, 16, 32, 64, 128), error=KernelInputError)
     return launch_gemv_offset(x, weight, bias, block_n, block_k, split_k, num_warps)
+
+
+def check_one_16bit_row(name: str, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> None:
+    """The inputs of a one-row 16-bit GEMV (`name` in the messages)."""
+    check_w4a16_inputs(x, weight, bias)
+    check_device_for_triton(x)
+    if x.shape[0] != 1:
+        raise KernelInputError(f"{name} takes one row; got M={x.shape[0]} (use w4a16_gemm)")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise KernelInputError(f"{name} takes bfloat16 or float16 x; got {x.dtype} (use w4a16_gemv)")
+
+
+class GemvLaunch(NamedTuple):
+    """What a one-row GEMV launch needs besides its kernel's own constants."""
+
+    grid: tuple[int, int]
+    """(column blocks, K slices)."""
+    block_k: int
+    """BLOCK_K, shrunk to a divisor of the group size."""
+    k_per_split: int
+    split_k: int
+    out: torch.Tensor
+    """[1, N] in x's dtype."""
+    workspace: torch.Tensor
+    locks: torch.Tensor
+    zeros: torch.Tensor
+    """The weight's zeros, or its scales as a stand-in the kernel does not read (HAS_ZEROS False)."""
+    even: bool
+    """N a multiple of BLOCK_N and K of the group size: no masks."""
+
+
+def gemv_launch(x: torch.Tensor, weight: Int4Weight, block_n: int, block_k: int, split_k: int) -> GemvLaunch:
+    """Grid, split and buffers of a one-row GEMV over `weight` (see `split_range`)."""
+    n, k = weight.out_features, weight.in_features
+    num_n = triton.cdiv(n, block_n)
+    block_k, k_per_split = split_range(k, weight.group_size, block_k, split_k if num_n <= MAX_SPLIT_TILES else 1)
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    even = n % block_n == 0 and k % weight.group_size == 0
+    return GemvLaunch((num_n, split_k), block_k, k_per_split, split_k, out, workspace, locks, zeros, even)
 
 
 def split_range(k: int, group_size: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -161,18 +205,11 @@ def launch_gemv_offset(
     num_warps: int,
 ) -> torch.Tensor:
     """`w4a16_gemv_offset` without the input checks (for callers that checked once)."""
-    n, k = weight.out_features, weight.in_features
-    num_n = triton.cdiv(n, block_n)
-    block_k, k_per_split = split_range(k, weight.group_size, block_k, split_k if num_n <= MAX_SPLIT_TILES else 1)
-    split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
-    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
-    _w4a16_gemv_offset_kernel[(num_n, split_k)](
-        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
-        n, k, k_per_split, split_k,
+    g = gemv_launch(x, weight, block_n, block_k, split_k)
+    _w4a16_gemv_offset_kernel[g.grid](
+        x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
+        weight.out_features, weight.in_features, g.k_per_split, g.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=split_k > 1,
-        EVEN=n % block_n == 0 and k % weight.group_size == 0, num_warps=num_warps, num_stages=1,
+        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, num_warps=num_warps, num_stages=1,
     )
-    return out
+    return g.out

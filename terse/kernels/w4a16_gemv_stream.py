@@ -28,10 +28,9 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
-from terse.kernels.checks import check_device_for_triton
-from terse.kernels.w4a16_gemv_offset import _even, _group_scale_zero, _odd, split_range
-from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.kernels.w4a16_gemv_offset import _fma8, _group_scale_zero, check_one_16bit_row, gemv_launch
+from terse.kernels.w4a16_layout import Int4Weight
+from terse.kernels.w4a16_tiles import store_row
 from terse.validation import check_choice
 
 
@@ -71,23 +70,13 @@ def _load_tile(X, QW, k0, k_lim, offs_r, offs_n, n_mask, N, MASK_ROWS: tl.conste
 
 @triton.jit
 def _tile_sum(words, x0, x1, x2, x3, x4, x5, x6, x7, s, z):
-    # [R, BN] float32: s * (x . (q - z)) over the eight input rows of each packed row
+    # [R, BN] float32: s * (x . (q - z)) over the eight input rows of each packed row; the offsets and
+    # zeros start the sum, the eight products are added to them
     even = (x0 + x2) + (x4 + x6)
     odd = (x1 + x3) + (x5 + x7)
-    a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
-    b = words << 4  # nibbles 2, 3
-    c = words >> 4  # nibbles 4, 5
-    d = words >> 12  # nibbles 6, 7
-    t = x0[:, None] * _even(a)
-    t += x1[:, None] * _odd(a)
-    t += x2[:, None] * _even(b)
-    t += x3[:, None] * _odd(b)
-    t += x4[:, None] * _even(c)
-    t += x5[:, None] * _odd(c)
-    t += x6[:, None] * _even(d)
-    t += x7[:, None] * _odd(d)
     offset = even * 2048.0 + odd * 128.0
-    return s[None, :] * (t - offset[:, None] - z[None, :] * (even + odd)[:, None])
+    start = -offset[:, None] - z[None, :] * (even + odd)[:, None]
+    return s[None, :] * _fma8(start, words, x0, x1, x2, x3, x4, x5, x6, x7)
 
 
 @triton.jit(do_not_specialize=["split_k"])
@@ -123,9 +112,7 @@ def _w4a16_gemv_stream_kernel(
             w, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(X, QW, k0, K, offs_r, offs_n, n_mask, N, False, EVEN)
             s, z = _group_scale_zero(S, Z, k0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
             acc += _tile_sum(w, x0, x1, x2, x3, x4, x5, x6, x7, s, z)
-    offs_m = tl.arange(0, 1)
-    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv_stream(
@@ -137,12 +124,7 @@ def w4a16_gemv_stream(
     -> [1, N] in x's dtype. `split_k` slices K into about that many ranges of whole groups (or of a
     divisor of the group size); BLOCK_K shrinks to a divisor of the group size. `prefetch` double-buffers
     in registers instead of Triton's pipeliner (then `num_stages` is unused)."""
-    check_w4a16_inputs(x, weight, bias)
-    check_device_for_triton(x)
-    if x.shape[0] != 1:
-        raise KernelInputError(f"w4a16_gemv_stream takes one row; got M={x.shape[0]} (use w4a16_gemm)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise KernelInputError(f"w4a16_gemv_stream takes bfloat16 or float16 x; got {x.dtype} (use w4a16_gemv)")
+    check_one_16bit_row("w4a16_gemv_stream", x, weight, bias)
     check_choice("block_n", block_n, (32, 64, 128, 256, 512, 1024), error=KernelInputError)
     check_choice("block_k", block_k, (8, 16, 32, 64, 128, 256), error=KernelInputError)
     check_choice("num_stages", num_stages, (1, 2, 3, 4, 5), error=KernelInputError)
@@ -154,19 +136,13 @@ def launch_gemv_stream(
     num_warps: int, num_stages: int, prefetch: bool,
 ) -> torch.Tensor:
     """`w4a16_gemv_stream` without the input checks (for callers that checked once)."""
-    n, k = weight.out_features, weight.in_features
-    num_n = triton.cdiv(n, block_n)
-    block_k, k_per_split = split_range(k, weight.group_size, block_k, split_k if num_n <= MAX_SPLIT_TILES else 1)
-    split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
-    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
-    _w4a16_gemv_stream_kernel[(num_n, split_k)](
-        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
-        n, k, k_per_split, split_k,
+    g = gemv_launch(x, weight, block_n, block_k, split_k)
+    stages = 1 if prefetch else num_stages
+    _w4a16_gemv_stream_kernel[g.grid](
+        x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
+        weight.out_features, weight.in_features, g.k_per_split, g.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=split_k > 1,
-        EVEN=n % block_n == 0 and k % weight.group_size == 0, PREFETCH=prefetch,
-        NUM_STAGES=1 if prefetch else num_stages, num_warps=num_warps, num_stages=1 if prefetch else num_stages,
+        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, PREFETCH=prefetch,
+        NUM_STAGES=stages, num_warps=num_warps, num_stages=stages,
     )
-    return out
+    return g.out

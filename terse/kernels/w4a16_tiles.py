@@ -44,6 +44,16 @@ def store_tile(
 
 
 @triton.jit
+def store_row(
+    acc, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k,
+    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # acc: [BLOCK_N] float32, a one-row GEMV program's partial sum: `store_tile` with M = 1
+    store_tile(acc[None, :], Out, Bias, WS, Locks, tl.arange(0, 1), offs_n, 1, N, N, pid_n, pid_k, split_k,
+               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
+
+
+@triton.jit
 def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS:
