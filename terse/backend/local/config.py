@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from terse.backend.local.speculative import SpeculativeSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
 
@@ -92,6 +93,8 @@ class EngineConfig:
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
     """Sparse prefill of long uncached prompt chunks (off by default; see sparse_prefill.py)."""
+    speculative: SpeculativeSettings | None = None
+    """Speculative decoding (see speculative.py): None decodes one token per step and sequence."""
 
     def __post_init__(self) -> None:
         if self.device not in _DEVICES:
@@ -109,6 +112,11 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1 or None")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2 or None (model default)")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeSettings):
+            raise ConfigError(
+                f"speculative={self.speculative!r} must be a SpeculativeSettings or None, e.g. "
+                f"SpeculativeSettings(num_draft_tokens=4) (from options: 'prompt_lookup' or a table of its fields)"
+            )
         if not isinstance(self.sparse_prefill, SparsePrefillSettings):
             raise ConfigError(
                 f"sparse_prefill={self.sparse_prefill!r} must be a SparsePrefillSettings, e.g. "
@@ -119,7 +127,8 @@ class EngineConfig:
     def from_options(cls, options: Mapping[str, Any]) -> EngineConfig:
         """Build from plain data (keyword options, a parsed JSON / TOML table): unknown names raise;
         `kv_cache_memory` may be a size string ("8GiB", "0.3"); `sparse_prefill` may be true / false or a
-        table of `SparsePrefillSettings` fields; `default_streaming_kv` a table of `StreamingKV` fields."""
+        table of `SparsePrefillSettings` fields; `default_streaming_kv` a table of `StreamingKV` fields;
+        `speculative` a method name ("prompt_lookup"), true / false or a table of `SpeculativeSettings` fields."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -132,10 +141,25 @@ class EngineConfig:
             values["sparse_prefill"] = SparsePrefillSettings(enabled=sparse)
         elif isinstance(sparse, Mapping):
             values["sparse_prefill"] = _build(SparsePrefillSettings, sparse, "sparse_prefill")
+        values["speculative"] = _speculative(values.get("speculative"))
         streaming = values.get("default_streaming_kv")
         if isinstance(streaming, Mapping):
             values["default_streaming_kv"] = _build(StreamingKV, streaming, "default_streaming_kv")
         return cls(**values)
+
+
+def _speculative(value: Any) -> Any:
+    """`speculative` from plain data: a method name ("prompt_lookup"), true / false / none, or a table of
+    `SpeculativeSettings` fields."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "none", "off")):
+        return None
+    if value is True:
+        return SpeculativeSettings()
+    if isinstance(value, str):
+        return SpeculativeSettings(method=value)  # type: ignore[arg-type]
+    if isinstance(value, Mapping):
+        return _build(SpeculativeSettings, value, "speculative")
+    return value
 
 
 def _build(kind: Any, values: Mapping[str, Any], name: str) -> Any:
