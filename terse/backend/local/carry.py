@@ -22,7 +22,7 @@ import torch
 
 from terse.backend.local.scheduler import ScheduledChunk
 from terse.backend.local.sequence import PENDING_TOKEN
-from terse.backend.local.staging import to_device
+from terse.backend.local.staging import to_device_parts
 
 
 class StepCarry(NamedTuple):
@@ -62,7 +62,8 @@ NO_GATES = Gates([], None)
 
 def take_carry(rows: DecodeRows, chunks: list[ScheduledChunk], carry: StepCarry | None, block_size: int) -> tuple[int, Gates]:
     """Fill the decode inputs still on the device from `carry` (the step launched just before); shift the
-    rows of sequences whose step in flight verified a draft. Returns (inputs filled, gates)."""
+    rows of sequences whose step in flight verified a draft. Returns (inputs filled, gates). All the host
+    indices travel in one copy."""
     pending: list[tuple[int, ScheduledChunk, int, int]] = []  # (first row here, chunk, index in carry, row there)
     row = 0
     for chunk in chunks:
@@ -75,36 +76,33 @@ def take_carry(rows: DecodeRows, chunks: list[ScheduledChunk], carry: StepCarry 
     if not pending:
         return 0, NO_GATES
     assert carry is not None
-    device = rows.input_ids.device
-    s_index = to_device([s for _, _, s, _ in pending], torch.int64, device)
-    if carry.last_rows is None:
-        src = to_device([first for _, _, _, first in pending], torch.int64, device)
-    else:
-        src = carry.last_rows.index_select(0, s_index)
+    shifted = [(r, c, s) for r, c, s, _ in pending if c.seq.num_speculative_tokens]
+    guessed = [(j, c.draft) for j, (_, c, _, _) in enumerate(pending) if c.draft is not None and c.draft.guess is not None]
+    dst, s_index, first_rows, shift_rows, shift_seqs, g_index, assumed, guess = to_device_parts(
+        [
+            [r for r, _, _, _ in pending], [s for _, _, s, _ in pending], [f for _, _, _, f in pending],
+            [r + i for r, c, _ in shifted for i in range(c.num_new_tokens)],
+            [s for _, c, s in shifted for _ in range(c.num_new_tokens)],
+            [j for j, _ in guessed], [d.assumed_accepted for _, d in guessed], [d.guess or 0 for _, d in guessed],
+        ],
+        rows.input_ids.device,
+    )
+    src = first_rows if carry.last_rows is None else carry.last_rows.index_select(0, s_index)
     x = carry.tokens.index_select(0, src)  # [P] each sequence's input token
-    rows.input_ids.index_copy_(0, to_device([r for r, _, _, _ in pending], torch.int64, device), x)
-    _shift(rows, [(r, c, s) for r, c, s, _ in pending if c.seq.num_speculative_tokens], carry, block_size)
-    guessed = [(j, c) for j, (_, c, _, _) in enumerate(pending) if c.draft is not None and c.draft.guess is not None]
+    rows.input_ids.index_copy_(0, dst, x)
+    if shifted:
+        assert carry.accepted is not None, "a shifted sequence's previous step verified a draft"
+        _shift(rows, shift_rows, carry.accepted.index_select(0, shift_seqs), block_size)
     if not guessed:
         return len(pending), NO_GATES
-    g_index = to_device([j for j, _ in guessed], torch.int64, device)
     accepted = carry.accepted.index_select(0, s_index.index_select(0, g_index)) if carry.accepted is not None else 0
-    assumed = to_device([c.draft.assumed_accepted for _, c in guessed], torch.int64, device)  # type: ignore[union-attr]
-    guess = to_device([c.draft.guess for _, c in guessed], torch.int64, device)  # type: ignore[union-attr]
     gate = (accepted == assumed) & (x.index_select(0, g_index) == guess)
-    return len(pending), Gates([c.seq.seq_id for _, c in guessed], gate)
+    return len(pending), Gates([pending[j][1].seq.seq_id for j, _ in guessed], gate)
 
 
-def _shift(rows: DecodeRows, shifted: list[tuple[int, ScheduledChunk, int]], carry: StepCarry, block_size: int) -> None:
-    """Move every row of these chunks by the draft tokens their sequence's previous step accepted."""
-    if not shifted:
-        return
-    assert carry.accepted is not None, "a shifted sequence's previous step verified a draft"
-    device = rows.positions.device
-    flat_rows = [r + i for r, c, _ in shifted for i in range(c.num_new_tokens)]
-    flat_seqs = [s for _, c, s in shifted for _ in range(c.num_new_tokens)]
-    index = to_device(flat_rows, torch.int64, device)
-    accepted = carry.accepted.index_select(0, to_device(flat_seqs, torch.int64, device))
+def _shift(rows: DecodeRows, index: torch.Tensor, accepted: torch.Tensor, block_size: int) -> None:
+    """Move the rows `index` by `accepted` positions (the draft tokens their sequence's previous step
+    accepted); their KV slots and context lengths follow."""
     rows.positions.index_add_(0, index, accepted)
     rows.context_lens.index_add_(0, index, accepted)
     c = rows.context_lens.index_select(0, index) - 1  # each row's index in its block table

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from terse.backend.local.staging import to_device
+from terse.backend.local.staging import to_device_parts
 from terse.backend.sampling import nucleus_probs, row_uniforms
 from terse.backend.types import SamplingParams
 
@@ -68,52 +68,54 @@ def verify(
 ) -> Verified:
     """logits: [R, V] (layout's rows); params, generators: one per sequence; gate: [S] bool or None (all
     pass). Seeded rows draw their uniforms from their sequence's generator: one per row for the emitted
-    sample, one per drafted row for the acceptance test."""
+    sample, one per drafted row for the acceptance test. The host indices travel in one copy."""
     device = logits.device
     row_seq = [s for s, n in enumerate(layout.num_rows) for _ in range(n)]
-    row_pos = [i for n in layout.num_rows for i in range(n)]
-    next_draft = to_device(layout.next_draft, torch.int64, device)  # [R]
+    width = max(layout.num_rows)
+    sampled = [r for r, s in enumerate(row_seq) if not params[s].greedy]
+    drafted = [i for i, r in enumerate(sampled) if layout.next_draft[r] >= 0]
+    next_draft, seq_t, pos_t, first_rows, slots, sampled_t, drafted_t = to_device_parts(
+        [
+            layout.next_draft, row_seq, [i for n in layout.num_rows for i in range(n)], layout.first_rows,
+            [f + i if i < n else -1 for f, n in zip(layout.first_rows, layout.num_rows) for i in range(width)],
+            sampled, drafted,
+        ],
+        device,
+    )
     tokens = logits.argmax(dim=-1)  # [R]
     accept = tokens == next_draft  # greedy acceptance; never at a last row (-1)
-    gate_rows = gate.index_select(0, to_device(row_seq, torch.int64, device)) if gate is not None else None
-    sampled = [r for r, s in enumerate(row_seq) if not params[s].greedy]
     if sampled:
-        index = to_device(sampled, torch.int64, device)
-        row_gate = gate_rows.index_select(0, index) if gate_rows is not None else None
+        gate_rows = gate.index_select(0, seq_t.index_select(0, sampled_t)) if gate is not None else None
         emitted, accepted_rows = _sample_rows(
-            logits.index_select(0, index), next_draft.index_select(0, index), row_gate,
-            [params[row_seq[r]] for r in sampled], [generators[row_seq[r]] for r in sampled],
-            [layout.next_draft[r] >= 0 for r in sampled],
+            logits.index_select(0, sampled_t), next_draft.index_select(0, sampled_t), gate_rows,
+            [params[row_seq[r]] for r in sampled], [generators[row_seq[r]] for r in sampled], drafted, drafted_t,
         )
-        tokens.index_copy_(0, index, emitted)
-        accept.index_copy_(0, index, accepted_rows)
-    accepted = _leading_true(accept, layout)  # [S]
+        tokens.index_copy_(0, sampled_t, emitted)
+        accept.index_copy_(0, sampled_t, accepted_rows)
+    padded = torch.cat((accept, accept.new_zeros(1)))  # slot -1 reads this False
+    accepted = padded[slots.view(-1, width)].long().cumprod(dim=1).sum(dim=1)  # [S] leading accepted rows
     if gate is not None:
         accepted = accepted * gate
-    seq_t = to_device(row_seq, torch.int64, device)
-    pos_t = to_device(row_pos, torch.int64, device)
     tokens = torch.where(pos_t < accepted.index_select(0, seq_t), next_draft, tokens)
-    last_rows = to_device(layout.first_rows, torch.int64, device) + accepted
-    return Verified(tokens, accepted, last_rows)
+    return Verified(tokens, accepted, first_rows + accepted)
 
 
 def _sample_rows(
     logits: torch.Tensor, draft: torch.Tensor, gate: torch.Tensor | None, params: list[SamplingParams],
-    generators: list[torch.Generator | None], drafted: list[bool],
+    generators: list[torch.Generator | None], drafted: list[int], drafted_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling of sampled (non-greedy) rows. logits: [Rs, V]; draft: [Rs] (-1: none);
-    gate: [Rs] bool. -> (emitted token [Rs], draft accepted [Rs] bool)."""
+    """Rejection sampling of sampled (non-greedy) rows. logits: [Rs, V]; draft: [Rs] (-1: none); gate:
+    [Rs] bool; drafted: the rows with a draft token (`drafted_t` on the device).
+    -> (emitted token [Rs], draft accepted [Rs] bool)."""
     device = logits.device
     probs, ids = nucleus_probs(logits, params)  # [Rs, V] sorted, outside the nucleus zeroed
     is_draft = ids == draft[:, None]  # [Rs, V]; no column for -1
     p_draft = (probs * is_draft).sum(dim=-1) / probs.sum(dim=-1)  # [Rs] probability of the draft token
     uniforms = row_uniforms(generators, device)  # [Rs] for the emitted samples
-    drafted_rows = [r for r, d in enumerate(drafted) if d]
-    accept = torch.zeros(len(drafted), dtype=torch.bool, device=device)
-    if drafted_rows:
-        index = to_device(drafted_rows, torch.int64, device)
-        tests = row_uniforms([generators[r] for r in drafted_rows], device)
-        accept.index_copy_(0, index, tests < p_draft.index_select(0, index))
+    accept = torch.zeros(len(generators), dtype=torch.bool, device=device)
+    if drafted:
+        tests = row_uniforms([generators[r] for r in drafted], device)
+        accept.index_copy_(0, drafted_t, tests < p_draft.index_select(0, drafted_t))
     removed = is_draft if gate is None else is_draft & gate[:, None]  # a failed gate removes nothing
     residual = probs.masked_fill(removed, 0.0)
     cum = residual.cumsum(dim=-1)  # [Rs, V]
@@ -121,11 +123,3 @@ def _sample_rows(
     return ids.gather(-1, pick)[:, 0], accept
 
 
-def _leading_true(values: torch.Tensor, layout: VerifyLayout) -> torch.Tensor:
-    """Per sequence, how many of its rows from the first on are True: [R] bool -> [S] int64."""
-    device = values.device
-    width = max(layout.num_rows)
-    slots = [[f + i if i < n else -1 for i in range(width)] for f, n in zip(layout.first_rows, layout.num_rows)]
-    index = to_device(slots, torch.int64, device)  # [S, width], -1 padding
-    padded = torch.cat((values, values.new_zeros(1)))  # row -1 reads the appended False
-    return padded[index].long().cumprod(dim=1).sum(dim=1)
