@@ -88,7 +88,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs for padded batch sizes (CUDA only; ignored on CPU)."""
     max_cuda_graph_batch_size: int = 256
-    """Largest decode batch captured as a CUDA graph; larger decode batches run eagerly."""
+    """Largest decode batch captured as a CUDA graph, in rows (a sequence verifying k draft tokens takes
+    k + 1); larger decode batches run eagerly."""
     default_streaming_kv: StreamingKV | None = None
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)

@@ -1,0 +1,308 @@
+"""Speculative decoding (prompt lookup) against one-token decoding on the local engine, same process.
+
+    PYTHONPATH=. python bench/speculative.py --device cpu --out bench/results/speculative_cpu.json
+    PYTHONPATH=. python bench/speculative.py --device cuda --out $OUT/speculative_gpu.json            # H200
+    PYTHONPATH=. python bench/speculative.py --device cuda --dtype float32 --parts docqa-1 --out $OUT/speculative_gpu_fp32.json
+
+Parts (--parts, comma-separated; default all three):
+
+  docqa-1      the reference model on doc-QA prompts (terse.synth test split, --worlds worlds; gold documents
+               among distractors, ~2.5K tokens), one request at a time, greedy, up to 64 new tokens. Per
+               mode: decode forward steps per token decoded (steps after the prefill step / tokens after
+               the first) and decode wall time (latency - ttft, median of --repeats), and whether the
+               answers are token-identical (asserted in float32).
+  docqa-batch  the same prompts, --batches of them at once (prefilled into the prefix cache beforehand, so
+               the timed runs are decode): completion tokens / wall s, median of --repeats.
+  replay       random weights of --shape (8b on CUDA, tiny on CPU), 512-token random prompts, 128 new
+               tokens. A replaying drafter proposes the model's own greedy continuation (from a plain run),
+               each token right with probability a (--acceptance): decode tokens/s and ms per step vs
+               plain, per batch. "forced" rows verify every draft (no adaptive back-off): at a = 0 that is
+               the cost of a step whose drafts all fail; at a = 1 the verify step's cost vs a normal step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from engine import model_config  # noqa: E402
+
+from terse.backend.local.config import EngineConfig  # noqa: E402
+from terse.backend.local.engine import LocalEngine  # noqa: E402
+from terse.backend.local.prompt_lookup import DRAFTERS  # noqa: E402
+from terse.backend.local.speculative import SpeculativeSettings  # noqa: E402
+from terse.backend.types import Completion, SamplingParams  # noqa: E402
+from terse.models import reference_model_path  # noqa: E402
+from terse.organize.formats import qa_messages  # noqa: E402
+from terse.synth.dataset import SplitConfig, build_split  # noqa: E402
+from terse.synth.tokenizer import render_chat  # noqa: E402
+
+MAX_NEW = 64
+
+
+def docqa_prompts(num_worlds: int) -> list[tuple[str, str]]:
+    """(kind, chat prompt) of the test split's questions with their full contexts (~2.5K tokens)."""
+    data = build_split("test", SplitConfig(num_worlds=num_worlds, questions_per_kind=5, needle_lengths=(1024,),
+                                           needle_depths=(0.5,)))
+    out: list[tuple[str, str]] = []
+    for q in data.questions:
+        contexts = [(d, data.document(d).text) for d in q.context_doc_ids]
+        out.append((q.kind, render_chat(list(qa_messages(q.question, contexts)))))  # type: ignore[arg-type]
+    return out
+
+
+def reference_engine(args: argparse.Namespace, speculative: SpeculativeSettings | None, max_num_seqs: int) -> LocalEngine:
+    return LocalEngine.from_spec(
+        str(reference_model_path()), device=args.device, dtype=args.dtype, max_num_seqs=max_num_seqs,
+        num_kv_blocks=max_num_seqs * 200 + 256, max_model_len=4096, speculative=speculative,
+    )
+
+
+def settings(args: argparse.Namespace, **fields: Any) -> SpeculativeSettings:
+    return SpeculativeSettings(num_draft_tokens=args.k, min_ngram=args.min_ngram, max_ngram=args.max_ngram, **fields)
+
+
+def run_docqa_single(args: argparse.Namespace, prompts: list[tuple[str, str]]) -> dict[str, Any]:
+    engines = {"plain": reference_engine(args, None, 4), "spec": reference_engine(args, settings(args), 4)}
+    if args.device == "cpu":  # ablation: verify rows attended one by one through the decode kernel
+        engines["spec-rows"] = reference_engine(args, settings(args), 4)
+        engines["spec-rows"].runner.attention.group_verify_rows = False
+    params = SamplingParams(max_tokens=MAX_NEW)
+    per: dict[str, dict[str, list[float]]] = {m: {"steps": [], "tokens": [], "wall": [], "draft": [], "accepted": []} for m in engines}
+    kinds: dict[str, dict[str, list[float]]] = {}
+    same = 0
+    for eng in engines.values():
+        eng.generate([prompts[0][1]], params)  # warm-up
+    for kind, prompt in prompts:
+        answers = {}
+        for mode, eng in engines.items():
+            walls = []
+            for _ in range(args.repeats):  # the prefix cache makes repeats' prefill short; decode is the same
+                before = eng.stats["num_steps"]
+                out = eng.generate([prompt], params)[0]
+                steps = eng.stats["num_steps"] - before - 1  # the prompt fits one prefill step
+                walls.append(out.metrics["latency"] - out.metrics["ttft"])
+            answers[mode] = out.token_ids
+            row = per[mode]
+            row["steps"].append(steps)
+            row["tokens"].append(len(out.token_ids) - 1)
+            row["wall"].append(statistics.median(walls))
+            row["draft"].append(out.usage.num_draft_tokens)
+            row["accepted"].append(out.usage.num_accepted_tokens)
+            k = kinds.setdefault(f"{kind}/{mode}", {"steps": [], "tokens": []})
+            k["steps"].append(steps)
+            k["tokens"].append(len(out.token_ids) - 1)
+        same += all(a == answers["plain"] for a in answers.values())
+    for eng in engines.values():
+        eng.close()
+    if args.dtype == "float32":
+        assert same == len(prompts), f"{len(prompts) - same} answers differ with speculation (float32)"
+    summary: dict[str, Any] = {"questions": len(prompts), "token_identical": same}
+    for mode, row in per.items():
+        tokens = sum(row["tokens"])
+        summary[mode] = {
+            "decode_steps_per_token": sum(row["steps"]) / tokens, "decode_ms_per_token": 1000 * sum(row["wall"]) / tokens,
+            "decode_tokens": tokens, "draft_tokens": sum(row["draft"]), "accepted_tokens": sum(row["accepted"]),
+        }
+    p, s = summary["plain"], summary["spec"]
+    summary["fewer_steps"] = p["decode_steps_per_token"] / s["decode_steps_per_token"]
+    summary["decode_speedup"] = p["decode_ms_per_token"] / s["decode_ms_per_token"]
+    if "spec-rows" in summary:
+        summary["decode_speedup_rows"] = p["decode_ms_per_token"] / summary["spec-rows"]["decode_ms_per_token"]
+    summary["by_kind"] = {k: sum(v["steps"]) / max(sum(v["tokens"]), 1) for k, v in sorted(kinds.items())}
+    return summary
+
+
+def run_docqa_batch(args: argparse.Namespace, prompts: list[tuple[str, str]], batch: int) -> dict[str, Any]:
+    texts = [p for _, p in prompts[:batch]]
+    assert len(texts) == batch, f"--worlds gives {len(prompts)} questions; batch {batch} needs more"
+    params = SamplingParams(max_tokens=MAX_NEW)
+    row: dict[str, Any] = {"batch": batch}
+    outputs = {}
+    for mode, spec in (("plain", None), ("spec", settings(args))):
+        eng = reference_engine(args, spec, batch)
+        eng.generate(texts, SamplingParams(max_tokens=1))  # prefill once: the timed runs hit the prefix cache
+        rates, steps = [], []
+        for _ in range(args.repeats):
+            before = eng.stats["num_steps"]
+            start = time.perf_counter()
+            outs = eng.generate(texts, params)
+            wall = time.perf_counter() - start
+            rates.append(sum(len(o.token_ids) for o in outs) / wall)
+            steps.append(eng.stats["num_steps"] - before)
+        outputs[mode] = [o.token_ids for o in outs]
+        row[mode] = {"tokens_per_s": statistics.median(rates), "steps": statistics.median(steps),
+                     "tokens": sum(len(o.token_ids) for o in outs),
+                     "accepted_tokens": sum(o.usage.num_accepted_tokens for o in outs)}
+        eng.close()
+    row["token_identical"] = sum(a == b for a, b in zip(outputs["plain"], outputs["spec"]))
+    row["throughput_change"] = row["spec"]["tokens_per_s"] / row["plain"]["tokens_per_s"] - 1
+    return row
+
+
+class ReplayDrafter:
+    """Proposes the model's own greedy continuation of a known prompt (`TARGETS`), each token right with
+    probability `ACCEPTANCE` (decided once per position, so every run replays the same drafts)."""
+
+    TARGETS: dict[tuple[int, ...], list[int]] = {}
+    ACCEPTANCE = 1.0
+
+    def __init__(self, token_ids: list[int], min_ngram: int, max_ngram: int) -> None:
+        self.prompt = tuple(token_ids)
+        self.target = self.TARGETS.get(self.prompt, [])
+
+    def update(self, token_ids: list[int], num_resolved: int) -> None:
+        pass
+
+    def propose(self, token_ids: list[int], num_resolved: int, tail: tuple[int, ...], max_tokens: int) -> list[int]:
+        start = num_resolved + len(tail) - len(self.prompt)
+        out = []
+        for i in range(start, min(start + max_tokens, len(self.target))):
+            right = random.Random(hash((self.prompt[:8], i))).random() < self.ACCEPTANCE
+            out.append(self.target[i] if right else (self.target[i] + 1) % 1000)
+        return out
+
+
+def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
+    DRAFTERS["replay"] = ReplayDrafter  # type: ignore[assignment]
+    shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
+    cfg = model_config(shape, max_len=1024)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompt_len, num_new = 512, 128
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 1000) for _ in range(prompt_len)] for _ in range(max(batches))]
+    params = SamplingParams(max_tokens=num_new, ignore_eos=True)
+
+    def make(spec: SpeculativeSettings | None) -> LocalEngine:
+        blocks = max(batches) * -(-(prompt_len + num_new + 2 * args.k + 2) // 16) + 64
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=1024, max_num_seqs=max(batches),
+                              num_kv_blocks=blocks, speculative=spec)
+        return LocalEngine.from_random(cfg, config, seed=0)
+
+    def timed(eng: LocalEngine, batch: int) -> tuple[float, float, list[Completion]]:
+        eng.generate(prompts[:batch], SamplingParams(max_tokens=2, ignore_eos=True))  # prefix cache warm
+        rates, step_ms = [], []
+        for _ in range(args.repeats):
+            before = eng.stats["num_steps"]
+            start = time.perf_counter()
+            outs = eng.generate(prompts[:batch], params)
+            wall = time.perf_counter() - start
+            rates.append(batch * num_new / wall)
+            step_ms.append(1000 * wall / (eng.stats["num_steps"] - before))
+        return statistics.median(rates), statistics.median(step_ms), outs
+
+    rows = []
+    plain = make(None)
+    base = {}
+    for batch in batches:
+        rate, ms, outs = timed(plain, batch)
+        base[batch] = (rate, ms)
+        for p, o in zip(prompts, outs):
+            ReplayDrafter.TARGETS[tuple(p)] = list(o.token_ids)
+    plain.close()
+    variants = [(a, True) for a in args.acceptance] + [(0.0, False), (1.0, False)]
+    for acceptance, adaptive in variants:
+        ReplayDrafter.ACCEPTANCE = acceptance
+        eng = make(settings(args, method="replay", **({} if adaptive else {"min_acceptance": 0.0})))  # type: ignore[arg-type]
+        for batch in batches:
+            before = dict(eng.stats)
+            rate, ms, outs = timed(eng, batch)
+            stats = eng.stats
+            draft = stats["num_draft_tokens"] - before["num_draft_tokens"]
+            row = {
+                "shape": shape, "batch": batch, "acceptance": acceptance, "adaptive": adaptive,
+                "tokens_per_s": rate, "plain_tokens_per_s": base[batch][0], "change": rate / base[batch][0] - 1,
+                "ms_per_step": ms, "plain_ms_per_step": base[batch][1], "step_cost": ms / base[batch][1],
+                "measured_acceptance": (stats["num_accepted_tokens"] - before["num_accepted_tokens"]) / max(draft, 1),
+                "token_identical": sum(list(o.token_ids) == ReplayDrafter.TARGETS[tuple(p)] for p, o in zip(prompts, outs)),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        eng.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--parts", default="docqa-1,docqa-batch,replay")
+    ap.add_argument("--worlds", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=None, help="docqa-1: only the first N questions (quick runs)")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=SpeculativeSettings.num_draft_tokens)
+    ap.add_argument("--min-ngram", type=int, default=SpeculativeSettings.min_ngram)
+    ap.add_argument("--max-ngram", type=int, default=SpeculativeSettings.max_ngram)
+    ap.add_argument("--shape", default=None, choices=["8b", "1b", "tiny"], help="replay: default 8b on CUDA, tiny on CPU")
+    ap.add_argument("--replay-batches", default="1,16,64")
+    ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.acceptance = [float(a) for a in args.acceptance.split(",")]
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {
+        "command": "PYTHONPATH=. python bench/speculative.py " + " ".join(sys.argv[1:]),
+        "hardware": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "dtype": args.dtype,
+    }
+    prompts = docqa_prompts(args.worlds) if {"docqa-1", "docqa-batch"} & set(parts) else []
+    if "docqa-1" in parts:
+        results["docqa_1"] = run_docqa_single(args, prompts[: args.limit])
+        print(json.dumps(results["docqa_1"]), flush=True)
+    if "docqa-batch" in parts:
+        results["docqa_batch"] = []
+        for batch in (int(b) for b in args.batches.split(",")):
+            results["docqa_batch"].append(run_docqa_batch(args, prompts, batch))
+            print(json.dumps(results["docqa_batch"][-1]), flush=True)
+    if "replay" in parts:
+        args.batches = args.replay_batches
+        results["replay"] = run_replay(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print_tables(results)
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    if "docqa_1" in results:
+        d = results["docqa_1"]
+        print("\n| mode | decode steps / token | decode ms / token | accepted / draft |\n|---|---|---|---|")
+        for mode in ("plain", "spec", "spec-rows"):
+            if mode not in d:
+                continue
+            m = d[mode]
+            acc = f"{m['accepted_tokens']} / {m['draft_tokens']}" if m["draft_tokens"] else "-"
+            print(f"| {mode} | {m['decode_steps_per_token']:.3f} | {m['decode_ms_per_token']:.2f} | {acc} |")
+        print(f"\n{d['fewer_steps']:.2f}x fewer steps, {d['decode_speedup']:.2f}x faster decode; "
+              f"{d['token_identical']}/{d['questions']} answers token-identical")
+    for row in results.get("docqa_batch", []):
+        print(f"batch {row['batch']}: plain {row['plain']['tokens_per_s']:.1f} tok/s, spec {row['spec']['tokens_per_s']:.1f} "
+              f"tok/s ({100 * row['throughput_change']:+.1f}%), {row['token_identical']}/{row['batch']} identical")
+    if results.get("replay"):
+        print("\n| shape | batch | a | adaptive | tok/s | plain tok/s | change | ms/step vs plain | measured a |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        for r in results["replay"]:
+            print(f"| {r['shape']} | {r['batch']} | {r['acceptance']} | {r['adaptive']} | {r['tokens_per_s']:.0f} | "
+                  f"{r['plain_tokens_per_s']:.0f} | {100 * r['change']:+.1f}% | {r['step_cost']:.2f}x | "
+                  f"{r['measured_acceptance']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
