@@ -177,6 +177,7 @@ class ReplayDrafter:
 
 
 def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Plain, adaptive and forced engines side by side; timed runs interleaved per repeat."""
     DRAFTERS["replay"] = ReplayDrafter  # type: ignore[assignment]
     shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
     cfg = model_config(shape, max_len=1024)
@@ -192,45 +193,50 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
                               num_kv_blocks=blocks, speculative=spec)
         return LocalEngine.from_random(cfg, config, seed=0)
 
-    def timed(eng: LocalEngine, batch: int) -> tuple[float, float, list[Completion]]:
-        eng.generate(prompts[:batch], SamplingParams(max_tokens=2, ignore_eos=True))  # prefix cache warm
-        rates, step_ms = [], []
-        for _ in range(args.repeats):
-            before = eng.stats["num_steps"]
-            start = time.perf_counter()
-            outs = eng.generate(prompts[:batch], params)
-            wall = time.perf_counter() - start
-            rates.append(batch * num_new / wall)
-            step_ms.append(1000 * wall / (eng.stats["num_steps"] - before))
-        return statistics.median(rates), statistics.median(step_ms), outs
+    def timed(eng: LocalEngine, batch: int) -> tuple[float, float, int, int, list[Completion]]:
+        before = dict(eng.stats)
+        start = time.perf_counter()
+        outs = eng.generate(prompts[:batch], params)
+        wall = time.perf_counter() - start
+        after = eng.stats
+        steps = after["num_steps"] - before["num_steps"]
+        draft = after["num_draft_tokens"] - before["num_draft_tokens"]
+        return wall, steps, draft, after["num_accepted_tokens"] - before["num_accepted_tokens"], outs
 
+    engines = {"plain": make(None), "adaptive": make(settings(args, method="replay")),  # type: ignore[arg-type]
+               "forced": make(settings(args, method="replay", min_acceptance=0.0))}  # type: ignore[arg-type]
     rows = []
-    plain = make(None)
-    base = {}
     for batch in batches:
-        rate, ms, outs = timed(plain, batch)
-        base[batch] = (rate, ms)
-        for p, o in zip(prompts, outs):
-            ReplayDrafter.TARGETS[tuple(p)] = list(o.token_ids)
-    plain.close()
-    variants = [(a, True) for a in args.acceptance] + [(0.0, False), (1.0, False)]
-    for acceptance, adaptive in variants:
-        ReplayDrafter.ACCEPTANCE = acceptance
-        eng = make(settings(args, method="replay", **({} if adaptive else {"min_acceptance": 0.0})))  # type: ignore[arg-type]
-        for batch in batches:
-            before = dict(eng.stats)
-            rate, ms, outs = timed(eng, batch)
-            stats = eng.stats
-            draft = stats["num_draft_tokens"] - before["num_draft_tokens"]
-            row = {
-                "shape": shape, "batch": batch, "acceptance": acceptance, "adaptive": adaptive,
-                "tokens_per_s": rate, "plain_tokens_per_s": base[batch][0], "change": rate / base[batch][0] - 1,
-                "ms_per_step": ms, "plain_ms_per_step": base[batch][1], "step_cost": ms / base[batch][1],
-                "measured_acceptance": (stats["num_accepted_tokens"] - before["num_accepted_tokens"]) / max(draft, 1),
-                "token_identical": sum(list(o.token_ids) == ReplayDrafter.TARGETS[tuple(p)] for p, o in zip(prompts, outs)),
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for eng in engines.values():
+            ReplayDrafter.ACCEPTANCE = 1.0
+            outs = timed(eng, batch)[-1]  # warm-up (touches the KV pages, fills the prefix cache)
+            if eng is engines["plain"]:
+                for p, o in zip(prompts, outs):
+                    ReplayDrafter.TARGETS[tuple(p)] = list(o.token_ids)
+        for acceptance in args.acceptance:
+            ReplayDrafter.ACCEPTANCE = acceptance
+            runs: dict[str, list[tuple[float, float, int, int, list[Completion]]]] = {m: [] for m in engines}
+            for _ in range(args.repeats):
+                for mode, eng in engines.items():
+                    runs[mode].append(timed(eng, batch))
+            plain_wall = statistics.median(r[0] for r in runs["plain"])
+            plain_step = statistics.median(r[0] / r[1] for r in runs["plain"])
+            for mode in ("adaptive", "forced"):
+                wall = statistics.median(r[0] for r in runs[mode])
+                last = runs[mode][-1]
+                row = {
+                    "shape": shape, "batch": batch, "acceptance": acceptance, "adaptive": mode == "adaptive",
+                    "tokens_per_s": batch * num_new / wall, "plain_tokens_per_s": batch * num_new / plain_wall,
+                    "change": plain_wall / wall - 1, "steps": last[1], "plain_steps": runs["plain"][-1][1],
+                    "ms_per_step": 1000 * statistics.median(r[0] / r[1] for r in runs[mode]),
+                    "plain_ms_per_step": 1000 * plain_step,
+                    "step_cost": statistics.median(r[0] / r[1] for r in runs[mode]) / plain_step,
+                    "measured_acceptance": last[3] / max(last[2], 1),
+                    "token_identical": sum(list(o.token_ids) == ReplayDrafter.TARGETS[tuple(p)] for p, o in zip(prompts, last[4])),
+                }
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    for eng in engines.values():
         eng.close()
     return rows
 
