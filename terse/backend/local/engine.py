@@ -304,7 +304,8 @@ class LocalEngine(BackendBase):
         """Counters since start (steps, prefill/decode/cached tokens, preemptions, failed steps, decode
         inputs taken on the device from the step before, constrained rows sampled late) and gauges read
         now (requests running / waiting, KV blocks in the pool / free / held by the prefix cache / in use).
-        Speculative decoding: draft tokens verified and accepted, and sequence-steps that verified a draft.
+        Speculative decoding: draft tokens verified and accepted, sequence-steps that verified a draft, and
+        drafts voided because they rested on a wrong guess of the step still in flight.
         Read-only and lock-free: a reading taken while a step runs may be one step stale."""
         spec = self.speculator
         return {
@@ -326,6 +327,7 @@ class LocalEngine(BackendBase):
             "num_draft_tokens": spec.num_draft_tokens if spec is not None else 0,
             "num_accepted_tokens": spec.num_accepted_tokens if spec is not None else 0,
             "num_verify_steps": spec.num_verify_steps if spec is not None else 0,
+            "num_voided_drafts": spec.num_voided_drafts if spec is not None else 0,
         }
 
     # -- helpers on the caller's thread ---------------------------------------------------------

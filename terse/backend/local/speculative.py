@@ -148,6 +148,8 @@ class Speculator:
         """Of those, accepted."""
         self.num_verify_steps = 0
         """Sequence-steps that verified a draft."""
+        self.num_voided_drafts = 0
+        """Of those, drafts built on a wrong guess of the step before (rejected whole by the gate)."""
 
     def attach(self, seq: Sequence) -> None:
         """Give a new generating sequence its drafter (indexes the prompt: call on the submitting thread)."""
@@ -219,5 +221,6 @@ class Speculator:
             after = state.in_flight[0]
             if after.draft is not None and after.draft.guess is not None:
                 after.possible = num_accepted == after.draft.assumed_accepted and tokens[-1] == after.draft.guess
+                self.num_voided_drafts += not after.possible
             if after.draft is not None and after.possible:
                 seq.num_speculative_tokens = len(after.draft.tokens)

@@ -106,6 +106,7 @@ def test_speculator_builds_on_the_step_in_flight_and_learns_its_gate() -> None:
     spec.on_collected(seq, [3, 9], 1)  # the first step accepted one draft token and then yielded 9
     assert (seq.num_draft_tokens, seq.num_accepted_tokens) == (3, 1)
     assert seq.num_speculative_tokens == 0  # so the second step's gate fails: its draft cannot count
+    assert spec.num_voided_drafts == 1
     spec.on_collected(seq, [7], 0)
     assert seq.num_speculative_tokens == 0 and spec.num_draft_tokens == 6 and spec.num_accepted_tokens == 1
 
