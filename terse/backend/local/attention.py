@@ -13,8 +13,10 @@ values through block tables, so a chunk sees the prefix cached or computed in ea
 
 A decode row that verifies a draft token is a decode query like any other (its own context length,
 one longer than the row before it: see inputs.py). The Triton kernel reads each row's keys itself, which
-is what the CUDA graphs capture; the torch path instead attends a sequence's verify rows together over
-keys gathered once (`DecodeGroups`), since gathering the keys per row costs k + 1 times as much.
+is what the CUDA graphs capture. The torch path (eager) instead attends each sequence's decode rows
+together over its keys gathered once, in padded SDPA groups (`decode_groups`: one-row sequences in one
+group, sequences verifying a draft in another): gathering the keys per row would cost k + 1 times as
+much, and even a single row runs faster through SDPA than through the per-row reference.
 
 `AttentionBackend.plan` turns the step's layout into index tensors once (decode tables, padded prefill
 groups and their masks, the sparse prefill's gather indices); every layer's `AttentionPlan.attend`
@@ -96,11 +98,9 @@ class AttentionPlan:
     decode_context_lens: torch.Tensor
     """[num_decode_tokens] int64: keys each decode query sees (its own token included)."""
     prefills: list[PrefillSpan] = field(default_factory=list)
-    num_single_decode_rows: int = 0
-    """Decode rows attended by the decode kernel; the rest of the decode rows (verify rows, torch path)
-    are attended by `verify_group`."""
-    verify_group: PrefillGroup | None = None
-    """Verify rows attended together per sequence, keys gathered once (torch path only)."""
+    decode_groups: list[PrefillGroup] = field(default_factory=list)
+    """Torch path: the decode rows attended per sequence over keys gathered once (empty: every decode
+    row goes through the backend's decode kernel)."""
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
     """Batched form of the dense spans that read cached KV (see `build_prefill_groups`)."""
     sparse: SparsePlan | None = None
@@ -118,11 +118,12 @@ class AttentionBackend:
 
     def __init__(
         self, *, decode: DecodeFn, block_size: int, num_q_per_kv: int, device: torch.device,
-        sparse_prefill: SparsePrefill | None = None, group_verify_rows: bool = False,
+        sparse_prefill: SparsePrefill | None = None, group_decode_rows: bool = False,
     ) -> None:
         self.decode = decode
-        self.group_verify_rows = group_verify_rows
-        """Attend a sequence's verify rows together (`DecodeGroups`) instead of through `decode` per row."""
+        self.group_decode_rows = group_decode_rows
+        """Attend each sequence's decode rows together over its keys gathered once (`decode_groups`)
+        instead of through `decode` row by row (the torch path; CUDA graphs always use `decode`)."""
         self.block_size = block_size
         self.num_q_per_kv = num_q_per_kv
         self.device = device
@@ -130,11 +131,11 @@ class AttentionBackend:
 
     def plan(
         self, slot_mapping: torch.Tensor, decode_block_tables: torch.Tensor, decode_context_lens: torch.Tensor,
-        prefills: list[PrefillSpan] | None = None, verify_rows: list[tuple[int, int]] | None = None,
+        prefills: list[PrefillSpan] | None = None, decode_rows: list[tuple[int, int]] | None = None,
     ) -> AttentionPlan:
         """The step's plan: decode tensors as given, prefill groups and the sparse plan built here.
-        `verify_rows`: (first row, rows) of each sequence verifying a draft, after every one-token decode
-        row (grouped when `group_verify_rows`; None / empty: every decode row goes through `decode`)."""
+        `decode_rows`: (first row, rows) of each decoding sequence, one-row sequences first; grouped when
+        `group_decode_rows` (None: every decode row goes through `decode`)."""
         spans = prefills or []
         sparse_spans = [s for s in spans if s.sparse]
         sparse_plan = None
@@ -144,29 +145,31 @@ class AttentionBackend:
         groups = build_prefill_groups(
             spans, block_size=self.block_size, num_q_per_kv=self.num_q_per_kv, device=self.device
         )
-        num_decode = len(decode_context_lens)
-        verify = None
-        if verify_rows and self.group_verify_rows:
-            verify = verify_group(verify_rows, decode_block_tables, decode_context_lens, self.block_size, self.num_q_per_kv)
-        num_single = verify_rows[0][0] if verify is not None and verify_rows else num_decode
+        decode_groups = []
+        if decode_rows and self.group_decode_rows:
+            for rows in ([r for r in decode_rows if r[1] == 1], [r for r in decode_rows if r[1] > 1]):
+                if rows:
+                    decode_groups.append(
+                        decode_group(rows, decode_block_tables, decode_context_lens, self.block_size, self.num_q_per_kv)
+                    )
         return AttentionPlan(
-            self, slot_mapping, num_decode, decode_block_tables, decode_context_lens, spans, num_single, verify,
-            groups, sparse_plan,
+            self, slot_mapping, len(decode_context_lens), decode_block_tables, decode_context_lens, spans,
+            decode_groups, groups, sparse_plan,
         )
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor, plan: AttentionPlan,
         layer_index: int,
     ) -> torch.Tensor:
-        if not plan.prefills and plan.verify_group is None:
+        num_dec = plan.num_decode_tokens
+        if not plan.prefills and not plan.decode_groups:
             return self.decode(q, layer_kv, plan.decode_block_tables, plan.decode_context_lens)
         out = torch.empty_like(q)
-        single = plan.num_single_decode_rows
-        if single:
-            tables, lens = plan.decode_block_tables, plan.decode_context_lens
-            out[:single] = self.decode(q[:single], layer_kv, tables[:single], lens[:single])
-        if plan.verify_group is not None:
-            out[plan.verify_group.valid_rows] = grouped_attention(q, layer_kv, plan.verify_group)
+        if plan.decode_groups:
+            for group in plan.decode_groups:
+                out[group.valid_rows] = grouped_attention(q, layer_kv, group)
+        elif num_dec:
+            out[:num_dec] = self.decode(q[:num_dec], layer_kv, plan.decode_block_tables, plan.decode_context_lens)
         for span in plan.prefills:
             if is_solo_span(span):
                 rows = slice(span.q_start, span.q_start + span.q_len)
@@ -251,11 +254,11 @@ def _make_group(spans: list[PrefillSpan], block_size: int, g: int, device: torch
     )
 
 
-def verify_group(
+def decode_group(
     rows: list[tuple[int, int]], block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, g: int
 ) -> PrefillGroup:
-    """The verify rows of a step as one padded group: each sequence's rows attend its keys, gathered once,
-    row i seeing the first context_lens[row i] of them (the lengths may have been shifted on the device).
+    """Decode rows of some sequences as one padded group: each sequence's rows attend its keys, gathered
+    once, row i seeing the first context_lens[row i] of them (lengths the device may have shifted).
     rows: (first row, number of rows) per sequence; block_tables [R, W], context_lens [R] of the decode rows."""
     device = context_lens.device
     max_q = max(n for _, n in rows)

@@ -119,7 +119,7 @@ class LocalEngine(BackendBase):
         )
         decode = self._decode_kernel()
         attention = AttentionBackend(
-            decode=decode, block_size=config.kv_block_size, group_verify_rows=decode is paged_decode_reference,
+            decode=decode, block_size=config.kv_block_size, group_decode_rows=decode is paged_decode_reference,
             num_q_per_kv=model_config.num_heads // model_config.num_kv_heads, device=self.device,
             sparse_prefill=build_sparse_prefill(
                 config.sparse_prefill, parts.model_name, model_config.num_layers, model_config.num_heads

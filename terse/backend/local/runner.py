@@ -90,12 +90,11 @@ def _step_rows(plan: StepPlan) -> _Rows:
     return rows
 
 
-def _verify_rows(decodes: list[ScheduledChunk]) -> list[tuple[int, int]]:
-    """(first row, rows) of each decode chunk verifying a draft (they follow the one-token decodes)."""
+def _decode_rows(decodes: list[ScheduledChunk]) -> list[tuple[int, int]]:
+    """(first row, rows) of each decode chunk (one-token decodes first, then those verifying a draft)."""
     out, row = [], 0
     for chunk in decodes:
-        if chunk.draft is not None:
-            out.append((row, chunk.num_new_tokens))
+        out.append((row, chunk.num_new_tokens))
         row += chunk.num_new_tokens
     return out
 
@@ -223,12 +222,12 @@ class ModelRunner:
         gates = self._take_carry(DecodeRows(*batch), decodes)
         if graphs is not None and size is not None:
             return graphs.run(batch), gates
-        return self._forward_decode(batch, _verify_rows(decodes)), gates
+        return self._forward_decode(batch, _decode_rows(decodes)), gates
 
-    def _forward_decode(self, batch: DecodeBatch, verify_rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def _forward_decode(self, batch: DecodeBatch, decode_rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """The decode forward (eager, and the function the CUDA graphs capture, which attend every row
         through the decode kernel). -> [size, hidden]."""
-        plan = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens, verify_rows=verify_rows)
+        plan = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens, decode_rows=decode_rows)
         return self.model(batch.input_ids, batch.positions, self.pool, plan)
 
     def _run_mixed(self, plan: StepPlan) -> tuple[torch.Tensor, Gates]:
@@ -241,7 +240,7 @@ class ModelRunner:
         rows = DecodeRows(batch.input_ids[:n], batch.positions[:n], batch.slot_mapping[:n], batch.block_tables, batch.context_lens)
         gates = self._take_carry(rows, plan.decodes)
         attn = self.attention.plan(
-            batch.slot_mapping, batch.block_tables, batch.context_lens, batch.spans, _verify_rows(plan.decodes)
+            batch.slot_mapping, batch.block_tables, batch.context_lens, batch.spans, _decode_rows(plan.decodes)
         )
         with no_cudnn_attention(self.device):
             return self.model(batch.input_ids, batch.positions, self.pool, attn), gates  # [T, hidden]

@@ -45,7 +45,7 @@ def plain_outputs(llama: Path) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-rows", "decode-kernel-rows"])
 def test_greedy_output_equals_one_token_decoding(llama: Path, plain_outputs: list[tuple[int, ...]], grouped: bool) -> None:
     eng = engine(llama, SPEC)
-    eng.runner.attention.group_verify_rows = grouped  # False: every verify row a decode query (the CUDA-graph layout)
+    eng.runner.attention.group_decode_rows = grouped  # False: every row a decode query of its own (the CUDA-graph layout)
     try:
         batched = eng.generate(REPEATING, GREEDY)
         steps_before = eng.stats["num_steps"]
