@@ -1,6 +1,6 @@
 """Speculative decoding (prompt lookup) against one-token decoding on the local engine, same process.
 
-    PYTHONPATH=. python bench/speculative.py --device cpu --out bench/results/speculative_cpu.json
+    PYTHONPATH=. python bench/speculative.py --device cpu --threads 1 --out bench/results/speculative_cpu.json
     PYTHONPATH=. python bench/speculative.py --device cuda --out $OUT/speculative_gpu.json            # H200
     PYTHONPATH=. python bench/speculative.py --device cuda --dtype float32 --parts docqa-1 --out $OUT/speculative_gpu_fp32.json
 
@@ -105,25 +105,27 @@ def run_docqa_single(args: argparse.Namespace, prompts: list[tuple[str, str]]) -
     for eng in engines.values():
         eng.generate([prompts[0][1]], params)  # warm-up
     for kind, prompt in prompts:
-        answers = {}
-        for mode, eng in engines.items():
-            walls = []
-            for _ in range(args.repeats):  # the prefix cache makes repeats' prefill short; decode is the same
+        answers: dict[str, Any] = {}
+        walls: dict[str, list[float]] = {mode: [] for mode in engines}
+        steps: dict[str, int] = {}
+        for _ in range(args.repeats):  # modes interleaved per repeat (noisy shared CPUs); the prefix cache
+            for mode, eng in engines.items():  # makes later repeats' prefill short, decode is the same
                 before = eng.stats["num_steps"]
                 out = eng.generate([prompt], params)[0]
-                steps = eng.stats["num_steps"] - before - 1  # the prompt fits one prefill step
-                walls.append(out.metrics["latency"] - out.metrics["ttft"])
-            answers[mode] = out.token_ids
+                steps[mode] = eng.stats["num_steps"] - before - 1  # the prompt fits one prefill step
+                walls[mode].append(out.metrics["latency"] - out.metrics["ttft"])
+                answers[mode] = out
+        for mode, out in answers.items():
             row = per[mode]
-            row["steps"].append(steps)
+            row["steps"].append(steps[mode])
             row["tokens"].append(len(out.token_ids) - 1)
-            row["wall"].append(statistics.median(walls))
+            row["wall"].append(statistics.median(walls[mode]))
             row["draft"].append(out.usage.num_draft_tokens)
             row["accepted"].append(out.usage.num_accepted_tokens)
             k = kinds.setdefault(f"{kind}/{mode}", {"steps": [], "tokens": []})
-            k["steps"].append(steps)
+            k["steps"].append(steps[mode])
             k["tokens"].append(len(out.token_ids) - 1)
-        same += all(a == answers["plain"] for a in answers.values())
+        same += all(a.token_ids == answers["plain"].token_ids for a in answers.values())
     voided = {mode: eng.stats["num_voided_drafts"] for mode, eng in engines.items()}  # warm-up and repeats included
     for eng in engines.values():
         eng.close()
@@ -149,28 +151,31 @@ def run_docqa_single(args: argparse.Namespace, prompts: list[tuple[str, str]]) -
 
 
 def run_docqa_batch(args: argparse.Namespace, prompts: list[tuple[str, str]], batch: int) -> dict[str, Any]:
+    """Plain and speculative engines side by side, timed runs interleaved per repeat."""
     texts = [p for _, p in prompts[:batch]]
     assert len(texts) == batch, f"--worlds gives {len(prompts)} questions; batch {batch} needs more"
     params = SamplingParams(max_tokens=MAX_NEW)
-    row: dict[str, Any] = {"batch": batch}
-    outputs = {}
-    for mode, spec in (("plain", None), ("spec", settings(args))):
-        eng = reference_engine(args, spec, batch)
+    engines = {"plain": reference_engine(args, None, batch), "spec": reference_engine(args, settings(args), batch)}
+    for eng in engines.values():
         eng.generate(texts, SamplingParams(max_tokens=1))  # prefill once: the timed runs hit the prefix cache
-        rates, steps = [], []
-        for _ in range(args.repeats):
+    runs: dict[str, list[tuple[float, int, list[Completion]]]] = {m: [] for m in engines}
+    for _ in range(args.repeats):
+        for mode, eng in engines.items():
             before = eng.stats["num_steps"]
             start = time.perf_counter()
             outs = eng.generate(texts, params)
-            wall = time.perf_counter() - start
-            rates.append(sum(len(o.token_ids) for o in outs) / wall)
-            steps.append(eng.stats["num_steps"] - before)
-        outputs[mode] = [o.token_ids for o in outs]
-        row[mode] = {"tokens_per_s": statistics.median(rates), "steps": statistics.median(steps),
-                     "tokens": sum(len(o.token_ids) for o in outs),
-                     "accepted_tokens": sum(o.usage.num_accepted_tokens for o in outs)}
+            runs[mode].append((time.perf_counter() - start, eng.stats["num_steps"] - before, outs))
+    for eng in engines.values():
         eng.close()
-    row["token_identical"] = sum(a == b for a, b in zip(outputs["plain"], outputs["spec"]))
+    row: dict[str, Any] = {"batch": batch}
+    for mode, mode_runs in runs.items():
+        outs = mode_runs[-1][2]
+        tokens = sum(len(o.token_ids) for o in outs)
+        row[mode] = {"tokens_per_s": statistics.median(tokens / wall for wall, _, _ in mode_runs),
+                     "steps": statistics.median(n for _, n, _ in mode_runs), "tokens": tokens,
+                     "accepted_tokens": sum(o.usage.num_accepted_tokens for o in outs)}
+    plain, spec = (runs[m][-1][2] for m in ("plain", "spec"))
+    row["token_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(plain, spec))
     row["throughput_change"] = row["spec"]["tokens_per_s"] / row["plain"]["tokens_per_s"] - 1
     return row
 
@@ -278,15 +283,19 @@ def main() -> None:
     ap.add_argument("--shape", default=None, choices=["8b", "1b", "tiny"], help="replay: default 8b on CUDA, tiny on CPU")
     ap.add_argument("--replay-batches", default="1,16,64")
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch intra-op threads (1 keeps timings steady on cores other processes share)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.acceptance = [float(a) for a in args.acceptance.split(",")]
     parts = args.parts.split(",")
     results: dict[str, Any] = {
         "command": "PYTHONPATH=. python bench/speculative.py " + " ".join(sys.argv[1:]),
         "hardware": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "dtype": args.dtype,
+        "torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(),
     }
     prompts = docqa_prompts(args.worlds) if {"docqa-1", "docqa-batch"} & set(parts) else []
     if "docqa-1" in parts:
