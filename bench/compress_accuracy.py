@@ -1,7 +1,9 @@
 """Answer accuracy vs compression ratio: terse.compress vs the `llmlingua` package, same scorer and reader.
 
     .venv/bin/python bench/compress_accuracy.py --baseline-python <venv with llmlingua 0.2.2>/bin/python \
-        [--worlds 1] [--ratios 2,4,8] [--baselines longllmlingua,longllmlingua-coarse,llmlingua]
+        [--worlds 1] [--first-world 0] [--ratios 2,4,8] [--baselines longllmlingua,longllmlingua-coarse,llmlingua]
+    .venv/bin/python bench/compress_accuracy.py --baselines "" --terse-configs terse,terse-free \
+        --first-world 2 --worlds 4          # terse only (no llmlingua venv needed), 4 other test worlds
 
 Workload: the synthetic doc-QA test split (single-hop, multi-hop and list questions; each question's
 gold documents among distractors, ~2.4K tokens). For every question and ratio r, terse compresses the
@@ -52,6 +54,8 @@ TERSE_CONFIGS: dict[str, dict[str, Any]] = {
     "terse": {},
     "terse-parallel": {"token_pruner": "parallel"},
     "terse-iterative": {"token_pruner": "iterative"},
+    # scorer-free, as the doc-QA job compresses by default: BM25 contexts and sentences, exact fit
+    "terse-free": {"token_pruner": None, "sentence_ranker": "same"},
 }
 
 
@@ -90,8 +94,11 @@ def run_baselines(baseline_python: str, model_dir: Path, jobs: list[dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline-python", required=True, help="python of a venv with llmlingua 0.2.2")
+    parser.add_argument("--baseline-python", default="", help="python of a venv with llmlingua 0.2.2 "
+                        "(needed unless --baselines '')")
     parser.add_argument("--worlds", type=int, default=1, help="test-split worlds (28 questions each)")
+    parser.add_argument("--first-world", type=int, default=0,
+                        help="index of the first test world (worlds 0-1 are easier than typical ones)")
     parser.add_argument("--ratios", default="2,4,8")
     parser.add_argument("--baselines", default=",".join(RECIPES), help="llmlingua recipes ('' for none)")
     parser.add_argument("--terse-configs", default="terse", help=f"of {', '.join(TERSE_CONFIGS)}")
@@ -112,7 +119,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ratios = [float(r) for r in args.ratios.split(",")]
     recipes = {name: RECIPES[name] for name in args.baselines.split(",") if name}
-    data = build_split("test", SplitConfig(num_worlds=args.worlds, needle_lengths=()))
+    if recipes and not args.baseline_python:
+        parser.error("--baseline-python is needed for the llmlingua recipes (or pass --baselines '')")
+    data = build_split("test", SplitConfig(num_worlds=args.worlds, needle_lengths=()), first_world=args.first_world)
     questions: list[Question] = [q for q in data.questions if q.kind in KINDS][: args.limit or None]
     backend = terse.load_backend(args.backend)
     compressors = {name: PromptCompressor(backend, config=CompressorConfig(**TERSE_CONFIGS[name]))
@@ -186,7 +195,8 @@ def main() -> None:
     import transformers
 
     report = {
-        "backend": args.backend, "num_worlds": args.worlds, "num_questions": len(questions),
+        "backend": args.backend, "num_worlds": args.worlds, "first_world": args.first_world,
+        "num_questions": len(questions),
         "hardware": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})",
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "recipes": recipes, "rows": results,

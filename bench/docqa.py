@@ -17,6 +17,11 @@ prompts, generating, writing answers); models are loaded and warmed up beforehan
     .venv/bin/python bench/docqa.py --model DIR --scheme hf
     .venv/bin/python bench/docqa.py --random-shape 1b      # random weights of a shape, reference tokenizer:
                                                            # timings only (accuracy is meaningless)
+    python bench/docqa.py --random-shape 8b --num-worlds 2 --questions-per-kind 10   # GPU: Llama-3-8B shape
+        (head_dim 128, untied embeddings), built on the device by the local engine (no checkpoint)
+
+terse's wall time is split into preparation the generation waited for ("prepare"), preparation that
+ran on worker processes during generation ("prepare overlapped") and generation (`DocQAJob.stage_seconds`).
 
 Prints a table last and writes raw numbers to bench/results/docqa_<label>.json.
 """
@@ -34,28 +39,28 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
-import transformers
-
-import terse
-from terse.backend.base import Backend
-from terse.backend.registry import load_backend
-from terse.backend.types import SamplingParams
+# Heavy imports live inside the functions: the doc-QA job starts its preparation workers with
+# "spawn", which re-imports this file in each worker, and they need none of torch.
 from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths, JobSummary
 from terse.pipelines.docqa.sample import REFERENCE_MODEL_DIR, reference_model_dir, write_synthetic
 
+if TYPE_CHECKING:
+    from terse.backend.base import Backend
+
 # Random-weight shapes for timing runs: (hidden, intermediate, layers, heads, kv heads)
-SHAPES = {"reference": (256, 640, 8, 8, 2), "1b": (2048, 8192, 16, 32, 8)}
+SHAPES = {"reference": (256, 640, 8, 8, 2), "1b": (2048, 8192, 16, 32, 8), "8b": (4096, 14336, 32, 32, 8)}
+ON_DEVICE = ("8b",)  # built on the device by the local engine (head_dim 128, untied embeddings): no checkpoint
 
 
 def random_model(directory: Path, shape: str) -> Path:
     """A random Llama of `shape` with the reference tokenizer (timings only: its answers are noise)."""
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
@@ -70,44 +75,76 @@ def random_model(directory: Path, shape: str) -> Path:
     return directory
 
 
+def on_device_model(shape: str, prefix_cache: bool) -> Backend:
+    """A local engine over random weights of `shape` built on the device, reference tokenizer."""
+    from transformers import AutoTokenizer
+
+    from terse.backend.local.config import EngineConfig
+    from terse.backend.local.engine import LocalEngine
+    from terse.backend.local.models.llama import ModelConfig
+
+    hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
+    tok = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    config = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": len(tok), "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 8192, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": False,
+    })
+    return LocalEngine.from_random(config, EngineConfig(enable_prefix_cache=prefix_cache), tokenizer=tok,
+                                   name=f"random-{shape}")
+
+
 def load(spec: str, scheme: str, prefix_cache: bool) -> Backend:
+    from terse.backend.registry import load_backend
+    from terse.backend.types import SamplingParams
+
     options: dict[str, Any] = {"enable_prefix_cache": prefix_cache} if scheme == "local" else {}
-    backend = load_backend(spec, **options)
+    if spec.startswith("random-on-device:"):
+        backend = on_device_model(spec.split(":", 1)[1], prefix_cache)
+    else:
+        backend = load_backend(spec, **options)
     backend.generate([backend.render_chat([{"role": "user", "content": "warm up " * 50}])],
                      SamplingParams(max_tokens=4))
     return backend
 
 
-def one_run(config: DocQAConfig, scheme: str, prefix_cache: bool, paths: JobPaths) -> tuple[JobSummary, float]:
+def one_run(config: DocQAConfig, scheme: str, prefix_cache: bool, paths: JobPaths
+            ) -> tuple[JobSummary, float, dict[str, float]]:
     """One timed job on a freshly loaded backend (runs in its own process, see `run_job`)."""
     backend = load(config.backend, scheme, prefix_cache)
     t0 = time.perf_counter()
-    summary = DocQAJob(config, paths, backend=backend).run()
+    job = DocQAJob(config, paths, backend=backend)
+    summary = job.run()
     wall = time.perf_counter() - t0
     backend.close()
-    return summary, wall
+    return summary, wall, dict(getattr(job, "stage_seconds", {}))
 
 
 def run_job(config: DocQAConfig, scheme: str, prefix_cache: bool, docs: Path, questions: Path, workdir: Path,
-            name: str, repeats: int) -> tuple[JobSummary, list[float]]:
+            name: str, repeats: int) -> tuple[JobSummary, list[float], list[dict[str, float]]]:
     """`repeats` runs, each in a fresh process on a freshly loaded backend: no run reuses an earlier
     run's prefix cache, and none inherits the device state (memory, captured graphs) of another."""
     walls: list[float] = []
+    stages: list[dict[str, float]] = []
     summary = None
     spawn = multiprocessing.get_context("spawn")
     for r in range(repeats):
         paths = JobPaths(questions, (docs,), workdir / f"{name}-{r}.jsonl")
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            summary, wall = pool.submit(one_run, config, scheme, prefix_cache, paths).result()
+            summary, wall, split = pool.submit(one_run, config, scheme, prefix_cache, paths).result()
         walls.append(wall)
+        stages.append(split)
         if summary.num_failed:
             # a run with failed questions is not a benchmark: show why and stop
             errors = [json.loads(line) for line in paths.failures.read_text().splitlines()]
             distinct = {f"{e['error_type']}: {e['error']}" for e in errors}
             sys.exit(f"{name}: {summary.num_failed} questions failed; errors:\n" + "\n".join(sorted(distinct)[:5]))
-        print(f"  {name} run {r + 1}/{repeats}: {walls[-1]:.2f} s, accuracy {summary.accuracy}", file=sys.stderr)
+        print(f"  {name} run {r + 1}/{repeats}: {walls[-1]:.2f} s, accuracy {summary.accuracy}, "
+              f"stages {({k: round(v, 3) for k, v in split.items()})}", file=sys.stderr)
     assert summary is not None
-    return summary, walls
+    return summary, walls, stages
 
 
 def answer_kept_rate(answers: Path, docs: Path, questions: Path) -> float:
@@ -143,10 +180,22 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--label", default=None)
+    p.add_argument("--also-in-process", action="store_true",
+                   help="also time terse with preparation in the main process (prepare_processes = 0)")
+    p.add_argument("--prepare-processes", default="auto",
+                   help='terse job: worker processes that compress ("auto": half the cores up to 8, 0 below 4)')
     args = p.parse_args()
+    import torch
+    import transformers
+
+    import terse
 
     workdir = Path(tempfile.mkdtemp(prefix="terse-bench-docqa-"))
-    if args.random_shape:
+    if args.random_shape in ON_DEVICE:
+        if args.scheme != "local":
+            sys.exit(f"--random-shape {args.random_shape} is built by the local engine: use --scheme local")
+        model, label = Path(f"random-{args.random_shape}"), f"random-{args.random_shape}"
+    elif args.random_shape:
         model, label = random_model(workdir / "model", args.random_shape), f"random-{args.random_shape}"
     else:
         model = args.model or reference_model_dir()
@@ -156,21 +205,32 @@ def main() -> None:
     label = args.label or f"{label}-{args.scheme}"
     docs, questions = write_synthetic(workdir / "data", num_worlds=args.num_worlds,
                                       questions_per_kind=args.questions_per_kind, context_tokens=args.context_tokens)
-    spec = f"{args.scheme}:{model}"
+    spec = f"random-on-device:{args.random_shape}" if args.random_shape in ON_DEVICE else f"{args.scheme}:{model}"
     generation = {"max_tokens": args.max_tokens}
     naive_config = DocQAConfig(backend=spec).with_overrides(
         retrieval={"enabled": False}, compression={"enabled": False}, generation=generation,
         run={"batch_size": 1, "progress": False})
-    terse_config = DocQAConfig(backend=spec).with_overrides(generation=generation, run={"progress": False})
+    processes: int | str = args.prepare_processes if args.prepare_processes == "auto" else int(args.prepare_processes)
+    terse_config = DocQAConfig(backend=spec).with_overrides(
+        generation=generation, run={"progress": False, "prepare_processes": processes})
 
-    naive, naive_walls = run_job(naive_config, args.scheme, False, docs, questions, workdir, "naive", args.repeats)
-    ours, terse_walls = run_job(terse_config, args.scheme, True, docs, questions, workdir, "terse", args.repeats)
+    naive, naive_walls, _ = run_job(naive_config, args.scheme, False, docs, questions, workdir, "naive", args.repeats)
+    ours, terse_walls, terse_stages = run_job(terse_config, args.scheme, True, docs, questions, workdir, "terse",
+                                              args.repeats)
 
     rows = [
         row("naive", naive, statistics.median(naive_walls), answer_kept_rate(workdir / "naive-0.jsonl", docs, questions)),
         row("terse default", ours, statistics.median(terse_walls),
             answer_kept_rate(workdir / "terse-0.jsonl", docs, questions)),
     ]
+    extra: dict[str, Any] = {}
+    if args.also_in_process:
+        in_process = terse_config.with_overrides(run={"prepare_processes": 0})
+        one, one_walls, one_stages = run_job(in_process, args.scheme, True, docs, questions, workdir,
+                                             "terse-in-process", args.repeats)
+        rows.append(row("terse, prep in process", one, statistics.median(one_walls),
+                        answer_kept_rate(workdir / "terse-in-process-0.jsonl", docs, questions)))
+        extra = {"walls_s_in_process": one_walls, "stage_seconds_in_process": one_stages}
     result = {
         "label": label, "model": str(model), "backend": spec,
         "hardware": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
@@ -181,6 +241,7 @@ def main() -> None:
                      "context_tokens": args.context_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats},
         "terse_config": terse_config.to_dict(), "rows": rows,
         "walls_s": {"naive": naive_walls, "terse": terse_walls},
+        "terse_stage_seconds": terse_stages, **extra,
         "token_reduction": naive.prompt_tokens / max(1, ours.prompt_tokens),
         "speedup": statistics.median(naive_walls) / statistics.median(terse_walls),
     }
@@ -191,13 +252,16 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2).replace(root, "").replace(str(workdir), "<scratch>") + "\n")
 
     print(f"\n{label}: {naive.num_questions} questions, {spec}, median of {args.repeats} runs ({out})")
-    print(f"{'variant':<14} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "
+    print(f"{'variant':<24} {'accuracy':>9} {'answer kept':>12} {'tokens sent':>12} {'cached':>8} {'wall s':>8} "
           f"{'q/s':>7}")
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
-        print(f"{r['variant']:<14} {acc:>9} {r['answer_kept_rate']:>12.1%} {r['prompt_tokens']:>12,} "
+        print(f"{r['variant']:<24} {acc:>9} {r['answer_kept_rate']:>12.1%} {r['prompt_tokens']:>12,} "
               f"{r['cached_tokens']:>8,} {r['wall_s_median']:>8.2f} {r['questions_per_s']:>7.2f}")
     print(f"tokens: {result['token_reduction']:.2f}x fewer   wall time: {result['speedup']:.2f}x faster")
+    median_run = sorted(zip(terse_walls, terse_stages))[len(terse_walls) // 2][1]
+    if median_run:
+        print("terse wall time split (median run): " + ", ".join(f"{k} {v:.2f} s" for k, v in median_run.items()))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import terse
 from terse.backend.base import Backend
 from terse.backend.types import SamplingParams
+from terse.organize.calls import run_batch_call
 from terse.organize.formats import PlanStep, qa_messages, skeleton_messages
 from terse.organize.skeleton import SkeletonOfThought, SoTConfig
-from terse.organize.stage import run_stage
 
 DOCUMENT = (
     "Acme Corp is a manufacturer of kitchen tools based in Lyon. It was founded in 1987 by Marie Dubois, "
@@ -128,12 +128,12 @@ def contexts(nonce: str, doc_repeats: int) -> list[tuple[str, str]]:
 def sot_once(backend: Backend, args: argparse.Namespace, num_points: int, nonce: str) -> dict[str, float]:
     docs = contexts(nonce, args.doc_repeats)
     fixed = SamplingParams(max_tokens=num_points * args.skeleton_tokens_per_point, ignore_eos=True)
-    skeleton = run_stage(backend, "skeleton", [skeleton_messages(QUESTION, docs)], fixed)
+    skeleton = run_batch_call(backend, "skeleton", [skeleton_messages(QUESTION, docs)], fixed)
     points = [f"Step {i + 1} of the growth" for i in range(num_points)]
     config = SoTConfig(point_params=SamplingParams(max_tokens=args.point_tokens, ignore_eos=True))
     expanded = SkeletonOfThought(backend, config).expand(QUESTION, docs, points)
     direct_params = SamplingParams(max_tokens=num_points * args.point_tokens, ignore_eos=True)
-    direct = run_stage(backend, "direct", [qa_messages(QUESTION, contexts(nonce + "d", args.doc_repeats))],
+    direct = run_batch_call(backend, "direct", [qa_messages(QUESTION, contexts(nonce + "d", args.doc_repeats))],
                        direct_params)
     usage = expanded.usage
     return {
@@ -150,23 +150,23 @@ def sot_once(backend: Backend, args: argparse.Namespace, num_points: int, nonce:
 
 
 def dag_once(backend: Backend, args: argparse.Namespace, steps: list[PlanStep], nonce: str) -> dict[str, float]:
-    from terse.organize.dag import DagConfig, DagRunner  # networkx: imported only for this part
+    from terse.organize.dag import DagConfig, DagDecomposition  # networkx: imported only for this part
 
     fixed = SamplingParams(max_tokens=args.step_tokens, ignore_eos=True)
-    runner = DagRunner(backend, DagConfig(step_params=fixed, synthesis_params=fixed))
+    dag = DagDecomposition(backend, DagConfig(step_params=fixed, synthesis_params=fixed))
     start = time.perf_counter()
-    waved = runner.execute(QUESTION, contexts(nonce + "w", args.doc_repeats), steps)
+    waved = dag.execute(QUESTION, contexts(nonce + "w", args.doc_repeats), steps)
     waved_s = time.perf_counter() - start
     start = time.perf_counter()
-    sequential = runner.execute(QUESTION, contexts(nonce + "s", args.doc_repeats), steps, batch_waves=False)
+    sequential = dag.execute(QUESTION, contexts(nonce + "s", args.doc_repeats), steps, batch_waves=False)
     sequential_s = time.perf_counter() - start
     return {
         "dag_s": waved_s,
         "sequential_s": sequential_s,
         "speedup": sequential_s / waved_s,
         "num_waves": len(waved.waves),
-        "num_calls_dag": len(waved.stages),
-        "num_calls_sequential": len(sequential.stages),
+        "num_calls_dag": len(waved.calls),
+        "num_calls_sequential": len(sequential.calls),
         "dag_prompt_tokens": waved.usage.prompt_tokens,
         "dag_cached_prompt_tokens": waved.usage.cached_prompt_tokens,
     }

@@ -114,9 +114,9 @@ def answer_all(setting: Setting, backend: Any, questions: Sequence[Question], co
         runs = [sot.run(q.question, contexts(q)) for q in questions]
         return [(r.text, r.usage.prompt_tokens) for r in runs]
     if setting.answer == "dag":
-        from terse.organize import DagRunner
+        from terse.organize import DagDecomposition
 
-        dag = DagRunner(backend)
+        dag = DagDecomposition(backend)
         runs = [dag.run(q.question, contexts(q)) for q in questions]
         return [(r.text, r.usage.prompt_tokens) for r in runs]
     streaming = StreamingKV(4, setting.streaming_window) if setting.streaming_window else None

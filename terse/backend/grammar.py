@@ -11,7 +11,9 @@ Schema, regexes and Lark grammars with precise error messages, and it ships as o
 wheel (one file for every Python >= 3.10; no torch or CUDA coupling). See docs/structured.md.
 
 The grammar allows EOS only where it is complete; a grammar that can take no further token ends the
-request ("stop") without waiting for the model to sample EOS.
+request ("stop") without waiting for the model to sample EOS. Each state also keeps a closing plan so a
+request that runs out of tokens still ends with a complete value (terse.backend.budget): `GrammarRows`
+makes a step's budget decisions, fills its masks and checks its sampled tokens.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from terse.backend.budget import BudgetStep, GrammarBudget
+from terse.backend.closing import ClosingPlanner
 from terse.backend.constraints import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
@@ -55,10 +59,29 @@ def bitmask_width(vocab_size: int) -> int:
 
 
 class ConstraintState:
-    """One request's position in its grammar. Not thread-safe: one owner at a time (the decode loop)."""
+    """One request's position in its grammar and its closing plan. Not thread-safe: one owner at a time
+    (the decode loop, or the mask worker while it fills the step's masks)."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, budget: GrammarBudget) -> None:
         self._matcher = matcher
+        self._budget = budget
+        self._guard = budget.guard()
+
+    def shortest_len(self) -> int | None:
+        """Tokens of the grammar's shortest complete output from its start (searched once per grammar;
+        None: none found)."""
+        return self._budget.min_len()
+
+    @property
+    def quick_len(self) -> int | None:
+        """Tokens of the grammar's quick (greedy) complete output from its start, found at compile time
+        (None: none found); at least `shortest_len()`."""
+        return self._budget.quick_len
+
+    def check_budget(self, max_tokens: int, room: int | None = None) -> None:
+        """Raise `InvalidRequestError` (param max_tokens) when `max_tokens` (or `room`, the context left
+        after the prompt) cannot hold the grammar's shortest complete output."""
+        self._budget.check(max_tokens, room)
 
     @property
     def matcher(self) -> Any:
@@ -77,7 +100,21 @@ class ConstraintState:
             raise GrammarViolationError(
                 f"token {token_id} is not allowed by the request's grammar here: {self._matcher.get_error()}"
             )
+        self._guard.on_token(token_id)
         return bool(self._matcher.is_stopped())
+
+    @property
+    def closed_by_budget(self) -> bool:
+        """True once the token budget decided one of this request's tokens (it then finishes "length")."""
+        return self._guard.closed
+
+    def budget_step(self, remaining: int) -> BudgetStep:
+        """What the next token must do about the budget (`remaining` tokens left, this one included)."""
+        return self._guard.step(self._matcher, remaining)
+
+    def check_token(self, token_id: int, remaining: int) -> int:
+        """The token to keep after a CHECK step sampled `token_id` (itself, or the closing plan's)."""
+        return self._guard.check(self._matcher, token_id, remaining)
 
     def fill_row(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this state's allowed-token bits into `bitmask[row]` (CPU, int32, contiguous)."""
@@ -100,17 +137,64 @@ def _shared_executor() -> Any:
         return _executor
 
 
-def fill_bitmask(states: Sequence[ConstraintState], bitmask: torch.Tensor) -> None:
-    """Fill rows 0..len(states)-1 of `bitmask` [>= R, W] (CPU int32, contiguous) with each state's mask.
+def fill_bitmask(states: Sequence[ConstraintState], bitmask: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+    """Fill `bitmask` [>= R, W] (CPU int32, contiguous) with each state's mask: state i in row rows[i]
+    (default: row i).
 
     Several rows go through llguidance's thread pool in one call (the GIL is released meanwhile)."""
     assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
-    if len(states) == 1:
-        states[0].fill_row(bitmask, 0)
+    targets = list(range(len(states))) if rows is None else list(rows)
+    if len(states) <= 1:
+        for state, row in zip(states, targets):
+            state.fill_row(bitmask, row)
         return
     width_bytes = bitmask.shape[1] * 4
-    jobs = [(s.matcher, i) for i, s in enumerate(states)]
+    jobs = [(s.matcher, row) for s, row in zip(states, targets)]
     _shared_executor().unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), width_bytes, bitmask.shape[0])
+
+
+class GrammarRows:
+    """The constrained rows of one sampling step: budget decisions, masks, checks of sampled tokens.
+
+    `fill` decides each row's budget step (terse.backend.budget) and writes the masks: a FORCE row allows
+    only its plan's token. After sampling, `check` replaces the tokens of CHECK rows that no longer leave
+    room to complete the grammar. The states must not advance between `fill` and `check`."""
+
+    def __init__(self, states: Sequence[ConstraintState], remaining: Sequence[int]) -> None:
+        assert len(states) == len(remaining)
+        self.states = list(states)
+        self.remaining = list(remaining)
+        """Tokens each row may still generate, this step's included."""
+        self.steps: list[BudgetStep] = []
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        """Rows 0..R-1 of `bitmask`: decisions first, then llguidance's masks for the rows not forced."""
+        self.steps = [s.budget_step(r) for s, r in zip(self.states, self.remaining)]
+        free = [i for i, step in enumerate(self.steps) if step.force is None]
+        fill_bitmask([self.states[i] for i in free], bitmask, free)
+        with torch.inference_mode():  # the buffer may be an inference tensor; this may run on a worker thread
+            for i, step in enumerate(self.steps):
+                if step.force is not None:
+                    bitmask[i].zero_()
+                    bitmask[i, step.force // 32] = _bit(step.force % 32)
+
+    def check(self, ids: torch.Tensor, positions: Sequence[int]) -> None:
+        """Checks the sampled ids of CHECK rows, in place. ids: [N] int64 (any device), row i's token at
+        ids[positions[i]]. Reads those ids back to the host (a synchronisation on a GPU), only when a
+        row asks for it."""
+        rows = [i for i, step in enumerate(self.steps) if step.check]
+        if not rows:
+            return
+        index = torch.tensor([positions[i] for i in rows], device=ids.device)
+        sampled = ids.index_select(0, index).tolist()
+        fixed = [self.states[i].check_token(t, self.remaining[i]) for i, t in zip(rows, sampled)]
+        if fixed != sampled:
+            ids.index_copy_(0, index, torch.tensor(fixed, dtype=ids.dtype).to(ids.device))
+
+
+def _bit(position: int) -> int:
+    """int32 word with bit `position` set (bit 31 is the sign bit)."""
+    return (1 << position) - (1 << 32 if position == 31 else 0)
 
 
 class GrammarCompiler:
@@ -125,7 +209,8 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._ll_tokenizer: Any = None
-        self._cache: OrderedDict[Constraint, Any] = OrderedDict()
+        self._planner: ClosingPlanner | None = None
+        self._cache: OrderedDict[Constraint, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
 
     def _ll(self) -> Any:
@@ -144,6 +229,7 @@ class GrammarCompiler:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
                 self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None
             )
+            self._planner = ClosingPlanner(self._ll_tokenizer, self.vocab_size, self._eos)
         return self._ll_tokenizer
 
     def compile(self, constraint: Constraint) -> ConstraintState:
@@ -154,19 +240,39 @@ class GrammarCompiler:
 
         with self._lock:
             ll_tokenizer = self._ll()
-            pristine = self._cache.get(constraint)
-            if pristine is not None:
+            planner = self._planner
+            compiled = self._cache.get(constraint)
+            if compiled is not None:
                 self._cache.move_to_end(constraint)
-                return ConstraintState(pristine.deep_copy())
-        grammar = grammar_text(constraint)
-        matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # releases the GIL while building
-        if matcher.is_error():
-            raise InvalidRequestError(f"invalid {_kind(constraint)}: {matcher.get_error()}")
-        with self._lock:
-            self._cache[constraint] = matcher
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-            return ConstraintState(matcher.deep_copy())
+        assert planner is not None
+        if compiled is None:
+            grammar = grammar_text(constraint)
+            matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # releases the GIL while building
+            if matcher.is_error():
+                raise InvalidRequestError(f"invalid {_kind(constraint)}: {matcher.get_error()}")
+            compiled = _Compiled(matcher, GrammarBudget(planner, matcher, _OUTPUT_KIND[type(constraint)]))
+            with self._lock:
+                self._cache[constraint] = compiled
+                while len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return ConstraintState(compiled.matcher.deep_copy(), compiled.budget)
+
+
+class _Compiled(NamedTuple):
+    """A compiled constraint as cached: its pristine matcher and what its requests' budgets share."""
+
+    matcher: Any
+    budget: GrammarBudget
+
+
+_OUTPUT_KIND: dict[type, str] = {
+    RegexConstraint: "match of the regex",
+    JsonSchemaConstraint: "JSON value of the schema",
+    JsonObjectConstraint: "JSON object",
+    ChoiceConstraint: "choice",
+    GrammarConstraint: "output of the grammar",
+    ToolCallConstraint: "tool call",
+}
 
 
 def _kind(constraint: Constraint) -> str:

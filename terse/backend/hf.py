@@ -28,9 +28,9 @@ from terse.backend.base import BackendBase
 from terse.backend.grammar import (
     ConstraintState,
     GrammarCompiler,
+    GrammarRows,
     GrammarViolationError,
     bitmask_width,
-    fill_bitmask,
 )
 from terse.backend.handle import RequestHandle
 from terse.backend.sampling import apply_token_bitmask, make_generator, sample_next, sampled_logprobs
@@ -130,6 +130,8 @@ class HFBackend(BackendBase):
             check_token_ids(prompt_ids, int(self.model.config.vocab_size), "prompt")
         _validate_prompt(prompt_ids, params, self._max_len)
         grammar = self._grammar.compile(params.constraint) if params.constraint is not None else None
+        if grammar is not None:  # the budget must hold the shortest complete output (terse.backend.budget)
+            grammar.check_budget(params.max_tokens, self._max_len - len(prompt_ids))
         handle = RequestHandle(f"hf-{next(self._ids)}")
         self._queue.put(_Request(handle, prompt_ids, params, grammar))
         return handle
@@ -246,10 +248,14 @@ class HFBackend(BackendBase):
                 past = out.past_key_values
                 logits = out.logits[:, -1, :]  # [B, V]
                 grammars = [(i, r.grammar) for i, r in enumerate(batch) if r.grammar is not None and finish[i] is None]
-                if grammars:  # grammar masks on the constrained live rows only
-                    fill_bitmask([g for _, g in grammars], bitmask)
+                if grammars:  # grammar masks on the constrained live rows only, budget decisions first
+                    left = [min(batch[i].params.max_tokens, self._max_len - width) - len(outputs[i]) for i, _ in grammars]
+                    rows = GrammarRows([g for _, g in grammars], left)
+                    rows.fill(bitmask)
                     apply_token_bitmask(logits, bitmask, [i for i, _ in grammars])
                 next_ids = sample_next(logits, [r.params for r in batch], gens)
+                if grammars:
+                    rows.check(next_ids, [i for i, _ in grammars])  # budget-aware closing
                 step_logprobs = sampled_logprobs(logits, next_ids, [r.params for r in batch])
                 now = time.perf_counter()
                 for i, req in enumerate(batch):
@@ -280,8 +286,9 @@ class HFBackend(BackendBase):
         """Append one sampled token to a row; return why the row finished, or None to go on."""
         if req.handle.cancel_requested:
             return "abort"
+        closed = req.grammar is not None and req.grammar.closed_by_budget  # the budget closed it: "length"
         if token in self._eos_ids and not req.params.ignore_eos:
-            return "stop"
+            return "length" if closed else "stop"
         out.append(token)
         try:
             grammar_done = req.grammar is not None and req.grammar.advance(token)
@@ -291,7 +298,7 @@ class HFBackend(BackendBase):
         delta, stopped = stream.push(token)
         req.handle.emit(delta, (logprob,) if logprob is not None else ())
         if stopped or grammar_done:
-            return "stop"
+            return "length" if grammar_done and not stopped and closed else "stop"
         if len(out) >= req.params.max_tokens or width + len(out) >= self._max_len:
             return "length"
         return None

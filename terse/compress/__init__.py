@@ -8,10 +8,12 @@ See `compressor.py` for the stages and `docs/modules.md` for the module map.
 
 from terse.compress.compressor import PromptCompressor
 from terse.compress.config import Budget, CompressorConfig, ProtectionPolicy
-from terse.compress.messages import CompressedMessages, MessagePolicy, compress_messages
+from terse.compress.layouts import parse_layout
+from terse.compress.messages import CompressedMessages, MessagePolicy, MessagesReport, compress_messages
 from terse.compress.rankers import Ranker, register_ranker
 from terse.compress.recover import recover
 from terse.compress.result import CompressionResult, ContextReport, KeptSpan
+from terse.compress.tokenizer import TargetTokenizer, load_target_tokenizer, target_tokenizer_of
 
 __all__ = [
     "Budget",
@@ -21,10 +23,15 @@ __all__ = [
     "ContextReport",
     "KeptSpan",
     "MessagePolicy",
+    "MessagesReport",
     "PromptCompressor",
     "ProtectionPolicy",
     "Ranker",
+    "TargetTokenizer",
     "compress_messages",
+    "load_target_tokenizer",
+    "parse_layout",
     "recover",
     "register_ranker",
+    "target_tokenizer_of",
 ]

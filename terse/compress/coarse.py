@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from terse.compress.plan import DocPlan, StageEnv
-from terse.compress.rankers import Ranker
+from terse.compress.rankers import Ranker, TermStatsRanker
 
 _MIN_RATIO = 0.02
 
@@ -30,7 +30,11 @@ class CoarseStage:
     def run(self, plans: Sequence[DocPlan], env: StageEnv) -> None:
         if not plans:
             return
-        scores = self._ranker.scores([p.text for p in plans], env.question)
+        if isinstance(self._ranker, TermStatsRanker) and all(p.analysis is not None for p in plans):
+            stats = [(p.analysis.doc_terms, p.analysis.doc_num_terms) for p in plans]  # type: ignore[union-attr]
+            scores = self._ranker.scores_of_stats(stats, env.question)
+        else:
+            scores = self._ranker.scores([p.text for p in plans], env.question)
         # stable sort: ties keep input order, so an uninformative ranker leaves the order as given
         order = sorted(range(len(plans)), key=lambda i: -scores[i])
         for rank, i in enumerate(order):

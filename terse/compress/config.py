@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from terse.errors import ConfigError
+from terse.validation import check_choice, check_int, check_range, check_strings, require
 
 Reorder = Literal["original", "rank", "ends"]
 TokenPrunerName = Literal["iterative", "parallel"]
@@ -32,20 +33,20 @@ class Budget:
     """Fraction of the contexts' tokens to keep, in (0, 1]:
     target = fixed + floor(rate * (original - fixed)), where fixed counts the verbatim parts."""
 
+    one_of: ClassVar[tuple[str, ...]] = ("target_tokens", "rate")
+    """Fields of which exactly one is set: data that sets one of them clears the other
+    (`terse.config_data`)."""
+
     def __post_init__(self) -> None:
-        if (self.target_tokens is None) == (self.rate is None):
-            raise ConfigError(
-                f"Budget(target_tokens={self.target_tokens!r}, rate={self.rate!r}): give exactly one, "
-                f"e.g. Budget(rate=0.25) or Budget(target_tokens=300)"
-            )
-        if self.target_tokens is not None and (
-            isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int) or self.target_tokens < 1
-        ):
-            raise ConfigError(f"target_tokens={self.target_tokens!r} must be an int >= 1, e.g. 300")
-        if self.rate is not None and not (
-            isinstance(self.rate, int | float) and math.isfinite(self.rate) and 0.0 < self.rate <= 1.0
-        ):
-            raise ConfigError(f"rate={self.rate!r} must be a number in (0, 1], e.g. 0.25 keeps a quarter")
+        require(
+            (self.target_tokens is None) != (self.rate is None),
+            f"Budget(target_tokens={self.target_tokens!r}, rate={self.rate!r}): give exactly one of "
+            f"target_tokens and rate, e.g. Budget(rate=0.25) or Budget(target_tokens=300)",
+        )
+        if self.target_tokens is not None:
+            check_int("target_tokens", self.target_tokens, low=1, example=300)
+        if self.rate is not None:
+            check_range("rate", self.rate, 0.0, 1.0, low_open=True, example="0.25 (keeps a quarter)")
 
     def resolve(self, num_original_tokens: int, num_fixed_tokens: int = 0) -> int:
         """The target for a prompt of `num_original_tokens`, `num_fixed_tokens` of them kept verbatim."""
@@ -62,15 +63,20 @@ class ProtectionPolicy:
 
     `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops.
     The structural flags protect spans inside the contexts that survive the coarse stage (a dropped
-    context goes whole, so its numbers do not clutter the result).
+    context goes whole, so its numbers do not clutter the result). Each structural span is kept whole
+    or not at all, ahead of every unprotected word; when they do not all fit the budget, the spans of
+    the best contexts are kept first (with a target tokenizer that gives offsets; a bare counter
+    treats them as mandatory). `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
     """
 
     literals: tuple[str, ...] = ()
-    """Exact substrings to keep (every occurrence), e.g. ("Acme Corp", "ORDER-7731")."""
+    """Exact substrings to keep (every occurrence), e.g. ("Acme Corp", "ORDER-7731"). Mandatory: a
+    prompt whose verbatim parts and literals exceed the target is refused."""
     patterns: tuple[str, ...] = ()
     """Regular expressions whose matches are kept (Python `re` syntax), e.g. (r"[A-Z]{3}-\\d+",)."""
     numbers: bool = False
-    """Keep numbers, dates, versions and amounts (any word holding a digit run)."""
+    """Keep numbers, numeric dates, versions and amounts (digit runs, with a CJK date or amount suffix
+    such as 1958年), and CJK numerals (一九五八年, 一千五百万)."""
     code_blocks: bool = False
     """Keep fenced code blocks (```...```) and `inline code` whole."""
     json_keys: bool = False
@@ -79,14 +85,16 @@ class ProtectionPolicy:
     """Keep role labels at line starts (User:, Assistant:, System:, Q:, A:, Question:, Answer:)."""
     markdown: bool = False
     """Keep markdown structure: heading lines, list bullets, table pipes, block quotes, rules."""
+    dates: bool = False
+    """Keep dates written with month names ("May 5, 2019", "5 March 2020", "June 2021")."""
+    urls: bool = False
+    """Keep URLs (scheme://... or www....), without trailing punctuation."""
+    emails: bool = False
+    """Keep e-mail addresses."""
 
     def __post_init__(self) -> None:
         for name in ("literals", "patterns"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple):
-                raise ConfigError(f"{name}={value!r} must be a tuple of strings, e.g. {name}=('x',)")
-            if any(not isinstance(s, str) or s == "" for s in value):
-                raise ConfigError(f"{name}={value!r} must hold non-empty strings only")
+            check_strings(name, getattr(self, name), example=f"{name}=('x',)")
         for pattern in self.patterns:
             try:
                 re.compile(pattern)
@@ -96,7 +104,15 @@ class ProtectionPolicy:
     @classmethod
     def everything(cls, literals: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> ProtectionPolicy:
         """Every structural flag on: for prompts holding code, data or transcripts."""
-        return cls(literals, patterns, True, True, True, True, True)
+        return cls(literals, patterns, numbers=True, code_blocks=True, json_keys=True, role_labels=True,
+                   markdown=True, dates=True, urls=True, emails=True)
+
+    @classmethod
+    def standard(cls, literals: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> ProtectionPolicy:
+        """The default of `terse compress` and the chat hook: numbers (CJK numerals included), dates,
+        URLs, e-mail addresses, code spans and fences: the facts answers are made of. Switch single
+        ones off with `dataclasses.replace(policy, urls=False)`."""
+        return cls(literals, patterns, numbers=True, code_blocks=True, dates=True, urls=True, emails=True)
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,10 @@ class CompressorConfig:
     keep_question_terms: bool = True
     """Token stage: rank words that share a term with the question (names, key nouns) above all others;
     conditioned on the question they look predictable, yet they are what ties a context to it."""
+    question_sentences_first: bool = True
+    """Within the selected contexts, keep every word of a sentence that shares a search term with the
+    question (or `condition`) before any word of a sentence that shares none: filler is always cut
+    first, whatever the rankers and the token stage make of it."""
     segment_tokens: int = 128
     """Scorer tokens per segment of the token-level stage."""
     max_prefix_tokens: int = 1024
@@ -136,19 +156,14 @@ class CompressorConfig:
     """Sentence-transformers model dir for the "embedding" ranker; None means the bundled MiniLM."""
 
     def __post_init__(self) -> None:
-        if self.reorder not in ("original", "rank", "ends"):
-            raise ConfigError(f"reorder={self.reorder!r} must be 'original', 'rank' or 'ends'")
-        if self.token_pruner not in (None, "iterative", "parallel"):
-            raise ConfigError(f"token_pruner={self.token_pruner!r} must be 'iterative', 'parallel' or None")
-        _check_range("context_budget_ratio", self.context_budget_ratio, 1.0, 100.0, "1.4")
-        _check_range("sentence_budget_ratio", self.sentence_budget_ratio, 1.0, 100.0, "2.0")
-        _check_range("dynamic_ratio_spread", self.dynamic_ratio_spread, 0.0, 0.99, "0.3")
+        check_choice("reorder", self.reorder, ("original", "rank", "ends"))
+        check_choice("token_pruner", self.token_pruner, ("iterative", "parallel", None))
+        check_range("context_budget_ratio", self.context_budget_ratio, 1.0, 100.0, example=1.4)
+        check_range("sentence_budget_ratio", self.sentence_budget_ratio, 1.0, 100.0, example=2.0)
+        check_range("dynamic_ratio_spread", self.dynamic_ratio_spread, 0.0, 0.99, example=0.3)
         for name, low in (("segment_tokens", 8), ("max_prefix_tokens", 0), ("fit_max_probes", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name}={value!r} must be an int >= {low}")
-        if self.context_separator == "":
-            raise ConfigError("context_separator='' would glue contexts together; use e.g. '\\n\\n'")
+            check_int(name, getattr(self, name), low=low)
+        require(self.context_separator != "", "context_separator='' would glue contexts together; use e.g. '\\n\\n'")
 
     def resolved_sentence_ranker(self) -> str | None:
         """The sentence filter's ranker name after resolving "same"."""
@@ -156,7 +171,8 @@ class CompressorConfig:
             return self.ranker or "lm"
         return self.sentence_ranker
 
+    def calls_model(self) -> bool:
+        """Whether a stage scores with the model (the "lm" ranker, coarse or for sentences, or a token
+        pruner): a compressor with this config needs a scorer Backend."""
+        return "lm" in (self.ranker, self.resolved_sentence_ranker()) or self.token_pruner is not None
 
-def _check_range(name: str, value: float, low: float, high: float, example: str) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}], e.g. {example}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from terse.compress.plan import DocPlan, TokenCounter
 from terse.compress.result import KeptSpan
 from terse.compress.words import join_words
@@ -79,8 +81,35 @@ def _merge_spans(plan: DocPlan, kept: Sequence[int], out: Sequence[tuple[int, in
     return spans
 
 
+def priority_order(plans: Sequence[DocPlan]) -> list[tuple[int, int]]:
+    """Every (plan position, word) pair in keep-priority order (`DocPlan.priority`; ties: plan order)."""
+    parts = [(i, p.priority_arrays()) for i, p in enumerate(plans) if p.words]
+    if not parts:
+        return []
+    tier = np.concatenate([a[0] for _, a in parts])
+    group = np.concatenate([a[1] for _, a in parts])
+    key = np.concatenate([a[2] for _, a in parts])
+    rank = np.concatenate([np.full(len(a[0]), plans[i].rank, dtype=np.int64) for i, a in parts])
+    word = np.concatenate([np.arange(len(a[0]), dtype=np.int64) for _, a in parts])
+    plan = np.concatenate([np.full(len(a[0]), i, dtype=np.int64) for i, a in parts])
+    idx = np.lexsort((plan, word, rank, key, group, tier))  # the last key sorts first
+    return list(zip(plan[idx].tolist(), word[idx].tolist()))
+
+
+def floor_error(floor: int, target: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"the instruction, question and protected spans alone take {floor} tokens, over the "
+        f"target of {target}; raise the budget, shorten them, or protect less"
+    )
+
+
 def fit(
-    plans: Sequence[DocPlan], prompt: Prompt, count_tokens: TokenCounter, target: int, max_probes: int
+    plans: Sequence[DocPlan],
+    prompt: Prompt,
+    count_tokens: TokenCounter,
+    target: int,
+    max_probes: int,
+    order: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[Assembled, int]:
     """The best-priority prompt within `target` tokens and its token count.
 
@@ -91,10 +120,10 @@ def fit(
     bisects only inside the bracket. The fill pass measures only words whose estimate fits the tokens
     left, and stops after a run of misses.
     """
-    order = sorted(
-        ((i, w) for i, p in enumerate(plans) for w in range(len(p.words))),
-        key=lambda iw: plans[iw[0]].priority(iw[1]),
-    )
+    if order is None:
+        order = priority_order(plans)
+    # without offsets every protected word is mandatory (structural spans included): a prefix cut inside
+    # a multi-word span could not be told apart from a whole one
     num_mandatory = sum(1 for i, w in order if plans[i].protected(w))
     per_char = [p.num_tokens / max(1, len(p.text)) for p in plans]
 
@@ -122,10 +151,7 @@ def fit(
         return result(order, full)
     floor = measure(order[:num_mandatory])
     if floor > target:
-        raise InvalidRequestError(
-            f"the instruction, question and protected spans alone take {floor} tokens, over the "
-            f"target of {target}; raise the budget, shorten them, or protect less"
-        )
+        raise floor_error(floor, target)
     # measure(order[:lo]) fits with `lo_count` tokens, measure(order[:hi]) does not
     lo, lo_count, hi = num_mandatory, floor, len(order)
     guess, room = num_mandatory, float(target - floor)

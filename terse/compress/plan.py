@@ -3,10 +3,12 @@
 Stages never delete text themselves. Each one refines, per context, which words are worth keeping
 most, and the exact-fit stage then keeps words in that priority order until the budget is full:
 
-    tier 0  protected words (user literals anywhere; structural spans in selected contexts)
-    tier 1  words of selected contexts, in sentences the sentence filter keeps, by token key
-            (by sentence rank when no token stage ran)
-    tier 2  words of selected contexts in filtered-out sentences, best sentence first
+    tier 0  protected words: user literals anywhere (mandatory), then structural spans in selected
+            contexts (kept whole while they fit)
+    tier 1  words of selected contexts, in two groups: first the sentences that share a search term
+            with the question, then those that share none (`question_sentences_first`); within a group,
+            sentences the sentence filter keeps (by token key, or by sentence rank when no token
+            stage ran) before filtered-out ones (best sentence first)
     tier 3  words of contexts the coarse stage dropped, best context first
 
 Within tier 1 the key is the token stage's `cumulative token share / keep ratio` of the word in its
@@ -20,7 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from terse.backend.base import Backend
+from terse.compress.analysis import DocAnalysis, PromptCosts, joined_tokens
 from terse.compress.config import CompressorConfig
 from terse.compress.words import Span
 
@@ -59,24 +64,90 @@ class DocPlan:
     """Sentence ids the sentence filter keeps; None means all."""
     word_keys: list[float] | None = None
     """Token-stage priority of each word, lower = keep first; None until the token stage runs."""
+    analysis: DocAnalysis | None = None
+    """The cached question-independent analysis of `text` (token costs, term statistics)."""
+    question_sentences: set[int] | None = None
+    """Sentence ids sharing a search term with the question; None ranks every sentence alike."""
+    struct_groups: list[int] | None = None
+    """Index of the structural protected span each word belongs to (-1: none); words sharing one are
+    kept or cut together. None: every structural word stands alone."""
+
+    def span_group(self, word: int) -> int:
+        """The structural span unit of a word in tier 0 (user-protected words are mandatory and stand
+        alone), or -1."""
+        if self.struct_groups is None or not self.selected or self.user_protected[word]:
+            return -1
+        return self.struct_groups[word]
 
     def protected(self, word: int) -> bool:
         return self.user_protected[word] or (self.selected and self.struct_protected[word])
 
-    def priority(self, word: int) -> tuple[int, float, int, int]:
-        """Sort key of one word in the global keep order (see the module docstring)."""
+    def candidate(self, word: int) -> bool:
+        """Whether the token stage ranks this word: protected, or in a sentence the filter keeps."""
         if self.protected(word):
-            return (0, 0.0, self.rank, word)
+            return True
+        return self.selected and (self.sentence_kept is None or self.sentence_ids[word] in self.sentence_kept)
+
+    def mandatory(self, word: int) -> bool:
+        """Kept whatever the budget (the user's literals and patterns): the fit's floor."""
+        return self.user_protected[word]
+
+    def priority(self, word: int) -> tuple[int, int, float, int, int]:
+        """Sort key of one word in the global keep order (see the module docstring)."""
+        if self.user_protected[word]:
+            return (0, 0, 0.0, self.rank, word)
         if not self.selected:
-            return (3, 0.0, self.rank, word)
+            return (3, 0, 0.0, self.rank, word)
+        if self.struct_protected[word]:
+            return (0, 1, 0.0, self.rank, word)
         sentence = self.sentence_ids[word]
+        group = 0 if self.question_sentences is None or sentence in self.question_sentences else 1
         if self.sentence_kept is not None and sentence not in self.sentence_kept:
             assert self.sentence_rank is not None
-            return (2, float(self.sentence_rank[sentence]), self.rank, word)
+            return (1, group, _FILTERED + self.sentence_rank[sentence], self.rank, word)
         if self.word_keys is not None:
-            return (1, self.word_keys[word], self.rank, word)
+            return (1, group, self.word_keys[word], self.rank, word)
         # no token stage: whole sentences, best first, so the fit cuts the least relevant ones
-        return (1, float(self.sentence_rank[sentence]) if self.sentence_rank else 0.0, self.rank, word)
+        return (1, group, float(self.sentence_rank[sentence]) if self.sentence_rank else 0.0, self.rank, word)
+
+
+    def priority_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tier, group, key) of every word as arrays: `priority(w)` for all w at once (rank and word
+        complete the key). Equal to `priority`, computed without a Python loop over words."""
+        n = len(self.words)
+        user = np.asarray(self.user_protected, dtype=bool)
+        tier = np.ones(n, dtype=np.int64)
+        group = np.zeros(n, dtype=np.int64)
+        key = np.zeros(n, dtype=np.float64)
+        if not self.selected:
+            tier[:] = 3
+            tier[user] = 0
+            return tier, group, key
+        sids = np.asarray(self.sentence_ids, dtype=np.int64)
+        num_sentences = int(sids[-1]) + 1 if n else 0
+        if self.question_sentences is not None:
+            matches = np.zeros(num_sentences, dtype=bool)
+            matches[[s for s in self.question_sentences if s < num_sentences]] = True
+            group = np.where(matches[sids], 0, 1)
+        rank = np.zeros(num_sentences, dtype=np.float64)
+        if self.sentence_rank:
+            for s, r in self.sentence_rank.items():
+                if s < num_sentences:
+                    rank[s] = r
+        key = np.asarray(self.word_keys, dtype=np.float64) if self.word_keys is not None else rank[sids]
+        if self.sentence_kept is not None:
+            kept = np.zeros(num_sentences, dtype=bool)
+            kept[[s for s in self.sentence_kept if s < num_sentences]] = True
+            key = np.where(kept[sids], key, _FILTERED + rank[sids])
+        struct = np.asarray(self.struct_protected, dtype=bool) & ~user
+        protected = user | struct
+        tier[protected] = 0
+        group = np.where(user, 0, np.where(struct, 1, group))
+        key = np.where(protected, 0.0, key)
+        return tier, group, key
+
+
+_FILTERED = 1e12  # filtered-out sentences come after every kept one of their group
 
 
 @dataclass
@@ -93,8 +164,18 @@ class StageEnv:
     """Stage settings."""
     context_budget: int
     """Tokens available to all contexts together (target minus instruction, question, separators)."""
+    costs: PromptCosts | None = None
+    """Prompt token costs when every context has offsets; stages then price texts without counting."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage, filled by the compressor."""
+
+    def tokens_of_words(self, plan: DocPlan, kept: list[int], text: str) -> int:
+        """Tokens of `text` = the plan's words `kept` (ascending) joined by `words.join_words`:
+        priced from the plan's analysis when it has offsets, counted otherwise."""
+        a = plan.analysis
+        if self.costs is not None and a is not None and a.has_offsets:
+            return joined_tokens(a, kept, self.costs.space, self.costs.newline)
+        return self.count_tokens(text)
 
 
 class Stage(Protocol):

@@ -16,7 +16,15 @@ from terse.compress.words import Span
 
 Detector = Callable[[str], list[Span]]
 
-_NUMBER_RE = re.compile(r"[-+]?[$€£¥]?\d[\d,._:/%-]*")
+_NUMBER_RE = re.compile(r"[-+]?[$€£¥]?\d[\d,._:/%-]*[年月日号號時时分秒万萬亿億]?")
+_CJK_NUMBER_RE = re.compile(r"[〇零一二三四五六七八九十百千万萬亿億兆两兩][〇零一二三四五六七八九十百千万萬亿億兆两兩点點]*"
+                            r"[〇零一二三四五六七八九十百千万萬亿億兆两兩][年月日号號時时分秒%％]?|[０-９][０-９.．]*")
+_MONTHS = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|"
+           r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
+_DATE_RE = re.compile(rf"\b(?:{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?|\d{{1,2}}(?:st|nd|rd|th)?\s+"
+                      rf"(?:of\s+)?{_MONTHS}(?:,?\s+\d{{4}})?|{_MONTHS}\s+\d{{4}})\b")
+_URL_RE = re.compile(r"\b(?:[a-z][a-z0-9+.-]*://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]}»”’]", re.IGNORECASE)
+_EMAIL_RE = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[a-z]{2,}\b", re.IGNORECASE)
 _FENCED_RE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _INLINE_CODE_RE = re.compile(r"`[^`\n]+`")
 _JSON_KEY_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"\s*:')
@@ -36,7 +44,10 @@ def _regex_detector(*patterns: re.Pattern[str]) -> Detector:
 
 
 DETECTORS: dict[str, Detector] = {
-    "numbers": _regex_detector(_NUMBER_RE),
+    "numbers": _regex_detector(_NUMBER_RE, _CJK_NUMBER_RE),
+    "dates": _regex_detector(_DATE_RE),
+    "urls": _regex_detector(_URL_RE),
+    "emails": _regex_detector(_EMAIL_RE),
     "code_blocks": _regex_detector(_FENCED_RE, _INLINE_CODE_RE),
     "json_keys": _regex_detector(_JSON_KEY_RE),
     "role_labels": _regex_detector(_ROLE_RE),
@@ -68,16 +79,22 @@ def structural_spans(text: str, policy: ProtectionPolicy) -> list[Span]:
 
 def protected_words(words: Sequence[Span], spans: Sequence[Span]) -> list[bool]:
     """For each word, whether it overlaps any of `spans` (both sorted or not; O((W + S) log S))."""
+    return [g >= 0 for g in protected_groups(words, spans)]
+
+
+def protected_groups(words: Sequence[Span], spans: Sequence[Span]) -> list[int]:
+    """For each word, the index of the merged protected span it overlaps, or -1. Words sharing an
+    index are kept or cut together (a span is never kept in part)."""
     if not spans:
-        return [False] * len(words)
+        return [-1] * len(words)
     merged = _merge(spans)
-    flags: list[bool] = []
+    groups: list[int] = []
     j = 0
     for start, end in words:
         while j < len(merged) and merged[j].end <= start:
             j += 1
-        flags.append(j < len(merged) and merged[j].start < end)
-    return flags
+        groups.append(j if j < len(merged) and merged[j].start < end else -1)
+    return groups
 
 
 def _merge(spans: Sequence[Span]) -> list[Span]:

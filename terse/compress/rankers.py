@@ -10,10 +10,15 @@ sentence-transformers) are imported only when their ranker is built.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from terse.backend.base import Backend
 from terse.compress.config import CompressorConfig
@@ -36,8 +41,19 @@ class Ranker(Protocol):
 
 def terms(text: str) -> list[str]:
     """Lower-cased, lightly stemmed search terms: letter/digit runs, each CJK character alone, no stopwords."""
-    words = (m.group(0).lower() for m in _TERM_RE.finditer(text))
-    return [_stem(t) for t in words if t not in _STOPWORDS]
+    out = []
+    for raw in _TERM_RE.findall(text):
+        term = _term_of(raw)
+        if term:
+            out.append(term)
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _term_of(raw: str) -> str:
+    """The search term of one raw match ("" for a stopword); memoised, as words recur endlessly."""
+    low = raw.lower()
+    return "" if low in _STOPWORDS else _stem(low)
 
 
 def _stem(term: str) -> str:
@@ -48,21 +64,80 @@ def _stem(term: str) -> str:
     return term
 
 
+TermStats = tuple["Counter[str]", int]
+"""A text's search terms with their counts, and its number of terms (its BM25 length)."""
+
+
+@runtime_checkable
+class TermStatsRanker(Protocol):
+    """A ranker that can score texts from their cached term statistics instead of their text."""
+
+    def scores_of_stats(self, stats: Sequence[TermStats], question: str) -> list[float]: ...
+
+
 class BM25Ranker:
-    """Okapi BM25 (bm25s) over the texts of one call, treated as the whole corpus."""
+    """Okapi BM25 (Lucene variant, k1 = 1.5, b = 0.75) over the texts of one call as the corpus.
+
+    No index is built: a text's term counts are all BM25 needs, and they are cached per text (or
+    passed in by the caller, `scores_of_stats`), so documents that recur across questions cost one
+    term count each. Scores equal bm25s's (the library the ranker used before) bit for bit: the
+    same float32 rounding of each term's contribution and the same order of summation.
+    """
+
+    def __init__(self, max_cached: int = 16384) -> None:
+        self._stats: OrderedDict[str, TermStats] = OrderedDict()
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        """Forget the cached term statistics."""
+        with self._lock:
+            self._stats.clear()
+
+    def stats(self, text: str) -> TermStats:
+        """The cached term statistics of `text`."""
+        with self._lock:
+            hit = self._stats.get(text)
+            if hit is not None:
+                self._stats.move_to_end(text)
+                return hit
+        counts = Counter(terms(text))
+        stats = (counts, sum(counts.values()))
+        with self._lock:
+            self._stats[text] = stats
+            while len(self._stats) > self._max_cached:
+                self._stats.popitem(last=False)
+        return stats
 
     def scores(self, texts: Sequence[str], question: str) -> list[float]:
-        query = terms(question)
-        if not texts or not query:
-            return [0.0] * len(texts)
-        from terse.retrieval.bm25s_import import load_bm25s
+        return self.scores_of_stats([self.stats(t) for t in texts], question)
 
-        bm25s = load_bm25s()
-        # bm25s cannot index an empty document; a placeholder term that no query holds stands in.
-        corpus = [terms(t) or ["\x00"] for t in texts]
-        retriever = bm25s.BM25()
-        retriever.index(corpus, show_progress=False)
-        return [float(s) for s in retriever.get_scores(query)]
+    def scores_of_stats(self, stats: Sequence[TermStats], question: str) -> list[float]:
+        query = terms(question)
+        if not stats or not query:
+            return [0.0] * len(stats)
+        # an empty text counts as one placeholder term that no query holds (as bm25s indexed it)
+        lengths = [n if n else 1 for _, n in stats]
+        avg_len = np.float64(np.mean(np.asarray(lengths, dtype=np.int64)))
+        num_docs = len(stats)
+        norms = [_K1 * ((1 - _B) + _B * n / avg_len) for n in lengths]
+        totals = [np.float32(0.0)] * num_docs
+        idf: dict[str, np.float32] = {}
+        for term in query:
+            if term not in idf:
+                df = sum(1 for counts, _ in stats if term in counts)
+                idf[term] = np.float32(math.log(1 + (num_docs - df + 0.5) / (df + 0.5))) if df else np.float32(0)
+            if not idf[term]:
+                continue  # a term no text holds adds nothing (bm25s drops it from the query)
+            for d, (counts, _) in enumerate(stats):
+                tf = counts.get(term, 0)
+                if tf:
+                    tf32 = np.float32(tf)
+                    totals[d] = np.float32(totals[d] + np.float32(idf[term] * (tf32 / (norms[d] + tf32))))
+        return [float(t) for t in totals]
+
+
+_K1, _B = 1.5, 0.75
 
 
 class EmbeddingRanker:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from terse.compress.plan import DocPlan, StageEnv
-from terse.compress.rankers import Ranker
+from terse.compress.rankers import Ranker, TermStatsRanker
 
 
 class SentenceFilter:
@@ -33,7 +33,12 @@ class SentenceFilter:
                 texts.append(plan.text[start:end])
         if not texts:
             return
-        scores = self._ranker.scores(texts, env.question)
+        if isinstance(self._ranker, TermStatsRanker) and all(p.analysis is not None for p in work):
+            stats = [(p.analysis.sentence_terms[s], p.analysis.sentence_num_terms[s])  # type: ignore[union-attr]
+                     for p, items in zip(work, owned) for _, s in items]
+            scores = self._ranker.scores_of_stats(stats, env.question)
+        else:
+            scores = self._ranker.scores(texts, env.question)
         for plan, items in zip(work, owned):
             mine = [(scores[k], s, texts[k]) for k, s in items]
             # best first; ties in reading order
@@ -42,11 +47,12 @@ class SentenceFilter:
             allowed = plan.keep_ratio * env.config.sentence_budget_ratio * plan.num_tokens
             kept: set[int] = set()
             used = 0
+            counts = plan.analysis.sentence_tokens if plan.analysis is not None else None
             for _, sentence, text in mine:
                 if kept and used >= allowed:
                     break
                 kept.add(sentence)
-                used += env.count_tokens(text)
+                used += counts[sentence] if counts is not None else env.count_tokens(text)
             plan.sentence_kept = kept
 
 

@@ -56,11 +56,11 @@ def _boost(surprisal: list[float], boosted: Sequence[bool]) -> list[float]:
 
 
 def _candidates(plan: DocPlan, env: StageEnv) -> _Candidates | None:
-    ids = [w for w in range(len(plan.words)) if plan.priority(w)[0] <= 1]
+    ids = [w for w in range(len(plan.words)) if plan.candidate(w)]
     if not ids:
         return None
     text, out = join_words(plan.text, plan.words, ids)
-    num_tokens = env.count_tokens(text)
+    num_tokens = env.tokens_of_words(plan, ids, text)
     ratio = min(1.0, plan.keep_ratio * plan.num_tokens / max(1, num_tokens))
     protected = [plan.protected(w) for w in ids]
     question_terms = set(terms(env.question)) if env.config.keep_question_terms else set()

@@ -1,8 +1,9 @@
 """Word and sentence segmentation: the units the compressor keeps or deletes.
 
-A word is a maximal run of non-space characters in space-delimited scripts; each CJK character (Han,
-kana, CJK punctuation, full-width forms) is a word of its own, since those scripts put no spaces
-between words. Deleting only whole words means nothing is ever broken mid-token or mid-number.
+A word is a maximal run of non-space characters in space-delimited scripts. Runs of CJK text (Han,
+kana, CJK punctuation, full-width forms), which put no spaces between words, are cut into words by
+a segmenter (`segment.py`: jieba for Chinese, janome for Japanese, numerals whole), never into
+single characters. Deleting only whole words means nothing is ever broken mid-word or mid-number.
 
 Joining kept words (`join_words`): two kept words that were neighbours keep the original whitespace
 between them exactly (indentation, newlines); across a deletion the gap becomes one newline when the
@@ -15,9 +16,13 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from terse.compress.segment import segment_cjk
+
 # Han (incl. extensions A and compatibility), hiragana, katakana, CJK symbols/punctuation, full-width forms.
 _CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
-_WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+# a digit run with a CJK date / amount suffix (1958年, 5月, 300万) is one word; then CJK runs; then the rest
+_WORD_RE = re.compile(rf"\d+(?:[.,]\d+)*[年月日号號時时分秒万萬亿億]|[{_CJK}]+|[^\s{_CJK}]+")
+_CJK_RE = re.compile(rf"[{_CJK}]")
 _SENTENCE_END_RE = re.compile(r"[.!?。！？…]['\")\]»”’]*$")
 
 
@@ -30,7 +35,16 @@ class Span(NamedTuple):
 
 def split_words(text: str) -> list[Span]:
     """The words of `text` in order, as character spans (whitespace belongs to no word)."""
-    return [Span(m.start(), m.end()) for m in _WORD_RE.finditer(text)]
+    if _CJK_RE.search(text) is None:
+        return [Span(m.start(), m.end()) for m in _WORD_RE.finditer(text)]
+    words: list[Span] = []
+    for m in _WORD_RE.finditer(text):
+        start = m.start()
+        if _CJK_RE.match(text, start) and not m.group(0)[0].isdigit():
+            words.extend(Span(start + a, start + b) for a, b in segment_cjk(m.group(0)))
+        else:
+            words.append(Span(start, m.end()))
+    return words
 
 
 def sentence_ids(text: str, words: Sequence[Span]) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,31 +27,42 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CompressionSettings:
-    """How an adapter compresses. Give `rate` or `target_tokens` (rate 0.5 when neither is given)."""
+    """How an adapter compresses: a budget, an optional scorer and the tokenizer that counts."""
 
-    rate: float | None = None
-    """Fraction of the documents' tokens to keep, in (0, 1]."""
-    target_tokens: int | None = None
-    """Most tokens the kept documents may hold together (instead of a rate)."""
+    budget: Budget = field(default_factory=lambda: _budget(None, None))
+    """How much of the documents to keep (`Budget(rate=0.5)` by default)."""
     scorer: str | None = None
     """Backend spec of a scoring model for token-level pruning; None compresses without a model."""
     tokenizer: str | None = None
     """Hugging Face tokenizer (path or name) that counts tokens; None: the scorer's, else words."""
 
     def __post_init__(self) -> None:
-        if self.rate is not None and self.target_tokens is not None:
-            raise ConfigError(
-                f"give rate={self.rate} or target_tokens={self.target_tokens}, not both "
-                f"(rate keeps a fraction, target_tokens a fixed size)"
-            )
-        self.budget()  # validates the values now, with the fix in the message
-
-    def budget(self) -> Budget:
         from terse.compress import Budget
 
-        if self.target_tokens is not None:
-            return Budget(target_tokens=self.target_tokens)
-        return Budget(rate=0.5 if self.rate is None else self.rate)
+        if not isinstance(self.budget, Budget):
+            raise ConfigError(f"budget={self.budget!r} must be a Budget, e.g. Budget(rate=0.5)")
+
+    @classmethod
+    def of(
+        cls, rate: float | None = None, target_tokens: int | None = None, scorer: str | None = None,
+        tokenizer: str | None = None,
+    ) -> CompressionSettings:
+        """Settings from an adapter's keyword arguments: `rate` or `target_tokens` (rate 0.5 when
+        neither is given; both raise `ConfigError`)."""
+        return cls(_budget(rate, target_tokens), scorer, tokenizer)
+
+
+def _budget(rate: float | None, target_tokens: int | None) -> Budget:
+    from terse.compress import Budget
+
+    if rate is not None and target_tokens is not None:
+        raise ConfigError(
+            f"give rate={rate} or target_tokens={target_tokens}, not both "
+            f"(rate keeps a fraction, target_tokens a fixed size)"
+        )
+    if target_tokens is not None:
+        return Budget(target_tokens=target_tokens)
+    return Budget(rate=0.5 if rate is None else rate)
 
 
 def build_compressor(settings: CompressionSettings) -> PromptCompressor:

@@ -27,38 +27,18 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import PrivateAttr
 
-from terse.integrations.common import (
-    CompressionSettings,
-    IndexSearcher,
-    LazyCompressor,
-    compress_texts,
-    hit_metadata,
-)
+from terse.integrations.common import IndexSearcher, compress_texts, hit_metadata
+from terse.integrations.fields import CompressionFields
 
 
-class TerseCompressor(BaseDocumentCompressor):
+class TerseCompressor(CompressionFields, BaseDocumentCompressor):
     """Question-aware compression of retrieved documents (see the module docstring)."""
-
-    rate: float | None = None
-    """Fraction of the documents' tokens to keep, in (0, 1] (0.5 when neither budget is given)."""
-    target_tokens: int | None = None
-    """Most tokens all kept documents may hold together (instead of `rate`)."""
-    scorer: str | None = None
-    """Backend spec of a scoring model (token-level pruning), e.g. "hf:path/to/model"; None: no model."""
-    tokenizer: str | None = None
-    """Hugging Face tokenizer that counts tokens (the reading model's); None: the scorer's, else words."""
-
-    _compressor: LazyCompressor = PrivateAttr()
-
-    def model_post_init(self, context: Any, /) -> None:
-        settings = CompressionSettings(self.rate, self.target_tokens, self.scorer, self.tokenizer)
-        self._compressor = LazyCompressor(settings)
 
     def compress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         compressor = self._compressor.get()
-        budget = self._compressor.settings.budget()
+        budget = self._compressor.settings.budget
         kept = compress_texts(compressor, budget, [d.page_content for d in documents], query)
         return [
             Document(

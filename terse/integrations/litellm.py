@@ -50,12 +50,12 @@ class TerseHook(CustomLogger):
         backend spec for token-level pruning (None: no model); `tokenizer`: the Hugging Face tokenizer
         that counts tokens (None: the scorer's, else words). Other keyword arguments go to CustomLogger."""
         super().__init__(**kwargs)
-        self.compressor = LazyCompressor(CompressionSettings(rate, target_tokens, scorer, tokenizer))
+        self.compressor = LazyCompressor(CompressionSettings.of(rate, target_tokens, scorer, tokenizer))
 
     def compress(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The compressed messages (blocking; the hooks run it in a worker thread)."""
         settings = self.compressor.settings
-        return compress_chat(self.compressor.get(), settings.budget(), messages)
+        return compress_chat(self.compressor.get(), settings.budget, messages)
 
     async def _rewrite(self, data: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
         kind = getattr(call_type, "value", call_type)

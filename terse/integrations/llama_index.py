@@ -20,37 +20,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
-from terse.integrations.common import (
-    CompressionSettings,
-    IndexSearcher,
-    LazyCompressor,
-    compress_texts,
-    hit_metadata,
-)
+from terse.integrations.common import IndexSearcher, compress_texts, hit_metadata
+from terse.integrations.fields import CompressionFields
 
 
-class TerseNodePostprocessor(BaseNodePostprocessor):
+class TerseNodePostprocessor(CompressionFields, BaseNodePostprocessor):
     """Question-aware compression of retrieved nodes (see the module docstring)."""
-
-    rate: float | None = None
-    """Fraction of the nodes' tokens to keep, in (0, 1] (0.5 when neither budget is given)."""
-    target_tokens: int | None = None
-    """Most tokens all kept nodes may hold together (instead of `rate`)."""
-    scorer: str | None = None
-    """Backend spec of a scoring model (token-level pruning), e.g. "hf:path/to/model"; None: no model."""
-    tokenizer: str | None = None
-    """Hugging Face tokenizer that counts tokens (the reading model's); None: the scorer's, else words."""
-
-    _compressor: LazyCompressor = PrivateAttr()
-
-    def model_post_init(self, context: Any, /) -> None:
-        settings = CompressionSettings(self.rate, self.target_tokens, self.scorer, self.tokenizer)
-        self._compressor = LazyCompressor(settings)
 
     @classmethod
     def class_name(cls) -> str:
@@ -62,7 +41,7 @@ class TerseNodePostprocessor(BaseNodePostprocessor):
         query = query_bundle.query_str if query_bundle is not None else ""
         texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
         compressor = self._compressor.get()
-        kept = compress_texts(compressor, self._compressor.settings.budget(), texts, query)
+        kept = compress_texts(compressor, self._compressor.settings.budget, texts, query)
         out = []
         for k in kept:
             node = nodes[k.index].node.model_copy()

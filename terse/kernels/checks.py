@@ -11,6 +11,7 @@ import torch
 
 from terse.errors import KernelInputError
 from terse.kernels.varlen import VarlenBatch
+from terse.validation import ErrorType, check_choice
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 
@@ -58,10 +59,13 @@ def check_index(
         raise KernelInputError(f"{name} has a non-unit last stride; pass {name}.contiguous()")
 
 
-def check_block_size(name: str, value: int) -> None:
-    """Tile sizes the kernels are compiled for."""
-    if value not in (16, 32, 64, 128):
-        raise KernelInputError(f"{name}={value} is not supported; use 16, 32, 64 or 128")
+BLOCK_SIZES = (16, 32, 64, 128)
+"""Tile sizes the sparse kernels are compiled for."""
+
+
+def check_block_size(name: str, value: int, error: ErrorType = KernelInputError) -> None:
+    """A tile size the kernels are compiled for (`BLOCK_SIZES`)."""
+    check_choice(name, value, BLOCK_SIZES, error=error)
 
 
 def resolve_head_ids(head_ids: torch.Tensor | None, num_q_heads: int, device: torch.device) -> torch.Tensor:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from terse.errors import ConfigError
 from terse.kernels.checks import num_blocks
 from terse.kernels.varlen import VarlenBatch
 from terse.kernels.vertical_slash import SENTINEL
+from terse.validation import check_int
 
 FORCED_BONUS = 4.0  # added to forced items' scores (real scores are <= 1) so they rank first
 MAX_CHUNK_ELEMENTS = 1 << 27
@@ -41,13 +41,10 @@ class EstimateConfig:
     """Diagonal offsets 0 .. n - 1 always kept by vertical-slash heads (the local window)."""
 
     def __post_init__(self) -> None:
-        if self.last_q_len < 1:
-            raise ConfigError(f"last_q_len={self.last_q_len}; it must be >= 1 (64 is typical)")
-        if self.num_sink_tokens < 1 or self.num_local_diagonals < 1:
-            raise ConfigError(
-                f"num_sink_tokens={self.num_sink_tokens}, num_local_diagonals={self.num_local_diagonals}; "
-                "both must be >= 1 so that no query row is empty"
-            )
+        check_int("last_q_len", self.last_q_len, low=1, example=64)
+        # at least one sink column and one local diagonal, so that no query row is empty
+        check_int("num_sink_tokens", self.num_sink_tokens, low=1, example=4)
+        check_int("num_local_diagonals", self.num_local_diagonals, low=1, example=64)
 
 
 def select_by_budget(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from terse.errors import ConfigError
+from terse.validation import check_int, check_range
 
 FORMAT = "terse.sparse_patterns/1"
 
@@ -30,11 +31,6 @@ class HeadPattern(Protocol):
     """A head's pattern: `kind` names it in JSON and in the prefill registry."""
 
     kind: ClassVar[str]
-
-
-def _check_mass(target_mass: float) -> None:
-    if not 0.0 < target_mass <= 1.0:
-        raise ConfigError(f"target_mass={target_mass}; it must be in (0, 1] (1.0 = use the count cap)")
 
 
 @dataclass(frozen=True)
@@ -55,11 +51,8 @@ class AShapePattern:
     """Most recent tokens (itself included) every query sees."""
 
     def __post_init__(self) -> None:
-        if self.num_sink_tokens < 0 or self.window_len < 1:
-            raise ConfigError(
-                f"a_shape num_sink_tokens={self.num_sink_tokens}, window_len={self.window_len}; "
-                "need num_sink_tokens >= 0 and window_len >= 1"
-            )
+        check_int("a_shape num_sink_tokens", self.num_sink_tokens, low=0, example=64)
+        check_int("a_shape window_len", self.window_len, low=1, example=2048)
 
 
 @dataclass(frozen=True)
@@ -75,11 +68,9 @@ class VerticalSlashPattern:
     """Stop adding columns/diagonals once their estimated mass reaches this share (1.0: the caps decide)."""
 
     def __post_init__(self) -> None:
-        if self.num_vertical < 1 or self.num_slash < 1:
-            raise ConfigError(
-                f"vertical_slash num_vertical={self.num_vertical}, num_slash={self.num_slash}; both must be >= 1"
-            )
-        _check_mass(self.target_mass)
+        check_int("vertical_slash num_vertical", self.num_vertical, low=1, example=1024)
+        check_int("vertical_slash num_slash", self.num_slash, low=1, example=256)
+        check_range("target_mass", self.target_mass, 0.0, 1.0, low_open=True, example="1.0 (the caps decide)")
 
 
 @dataclass(frozen=True)
@@ -93,9 +84,8 @@ class BlockSparsePattern:
     """Stop adding blocks once their estimated mass reaches this share (1.0: the cap decides)."""
 
     def __post_init__(self) -> None:
-        if self.num_blocks < 1:
-            raise ConfigError(f"block_sparse num_blocks={self.num_blocks}; it must be >= 1")
-        _check_mass(self.target_mass)
+        check_int("block_sparse num_blocks", self.num_blocks, low=1, example=64)
+        check_range("target_mass", self.target_mass, 0.0, 1.0, low_open=True, example="1.0 (the cap decides)")
 
 
 PATTERN_KINDS: dict[str, type[Any]] = {

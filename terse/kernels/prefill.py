@@ -26,6 +26,7 @@ path computes the same masks (`terse.kernels.reference`) through SDPA, one seque
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypedDict
@@ -39,12 +40,11 @@ from terse.kernels.estimate_blocks import estimate_block_sparse
 from terse.kernels.patterns import (
     PATTERN_KINDS,
     AShapePattern,
-    BlockSparsePattern,
     HeadPattern,
-    VerticalSlashPattern,
 )
 from terse.kernels.reference import a_shape_mask, block_sparse_mask, vertical_slash_mask
 from terse.kernels.varlen import VarlenBatch, VarlenLayout
+from terse.validation import check_choice, check_int
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,10 @@ class SparsePrefillConfig:
     """Online estimation knobs (last queries, forced sinks and local diagonals)."""
 
     def __post_init__(self) -> None:
-        if self.min_sparse_q_len < 1:
-            raise ConfigError(f"min_sparse_q_len={self.min_sparse_q_len}; it must be >= 1")
-        try:
-            check_block_size("block_size_q", self.block_size_q)
-            check_block_size("block_size_k", self.block_size_k)
-        except KernelInputError as e:
-            raise ConfigError(str(e)) from e
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"backend={self.backend!r}; use 'auto', 'triton' or 'torch'")
+        check_int("min_sparse_q_len", self.min_sparse_q_len, low=1, example=32768)
+        check_block_size("block_size_q", self.block_size_q, ConfigError)
+        check_block_size("block_size_k", self.block_size_k, ConfigError)
+        check_choice("backend", self.backend, ("auto", "triton", "torch"))
 
 
 def choose_prefill_path(q_len: int, config: SparsePrefillConfig) -> Literal["dense", "sparse"]:
@@ -88,7 +83,7 @@ class BlockSizes(TypedDict):
 
 
 class PrefillCall(NamedTuple):
-    """One call's inputs, handed whole to the per-kind runners."""
+    """One call's inputs, handed whole to the per-kind head-group paths."""
 
     batch: VarlenBatch
     scale: float
@@ -154,7 +149,7 @@ def _torch_masked(
                 out[rows, head] = o.nan_to_num(0.0).to(out.dtype)
 
 
-def _run_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
+def _attend_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor) -> None:
     # dense heads are a-shape heads whose window covers every key
     device = call.batch.q.device
     sinks = [p.num_sink_tokens if isinstance(p, AShapePattern) else 0 for p in patterns]
@@ -173,73 +168,71 @@ def _run_a_shape(call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadP
     )
 
 
-def _budget(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+def _per_head(patterns: list[HeadPattern], names: tuple[str, ...], device: torch.device) -> list[torch.Tensor]:
+    # each named field of the group's patterns as a tensor [G]: counts int64, target_mass float32
+    return [
+        torch.tensor([getattr(p, name) for p in patterns], device=device,
+                     dtype=torch.float32 if name == "target_mass" else torch.int64)
+        for name in names
+    ]
 
 
-def _run_vertical_slash(
-    call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
+def _attend_indexed(
+    call: PrefillCall,
+    head_ids: torch.Tensor,
+    index: tuple[torch.Tensor, torch.Tensor],
+    kernel: tuple[str, str],
+    mask_of: Callable[..., torch.Tensor],
+    out: torch.Tensor,
 ) -> None:
-    vs = [p for p in patterns if isinstance(p, VerticalSlashPattern)]
-    device, cfg = call.batch.q.device, call.config
-    vertical_idx, slash_idx = estimate_vertical_slash(
-        call.batch,
-        _budget([p.num_vertical for p in vs], torch.int64, device),
-        _budget([p.num_slash for p in vs], torch.int64, device),
-        _budget([p.target_mass for p in vs], torch.float32, device),
-        call.scale, head_ids=head_ids, config=cfg.estimate,
-    )
+    # index: two [B, H, ...] tensors of one index format; kernel: (module, launcher) taking them after
+    # the batch (imported only on the Triton path); mask_of(first[b, i:i+1], second[b, i:i+1], q_len,
+    # k_len, block_size_q, block_size_k): that format's exact mask for the torch path
     if call.use_triton:
-        from terse.kernels.vertical_slash import vertical_slash_attention
-
-        vertical_slash_attention(
-            call.batch, vertical_idx, slash_idx, call.scale, head_ids=head_ids, out=out, **call.block_sizes
-        )
+        launcher = getattr(importlib.import_module(kernel[0]), kernel[1])
+        launcher(call.batch, *index, call.scale, head_ids=head_ids, out=out, **call.block_sizes)
         return
+    first, second, cfg = index[0], index[1], call.config
     _torch_masked(
         call, head_ids,
-        lambda b, q_len, k_len, i: vertical_slash_mask(
-            vertical_idx[b, i : i + 1], slash_idx[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
+        lambda b, q_len, k_len, i: mask_of(
+            first[b, i : i + 1], second[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
         ),
         out,
     )
 
 
-def _run_block_sparse(
+def _attend_vertical_slash(
     call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
 ) -> None:
-    bs = [p for p in patterns if isinstance(p, BlockSparsePattern)]
-    device, cfg = call.batch.q.device, call.config
-    block_idx, block_count = estimate_block_sparse(
-        call.batch,
-        _budget([p.num_blocks for p in bs], torch.int64, device),
-        _budget([p.target_mass for p in bs], torch.float32, device),
-        call.scale, head_ids=head_ids, **call.block_sizes,
+    names = ("num_vertical", "num_slash", "target_mass")
+    num_vertical, num_slash, mass = _per_head(patterns, names, call.batch.q.device)
+    index = estimate_vertical_slash(
+        call.batch, num_vertical, num_slash, mass, call.scale, head_ids=head_ids, config=call.config.estimate
     )
-    if call.use_triton:
-        from terse.kernels.block_sparse import block_sparse_attention
-
-        block_sparse_attention(
-            call.batch, block_idx, block_count, call.scale, head_ids=head_ids, out=out, **call.block_sizes
-        )
-        return
-    _torch_masked(
-        call, head_ids,
-        lambda b, q_len, k_len, i: block_sparse_mask(
-            block_idx[b, i : i + 1], block_count[b, i : i + 1], q_len, k_len, cfg.block_size_q, cfg.block_size_k
-        ),
-        out,
-    )
+    kernel = ("terse.kernels.vertical_slash", "vertical_slash_attention")
+    _attend_indexed(call, head_ids, index, kernel, vertical_slash_mask, out)  # index: (vertical_idx, slash_idx)
 
 
-Runner = Callable[[PrefillCall, torch.Tensor, list[HeadPattern], torch.Tensor], None]
+def _attend_block_sparse(
+    call: PrefillCall, head_ids: torch.Tensor, patterns: list[HeadPattern], out: torch.Tensor
+) -> None:
+    num_blocks, mass = _per_head(patterns, ("num_blocks", "target_mass"), call.batch.q.device)
+    index = estimate_block_sparse(call.batch, num_blocks, mass, call.scale, head_ids=head_ids, **call.block_sizes)
+    kernel = ("terse.kernels.block_sparse", "block_sparse_attention")
+    _attend_indexed(call, head_ids, index, kernel, block_sparse_mask, out)  # index: (block_idx, block_count)
 
-# pattern kind -> the runner for a group of heads of that kind (dense heads share the a-shape kernel)
-RUNNERS: dict[str, Runner] = {
-    "dense": _run_a_shape,
-    "a_shape": _run_a_shape,
-    "vertical_slash": _run_vertical_slash,
-    "block_sparse": _run_block_sparse,
+
+HeadGroupPath = Callable[[PrefillCall, torch.Tensor, list[HeadPattern], torch.Tensor], None]
+"""(call, head_ids [G] int32, the G heads' patterns, out [total_q, Hq, D]): attends the heads of one
+pattern kind over the whole batch and writes their rows of `out`."""
+
+# pattern kind -> how a group of heads of that kind attends (dense heads share the a-shape kernel)
+PATHS_BY_KIND: dict[str, HeadGroupPath] = {
+    "dense": _attend_a_shape,
+    "a_shape": _attend_a_shape,
+    "vertical_slash": _attend_vertical_slash,
+    "block_sparse": _attend_block_sparse,
 }
 
 
@@ -272,12 +265,12 @@ def sparse_prefill(
     if len(dense_seqs) == len(lengths):
         dense_attention(call, out)
         return out
-    groups: dict[Runner, list[int]] = {}
+    groups: dict[HeadGroupPath, list[int]] = {}
     for head, pattern in enumerate(layer_patterns):
-        groups.setdefault(RUNNERS[pattern.kind], []).append(head)
-    for runner, heads in groups.items():
+        groups.setdefault(PATHS_BY_KIND[pattern.kind], []).append(head)
+    for attend, heads in groups.items():
         head_ids = torch.tensor(heads, dtype=torch.int32, device=batch.q.device)
-        runner(call, head_ids, [layer_patterns[h] for h in heads], out)
+        attend(call, head_ids, [layer_patterns[h] for h in heads], out)
     if dense_seqs:
         dense_attention(call, out, dense_seqs)
     return out

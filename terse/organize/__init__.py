@@ -1,5 +1,5 @@
 """terse.organize: output parallelization. Skeleton-of-Thought (`SkeletonOfThought`) expands a short
-skeleton's points in one batch; DAG decomposition (`DagRunner`, needs networkx) answers planned
+skeleton's points in one batch; DAG decomposition (`DagDecomposition`, needs networkx) answers planned
 sub-questions in waves. The shared prompt formats live in `terse.organize.formats` (no dependencies
 beyond the backend types, so training-data code can import them alone); routing in `terse.organize.router`.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from terse.lazy import lazy_exports, lazy_names
 
 _LAZY = {  # module -> the names it defines
-    "terse.organize.dag": ("DagConfig", "DagResult", "DagRunner"),
+    "terse.organize.dag": ("DagConfig", "DagResult", "DagDecomposition"),
     "terse.organize.skeleton": ("PointAnswer", "SkeletonOfThought", "SoTConfig", "SoTResult"),
     "terse.organize.router": ("Route", "Router", "RuleRouter"),
 }

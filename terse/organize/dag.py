@@ -10,7 +10,7 @@ call. A step's "{Qi}" placeholders are filled with the answers flowing along its
     Q2: Where is Acme based?           wave 2: [Q3]
     Q3: When was {Q1} born? [after Q1] critical path: Q1 -> Q3 (2 steps instead of 3 sequential)
 
-The scheduler and graph building are pure; `DagRunner` executes them through any `Backend`.
+The scheduler and graph building are pure; `DagDecomposition` executes them through any `Backend`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import networkx as nx
 from terse.backend.base import Backend
 from terse.backend.types import Message, SamplingParams
 from terse.errors import ConfigError
+from terse.organize.calls import BatchCall, BatchedResult, run_batch_call
 from terse.organize.formats import (
     MAX_PLAN_STEPS,
     Context,
@@ -35,12 +36,11 @@ from terse.organize.formats import (
     qa_messages,
     synthesis_messages,
 )
-from terse.organize.stage import Stage, StagedResult, run_stage
 
 
 @dataclass(frozen=True)
 class DagConfig:
-    """How the DAG runner samples each kind of call and which plans it accepts."""
+    """How `DagDecomposition` samples each kind of call and which plans it accepts."""
 
     plan_params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=192))
     """Sampling of the plan ("Qn: ..." lines)."""
@@ -141,7 +141,7 @@ def step_conversation(step: PlanStep, answers: dict[int, str], contexts: Sequenc
 
 # -- execution --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DagResult(StagedResult):
+class DagResult(BatchedResult):
     """One question answered through a plan (or directly, when the plan was unusable)."""
 
     text: str
@@ -160,11 +160,11 @@ class DagResult(StagedResult):
     """Each step's answer by step id."""
     critical_path_ids: tuple[int, ...]
     """The longest dependency chain of the plan."""
-    stages: tuple[Stage, ...]
+    calls: tuple[BatchCall, ...]
     """Every batched call in order: "plan", "wave-1", ..., "synthesis" (or "direct")."""
 
 
-class DagRunner:
+class DagDecomposition:
     """Answers questions by planning sub-questions and running the plan's waves on `backend`."""
 
     def __init__(self, backend: Backend, config: DagConfig | None = None) -> None:
@@ -175,7 +175,7 @@ class DagRunner:
         """Plan, validate, run the waves and synthesize; a broken or too small plan falls back to a
         direct answer (never an empty result because of the plan)."""
         config = self.config
-        plan = run_stage(self.backend, "plan", [plan_messages(question, contexts)], config.plan_params)
+        plan = run_batch_call(self.backend, "plan", [plan_messages(question, contexts)], config.plan_params)
         steps, why = accept_plan(plan.completions[0].text, config)
         if steps is None:
             return self._direct(question, contexts, plan, why)
@@ -187,41 +187,41 @@ class DagRunner:
         contexts: Sequence[Context],
         steps: Sequence[PlanStep],
         *,
-        plan: Stage | None = None,
+        plan: BatchCall | None = None,
         batch_waves: bool = True,
     ) -> DagResult:
         """Run a given plan. `batch_waves=False` sends one step per call in wave order: the
         sequential baseline benchmarks compare against. Raises `PlanError` for a broken plan."""
         graph = build_graph(steps)
         answers: dict[int, str] = {}
-        stages = [plan] if plan is not None else []
+        made = [plan] if plan is not None else []
         scheduler = WaveScheduler(graph)
         waves: list[tuple[int, ...]] = []
         while not scheduler.finished():
             wave = scheduler.next_wave()
-            calls = [wave] if batch_waves else [[i] for i in wave]
-            for call in calls:
-                conversations = [step_conversation(graph.nodes[i]["step"], answers, contexts) for i in call]
-                stage = run_stage(self.backend, f"wave-{len(waves) + 1}", conversations, self.config.step_params)
-                answers.update((i, c.text.strip()) for i, c in zip(call, stage.completions))
-                stages.append(stage)
+            groups = [wave] if batch_waves else [[i] for i in wave]
+            for group in groups:
+                conversations = [step_conversation(graph.nodes[i]["step"], answers, contexts) for i in group]
+                call = run_batch_call(self.backend, f"wave-{len(waves) + 1}", conversations, self.config.step_params)
+                answers.update((i, c.text.strip()) for i, c in zip(group, call.completions))
+                made.append(call)
             scheduler.mark_done(wave)
             waves.append(tuple(wave))
-        synthesis = run_stage(
+        synthesis = run_batch_call(
             self.backend,
             "synthesis",
             [synthesis_messages(question, contexts, [(s, answers[s.step_id]) for s in steps])],
             self.config.synthesis_params,
         )
-        stages.append(synthesis)
+        made.append(synthesis)
         path = tuple(critical_path(graph))
         reason = f"{len(steps)} steps in {len(waves)} waves (critical path {len(path)})"
         return DagResult(
             synthesis.completions[0].text.strip(), "dag", reason, plan.completions[0].text if plan else "",
-            tuple(steps), tuple(waves), answers, path, tuple(stages),
+            tuple(steps), tuple(waves), answers, path, tuple(made),
         )
 
-    def _direct(self, question: str, contexts: Sequence[Context], plan: Stage, reason: str) -> DagResult:
-        stage = run_stage(self.backend, "direct", [qa_messages(question, contexts)], self.config.direct_params)
-        text = stage.completions[0].text.strip()
-        return DagResult(text, "direct", reason, plan.completions[0].text, (), (), {}, (), (plan, stage))
+    def _direct(self, question: str, contexts: Sequence[Context], plan: BatchCall, reason: str) -> DagResult:
+        call = run_batch_call(self.backend, "direct", [qa_messages(question, contexts)], self.config.direct_params)
+        text = call.completions[0].text.strip()
+        return DagResult(text, "direct", reason, plan.completions[0].text, (), (), {}, (), (plan, call))

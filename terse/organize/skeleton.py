@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from terse.backend.base import Backend
 from terse.backend.types import Completion, Message, SamplingParams
 from terse.errors import ConfigError, InvalidRequestError
+from terse.organize.calls import BatchCall, BatchedResult, run_batch_call
 from terse.organize.formats import (
     MAX_SKELETON_POINTS,
     MIN_SKELETON_POINTS,
@@ -30,7 +31,6 @@ from terse.organize.formats import (
     skeleton_messages,
 )
 from terse.organize.router import ROUTERS, Mode, Route, Router, make_router
-from terse.organize.stage import Stage, StagedResult, run_stage
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class PointAnswer:
 
 
 @dataclass(frozen=True)
-class SoTResult(StagedResult):
+class SoTResult(BatchedResult):
     """The outcome of one question: the answer, how it was produced, what it cost."""
 
     text: str
@@ -92,7 +92,7 @@ class SoTResult(StagedResult):
     """Expanded points in skeleton order; empty in direct mode."""
     skeleton_text: str
     """The raw skeleton the model wrote ("" when none was asked for)."""
-    stages: tuple[Stage, ...]
+    calls: tuple[BatchCall, ...]
     """Every batched call in order ("skeleton", "points" or "direct")."""
 
 
@@ -205,7 +205,7 @@ class SoTStream:
         if route.mode == "direct":
             yield from self._direct(route.reason, (), "")
             return
-        skeleton = run_stage(
+        skeleton = run_batch_call(
             sot.backend, "skeleton", [skeleton_messages(self._question, self._contexts)], config.skeleton_params
         )
         skeleton_text = skeleton.completions[0].text
@@ -215,7 +215,7 @@ class SoTStream:
             return
         yield from self._expand(f"{route.reason}; {why}", skeleton, points)
 
-    def _expand(self, reason: str, skeleton: Stage | None, points: list[str]) -> Iterator[PointAnswer]:
+    def _expand(self, reason: str, skeleton: BatchCall | None, points: list[str]) -> Iterator[PointAnswer]:
         backend, params = self._sot.backend, self._sot.config.point_params
         conversations = point_conversations(self._question, self._contexts, points)
         start = time.perf_counter()
@@ -234,18 +234,18 @@ class SoTStream:
         completions = tuple(a.completion for a in answers)
         latencies = [c.metrics["latency"] for c in completions if "latency" in c.metrics]
         wall_s = max(latencies) if len(latencies) == len(completions) else time.perf_counter() - start
-        stage = Stage("points", completions, wall_s)
+        points_call = BatchCall("points", completions, wall_s)
         text = merge_points(points, [a.expansion for a in answers])
         skeleton_text = skeleton.completions[0].text if skeleton else format_skeleton(points)
-        stages = (skeleton, stage) if skeleton else (stage,)
-        self._result = SoTResult(text, "sot", reason, tuple(answers), skeleton_text, stages)
+        calls = (skeleton, points_call) if skeleton else (points_call,)
+        self._result = SoTResult(text, "sot", reason, tuple(answers), skeleton_text, calls)
 
-    def _direct(self, reason: str, stages: tuple[Stage, ...], skeleton_text: str) -> Iterator[PointAnswer]:
+    def _direct(self, reason: str, earlier: tuple[BatchCall, ...], skeleton_text: str) -> Iterator[PointAnswer]:
         sot = self._sot
-        stage = run_stage(
+        call = run_batch_call(
             sot.backend, "direct", [qa_messages(self._question, self._contexts)], sot.config.direct_params
         )
-        completion = stage.completions[0]
+        completion = call.completions[0]
         answer = PointAnswer(0, "", completion.text.strip(), completion)
-        self._result = SoTResult(answer.expansion, "direct", reason, (), skeleton_text, (*stages, stage))
+        self._result = SoTResult(answer.expansion, "direct", reason, (), skeleton_text, (*earlier, call))
         yield answer

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("terse.pipelines.cli_index", "build or update a retrieval index from documents"),
     "search": ("terse.pipelines.cli_search", "search a retrieval index (dense, BM25 or hybrid)"),
     "sparse-patterns": ("terse.pipelines.cli_patterns", "search per-head sparse prefill patterns for a model"),
+    "quantize": ("terse.pipelines.cli_quantize", "quantize a model's weights to INT4 and save the checkpoint"),
 }
 
 

@@ -1,11 +1,14 @@
 """`terse compress`: compress files or stdin to a token budget; the text goes to stdout, stats to stderr.
 
     terse compress notes.txt --rate 0.25 --question "When did the launch slip?"
-    cat a.txt b.txt | terse compress --target 300 --scorer hf:path/to/model --protect numbers
-    terse compress doc1.md doc2.md --target 500 --ranker bm25 --json    # one context per file
+    cat a.txt b.txt | terse compress --target 300 --scorer hf:path/to/model --protect markdown
+    terse compress doc1.md doc2.md --target 500 --ranker bm25 --pruner none --target-tokenizer DIR --json
 
 Each file is one context; stdin (or "-") is one context. The scorer defaults to the bundled reference
-model when it is installed.
+model when it is installed. The budget is counted in `--target-tokenizer` (the model the prompt is for),
+else in the scorer's tokenizer, else in words (an estimate, said so in the stats). Numbers (CJK
+numerals too), dates, URLs, e-mail addresses and code are protected by default (`--no-protect KIND`,
+`--no-default-protection`); `--protect` adds the other kinds.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-_PROTECT_FLAGS = ("numbers", "code_blocks", "json_keys", "role_labels", "markdown")
+if TYPE_CHECKING:
+    from terse.compress import ProtectionPolicy
+
+_PROTECT_FLAGS = ("numbers", "code_blocks", "json_keys", "role_labels", "markdown", "dates", "urls", "emails")
+_DEFAULT_PROTECT = ("numbers", "code_blocks", "dates", "urls", "emails")  # ProtectionPolicy.standard()
 _REFERENCE = Path(__file__).resolve().parent.parent / "models" / "reference"
 
 
@@ -34,8 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token-level stage (default parallel)")
     parser.add_argument("--reorder", default="rank", choices=["original", "rank", "ends"],
                         help="output order of contexts (default rank)")
+    parser.add_argument("--target-tokenizer", metavar="MODEL",
+                        help="count the budget in this model's tokenizer (directory or hub name, offline)")
     parser.add_argument("--protect", action="append", default=[], choices=_PROTECT_FLAGS,
-                        help="structural spans never cut (repeatable)")
+                        help="also keep these spans whole (repeatable; default: " + ", ".join(_DEFAULT_PROTECT) + ")")
+    parser.add_argument("--no-protect", action="append", default=[], choices=_DEFAULT_PROTECT, metavar="KIND",
+                        help="do not protect this default kind (repeatable): " + ", ".join(_DEFAULT_PROTECT))
+    parser.add_argument("--no-default-protection", action="store_true",
+                        help="protect nothing by default (only --protect, --keep, --keep-regex)")
     parser.add_argument("--keep", action="append", default=[], metavar="TEXT", help="literal kept whole (repeatable)")
     parser.add_argument("--keep-regex", action="append", default=[], metavar="RE", help="regex kept whole (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (text + stats) instead")
@@ -44,9 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _scorer_spec(args: argparse.Namespace) -> str | None:
     if args.scorer:
         return str(args.scorer)
+    needs_lm = args.ranker == "lm" or args.pruner != "none"
+    if args.target_tokenizer and not needs_lm:
+        return None  # nothing to score, and the budget has its tokenizer
     if (_REFERENCE / "config.json").exists():
         return f"hf:{_REFERENCE}"
-    needs_lm = args.ranker == "lm" or args.pruner != "none"
     if needs_lm:
         raise SystemExit(
             "terse compress: no reference model is installed; pass --scorer hf:<model dir>, "
@@ -68,15 +83,25 @@ def _read(inputs: list[str]) -> list[str]:
     return texts
 
 
+def protection_policy(args: argparse.Namespace) -> ProtectionPolicy:
+    """The standard protections less `--no-protect` kinds (none with `--no-default-protection`),
+    plus `--protect` kinds and the literals / regexes to keep."""
+    from terse.compress import ProtectionPolicy
+
+    defaults = () if args.no_default_protection else tuple(k for k in _DEFAULT_PROTECT if k not in args.no_protect)
+    flags = {name: name in args.protect or name in defaults for name in _PROTECT_FLAGS}
+    return ProtectionPolicy(tuple(args.keep), tuple(args.keep_regex), **flags)
+
+
 def run(args: argparse.Namespace) -> int:
     from terse.backend.registry import load_backend
-    from terse.compress import Budget, CompressorConfig, PromptCompressor, ProtectionPolicy
+    from terse.compress import Budget, CompressorConfig, PromptCompressor
+    from terse.compress.tokenizer import WordCountTarget, load_target_tokenizer
     from terse.errors import TerseError
 
     try:
         budget = Budget(rate=args.rate) if args.rate is not None else Budget(target_tokens=args.target)
-        flags = {name: name in args.protect for name in _PROTECT_FLAGS}
-        policy = ProtectionPolicy(tuple(args.keep), tuple(args.keep_regex), **flags)
+        policy = protection_policy(args)
         config = CompressorConfig(
             ranker=None if args.ranker == "none" else args.ranker,
             token_pruner=None if args.pruner == "none" else args.pruner,
@@ -84,14 +109,15 @@ def run(args: argparse.Namespace) -> int:
         )
         spec = _scorer_spec(args)
         contexts = _read(args.inputs)
+        target = load_target_tokenizer(args.target_tokenizer) if args.target_tokenizer else None
         scorer = load_backend(spec) if spec else None
         try:
-            counter = None if scorer is not None else _fallback_counter()
+            counter = target or (None if scorer is not None else WordCountTarget())
             compressor = PromptCompressor(scorer, counter, config)
             result = compressor.compress(
                 contexts, budget=budget, question=args.question, instruction=args.instruction, protect=policy
             )
-            unit = "tokens" if scorer is not None else "words"
+            unit = "tokens" if counter is None or counter is target else "words"
         finally:
             if scorer is not None:
                 scorer.close()
@@ -103,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         "compressed_tokens": result.num_compressed_tokens,
         "target_tokens": result.target_tokens,
         "unit": unit,
+        "tokenizer": args.target_tokenizer or (spec if unit == "tokens" else "none: words counted as an estimate"),
         "ratio": round(result.ratio, 3),
         "context_order": list(result.context_order),
         "contexts": [
@@ -122,9 +149,3 @@ def run(args: argparse.Namespace) -> int:
         )
     return 0
 
-
-def _fallback_counter() -> Callable[[str], int]:
-    """Without any model the budget counts words (CJK characters singly): a stated approximation."""
-    from terse.compress.words import split_words
-
-    return lambda text: len(split_words(text))

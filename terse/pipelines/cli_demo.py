@@ -54,14 +54,9 @@ def demo_inputs(out_dir: Path, limit: int | None) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from terse.errors import TerseError
-    from terse.pipelines.cli_docqa import error_line
+    from terse.pipelines.cli_docqa import run_naming_flags
 
-    try:
-        return _run(args)
-    except TerseError as e:
-        print(error_line("demo", e), file=sys.stderr)
-        return 2
+    return run_naming_flags("demo", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

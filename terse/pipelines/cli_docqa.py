@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--organize", choices=["off", "sot", "dag", "auto"], help="answer organization")
     p.add_argument("--max-tokens", type=int, help="most tokens per answer")
     p.add_argument("--batch-size", type=int, help="questions generated together")
-    p.add_argument("--runner", choices=["auto", "batch", "async"], help="how prompts reach the backend")
-    p.add_argument("--concurrency", type=int, help="async runner: requests in flight")
-    p.add_argument("--rps", type=float, help="async runner: most requests started per second")
+    p.add_argument("--dispatch", "--runner", dest="dispatch", choices=["auto", "batch", "async"],
+                   help="how prompts reach the backend (--runner: the earlier name)")
+    p.add_argument("--concurrency", type=int, help="async dispatch: requests in flight")
+    p.add_argument("--rps", type=float, help="async dispatch: most requests started per second")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -72,7 +73,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
         ("organize", "mode", args.organize),
         ("generation", "max_tokens", args.max_tokens),
         ("run", "batch_size", args.batch_size),
-        ("run", "runner", args.runner),
+        ("run", "dispatch", args.dispatch),
         ("run", "concurrency", args.concurrency),
         ("run", "requests_per_s", args.rps),
         ("run", "progress", False if args.no_progress else None),
@@ -81,7 +82,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
         if value is not None:
             sections[section][name] = value
     if args.budget is not None:
-        sections["compression"].update(target_tokens=args.budget, rate=None)
+        sections["compression"]["budget"] = {"target_tokens": args.budget}  # replaces a configured rate
     overrides: dict[str, Any] = {k: v for k, v in sections.items() if v}
     if args.backend:
         overrides["backend"] = args.backend
@@ -89,9 +90,9 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
 
 
 _FLAGS = {
-    "retrieval.top_k": "--top-k", "retrieval.index_dir": "--index-dir", "compression.target_tokens": "--budget",
+    "retrieval.top_k": "--top-k", "retrieval.index_dir": "--index-dir", "compression.budget.target_tokens": "--budget",
     "generation.max_tokens": "--max-tokens", "run.batch_size": "--batch-size", "run.concurrency": "--concurrency",
-    "run.requests_per_s": "--rps", "organize.mode": "--organize", "run.runner": "--runner",
+    "run.requests_per_s": "--rps", "organize.mode": "--organize", "run.dispatch": "--dispatch",
 }
 """Config fields set by a flag: an error about one names the flag too."""
 
@@ -106,14 +107,19 @@ def error_line(command: str, error: Exception) -> str:
     return f"terse {command}: error: {message}"
 
 
-def run(args: argparse.Namespace) -> int:
+def run_naming_flags(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`body(args)`; a `TerseError` becomes one stderr line (`error_line`) and exit status 2."""
     from terse.errors import TerseError
 
     try:
-        return _run(args)
+        return body(args)
     except TerseError as e:
-        print(error_line("docqa", e), file=sys.stderr)
+        print(error_line(command, e), file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_naming_flags("docqa", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

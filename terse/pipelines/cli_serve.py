@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from terse.errors import ConfigError, TerseError
+from terse.pipelines.cli_quantize import add_quantization_arguments, quantization_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream-api-key", default=os.environ.get("TERSE_UPSTREAM_API_KEY"),
                         help="proxy mode: key sent upstream (env TERSE_UPSTREAM_API_KEY)")
     parser.add_argument("--upstream-timeout", type=float, default=600.0, help="proxy mode: read timeout, seconds")
-    parser.add_argument("--tokenizer", help="proxy mode: tokenizer for exact prompt accounting (else ~4 chars/token)")
+    parser.add_argument("--tokenizer", help="proxy mode: the upstream model's tokenizer (path or hub name), for exact "
+                        "prompt accounting and compression budgets (else ~4 chars/token, reported as an estimate)")
     parser.add_argument("--embedding-model", default=None, metavar="MODEL",
                         help="engine mode: sentence-transformers name or path served at /v1/embeddings "
                         "(default: the bundled all-MiniLM-L6-v2, loaded on first use; 'none' to serve no embeddings)")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--max-messages", type=int, default=1024)
     parser.add_argument("--max-tokens-limit", type=int, default=32768, help="largest max_tokens a request may ask")
-    parser.add_argument("--compress", action="store_true", help="compress chat prompts (terse.compress)")
-    parser.add_argument("--compress-rate", type=float, default=0.5, help="target fraction of tokens kept")
-    parser.add_argument("--compress-scorer", help="backend spec of the scoring model (default: the served model "
-                        "in engine mode; required in proxy mode)")
+    _add_compress_arguments(parser)
     parser.add_argument("--retrieve-index", help="add passages from this terse.retrieval index to chat prompts")
     parser.add_argument("--retrieve-top-k", type=int, default=4)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -71,6 +70,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="most draft tokens verified per step and sequence (default 4)")
     group.add_argument("--speculative-ngram", default=None, metavar="MIN:MAX",
                        help="suffix lengths matched, longest first (default 1:3)")
+    group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
+                       "(see the --quantization-* flags)")
+    add_quantization_arguments(group)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +86,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     speculative = _speculative_options(args)
     if speculative is not None:
         options["speculative"] = speculative
+    options.update(quantization_options(args))  # INT4 weight-only quantization (cli_quantize.py)
     if not options:
         return options
     spec = (args.model if _is_spec(args.model) else f"local:{args.model}") if args.model else None
@@ -120,11 +123,33 @@ def _hooks(args: argparse.Namespace, backend: Any) -> list[Any]:
     if args.retrieve_index:
         hooks.append(build_hook("retrieve", {"index": args.retrieve_index, "top_k": args.retrieve_top_k}))
     if args.compress:
-        scorer = args.compress_scorer or backend
-        if scorer is None:
-            raise ConfigError("--compress in proxy mode needs --compress-scorer <backend spec> (a local model)")
-        hooks.append(build_hook("compress", {"scorer": scorer, "rate": args.compress_rate}))
+        hooks.append(build_hook("compress", _compress_options(args, backend)))
     return hooks
+
+
+def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compress", action="store_true", help="compress the documents in chat prompts, wherever "
+                        "they sit (terse.compress); scorer-free unless --compress-scorer is given")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--compress-rate", type=float, help="fraction of the documents' tokens kept (default 0.5)")
+    budget.add_argument("--compress-target", type=int, help="most content tokens a compressed conversation keeps")
+    parser.add_argument("--compress-scorer", help="backend spec of a scoring model adding the model-based stages "
+                        "(LM token pruning); default: none (BM25 ranking, sentence filter, exact fit)")
+    parser.add_argument("--compress-protect", default="default", help="spans never cut: 'default' (numbers, code, "
+                        "...), 'none', or comma-separated ProtectionPolicy flags such as numbers,code_blocks")
+
+
+def _compress_options(args: argparse.Namespace, backend: Any) -> dict[str, Any]:
+    """Compress hook options: budgets count in --tokenizer, else the served model's (engine mode), else
+    they are estimated and the accounting says so."""
+    options: dict[str, Any] = {"protect": args.compress_protect, "tokenizer": args.tokenizer or backend}
+    if args.compress_target is not None:
+        options["target"] = args.compress_target
+    else:
+        options["rate"] = 0.5 if args.compress_rate is None else args.compress_rate
+    if args.compress_scorer:
+        options["scorer"] = args.compress_scorer
+    return options
 
 
 def _is_spec(value: str) -> bool:
@@ -187,15 +212,16 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Values only a flag can get wrong, checked before anything loads."""
-    if args.compress and not 0 < args.compress_rate <= 1:
+    if args.compress_rate is not None and not 0 < args.compress_rate <= 1:
         raise ConfigError(f"--compress-rate {args.compress_rate} must be in (0, 1], e.g. 0.5 keeps half the tokens")
+    if args.compress_target is not None and args.compress_target < 1:
+        raise ConfigError(f"--compress-target {args.compress_target} must be >= 1 tokens, e.g. 2000")
+    if (args.compress_rate is not None or args.compress_target is not None or args.compress_scorer) and not args.compress:
+        raise ConfigError("--compress-rate / --compress-target / --compress-scorer need --compress")
     if args.retrieve_top_k < 1:
         raise ConfigError(f"--retrieve-top-k {args.retrieve_top_k} must be >= 1, e.g. 4")
     if args.upstream_timeout <= 0:
         raise ConfigError(f"--upstream-timeout {args.upstream_timeout} must be > 0 seconds, e.g. 600")
-    if args.compress and args.upstream and not args.compress_scorer:
-        raise ConfigError("--compress in proxy mode needs --compress-scorer <backend spec> (a local model, "
-                          "e.g. hf:path/to/small-model)")
     if args.retrieve_index and not Path(args.retrieve_index).is_dir():
         raise ConfigError(f"--retrieve-index {args.retrieve_index!r} is not a directory; build one with "
                           f"'terse index DOCS -o DIR'")

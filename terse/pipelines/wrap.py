@@ -5,9 +5,12 @@
 
 The wrapper is a thin proxy: `chat.completions.create` (sync or async client) runs every hook's
 `on_request` on the messages, calls the real client, and runs `on_response` on whole (non-streamed)
-answers; everything else is the wrapped client's own attribute. Whole answers also get
-`usage.terse = {"original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens"}`, counted with
-`count_prompt_tokens` (default: ~4 characters per token plus 4 per message, as proxy mode estimates).
+answers; everything else is the wrapped client's own attribute. Whole answers, and the usage chunk of
+streams, also get `usage.terse = {"original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens",
+"token_count", ...hook notes}`, counted with `count_prompt_tokens` (default: ~4 characters per token
+plus 4 per message, as proxy mode estimates; `token_count` then says "estimate").
+Messages go to the client in their wire form: a hook's rewrite keeps tool_calls, tool_call_id, name and
+other fields of every message.
 Requests whose messages have non-text parts (images, audio) pass through untouched, as in the server.
 The `openai` package itself is not imported here: any object of the same shape works.
 """
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from terse.backend.types import Message
@@ -49,24 +52,68 @@ class _Prepared:
         except ApiError as e:
             raise InvalidRequestError(f"chat.completions.create: {e.message}") from e
         self.sent = chain.on_request(self.original)
-        self.accounting = chain.account(self.original.messages, self.sent.messages, count)
-        if self.sent.messages != self.original.messages:
-            self.kwargs = {**kwargs, "messages": [dict(m) for m in self.sent.messages]}
+        self.accounting = chain.account(self.original, self.sent, count, estimated=count is estimate_prompt_tokens)
+        if self.sent.wire_messages != self.original.wire_messages:
+            # the rewritten messages in wire form: tool_calls, tool_call_id, name and parts kept
+            self.kwargs = {**kwargs, "messages": [dict(m) for m in self.sent.wire_messages]}
 
     def finish(self, response: Any) -> Any:
         if self.kwargs.get("stream"):
-            return response  # streamed text reached the caller as produced; hooks see whole answers only
+            # streamed text reached the caller as produced; hooks see whole answers only, but the usage
+            # chunk (stream_options.include_usage) carries the accounting as whole answers do
+            return _AccountedStream(response, self.accounting.usage_fields())
         choices = getattr(response, "choices", None) or []
         texts = ChatResult(tuple(str(getattr(c.message, "content", "") or "") for c in choices))
         texts = self.chain.on_response(self.sent, texts)
         for choice, text in zip(choices, texts.texts):
             choice.message.content = text
-        usage = getattr(response, "usage", None)
-        if usage is not None:
-            # a usage type that refuses extra fields keeps its own: the answer itself is unaffected
-            with contextlib.suppress(AttributeError, TypeError, ValueError):
-                usage.terse = self.accounting.usage_fields()
+        _attach(response, self.accounting.usage_fields())
         return response
+
+
+def _attach(response: Any, fields: dict[str, Any]) -> None:
+    """`usage.terse = fields` on a response or chunk that has usage."""
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        # a usage type that refuses extra fields keeps its own: the answer itself is unaffected
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            usage.terse = fields
+
+
+class _AccountedStream:
+    """A sync or async stream of chunks whose usage chunk gets `usage.terse`; everything else is the
+    wrapped stream's own (close, response, context manager)."""
+
+    def __init__(self, stream: Any, fields: dict[str, Any]) -> None:
+        self._stream = stream
+        self._fields = fields
+
+    def __iter__(self) -> Iterator[Any]:
+        for chunk in self._stream:
+            _attach(chunk, self._fields)
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for chunk in self._stream:
+            _attach(chunk, self._fields)
+            yield chunk
+
+    def __enter__(self) -> _AccountedStream:
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.__exit__(*exc)
+
+    async def __aenter__(self) -> _AccountedStream:
+        await self._stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stream.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _plain(body: dict[str, Any]) -> dict[str, Any]:
@@ -143,4 +190,4 @@ def last_accounting(response: Any) -> PromptAccounting | None:
     fields = getattr(getattr(response, "usage", None), "terse", None)
     if not isinstance(fields, dict):
         return None
-    return PromptAccounting(fields["original_prompt_tokens"], fields["sent_prompt_tokens"])
+    return PromptAccounting.from_usage(fields)

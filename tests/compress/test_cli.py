@@ -50,3 +50,39 @@ def test_compress_reports_bad_values(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "rate=1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot read"):
         main(["compress", str(tmp_path / "missing.txt"), "--rate", "0.5", "--ranker", "bm25", "--pruner", "none"])
+
+
+def test_compress_keeps_the_answer_and_counts_in_the_target_tokenizer(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = ("Some other words here that do not matter at all for the question at hand. "
+            "Lirois was founded in 1958 by Nils Berg. More filler follows, and it says nothing useful.")
+    args = ["compress", "--rate", "0.5", "--question", "When was Lirois founded?", "--ranker", "bm25", "--pruner",
+            "none", "--target-tokenizer", str(tiny_llama), "--json"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Lirois was founded in 1958" in out["text"] and "filler" not in out["text"]
+    assert out["unit"] == "tokens" and out["tokenizer"] == str(tiny_llama)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tiny_llama).encode(out["text"], add_special_tokens=False)) == (
+        out["compressed_tokens"])
+
+
+def test_default_protections_and_their_opt_outs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("terse.pipelines.cli_compress._REFERENCE", tmp_path)  # word counts, no model
+    text = "Write to ops@example.com or see https://example.com/a/b?x=y before May 5, 2024 about 一千五百万 units."
+    base = ["compress", "--target", "18", "--ranker", "none", "--pruner", "none"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main(base) == 0
+    kept = capsys.readouterr().out
+    for fact in ("ops@example.com", "https://example.com/a/b?x=y", "May 5, 2024", "一千五百万"):
+        assert fact in kept
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main([*base, "--target", "4", "--no-default-protection"]) == 0
+    assert capsys.readouterr().out.split() == ["Write", "to", "ops@example.com", "or"]  # reading order
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    assert main([*base, "--no-protect", "urls", "--no-protect", "emails", "--target", "4"]) == 0
+    assert capsys.readouterr().out.split() == ["May", "5,", "2024", "一千五百万"]

@@ -28,7 +28,7 @@ def test_budget_resolution() -> None:
 def test_protection_policy_validation() -> None:
     with pytest.raises(ConfigError, match="not a valid regex"):
         ProtectionPolicy(patterns=("([a-z",))
-    with pytest.raises(ConfigError, match="tuple of strings"):
+    with pytest.raises(ConfigError, match="tuple of non-empty strings"):
         ProtectionPolicy(literals="Acme")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="non-empty"):
         ProtectionPolicy(literals=("",))
@@ -47,5 +47,9 @@ def test_compressor_config_validation() -> None:
     assert CompressorConfig(ranker=None, sentence_ranker="same").resolved_sentence_ranker() == "lm"
     assert CompressorConfig(ranker="embedding", sentence_ranker="same").resolved_sentence_ranker() == "embedding"
     assert CompressorConfig().resolved_sentence_ranker() == "bm25"
+    assert CompressorConfig().calls_model()  # the default token pruner scores with the model
+    assert not CompressorConfig(token_pruner=None).calls_model()
+    assert CompressorConfig(ranker=None, sentence_ranker="same", token_pruner=None).calls_model()  # "same" -> "lm"
+    assert not CompressorConfig(ranker="embedding", sentence_ranker="same", token_pruner=None).calls_model()
     with pytest.raises(ConfigError, match="keep_roles"):
         MessagePolicy(Budget(rate=0.5), keep_roles=("boss",))  # type: ignore[arg-type]

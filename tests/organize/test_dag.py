@@ -8,7 +8,7 @@ from terse.backend.base import Backend
 from terse.backend.types import SamplingParams
 from terse.organize.dag import (
     DagConfig,
-    DagRunner,
+    DagDecomposition,
     WaveScheduler,
     accept_plan,
     build_graph,
@@ -90,7 +90,7 @@ def _answer(backend: Backend, messages: list) -> str:  # type: ignore[type-arg]
 
 def test_execute_answers_each_wave_and_substitutes_along_edges(organize_backend: Backend) -> None:
     question = "Is Globex older than its founder?"
-    result = DagRunner(organize_backend, CONFIG).execute(question, DOCS, PLAN)
+    result = DagDecomposition(organize_backend, CONFIG).execute(question, DOCS, PLAN)
     expected: dict[int, str] = {}
     for step_id in (1, 2, 5, 3, 4):  # one step at a time, in dependency order, greedy
         step = PLAN[step_id - 1]
@@ -101,20 +101,20 @@ def test_execute_answers_each_wave_and_substitutes_along_edges(organize_backend:
     assert result.critical_path_ids == (1, 3, 4)
     final = _answer(organize_backend, synthesis_messages(question, DOCS, [(s, expected[s.step_id]) for s in PLAN]))
     assert result.text == final
-    assert [s.name for s in result.stages] == ["wave-1", "wave-2", "wave-3", "synthesis"]
-    assert result.usage.completion_tokens == sum(s.usage.completion_tokens for s in result.stages)
+    assert [s.name for s in result.calls] == ["wave-1", "wave-2", "wave-3", "synthesis"]
+    assert result.usage.completion_tokens == sum(s.usage.completion_tokens for s in result.calls)
 
-    sequential = DagRunner(organize_backend, CONFIG).execute(question, DOCS, PLAN, batch_waves=False)
+    sequential = DagDecomposition(organize_backend, CONFIG).execute(question, DOCS, PLAN, batch_waves=False)
     assert sequential.answers == result.answers and sequential.text == result.text
-    assert [s.name for s in sequential.stages] == ["wave-1"] * 3 + ["wave-2", "wave-3", "synthesis"]
+    assert [s.name for s in sequential.calls] == ["wave-1"] * 3 + ["wave-2", "wave-3", "synthesis"]
 
 
 def test_unusable_plan_falls_back_to_a_direct_answer(organize_backend: Backend) -> None:
     question = "Where is the company Alice works for based?"
-    result = DagRunner(organize_backend, CONFIG).run(question, DOCS)
+    result = DagDecomposition(organize_backend, CONFIG).run(question, DOCS)
     plan = organize_backend.generate([organize_backend.render_chat(plan_messages(question, DOCS))], SHORT)[0]
     assert result.plan_text == plan.text  # five random tokens are no plan
     assert result.mode == "direct" and "did not parse" in result.reason
     assert result.text == _answer(organize_backend, qa_messages(question, DOCS))
-    assert [s.name for s in result.stages] == ["plan", "direct"]
+    assert [s.name for s in result.calls] == ["plan", "direct"]
     assert result.steps == () and result.waves == ()

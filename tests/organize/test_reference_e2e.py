@@ -58,21 +58,21 @@ def test_sot_on_list_questions(reference: Backend, questions: dict) -> None:  # 
         else:
             assert "skeleton did not parse" in r.reason
     direct = sot.run(*questions["single"][0])
-    assert direct.mode == "direct" and [s.name for s in direct.stages] == ["direct"]
+    assert direct.mode == "direct" and [s.name for s in direct.calls] == ["direct"]
 
 
 def test_dag_on_multi_hop_questions(reference: Backend, questions: dict) -> None:  # type: ignore[type-arg]
-    from terse.organize.dag import DagConfig, DagRunner
+    from terse.organize.dag import DagConfig, DagDecomposition
 
-    runner = DagRunner(reference, DagConfig())
-    results = [runner.run(question, contexts) for question, contexts in questions["multi"]]
+    dag = DagDecomposition(reference, DagConfig())
+    results = [dag.run(question, contexts) for question, contexts in questions["multi"]]
     assert any(r.mode == "dag" for r in results), [r.reason for r in results]
     for r in results:
         assert r.text.strip(), r.reason
         if r.mode == "dag":
             assert r.waves == ((1,), (2,)) and r.critical_path_ids == (1, 2)
-            assert [s.name for s in r.stages] == ["plan", "wave-1", "wave-2", "synthesis"]
+            assert [s.name for s in r.calls] == ["plan", "wave-1", "wave-2", "synthesis"]
         else:
-            assert r.reason.startswith("plan ") and [s.name for s in r.stages] == ["plan", "direct"]
-    strict = DagRunner(reference, DagConfig(min_steps=3)).run(*questions["multi"][0])
+            assert r.reason.startswith("plan ") and [s.name for s in r.calls] == ["plan", "direct"]
+    strict = DagDecomposition(reference, DagConfig(min_steps=3)).run(*questions["multi"][0])
     assert strict.mode == "direct" and strict.text.strip()

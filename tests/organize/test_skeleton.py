@@ -63,7 +63,7 @@ def test_expand_runs_every_point_and_merges_in_order(organize_backend: Backend) 
     assert [p.completion.token_ids for p in result.points] == [c.token_ids for c in expected]
     assert result.text == merge_points(POINTS, [c.text for c in expected])
     assert result.skeleton_text == format_skeleton(POINTS)
-    assert [s.name for s in result.stages] == ["points"]
+    assert [s.name for s in result.calls] == ["points"]
     assert result.usage.prompt_tokens == sum(c.usage.prompt_tokens for c in expected)
     assert result.usage.completion_tokens == sum(c.usage.completion_tokens for c in expected)
     assert 0 < result.critical_path_s <= result.sequential_s + 1e-9
@@ -89,7 +89,7 @@ def test_unparsable_skeleton_falls_back_to_the_direct_answer(organize_backend: B
     assert result.mode == "direct"
     assert "fixed: sot; skeleton did not parse" in result.reason
     assert result.text == direct.text.strip()
-    assert [s.name for s in result.stages] == ["skeleton", "direct"]
+    assert [s.name for s in result.calls] == ["skeleton", "direct"]
     assert result.points == ()
     assert result.usage.completion_tokens == skeleton.usage.completion_tokens + direct.usage.completion_tokens
 
@@ -97,7 +97,7 @@ def test_unparsable_skeleton_falls_back_to_the_direct_answer(organize_backend: B
 def test_router_direct_skips_the_skeleton(organize_backend: Backend) -> None:
     result = SkeletonOfThought(organize_backend, CONFIG).run("Who founded Globex?")
     assert result.mode == "direct" and result.reason == "rule: asks for a single fact"
-    assert [s.name for s in result.stages] == ["direct"]
+    assert [s.name for s in result.calls] == ["direct"]
     assert result.skeleton_text == ""
 
 

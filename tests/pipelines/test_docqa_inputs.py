@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from terse.compress import Budget
 from terse.errors import ConfigError, InvalidRequestError
-from terse.pipelines.docqa.config import DocQAConfig, load_config
+from terse.pipelines.docqa.config import DOCQA_COMPRESSOR, DOCQA_GENERATION, DocQAConfig, load_config
 from terse.pipelines.docqa.inputs import check_documents, load_corpus, read_questions
 from terse.pipelines.docqa.job import order_pending
 from terse.pipelines.docqa.journal import JsonlJournal
@@ -16,6 +18,7 @@ from terse.pipelines.docqa.openai_batch import batch_output_line, convert_batch_
 from terse.pipelines.docqa.prepare import PreparedQuestion, schedule
 from terse.pipelines.docqa.records import AnswerRecord, QAUsage, QuestionRecord, Source
 from terse.pipelines.docqa.summary import summarize
+from terse.retrieval import ChunkerConfig
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -92,16 +95,42 @@ def test_config_files_round_trip_and_reject_unknown_keys(tmp_path: Path) -> None
         load_config(bad)
 
 
+def test_nested_sections_change_only_what_they_name(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('[retrieval.retriever.chunker]\nchunk_tokens = 96\n[compression.budget]\nrate = 0.3\n'
+                    '[compression.compressor]\nranker = "embedding"\n[generation]\nseed = 7\n', encoding="utf-8")
+    config = load_config(toml)
+    default = DocQAConfig()
+    assert config.retrieval.retriever.chunker == ChunkerConfig(chunk_tokens=96, overlap_tokens=16)
+    assert config.retrieval.retriever.embedder == default.retrieval.retriever.embedder
+    assert config.compression.budget == Budget(rate=0.3)  # the rate replaces the default target
+    assert config.compression.compressor == replace(DOCQA_COMPRESSOR, ranker="embedding")
+    assert config.generation == replace(DOCQA_GENERATION, seed=7)
+    assert DocQAConfig.from_dict(config.to_dict()) == config
+    again = config.with_overrides(compression={"budget": {"target_tokens": 100}})
+    assert again.compression.budget == Budget(target_tokens=100)
+    assert again.compression.compressor == config.compression.compressor
+
+
 @pytest.mark.parametrize(
     ("section", "values", "fragment"),
     [
         ("retrieval", {"top_k": 0}, "retrieval.top_k=0"),
-        ("retrieval", {"chunk_tokens": 64, "overlap_tokens": 40}, "overlap_tokens=40"),
-        ("compression", {"target_tokens": None}, "exactly one of"),
-        ("compression", {"target_tokens": None, "rate": 1.5}, "compression.rate=1.5"),
+        ("retrieval", {"retriever": {"chunker": {"chunk_tokens": 64, "overlap_tokens": 40}}},
+         "retrieval.retriever.chunker.overlap_tokens=40"),
+        ("retrieval", {"retriever": {"chunkr": {}}}, "unknown key(s) ['chunkr'] in section 'retrieval.retriever'"),
+        ("compression", {"budget": {"target_tokens": None}}, "exactly one of"),
+        ("compression", {"budget": {"rate": 1.5}}, "compression.budget.rate=1.5"),
+        ("compression", {"compressor": {"reorder": "random"}}, "compression.compressor.reorder='random'"),
+        ("compression", {"budget": 240}, "compression.budget=240 must be a table / object of Budget fields"),
         ("organize", {"mode": "fancy"}, "organize.mode='fancy'"),
         ("generation", {"max_tokens": -1}, "generation.max_tokens=-1"),
-        ("run", {"runner": "threads"}, "run.runner='threads'"),
+        ("generation", {"max_tokens": 0}, "generation.max_tokens=0"),
+        ("generation", {"top_p": 0}, "generation.top_p=0"),
+        ("run", {"dispatch": "threads"}, "run.dispatch='threads'"),
+        ("run", {"runner": "batch"}, "run.runner is now run.dispatch"),
+        ("compression", {"target_tokens": 240}, "compression.target_tokens is now compression.budget.target_tokens"),
+        ("retrieval", {"embedder": "x"}, "retrieval.embedder is now retrieval.retriever.embedder.model"),
         ("run", {"requests_per_s": 0}, "run.requests_per_s=0"),
     ],
 )

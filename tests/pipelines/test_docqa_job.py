@@ -43,7 +43,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def config_for(model: Path, **sections: dict[str, Any]) -> DocQAConfig:
     base = DocQAConfig(backend=f"hf:{model}").with_overrides(
-        generation={"max_tokens": 6}, compression={"target_tokens": 160}, run={"progress": False}
+        generation={"max_tokens": 6}, compression={"budget": {"target_tokens": 160}}, run={"progress": False}
     )
     return base.with_overrides(**sections) if sections else base
 

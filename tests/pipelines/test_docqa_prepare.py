@@ -1,15 +1,21 @@
-"""Preparing a batch on several threads gives the prompts of one-at-a-time preparation."""
+"""Preparing a batch on several threads or worker processes gives the prompts of one-at-a-time preparation."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import pytest
+
 from terse.backend.local.engine import LocalEngine
-from terse.pipelines.docqa import DocQAConfig
+from terse.backend.registry import load_backend
+from terse.errors import ConfigError, InvalidRequestError
+from terse.pipelines.docqa import DocQAConfig, DocQAJob, JobPaths
 from terse.pipelines.docqa.answerer import BatchAnswerer
 from terse.pipelines.docqa.inputs import load_corpus, read_questions
 from terse.pipelines.docqa.prepare import PreparedQuestion
+from terse.pipelines.docqa.prepare_pool import PreparePool, auto_processes
 from terse.pipelines.docqa.sample import write_synthetic
 
 
@@ -22,7 +28,7 @@ def test_concurrent_preparation_matches_sequential(tiny_llama: Path, tmp_path: P
     batch = [questions[0], broken, *questions[2:]]
     # the token pruner makes compression call the engine: those calls come from several threads at once
     config = DocQAConfig(backend=f"local:{tiny_llama}").with_overrides(
-        compression={"target_tokens": 120, "token_pruner": True}, retrieval={"enabled": False})
+        compression={"budget": {"target_tokens": 120}, "compressor": {"token_pruner": "parallel"}}, retrieval={"enabled": False})
     with LocalEngine.from_spec(str(tiny_llama), num_kv_blocks=512, kv_block_size=16) as engine:
         preparer = BatchAnswerer(config, engine, corpus).preparer
         assert preparer.compressor is not None and preparer.compressor.scorer is engine
@@ -36,3 +42,57 @@ def test_concurrent_preparation_matches_sequential(tiny_llama: Path, tmp_path: P
         assert isinstance(a, PreparedQuestion) and isinstance(b, PreparedQuestion)
         assert (b.record.id, b.prompt, b.sources) == (a.record.id, a.prompt, a.sources)
         assert a.original_prompt_tokens > 120
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_worker_processes_prepare_what_this_process_prepares(tiny_llama: Path, tmp_path: Path,
+                                                             start_method: str) -> None:
+    docs, questions_path = write_synthetic(tmp_path / "data", questions_per_kind=2, context_tokens=256)
+    corpus = load_corpus([docs])
+    questions = read_questions(questions_path)
+    # a question whose documents cannot be found, and one whose compression fails in the worker
+    missing = dataclasses.replace(questions[1], doc_ids=("no-such-document",))
+    config = DocQAConfig(backend=f"hf:{tiny_llama}").with_overrides(
+        compression={"budget": {"target_tokens": 60}}, retrieval={"enabled": False})
+    backend = load_backend(f"hf:{tiny_llama}", device="cpu")
+    preparer = BatchAnswerer(config, backend, corpus).preparer
+    too_long = dataclasses.replace(questions[2], question="why? " * 200)  # the question alone is over budget
+    batch = [questions[0], missing, too_long, *questions[3:]]
+    here = preparer.prepare_all(batch)
+    with PreparePool.for_compressor(preparer.compressor, 2, start_method) as pool:  # type: ignore[union-attr]
+        assert pool is not None and pool.alive
+        there = preparer.prepare_all(batch, pool=pool)
+    assert not pool.alive
+    assert [type(x) for x in there] == [type(x) for x in here]
+    assert isinstance(there[1], Exception) and isinstance(there[2], InvalidRequestError)
+    for a, b in zip(here, there):
+        if isinstance(a, PreparedQuestion):
+            assert isinstance(b, PreparedQuestion)
+            assert (a.prompt, a.sources, a.original_prompt_tokens) == (b.prompt, b.sources, b.original_prompt_tokens)
+    backend.close()
+
+
+def test_a_job_prepares_ahead_on_processes_with_the_same_answers(tiny_llama: Path, tmp_path: Path) -> None:
+    docs, questions = write_synthetic(tmp_path / "data", questions_per_kind=2, context_tokens=256)
+    outputs = {}
+    for processes in (0, 2):
+        config = DocQAConfig(backend=f"hf:{tiny_llama}").with_overrides(
+            generation={"max_tokens": 4}, compression={"budget": {"target_tokens": 80}}, retrieval={"enabled": False},
+            run={"progress": False, "batch_size": 2, "prepare_processes": processes})
+        job = DocQAJob(config, JobPaths(questions, (docs,), tmp_path / f"answers-{processes}.jsonl"))
+        summary = job.run()
+        assert summary.num_failed == 0
+        assert set(job.stage_seconds) == {"prepare", "generate", "prepare_overlapped"}
+        assert (job.stage_seconds["prepare_overlapped"] > 0) == (processes > 1)
+        lines = (tmp_path / f"answers-{processes}.jsonl").read_text().splitlines()
+        outputs[processes] = sorted((r["id"], r["answer"], r["usage"]["prompt_tokens"])
+                                    for r in map(json.loads, lines))
+    assert outputs[0] == outputs[2]
+
+
+def test_prepare_processes_is_validated() -> None:
+    with pytest.raises(ConfigError, match="prepare_processes"):
+        DocQAConfig().with_overrides(run={"prepare_processes": -1})
+    assert auto_processes(3) == 3 and auto_processes(3, num_questions=10) == 3
+    assert auto_processes("auto", num_questions=56) == 0  # a small job prepares in process
+    assert auto_processes("auto") >= 0

@@ -91,7 +91,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     # question goes through retrieval (min_context_tokens 0)
     config.write_text(json.dumps({
         "backend_options": {"max_batch_size": 1}, "generation": {"max_tokens": 6},
-        "compression": {"target_tokens": 160}, "retrieval": {"min_context_tokens": 0},
+        "compression": {"budget": {"target_tokens": 160}}, "retrieval": {"min_context_tokens": 0},
         "run": {"progress": False, "batch_size": 2},
     }))
     return docs, questions, config

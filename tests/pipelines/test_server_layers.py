@@ -76,5 +76,6 @@ def test_retrieve_hook_adds_passages_before_the_question(tiny_llama: Path, tmp_p
 def test_unknown_hook_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="compress"):
         build_hook("summarize", {})
-    with pytest.raises(ConfigError, match="scorer"):
-        build_hook("compress", {})
+    with pytest.raises(ConfigError, match="known: rate, target, tokenizer, scorer, protect"):
+        build_hook("compress", {"ratio": 0.5})
+    assert build_hook("compress", {}).compressor.scorer is None  # scorer-free by default

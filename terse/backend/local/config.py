@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from terse.backend.local.quant.config import QuantizationConfig
 from terse.backend.local.speculative import SpeculativeSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
@@ -93,11 +94,16 @@ class EngineConfig:
     default_streaming_kv: StreamingKV | None = None
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
-    """Sparse prefill of long uncached prompt chunks (off by default; see sparse_prefill.py)."""
+    """Sparse prefill of long uncached prompt chunks (off by default; see `sparse_prefill.py`)."""
+    quantization: QuantizationConfig | None = None
+    """INT4 weight-only quantization when the model loads (`QuantizationConfig`; "int4" or a dict of its
+    fields is accepted and converted); None keeps the checkpoint's weights (a GPTQ / AWQ / terse-quantized
+    checkpoint loads quantized either way)."""
     speculative: SpeculativeSettings | None = None
-    """Speculative decoding (see speculative.py): None decodes one token per step and sequence."""
+    """Speculative decoding (see `speculative.py`): None decodes one token per step and sequence."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quantization", QuantizationConfig.parse(self.quantization))
         if self.device not in _DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {_DEVICES}")
         if self.dtype not in _DTYPES:

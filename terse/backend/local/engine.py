@@ -56,6 +56,7 @@ from terse.backend.local.models.llama import LlamaForCausalLM, ModelConfig
 from terse.backend.local.models.loader import load_model, random_model, read_model_config, resolve_model_dir
 from terse.backend.local.models.ops import choose_ops
 from terse.backend.local.prefix_cache import RadixPrefixCache
+from terse.backend.local.quant.transform import apply_quantization
 from terse.backend.local.requests import Request, max_new_tokens, validate_prompt
 from terse.backend.local.runner import ModelRunner, StepHandle
 from terse.backend.local.scheduler import Scheduler, StepPlan
@@ -170,7 +171,9 @@ class LocalEngine(BackendBase):
         model_config = read_model_config(model_dir)
         device = resolve_device(config)
         model = load_model(model_dir, model_config, device=device, dtype=resolve_dtype(config, device))
-        return cls(EngineParts(model, load_tokenizer(model_dir), target), config)
+        tokenizer = load_tokenizer(model_dir)
+        apply_quantization(model, config.quantization, tokenizer=tokenizer)  # INT4 at load time (quant/)
+        return cls(EngineParts(model, tokenizer, target), config)
 
     @classmethod
     def from_random(
@@ -182,6 +185,7 @@ class LocalEngine(BackendBase):
         config = config or EngineConfig()
         device = resolve_device(config)
         model = random_model(model_config, device=device, dtype=resolve_dtype(config, device), seed=seed)
+        apply_quantization(model, config.quantization, tokenizer=tokenizer)
         return cls(EngineParts(model, tokenizer, name), config)
 
     # -- Backend contract ------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class LocalEngine(BackendBase):
         policy = self.kv.policy(seq)
         validate_prompt(seq, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size)
         seq.generator = make_generator(params.seed, self.device)
-        seq.constraint = grammar_state(self._grammar, params)  # structured output (local/grammar.py)
+        seq.constraint = grammar_state(self._grammar, params, seq.max_len - seq.num_prompt_tokens)  # local/grammar.py
         if self.speculator is not None:
             self.speculator.attach(seq)  # indexes the prompt here, not on the loop thread
         handle = RequestHandle(f"local-{seq.seq_id}", on_cancel=lambda: self._send("cancel", seq.seq_id))
@@ -500,8 +504,9 @@ class LocalEngine(BackendBase):
             self._fail(request, e)
             return False
         num_resolved = seq.num_tokens - seq.num_pending_tokens
-        if stop_hit or grammar_done or ends:
-            self._finish(request, "stop")
+        if stop_hit or grammar_done or ends:  # a grammar the budget closed ends "length" (local/grammar.py)
+            closed = not stop_hit and seq.constraint is not None and seq.constraint.closed_by_budget
+            self._finish(request, "length" if closed else "stop")
         elif num_resolved - seq.num_prompt_tokens >= seq.params.max_tokens or num_resolved >= seq.max_len:
             self._finish(request, "length")
         else:

@@ -207,6 +207,8 @@ class ModelRunner:
             if masks is not None:
                 masks.apply(logits)
             ids = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])  # [L]
+            if masks is not None:
+                masks.check(ids)  # budget-aware closing (local/grammar.py)
             rows = [late.offset + i for i in live]
             handle.sampled_ids.index_copy_(0, to_device(rows, torch.int64, self.device), ids)
             handle.add_logprobs(self._logprobs(logits, ids, seqs, rows))

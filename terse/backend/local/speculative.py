@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 from terse.backend.local.prompt_lookup import DRAFTERS, Drafter
 from terse.backend.local.sequence import Draft, Sequence
-from terse.errors import ConfigError
+from terse.validation import check_choice, check_int, check_range, require
 
 if TYPE_CHECKING:
     from terse.backend.local.kv_manager import KVManager
@@ -68,24 +68,22 @@ class SpeculativeSettings:
     """The back-off doubles with each consecutive failed probe, up to this."""
 
     def __post_init__(self) -> None:
-        if self.method not in DRAFTERS:
-            raise ConfigError(f"speculative.method={self.method!r} is not one of {sorted(DRAFTERS)}")
-        for name in ("num_draft_tokens", "max_ngram", "min_ngram", "backoff_steps", "max_backoff_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"speculative.{name}={value!r} must be an int >= 1")
-        if self.min_ngram > self.max_ngram:
-            raise ConfigError(
-                f"speculative.min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}; use min_ngram <= max_ngram"
-            )
-        if not isinstance(self.min_acceptance, int | float) or not 0.0 <= self.min_acceptance <= 1.0:
-            raise ConfigError(f"speculative.min_acceptance={self.min_acceptance!r} must be in [0, 1] (e.g. 0.3)")
-        if not isinstance(self.ema_weight, int | float) or not 0.0 < self.ema_weight <= 1.0:
-            raise ConfigError(f"speculative.ema_weight={self.ema_weight!r} must be in (0, 1] (e.g. 0.3)")
-        if self.max_backoff_steps < self.backoff_steps:
-            raise ConfigError(
-                f"speculative.max_backoff_steps={self.max_backoff_steps} is below backoff_steps={self.backoff_steps}"
-            )
+        check_choice("speculative.method", self.method, sorted(DRAFTERS))
+        check_int("speculative.num_draft_tokens", self.num_draft_tokens, low=1, example=4)
+        check_int("speculative.max_ngram", self.max_ngram, low=1, example=3)
+        check_int("speculative.min_ngram", self.min_ngram, low=1, example=1)
+        require(
+            self.min_ngram <= self.max_ngram,
+            f"speculative.min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}; use min_ngram <= max_ngram",
+        )
+        check_range("speculative.min_acceptance", self.min_acceptance, 0, 1, example=0.3)
+        check_range("speculative.ema_weight", self.ema_weight, 0, 1, low_open=True, example=0.3)
+        check_int("speculative.backoff_steps", self.backoff_steps, low=1, example=8)
+        check_int("speculative.max_backoff_steps", self.max_backoff_steps, low=1, example=256)
+        require(
+            self.max_backoff_steps >= self.backoff_steps,
+            f"speculative.max_backoff_steps={self.max_backoff_steps} is below backoff_steps={self.backoff_steps}",
+        )
 
 
 class AcceptanceControl:

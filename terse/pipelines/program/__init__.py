@@ -33,7 +33,7 @@ from terse.pipelines.program.expr import (
     system,
     user,
 )
-from terse.pipelines.program.runner import Program, ProgramRun, fork, program
+from terse.pipelines.program.program import Program, ProgramRun, fork, program
 from terse.pipelines.program.state import Forks, ProgramState
 
 __all__ = [

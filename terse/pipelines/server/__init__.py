@@ -15,7 +15,7 @@ from terse.lazy import lazy_exports, lazy_names
 _LAZY = {  # module -> the names it defines
     "terse.pipelines.server.app": ("create_app",),
     "terse.pipelines.server.build": ("engine_app", "proxy_app"),
-    "terse.pipelines.server.runner": ("ServerThread",),
+    "terse.pipelines.server.thread": ("ServerThread",),
     "terse.pipelines.server.config": ("ServerConfig", "ProxyConfig"),
     "terse.pipelines.server.hooks": ("ChatHook", "ChatResult"),
     "terse.pipelines.server.schema": ("ChatRequest",),

@@ -183,7 +183,7 @@ def _add_routes(
         service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
         sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
         if original.text_only:
-            args = (original.messages, sent.messages, service.count_prompt_tokens)
+            args = (original, sent, service.count_prompt_tokens, service.cheap_counting)  # cheap: an estimate
             # counting may tokenize a long prompt: off the event loop unless the service says it is cheap
             ctx.accounting = (
                 hooks.account(*args) if service.cheap_counting else await run_in_threadpool(hooks.account, *args)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from terse.backend.types import Message
 from terse.errors import ConfigError
@@ -44,33 +44,50 @@ class ChatHook(Protocol):
         ...
 
 
+TokenCount = Literal["tokenizer", "estimate"]
+
+
 @dataclass(frozen=True)
 class PromptAccounting:
-    """Prompt tokens before and after the hooks, counted with one counter so the difference is fair."""
+    """Prompt tokens before and after the hooks, counted with one counter so the difference is fair.
+
+    The same facts leave as `x-terse-*` headers and as `usage.terse` (whole answers and the final usage
+    chunk of streams): `headers()` and `usage_fields()` are two spellings of one record.
+    """
 
     original_prompt_tokens: int
     """Tokens of the prompt as the client sent it."""
     sent_prompt_tokens: int
     """Tokens of the prompt the model was given."""
+    token_count: TokenCount = "tokenizer"
+    """How both were counted: with the model's tokenizer, or estimated (~4 characters per token)."""
+    notes: Mapping[str, str | int] = field(default_factory=dict)
+    """What the hooks reported (e.g. the compress hook's compressed and unrecognised messages)."""
 
     @property
     def saved_prompt_tokens(self) -> int:
         return self.original_prompt_tokens - self.sent_prompt_tokens
 
-    def headers(self) -> dict[str, str]:
-        return {
-            "x-terse-original-prompt-tokens": str(self.original_prompt_tokens),
-            "x-terse-sent-prompt-tokens": str(self.sent_prompt_tokens),
-            "x-terse-saved-prompt-tokens": str(self.saved_prompt_tokens),
-        }
-
-    def usage_fields(self) -> dict[str, int]:
+    def usage_fields(self) -> dict[str, Any]:
         """Added under `usage["terse"]` of non-streamed answers and of the final usage chunk."""
         return {
             "original_prompt_tokens": self.original_prompt_tokens,
             "sent_prompt_tokens": self.sent_prompt_tokens,
             "saved_prompt_tokens": self.saved_prompt_tokens,
+            "token_count": self.token_count,
+            **self.notes,
         }
+
+    def headers(self) -> dict[str, str]:
+        """`x-terse-<field>` for every usage field, `_` spelled `-`."""
+        return {f"x-terse-{k.replace('_', '-')}": str(v) for k, v in self.usage_fields().items()}
+
+    @classmethod
+    def from_usage(cls, fields: Mapping[str, Any]) -> PromptAccounting:
+        """The accounting back from a `usage.terse` mapping."""
+        known = ("original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens", "token_count")
+        notes = {k: v for k, v in fields.items() if k not in known}
+        return cls(fields["original_prompt_tokens"], fields["sent_prompt_tokens"], fields.get("token_count", "tokenizer"), notes)
 
 
 class HookChain:
@@ -96,11 +113,18 @@ class HookChain:
             result = hook.on_response(request, result)
         return result
 
-    def account(self, original: Sequence[Message], sent: Sequence[Message], count: Callable[[Sequence[Message]], int]) -> PromptAccounting:
-        """Count both prompts with `count`; counts once when the hooks changed nothing."""
-        num_original = count(original)
-        num_sent = num_original if tuple(original) == tuple(sent) else count(sent)
-        return PromptAccounting(num_original, num_sent)
+    def account(
+        self,
+        original: ChatRequest,
+        sent: ChatRequest,
+        count: Callable[[Sequence[Message]], int],
+        estimated: bool = False,
+    ) -> PromptAccounting:
+        """Count both prompts with `count` (`estimated`: it is not the model's tokenizer); counts once when
+        the hooks changed nothing. The hooks' notes (`sent.notes`) travel along."""
+        num_original = count(original.messages)
+        num_sent = num_original if original.messages == sent.messages else count(sent.messages)
+        return PromptAccounting(num_original, num_sent, "estimate" if estimated else "tokenizer", dict(sent.notes))
 
 
 # name -> "module:factory"; a factory takes the options mapping and returns a ChatHook

@@ -2,9 +2,11 @@
 
 - The request body goes upstream as received (unknown fields such as tools or response_format pass
   through) with only `messages` replaced when a hook rewrote them.
-- Streams are passed through unchanged, event by event (no re-encoding); accounting then travels in
-  the `x-terse-*` headers. What is relayed is checked (relay.py): a 2xx body that is not JSON becomes a
-  502, and a broken stream ends with an error event and [DONE]. With hooks, whole answers also get `usage.terse` and the hooks'
+- Streams are relayed event by event as the upstream sends them (no re-encoding), checked on the way
+  (relay.py): a 2xx body that is not JSON becomes a 502, and a broken stream ends with an error event
+  and [DONE]. Accounting travels in the `x-terse-*` headers, and with hooks also as `usage.terse` in
+  the stream's usage chunk (that one event re-encoded, `sse_usage.py`). With hooks, whole answers also
+  get `usage.terse` and the hooks'
   `on_response`; without hooks they are relayed untouched (headers only).
 - Endpoints terse does not handle (`/v1/embeddings`, `/v1/models/{id}`, any other /v1 path) go upstream
   unchanged: method, query, content type and body as received. `/health` asks the upstream's
@@ -25,7 +27,7 @@ import json
 import math
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -40,6 +42,7 @@ from terse.pipelines.server.relay import checked_body, relay_sse
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import SSEResponse
+from terse.pipelines.server.sse_usage import with_terse_usage
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
@@ -131,6 +134,10 @@ class ProxyService:
     # -- endpoints -------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, ctx: RequestContext) -> Response:
         forwarded = await self._forward("POST", "/chat/completions", request.upstream_body(), ctx, stream=request.stream)
+        if isinstance(forwarded, SSEResponse) and self.hooks and ctx.accounting is not None:
+            # the usage chunk reports what the headers report
+            relayed = cast(AsyncIterator[bytes], forwarded.body_iterator)
+            forwarded.body_iterator = with_terse_usage(relayed, ctx.accounting.usage_fields())
         if request.stream or forwarded.status_code >= 400 or not self.hooks:
             return forwarded  # no hooks: nothing saved, the x-terse-* headers say so without re-encoding
         return await self._finish_chat(forwarded, request, ctx)

@@ -42,9 +42,35 @@ class ChatRequest:
     """The JSON body as received (proxy mode forwards it, with `messages` replaced if a hook changed them)."""
     text_only: bool = True
     """False when some message had non-text parts (images, audio): hooks are skipped, proxy forwards as is."""
+    wire_messages: tuple[Mapping[str, Any], ...] = ()
+    """The messages as they go upstream, one per entry of `messages`, with every field kept (tool_calls,
+    tool_call_id, name, content parts, unknown keys); () for a request built by hand."""
+    notes: Mapping[str, str | int] = dataclasses.field(default_factory=dict)
+    """What hooks report about their rewrite; sent as `x-terse-<key>` headers and under `usage.terse`."""
 
     def with_messages(self, messages: tuple[Message, ...]) -> ChatRequest:
-        return dataclasses.replace(self, messages=messages)
+        """New text messages. One that is one of this request's own (the same object) keeps its wire
+        form; when the roles line up with this request's, a rewritten message keeps its other wire fields
+        (name, tool_call_id, ...) with the new content; any other message goes upstream as
+        {"role", "content"}."""
+        own = {id(m): w for m, w in zip(self.messages, self.wire_messages)}
+        same_shape = len(messages) == len(self.wire_messages) and all(
+            m["role"] == o["role"] for m, o in zip(messages, self.messages)
+        )
+        wire = tuple(
+            own.get(id(m))
+            or ({**self.wire_messages[i], "content": m["content"]} if same_shape else None)
+            or dict(m)
+            for i, m in enumerate(messages)
+        )
+        return dataclasses.replace(self, messages=messages, wire_messages=wire)
+
+    def with_wire_messages(self, wire: tuple[Mapping[str, Any], ...]) -> ChatRequest:
+        """New wire messages (every field kept as given); the text messages are derived from them."""
+        return dataclasses.replace(self, messages=tuple(_message(m, i)[0] for i, m in enumerate(wire)), wire_messages=wire)
+
+    def with_notes(self, **notes: str | int) -> ChatRequest:
+        return dataclasses.replace(self, notes={**self.notes, **notes})
 
     def upstream_body(self) -> dict[str, Any]:
         """The body to forward: the original one, with the messages a hook rewrote.
@@ -53,19 +79,9 @@ class ChatRequest:
         whose text a hook rewrote keeps its other keys when the hook kept the message list's shape.
         """
         body = dict(self.body)
-        raw = body.get("messages")
-        if not self.text_only or not isinstance(raw, list):
-            return body
-        original = tuple(_message(m, i)[0] for i, m in enumerate(raw))
-        if original == self.messages:
-            return body
-        if len(original) == len(self.messages):
-            body["messages"] = [
-                {**r, "content": m["content"]} if o["role"] == m["role"] else dict(m)
-                for r, o, m in zip(raw, original, self.messages)
-            ]
-        else:
-            body["messages"] = [dict(m) for m in self.messages]
+        if self.text_only:
+            wire = self.wire_messages or self.messages
+            body["messages"] = [dict(m) for m in wire]
         return body
 
 
@@ -218,6 +234,7 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
         include_usage=include_usage,
         body=body,
         text_only=all(ok for _, ok in parsed),
+        wire_messages=tuple(raw_messages),
     )
 
 

@@ -47,7 +47,7 @@ def new_call_id() -> str:
 def chat_message(text: str, structured: StructuredRequest | None) -> tuple[dict[str, Any], bool]:
     """The assistant message of a whole response, and whether it holds tool calls."""
     calls = parse_tool_calls(text) if structured is not None and structured.tools is not None else None
-    if calls is None:  # plain text, or calls cut short by max_tokens: the text as it came
+    if calls is None:  # plain text, or calls cut short (no closing plan): the text as it came
         return {"role": "assistant", "content": text}, False
     bodies = [ToolCall(new_call_id(), name, arguments).body() for name, arguments in calls]
     return {"role": "assistant", "content": None, "tool_calls": bodies}, True

@@ -127,7 +127,7 @@ def test_every_way_of_turning_it_on(llama: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(ConfigError, match="speculative.num_draft_tokens=0"):
         DocQAConfig.from_dict({"backend": f"local:{llama}", "backend_options": {"speculative": {"num_draft_tokens": 0}}})
     errors = [
-        (["--speculative", "medusa"], "--speculative 'medusa' is not one of ['prompt_lookup']"),
+        (["--speculative", "medusa"], "--speculative 'medusa' must be one of 'prompt_lookup'"),
         (["--speculative-tokens", "3"], "--speculative-tokens / --speculative-ngram need --speculative prompt_lookup"),
         (["--speculative", "prompt_lookup", "--speculative-ngram", "3"], "--speculative-ngram '3' must be MIN:MAX"),
         (["--speculative", "prompt_lookup", "--speculative-tokens", "0"], "--speculative-tokens 0 must be an int >= 1"),

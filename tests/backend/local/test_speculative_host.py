@@ -63,7 +63,7 @@ def test_settings_validate_and_come_from_plain_options() -> None:
     assert EngineConfig.from_options({"speculative": False}).speculative is None
     table = {"num_draft_tokens": 6, "min_ngram": 2, "max_ngram": 4}
     assert EngineConfig.from_options({"speculative": table}).speculative == SpeculativeSettings(**table)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"speculative.method='medusa' is not one of \['prompt_lookup'\]"):
+    with pytest.raises(ConfigError, match=r"speculative.method='medusa' must be one of 'prompt_lookup'"):
         EngineConfig.from_options({"speculative": "medusa"})
     with pytest.raises(ConfigError, match=r"unknown speculative fields \['k'\]"):
         EngineConfig.from_options({"speculative": {"k": 3}})
@@ -71,8 +71,14 @@ def test_settings_validate_and_come_from_plain_options() -> None:
         SpeculativeSettings(num_draft_tokens=0)
     with pytest.raises(ConfigError, match=r"min_ngram=3 exceeds max_ngram=2"):
         SpeculativeSettings(min_ngram=3, max_ngram=2)
-    with pytest.raises(ConfigError, match=r"min_acceptance=1.5 must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"min_acceptance=1.5 must be a number in \[0, 1\]"):
         SpeculativeSettings(min_acceptance=1.5)
+    with pytest.raises(ConfigError, match=r"speculative.num_draft_tokens=True must be an int >= 1"):
+        SpeculativeSettings(num_draft_tokens=True)
+    with pytest.raises(ConfigError, match=r"speculative.ema_weight=0 must be a number in \(0, 1\]"):
+        SpeculativeSettings(ema_weight=0)
+    with pytest.raises(ConfigError, match=r"max_backoff_steps=4 is below backoff_steps=8"):
+        SpeculativeSettings(max_backoff_steps=4)
     with pytest.raises(ConfigError, match=r"speculative='yes please' must be a SpeculativeSettings"):
         EngineConfig(speculative="yes please")  # type: ignore[arg-type]
 

@@ -50,6 +50,11 @@ def load_model(model_dir: Path, config: ModelConfig, *, device: torch.device, dt
     """Read every *.safetensors file of `model_dir` into a model on `device` in `dtype`."""
     from safetensors.torch import load_file
 
+    from terse.backend.local.quant.loading import load_prequantized_model
+
+    quantized = load_prequantized_model(model_dir, config, device=device, dtype=dtype)  # GPTQ / AWQ / terse
+    if quantized is not None:
+        return quantized
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(

@@ -1,4 +1,4 @@
-"""doc-QA runners over a fake backend: per-question failures, the async runner's concurrency bound."""
+"""doc-QA dispatch over a fake backend: per-question failures, the async dispatch's concurrency bound."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from terse.backend.handle import RequestHandle
 from terse.backend.types import Completion, SamplingParams, Usage
 from terse.errors import BackendUnavailableError, InvalidRequestError
 from terse.pipelines.docqa.config import OrganizeConfig, RunConfig
+from terse.pipelines.docqa.dispatch import AsyncDispatch, BatchDispatch, Generated, build_dispatch
 from terse.pipelines.docqa.prepare import PreparedQuestion
 from terse.pipelines.docqa.records import FailureRecord, QuestionRecord
-from terse.pipelines.docqa.runners import AsyncRunner, BatchRunner, Generated, build_runner
 
 
 class FakeBackend:
@@ -51,8 +51,8 @@ def prepared(prompt: str) -> PreparedQuestion:
     return PreparedQuestion(QuestionRecord(prompt, "q?"), (), (), prompt, (), 10, ())
 
 
-def test_batch_runner_keeps_order_and_isolates_failures() -> None:
-    outcomes = BatchRunner(FakeBackend(), SamplingParams()).run([prepared(p) for p in ("a", "bad", "down", "b")])
+def test_batch_dispatch_keeps_order_and_isolates_failures() -> None:
+    outcomes = BatchDispatch(FakeBackend(), SamplingParams()).run([prepared(p) for p in ("a", "bad", "down", "b")])
     assert [type(o) for o in outcomes] == [Generated, FailureRecord, FailureRecord, Generated]
     a, bad, down, b = outcomes
     assert isinstance(a, Generated) and a.text == "echo:a" and a.usage == Usage(1, 1, 1)
@@ -61,20 +61,20 @@ def test_batch_runner_keeps_order_and_isolates_failures() -> None:
     assert isinstance(down, FailureRecord) and down.backend_unavailable
 
 
-def test_async_runner_bounds_concurrency_and_keeps_order() -> None:
+def test_async_dispatch_bounds_concurrency_and_keeps_order() -> None:
     backend = FakeBackend(delay_s=0.03)
-    runner = AsyncRunner(backend, SamplingParams(), RunConfig(concurrency=3, requests_per_s=500.0))
+    dispatch = AsyncDispatch(backend, SamplingParams(), RunConfig(concurrency=3, requests_per_s=500.0))
     prompts = [f"p{i}" for i in range(12)]
-    outcomes = runner.run([prepared(p) for p in prompts])
+    outcomes = dispatch.run([prepared(p) for p in prompts])
     assert [o.text for o in outcomes if isinstance(o, Generated)] == [f"echo:{p}" for p in prompts]
     assert 1 <= backend.max_in_flight <= 3
 
 
-def test_runner_choice_follows_the_backend_spec() -> None:
+def test_dispatch_choice_follows_the_backend_spec() -> None:
     backend = FakeBackend()
     params = SamplingParams()
     off = OrganizeConfig()
-    assert isinstance(build_runner(backend, "openai:http://h/v1#m", params, RunConfig(), off), AsyncRunner)  # type: ignore[arg-type]
-    assert isinstance(build_runner(backend, "hf:m", params, RunConfig(), off), BatchRunner)  # type: ignore[arg-type]
-    forced = build_runner(backend, "hf:m", params, RunConfig(runner="async"), off)  # type: ignore[arg-type]
-    assert isinstance(forced, AsyncRunner)
+    assert isinstance(build_dispatch(backend, "openai:http://h/v1#m", params, RunConfig(), off), AsyncDispatch)  # type: ignore[arg-type]
+    assert isinstance(build_dispatch(backend, "hf:m", params, RunConfig(), off), BatchDispatch)  # type: ignore[arg-type]
+    forced = build_dispatch(backend, "hf:m", params, RunConfig(dispatch="async"), off)  # type: ignore[arg-type]
+    assert isinstance(forced, AsyncDispatch)

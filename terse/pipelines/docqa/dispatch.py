@@ -1,13 +1,13 @@
-"""Runners: how prepared questions reach the backend. One contract, three implementations.
+"""Dispatch: how prepared questions reach the backend. One contract, three implementations.
 
-`Runner.run(batch)` answers a batch and returns one outcome per question, in batch order: a
+`Dispatch.run(batch)` answers a batch and returns one outcome per question, in batch order: a
 `Generated` answer or a `FailureRecord`. A failing question never fails the batch.
 
-- `BatchRunner`: submits the whole batch before waiting (a batching engine runs it as one batch and
+- `BatchDispatch`: submits the whole batch before waiting (a batching engine runs it as one batch and
   a prefix cache prefills the shared documents once). For `local:` and `hf:`.
-- `AsyncRunner`: one asyncio loop, at most `concurrency` requests in flight and at most
+- `AsyncDispatch`: one asyncio loop, at most `concurrency` requests in flight and at most
   `requests_per_s` started per second. For remote `openai:` servers.
-- `OrganizedRunner`: Skeleton-of-Thought or DAG per question (terse.organize), each internally batched.
+- `OrganizedDispatch`: Skeleton-of-Thought or DAG per question (terse.organize), each internally batched.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Generated:
 Outcome = Generated | FailureRecord
 
 
-class Runner(Protocol):
+class Dispatch(Protocol):
     """Answers batches. `run` returns one outcome per input, in input order, and does not raise for a
     question's own failure (bad request, unreachable server): that becomes its `FailureRecord`."""
 
@@ -54,7 +54,7 @@ def failure(question_id: str, error: BaseException) -> FailureRecord:
                          backend_unavailable=isinstance(error, BackendUnavailableError))
 
 
-class BatchRunner:
+class BatchDispatch:
     """Submit every prompt of the batch, then wait for each (see module docstring)."""
 
     def __init__(self, backend: Backend, params: SamplingParams) -> None:
@@ -84,8 +84,8 @@ class BatchRunner:
         return outcomes
 
 
-class AsyncRunner:
-    """Bounded-concurrency, rate-limited asyncio runner (see module docstring)."""
+class AsyncDispatch:
+    """Bounded-concurrency, rate-limited asyncio dispatch (see module docstring)."""
 
     def __init__(self, backend: Backend, params: SamplingParams, config: RunConfig) -> None:
         self.backend = backend
@@ -131,7 +131,7 @@ class _Pacer:
             await asyncio.sleep(delay)
 
 
-class OrganizedRunner:
+class OrganizedDispatch:
     """Answers each question with Skeleton-of-Thought or a DAG plan (terse.organize)."""
 
     def __init__(self, backend: Backend, params: SamplingParams, config: OrganizeConfig) -> None:
@@ -152,25 +152,25 @@ class OrganizedRunner:
 
 def _organizer(backend: Backend, params: SamplingParams, config: OrganizeConfig) -> Callable[..., Any]:
     if config.mode == "dag":
-        from terse.organize.dag import DagConfig, DagRunner
+        from terse.organize.dag import DagConfig, DagDecomposition
 
-        return DagRunner(backend, DagConfig()).run
+        return DagDecomposition(backend, DagConfig()).run
     from terse.organize.skeleton import SkeletonOfThought, SoTConfig
 
     router = "always-sot" if config.mode == "sot" else "rules"
     return SkeletonOfThought(backend, SoTConfig(direct_params=params, router=router)).run
 
 
-def build_runner(backend: Backend, spec: str, params: SamplingParams, run: RunConfig,
-                 organize: OrganizeConfig) -> Runner:
-    """The runner a job's config asks for ("auto": async for openai: specs, batch otherwise)."""
+def build_dispatch(backend: Backend, spec: str, params: SamplingParams, run: RunConfig,
+                 organize: OrganizeConfig) -> Dispatch:
+    """The dispatch a job's config asks for ("auto": async for openai: specs, batch otherwise)."""
     if organize.mode != "off":
-        return OrganizedRunner(backend, params, organize)
-    name = run.runner
+        return OrganizedDispatch(backend, params, organize)
+    name = run.dispatch
     if name == "auto":
         name = "async" if spec.startswith("openai:") else "batch"
     if name == "batch":
-        return BatchRunner(backend, params)
+        return BatchDispatch(backend, params)
     if name == "async":
-        return AsyncRunner(backend, params, run)
-    raise ConfigError(f"run.runner={name!r} must be 'auto', 'batch' or 'async'")
+        return AsyncDispatch(backend, params, run)
+    raise ConfigError(f"run.dispatch={name!r} must be 'auto', 'batch' or 'async'")

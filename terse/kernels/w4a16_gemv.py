@@ -1,0 +1,101 @@
+"""W4A16 GEMV for one activation row (batch-1 decode): split-K, dequantization in registers.
+
+Each program owns BLOCK_N output columns and one slice of K (grid: [N / BLOCK_N, SPLIT_K]). A K tile
+loads BLOCK_K / 8 packed words per column once and unpacks them as [8, BLOCK_K / 8, BLOCK_N] (row 8r + j
+at [j, r]); x is loaded in the same order, so the tile's products reduce over both leading axes with no
+reshuffle. When the tile lies inside one quantization group (GROUP_SIZE % BLOCK_K == 0, ONE_GROUP) the
+scale multiplies partial sums over 8 rows instead of every weight:
+
+    acc[r, n] += scale[g, n] * sum_j x[8r + j] * (q[8r + j, n] - zero[g, n])     out[n] = sum_r acc[r, n]
+
+Several programs share a column block under split-K; `store_tile` adds their partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from terse.errors import KernelInputError
+from terse.kernels.checks import check_device_for_triton
+from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
+from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
+from terse.validation import check_choice
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    X, QW, S, Z, Bias, Out, WS, Locks,
+    N, K, K_PER_SPLIT,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    offs_j = tl.arange(0, 8)
+    num_words = K // 8
+    # per-(packed row, column) partial sums: the reduction over rows crosses threads, so it runs once
+    # after the loop instead of every tile
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        packed = load_packed(QW, k0 // 8 + offs_r, offs_n, n_mask, N, num_words)  # [R, BN]
+        kk = k0 + offs_r[None, :] * 8 + offs_j[:, None]  # [8, R]: the input row held at [j, r]
+        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if ONE_GROUP:
+            s, z = group_scale_zero(S, Z, k0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, BLOCK_N)
+            w = nibbles_minus_zero(packed, z)  # [8, R, BN]; the scale is applied once, after the sum
+            acc += tl.sum(x[:, :, None] * w, axis=0) * s[None, :]
+        else:
+            w = dequantize_rows(packed, S, Z, kk, offs_n, n_mask, N, K, GROUP_SIZE, HAS_ZEROS)
+            acc += tl.sum(x[:, :, None] * w, axis=0)
+    offs_m = tl.arange(0, 1)
+    store_tile(tl.sum(acc, axis=0)[None, :], Out, Bias, WS, Locks, offs_m, offs_n, 1, N, N, pid_n, pid_k,
+               HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+def w4a16_gemv(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *,
+    block_n: int = 128, block_k: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 2,
+) -> torch.Tensor:
+    """x: [1, K] (a permuted x when weight.input_perm is set: the caller applies it) -> [1, N] in x's dtype.
+
+    `split_k` slices K into that many ranges of whole BLOCK_K tiles (fewer when K is short)."""
+    check_w4a16_inputs(x, weight, bias)
+    check_device_for_triton(x)
+    if x.shape[0] != 1:
+        raise KernelInputError(f"w4a16_gemv takes one row; got M={x.shape[0]} (use w4a16_gemm)")
+    check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
+    check_choice("block_k", block_k, (16, 32, 64, 128, 256, 512), error=KernelInputError)
+    return launch_gemv(x, weight, bias, block_n, block_k, split_k, num_warps, num_stages)
+
+
+def launch_gemv(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, block_k: int, split_k: int,
+    num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """`w4a16_gemv` without the input checks (for callers that checked once)."""
+    n, k = weight.out_features, weight.in_features
+    num_tiles = triton.cdiv(k, block_k)
+    num_n = triton.cdiv(n, block_n)
+    split_k = max(1, min(split_k, num_tiles)) if num_n <= MAX_SPLIT_TILES else 1
+    k_per_split = triton.cdiv(num_tiles, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # no empty slices
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
+    _w4a16_gemv_kernel[(num_n, split_k)](
+        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
+        n, k, k_per_split,
+        GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
