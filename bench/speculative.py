@@ -1,18 +1,22 @@
 """Speculative decoding (prompt lookup) against one-token decoding on the local engine, same process.
 
     PYTHONPATH=. python bench/speculative.py --device cpu --threads 1 --out bench/results/speculative_cpu.json
-    PYTHONPATH=. python bench/speculative.py --device cuda --out $OUT/speculative_gpu.json            # H200
-    PYTHONPATH=. python bench/speculative.py --device cuda --dtype float32 --parts docqa-1 --out $OUT/speculative_gpu_fp32.json
+    PYTHONPATH=. python bench/speculative.py --device cuda --out $OUT       # H200: every part, ~4-5 minutes
 
-Parts (--parts, comma-separated; default all three):
+--out is a .json file or a directory (for speculative_<device>.json); the file is rewritten after every
+part, so a run cut short keeps the parts it finished. The exit status is 1 when a float32 run's greedy
+answers differ with speculation.
+
+Parts (--parts, comma-separated; default all three, plus identity on CUDA):
 
   docqa-1      the reference model on doc-QA prompts (terse.synth test split, --worlds worlds; gold documents
                among distractors, ~2.5K tokens), one request at a time, greedy, up to 64 new tokens. Per
                mode: decode forward steps per token decoded (steps after the prefill step / tokens after
-               the first) and decode wall time (latency - ttft, median of --repeats), and whether the
-               answers are token-identical (asserted in float32).
+               the first) and decode wall time (latency - ttft, median of --repeats; modes interleaved per
+               repeat), and whether the answers are token-identical (a float32 mismatch: exit status 1).
+  identity     (CUDA) the docqa-1 questions in float32, plain and speculative, untimed: token-identical answers.
   docqa-batch  the same prompts, --batches of them at once (prefilled into the prefix cache beforehand, so
-               the timed runs are decode): completion tokens / wall s, median of --repeats.
+               the timed runs are decode): completion tokens / wall s, median of --repeats (interleaved).
   replay       random weights of --shape (8b on CUDA, tiny on CPU), 512-token random prompts, 128 new
                tokens. A replaying drafter proposes the model's own greedy continuation (from a plain run),
                each token right with probability a (--acceptance): decode tokens/s and ms per step vs
@@ -64,10 +68,19 @@ def docqa_prompts(num_worlds: int) -> list[tuple[str, str]]:
     return out
 
 
-def reference_engine(args: argparse.Namespace, speculative: SpeculativeSettings | None, max_num_seqs: int) -> LocalEngine:
+def graph_rows(max_num_seqs: int, speculative: SpeculativeSettings | None) -> int:
+    """CUDA graphs up to every row a step can have (the engine's default caps them at 256 rows; batch 64
+    verifying k = 4 drafts has 320)."""
+    return max(256, max_num_seqs * (1 + (speculative.num_draft_tokens if speculative is not None else 0)))
+
+
+def reference_engine(
+    args: argparse.Namespace, speculative: SpeculativeSettings | None, max_num_seqs: int, dtype: str | None = None
+) -> LocalEngine:
     return LocalEngine.from_spec(
-        str(reference_model_path()), device=args.device, dtype=args.dtype, max_num_seqs=max_num_seqs,
+        str(reference_model_path()), device=args.device, dtype=dtype or args.dtype, max_num_seqs=max_num_seqs,
         num_kv_blocks=max_num_seqs * 200 + 256, max_model_len=4096, speculative=speculative,
+        max_cuda_graph_batch_size=graph_rows(max_num_seqs, speculative),
     )
 
 
@@ -129,8 +142,6 @@ def run_docqa_single(args: argparse.Namespace, prompts: list[tuple[str, str]]) -
     voided = {mode: eng.stats["num_voided_drafts"] for mode, eng in engines.items()}  # warm-up and repeats included
     for eng in engines.values():
         eng.close()
-    if args.dtype == "float32":
-        assert same == len(prompts), f"{len(prompts) - same} answers differ with speculation (float32)"
     summary: dict[str, Any] = {"questions": len(prompts), "token_identical": same}
     for mode, row in per.items():
         tokens = sum(row["tokens"])
@@ -180,6 +191,19 @@ def run_docqa_batch(args: argparse.Namespace, prompts: list[tuple[str, str]], ba
     return row
 
 
+def run_identity(args: argparse.Namespace, prompts: list[tuple[str, str]]) -> dict[str, Any]:
+    """Greedy answers in float32 with and without speculation, one request at a time (untimed)."""
+    params = SamplingParams(max_tokens=MAX_NEW)
+    answers = {}
+    for mode, spec in (("plain", None), ("spec", settings(args))):
+        eng = reference_engine(args, spec, 4, dtype="float32")
+        answers[mode] = [eng.generate([p], params)[0] for _, p in prompts]
+        eng.close()
+    same = sum(a.token_ids == b.token_ids for a, b in zip(answers["plain"], answers["spec"]))
+    return {"dtype": "float32", "questions": len(prompts), "token_identical": same,
+            "accepted_tokens": sum(o.usage.num_accepted_tokens for o in answers["spec"])}
+
+
 class ReplayDrafter:
     """Proposes the model's own greedy continuation of a known prompt (`TARGETS`), each token right with
     probability `ACCEPTANCE` (decided once per position, so every run replays the same drafts)."""
@@ -208,7 +232,7 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     DRAFTERS["replay"] = ReplayDrafter  # type: ignore[assignment]
     shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
     cfg = model_config(shape, max_len=1024)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.replay_batches.split(",")]
     prompt_len, num_new = 512, 128
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 1000) for _ in range(prompt_len)] for _ in range(max(batches))]
@@ -217,7 +241,8 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     def make(spec: SpeculativeSettings | None) -> LocalEngine:
         blocks = max(batches) * -(-(prompt_len + num_new + 2 * args.k + 2) // 16) + 64
         config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=1024, max_num_seqs=max(batches),
-                              num_kv_blocks=blocks, speculative=spec)
+                              num_kv_blocks=blocks, speculative=spec,
+                              max_cuda_graph_batch_size=graph_rows(max(batches), spec))
         return LocalEngine.from_random(cfg, config, seed=0)
 
     def timed(eng: LocalEngine, batch: int) -> tuple[float, float, int, int, list[Completion]]:
@@ -268,13 +293,13 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--parts", default="docqa-1,docqa-batch,replay")
+    ap.add_argument("--parts", default=None, help="default: docqa-1,docqa-batch,replay (+ identity on CUDA)")
     ap.add_argument("--worlds", type=int, default=4)
-    ap.add_argument("--limit", type=int, default=None, help="docqa-1: only the first N questions (quick runs)")
+    ap.add_argument("--limit", type=int, default=None, help="docqa-1 / identity: only the first N questions")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=SpeculativeSettings.num_draft_tokens)
@@ -285,36 +310,48 @@ def main() -> None:
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU: torch intra-op threads (1 keeps timings steady on cores other processes share)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="a .json file, or a directory for speculative_<device>.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.acceptance = [float(a) for a in args.acceptance.split(",")]
-    parts = args.parts.split(",")
+    parts = (args.parts or "docqa-1,docqa-batch,replay" + (",identity" if args.device == "cuda" else "")).split(",")
+    out = Path(args.out)
+    out = out if out.suffix == ".json" else out / f"speculative_{args.device}.json"
     results: dict[str, Any] = {
         "command": "PYTHONPATH=. python bench/speculative.py " + " ".join(sys.argv[1:]),
         "hardware": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(), "seconds": {},
     }
-    prompts = docqa_prompts(args.worlds) if {"docqa-1", "docqa-batch"} & set(parts) else []
-    if "docqa-1" in parts:
-        results["docqa_1"] = run_docqa_single(args, prompts[: args.limit])
-        print(json.dumps(results["docqa_1"]), flush=True)
-    if "docqa-batch" in parts:
-        results["docqa_batch"] = []
-        for batch in (int(b) for b in args.batches.split(",")):
-            results["docqa_batch"].append(run_docqa_batch(args, prompts, batch))
-            print(json.dumps(results["docqa_batch"][-1]), flush=True)
-    if "replay" in parts:
-        args.batches = args.replay_batches
-        results["replay"] = run_replay(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
+    prompts = docqa_prompts(args.worlds) if {"docqa-1", "docqa-batch", "identity"} & set(parts) else []
+    runs = {
+        "docqa-1": ("docqa_1", lambda: run_docqa_single(args, prompts[: args.limit])),
+        "identity": ("identity", lambda: run_identity(args, prompts[: args.limit])),
+        "docqa-batch": ("docqa_batch", lambda: [run_docqa_batch(args, prompts, int(b)) for b in args.batches.split(",")]),
+        "replay": ("replay", lambda: run_replay(args)),
+    }
+    for part in parts:
+        key, run = runs[part]
+        start = time.perf_counter()
+        results[key] = run()
+        results["seconds"][part] = round(time.perf_counter() - start, 1)
+        print(f"{part}: {results['seconds'][part]} s", json.dumps(results[key])[:2000], flush=True)
+        write_json(out, results)  # after every part: a later part that fails or times out keeps these
     print_tables(results)
+    print(f"\nwrote {out}")
+    float32 = [results[k] for k in ("docqa_1", "identity") if k in results and (k == "identity" or args.dtype == "float32")]
+    differ = [f"{r['questions'] - r['token_identical']} of {r['questions']}" for r in float32 if r["token_identical"] != r["questions"]]
+    if differ:
+        print(f"FAILED: greedy answers differ with speculation in float32 ({', '.join(differ)})")
+    return 1 if differ else 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def print_tables(results: dict[str, Any]) -> None:
@@ -329,6 +366,9 @@ def print_tables(results: dict[str, Any]) -> None:
             print(f"| {mode} | {m['decode_steps_per_token']:.3f} | {m['decode_ms_per_token']:.2f} | {acc} |")
         print(f"\n{d['fewer_steps']:.2f}x fewer steps, {d['decode_speedup']:.2f}x faster decode; "
               f"{d['token_identical']}/{d['questions']} answers token-identical")
+    if "identity" in results:
+        i = results["identity"]
+        print(f"float32: {i['token_identical']}/{i['questions']} answers token-identical with speculation")
     for row in results.get("docqa_batch", []):
         print(f"batch {row['batch']}: plain {row['plain']['tokens_per_s']:.1f} tok/s, spec {row['spec']['tokens_per_s']:.1f} "
               f"tok/s ({100 * row['throughput_change']:+.1f}%), {row['token_identical']}/{row['batch']} identical")
@@ -342,4 +382,4 @@ def print_tables(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
