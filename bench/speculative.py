@@ -316,7 +316,11 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.acceptance = [float(a) for a in args.acceptance.split(",")]
-    parts = (args.parts or "docqa-1,docqa-batch,replay" + (",identity" if args.device == "cuda" else "")).split(",")
+    default = "docqa-1,identity,docqa-batch,replay" if args.device == "cuda" else "docqa-1,docqa-batch,replay"
+    parts = (args.parts or default).split(",")
+    unknown = sorted(set(parts) - {"docqa-1", "identity", "docqa-batch", "replay"})
+    if unknown:
+        ap.error(f"--parts {unknown} unknown; choose from docqa-1, identity, docqa-batch, replay")
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / f"speculative_{args.device}.json"
     results: dict[str, Any] = {
