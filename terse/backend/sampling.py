@@ -42,22 +42,29 @@ def sample_next(
     if not sampled_rows:
         return out
     rows = torch.tensor(sampled_rows, device=logits.device)
-    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
-    top_ps = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
-    probs = torch.softmax(logits[rows].float() / temps[:, None], dim=-1)  # [R, V]
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    cum = sorted_probs.cumsum(dim=-1)
-    # Drop a token when the mass before it already reaches top_p; the first token always stays.
-    sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) >= top_ps[:, None], 0.0)
+    sorted_probs, sorted_ids = nucleus_probs(logits[rows], [params[i] for i in sampled_rows])
     cum = sorted_probs.cumsum(dim=-1)  # [R, V], last column = kept mass
-    uniforms = _uniforms([generators[i] for i in sampled_rows], logits.device)  # [R]
+    uniforms = row_uniforms([generators[i] for i in sampled_rows], logits.device)  # [R]
     targets = uniforms * cum[:, -1]
     pick = torch.searchsorted(cum, targets[:, None], right=True).clamp_(max=cum.shape[-1] - 1)  # [R, 1]
     out[rows] = sorted_ids.gather(-1, pick).squeeze(-1)
     return out
 
 
-def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+def nucleus_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution each row samples from: softmax(logits / temperature) restricted to the top-p
+    nucleus (not renormalised). logits: [R, V], one non-greedy `params` per row. Returns (probs sorted
+    in descending order [R, V] float32, with the tokens outside the nucleus zeroed; their token ids [R, V])."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
+    probs = torch.softmax(logits.float() / temps[:, None], dim=-1)  # [R, V]
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    cum = sorted_probs.cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches top_p; the first token always stays.
+    return sorted_probs.masked_fill((cum - sorted_probs) >= top_ps[:, None], 0.0), sorted_ids
+
+
+def row_uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
     """One U[0, 1) number per row: seeded rows from their generator, the rest from one shared draw."""
     values = torch.rand(len(generators), device=device)
     for i, gen in enumerate(generators):

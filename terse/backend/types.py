@@ -129,6 +129,10 @@ class Usage:
     """Prompt tokens whose KV came from a prefix cache instead of being prefilled."""
     completion_tokens: int
     """Tokens generated."""
+    num_draft_tokens: int = 0
+    """Speculative decoding (local engine): draft tokens verified for this request."""
+    num_accepted_tokens: int = 0
+    """Of those, accepted (each saved the request a forward step)."""
 
     @property
     def total_tokens(self) -> int:
@@ -139,6 +143,8 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.cached_prompt_tokens + other.cached_prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+            self.num_draft_tokens + other.num_draft_tokens,
+            self.num_accepted_tokens + other.num_accepted_tokens,
         )
 
 

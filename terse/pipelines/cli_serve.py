@@ -63,6 +63,13 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparse-patterns", default=None, metavar="FILE",
                        help="per-head patterns from `terse sparse-patterns` (default: the model directory's "
                        "sparse_patterns.json, else built-in defaults); implies --sparse-prefill")
+    group.add_argument("--speculative", default=None, metavar="METHOD",
+                       help="speculative decoding: 'prompt_lookup' drafts from the prompt and earlier output "
+                       "(copied spans come out several tokens per step; greedy output unchanged)")
+    group.add_argument("--speculative-tokens", type=int, default=None, metavar="K",
+                       help="most draft tokens verified per step and sequence (default 4)")
+    group.add_argument("--speculative-ngram", default=None, metavar="MIN:MAX",
+                       help="suffix lengths matched, longest first (default 1:3)")
     group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
                        "(see the --quantization-* flags)")
     add_quantization_arguments(group)
@@ -76,6 +83,9 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["kv_cache_memory"] = args.kv_cache_memory
     if args.sparse_prefill or args.sparse_patterns:
         options["sparse_prefill"] = {"enabled": True, "patterns_path": args.sparse_patterns}
+    speculative = _speculative_options(args)
+    if speculative is not None:
+        options["speculative"] = speculative
     options.update(quantization_options(args))  # INT4 weight-only quantization (cli_quantize.py)
     if not options:
         return options
@@ -87,6 +97,23 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
     EngineConfig.from_options(options)  # a bad size or a missing patterns file fails here (_flag_names)
     return options
+
+
+def _speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `speculative` table from --speculative and its options (None when speculation is off)."""
+    if args.speculative is None:
+        if args.speculative_tokens is not None or args.speculative_ngram is not None:
+            raise ConfigError("--speculative-tokens / --speculative-ngram need --speculative prompt_lookup")
+        return None
+    table: dict[str, Any] = {"method": args.speculative}
+    if args.speculative_tokens is not None:
+        table["num_draft_tokens"] = args.speculative_tokens
+    if args.speculative_ngram is not None:
+        low, sep, high = args.speculative_ngram.partition(":")
+        if not (sep and low.isdigit() and high.isdigit()):
+            raise ConfigError(f"--speculative-ngram {args.speculative_ngram!r} must be MIN:MAX, e.g. 1:3")
+        table["min_ngram"], table["max_ngram"] = int(low), int(high)
+    return table
 
 
 def _hooks(args: argparse.Namespace, backend: Any) -> list[Any]:
@@ -242,6 +269,8 @@ _CONFIG_FLAGS = {
     "port": "--port", "max_body_bytes": "--max-body-bytes", "max_messages": "--max-messages",
     "max_tokens_limit": "--max-tokens-limit", "upstream_url": "--upstream", "api_key": "--api-key",
     "kv_cache_memory": "--kv-cache-memory", "sparse_prefill.patterns_path": "--sparse-patterns",
+    "speculative.method": "--speculative", "speculative.num_draft_tokens": "--speculative-tokens",
+    "speculative.min_ngram": "--speculative-ngram", "speculative.max_ngram": "--speculative-ngram",
 }
 
 

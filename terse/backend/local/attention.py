@@ -11,6 +11,13 @@ Before attention runs, each layer has written the step's K/V into the pool at `p
 (slot = block * block_size + offset; see the model's rope-and-store op); attention then reads keys and
 values through block tables, so a chunk sees the prefix cached or computed in earlier steps.
 
+A decode row that verifies a draft token is a decode query like any other (its own context length,
+one longer than the row before it: see inputs.py). The Triton kernel reads each row's keys itself, which
+is what the CUDA graphs capture. The torch path (eager) instead attends each sequence's decode rows
+together over its keys gathered once, in padded SDPA groups (`decode_groups`: one-row sequences in one
+group, sequences verifying a draft in another): gathering the keys per row would cost k + 1 times as
+much, and even a single row runs faster through SDPA than through the per-row reference.
+
 `AttentionBackend.plan` turns the step's layout into index tensors once (decode tables, padded prefill
 groups and their masks, the sparse prefill's gather indices); every layer's `AttentionPlan.attend`
 reuses them. Decode runs the Triton paged-decode kernel on CUDA (terse.kernels.paged_decode) or the
@@ -83,13 +90,17 @@ class AttentionPlan:
     slot_mapping: torch.Tensor
     """[T] int64: pool slot of each token's K/V."""
     num_decode_tokens: int
-    """The first `num_decode_tokens` tokens are single-token decodes, one per sequence."""
+    """The first `num_decode_tokens` tokens are decode rows: one per decoding sequence, plus one per
+    draft token it verifies."""
     decode_block_tables: torch.Tensor
     """[num_decode_tokens, W] int64 (entries past a sequence's blocks: any valid block, never read past
     its context length)."""
     decode_context_lens: torch.Tensor
     """[num_decode_tokens] int64: keys each decode query sees (its own token included)."""
     prefills: list[PrefillSpan] = field(default_factory=list)
+    decode_groups: list[PrefillGroup] = field(default_factory=list)
+    """Torch path: the decode rows attended per sequence over keys gathered once (empty: every decode
+    row goes through the backend's decode kernel)."""
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
     """Batched form of the dense spans that read cached KV (see `build_prefill_groups`)."""
     sparse: SparsePlan | None = None
@@ -107,9 +118,12 @@ class AttentionBackend:
 
     def __init__(
         self, *, decode: DecodeFn, block_size: int, num_q_per_kv: int, device: torch.device,
-        sparse_prefill: SparsePrefill | None = None,
+        sparse_prefill: SparsePrefill | None = None, group_decode_rows: bool = False,
     ) -> None:
         self.decode = decode
+        self.group_decode_rows = group_decode_rows
+        """Attend each sequence's decode rows together over its keys gathered once (`decode_groups`)
+        instead of through `decode` row by row (the torch path; CUDA graphs always use `decode`)."""
         self.block_size = block_size
         self.num_q_per_kv = num_q_per_kv
         self.device = device
@@ -117,9 +131,11 @@ class AttentionBackend:
 
     def plan(
         self, slot_mapping: torch.Tensor, decode_block_tables: torch.Tensor, decode_context_lens: torch.Tensor,
-        prefills: list[PrefillSpan] | None = None,
+        prefills: list[PrefillSpan] | None = None, decode_rows: list[tuple[int, int]] | None = None,
     ) -> AttentionPlan:
-        """The step's plan: decode tensors as given, prefill groups and the sparse plan built here."""
+        """The step's plan: decode tensors as given, prefill groups and the sparse plan built here.
+        `decode_rows`: (first row, rows) of each decoding sequence, one-row sequences first; grouped when
+        `group_decode_rows` (None: every decode row goes through `decode`)."""
         spans = prefills or []
         sparse_spans = [s for s in spans if s.sparse]
         sparse_plan = None
@@ -129,9 +145,16 @@ class AttentionBackend:
         groups = build_prefill_groups(
             spans, block_size=self.block_size, num_q_per_kv=self.num_q_per_kv, device=self.device
         )
+        decode_groups = []
+        if decode_rows and self.group_decode_rows:
+            for rows in ([r for r in decode_rows if r[1] == 1], [r for r in decode_rows if r[1] > 1]):
+                if rows:
+                    decode_groups.append(
+                        decode_group(rows, decode_block_tables, decode_context_lens, self.block_size, self.num_q_per_kv)
+                    )
         return AttentionPlan(
-            self, slot_mapping, len(decode_context_lens), decode_block_tables, decode_context_lens, spans, groups,
-            sparse_plan,
+            self, slot_mapping, len(decode_context_lens), decode_block_tables, decode_context_lens, spans,
+            decode_groups, groups, sparse_plan,
         )
 
     def attend(
@@ -139,10 +162,13 @@ class AttentionBackend:
         layer_index: int,
     ) -> torch.Tensor:
         num_dec = plan.num_decode_tokens
-        if not plan.prefills:
+        if not plan.prefills and not plan.decode_groups:
             return self.decode(q, layer_kv, plan.decode_block_tables, plan.decode_context_lens)
         out = torch.empty_like(q)
-        if num_dec:
+        if plan.decode_groups:
+            for group in plan.decode_groups:
+                out[group.valid_rows] = grouped_attention(q, layer_kv, group)
+        elif num_dec:
             out[:num_dec] = self.decode(q[:num_dec], layer_kv, plan.decode_block_tables, plan.decode_context_lens)
         for span in plan.prefills:
             if is_solo_span(span):
@@ -223,6 +249,29 @@ def _make_group(spans: list[PrefillSpan], block_size: int, g: int, device: torch
     j = torch.arange(max_blocks * block_size, device=device)[None, None, :]
     mask = (j <= (ctx - q_len[:, :, None]) + i[:, :, None]) & (j < ctx)  # [N, max_q, S]
     mask = mask[:, None].expand(-1, g, -1, -1).reshape(len(spans), 1, g * max_q, -1)
+    return PrefillGroup(
+        span_rows, to_device(valid_rows, torch.int64, device), to_device(valid_slots, torch.int64, device), tables, mask
+    )
+
+
+def decode_group(
+    rows: list[tuple[int, int]], block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, g: int
+) -> PrefillGroup:
+    """Decode rows of some sequences as one padded group: each sequence's rows attend its keys, gathered
+    once, row i seeing the first context_lens[row i] of them (lengths the device may have shifted).
+    rows: (first row, number of rows) per sequence; block_tables [R, W], context_lens [R] of the decode rows."""
+    device = context_lens.device
+    max_q = max(n for _, n in rows)
+    first = to_device([f for f, _ in rows], torch.int64, device)
+    num = to_device([n for _, n in rows], torch.int64, device)[:, None]  # [N, 1]
+    i = torch.arange(max_q, device=device)[None, :]
+    span_rows = first[:, None] + torch.where(i < num, i, 0)  # [N, max_q]
+    valid_rows = [f + r for f, n in rows for r in range(n)]
+    valid_slots = [k * max_q + r for k, (_, n) in enumerate(rows) for r in range(n)]
+    tables = block_tables.index_select(0, first)  # [N, W]
+    j = torch.arange(tables.shape[1] * block_size, device=device)[None, None, :]
+    mask = j < context_lens[span_rows][:, :, None]  # [N, max_q, S]: causal, the lengths grow row by row
+    mask = mask[:, None].expand(-1, g, -1, -1).reshape(len(rows), 1, g * max_q, -1)
     return PrefillGroup(
         span_rows, to_device(valid_rows, torch.int64, device), to_device(valid_slots, torch.int64, device), tables, mask
     )

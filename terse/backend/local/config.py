@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from terse.backend.local.quant.config import QuantizationConfig
+from terse.backend.local.speculative import SpeculativeSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
 from terse.kernels.prefill_config import EstimateConfig, SparsePrefillConfig
@@ -106,7 +107,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs for padded batch sizes (CUDA only; ignored on CPU)."""
     max_cuda_graph_batch_size: int = 256
-    """Largest decode batch captured as a CUDA graph; larger decode batches run eagerly."""
+    """Largest decode batch captured as a CUDA graph, in rows (a sequence verifying k draft tokens takes
+    k + 1); larger decode batches run eagerly."""
     default_streaming_kv: StreamingKV | None = None
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
@@ -115,6 +117,8 @@ class EngineConfig:
     """INT4 weight-only quantization when the model loads (`QuantizationConfig`; "int4" or a dict of its
     fields is accepted and converted); None keeps the checkpoint's weights (a GPTQ / AWQ / terse-quantized
     checkpoint loads quantized either way)."""
+    speculative: SpeculativeSettings | None = None
+    """Speculative decoding (see `speculative.py`): None decodes one token per step and sequence."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantization", QuantizationConfig.parse(self.quantization))
@@ -133,6 +137,11 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1 or None")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2 or None (model default)")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeSettings):
+            raise ConfigError(
+                f"speculative={self.speculative!r} must be a SpeculativeSettings or None, e.g. "
+                f"SpeculativeSettings(num_draft_tokens=4) (from options: 'prompt_lookup' or a table of its fields)"
+            )
         if not isinstance(self.sparse_prefill, SparsePrefillSettings):
             raise ConfigError(
                 f"sparse_prefill={self.sparse_prefill!r} must be a SparsePrefillSettings, e.g. "
@@ -143,7 +152,8 @@ class EngineConfig:
     def from_options(cls, options: Mapping[str, Any]) -> EngineConfig:
         """Build from plain data (keyword options, a parsed JSON / TOML table): unknown names raise;
         `kv_cache_memory` may be a size string ("8GiB", "0.3"); `sparse_prefill` may be true / false or a
-        table of `SparsePrefillSettings` fields; `default_streaming_kv` a table of `StreamingKV` fields."""
+        table of `SparsePrefillSettings` fields; `default_streaming_kv` a table of `StreamingKV` fields;
+        `speculative` a method name ("prompt_lookup"), true / false or a table of `SpeculativeSettings` fields."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -156,10 +166,25 @@ class EngineConfig:
             values["sparse_prefill"] = SparsePrefillSettings(enabled=sparse)
         elif isinstance(sparse, Mapping):
             values["sparse_prefill"] = SparsePrefillSettings.from_table(sparse)
+        values["speculative"] = _speculative(values.get("speculative"))
         streaming = values.get("default_streaming_kv")
         if isinstance(streaming, Mapping):
             values["default_streaming_kv"] = _build(StreamingKV, streaming, "default_streaming_kv")
         return cls(**values)
+
+
+def _speculative(value: Any) -> Any:
+    """`speculative` from plain data: a method name ("prompt_lookup"), true / false / none, or a table of
+    `SpeculativeSettings` fields."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "none", "off")):
+        return None
+    if value is True:
+        return SpeculativeSettings()
+    if isinstance(value, str):
+        return SpeculativeSettings(method=value)  # type: ignore[arg-type]
+    if isinstance(value, Mapping):
+        return _build(SpeculativeSettings, value, "speculative")
+    return value
 
 
 def _build(kind: Any, values: Mapping[str, Any], name: str) -> Any:

@@ -19,7 +19,12 @@ collected and its tokens advanced the grammars (`ModelRunner.sample_late`), befo
     host:    launch N+1 (free rows sampled) | wait N, advance grammars | mask + sample N+1's constrained rows | ...
 
 Log-probabilities (`SamplingParams.logprobs`) are computed on the device beside the sampled ids, for the
-rows that ask only, and come back with them. A request that fails (bad tokens, a detokenizer error, a failed step) fails its own handle; the loop
+rows that ask only, and come back with them.
+
+Speculative decoding (`EngineConfig.speculative`, speculative.py) keeps the overlap too: drafts for step
+N+1 are built on what step N is assumed to yield and checked on the device; a collected step hands each
+sequence its accepted draft tokens plus one, which are streamed, stopped and counted one by one, and the
+KV manager rolls back the blocks of rejected positions. A request that fails (bad tokens, a detokenizer error, a failed step) fails its own handle; the loop
 keeps going.
 """
 
@@ -57,6 +62,7 @@ from terse.backend.local.runner import ModelRunner, StepHandle
 from terse.backend.local.scheduler import Scheduler, StepPlan
 from terse.backend.local.sequence import Sequence as Seq
 from terse.backend.local.sparse_prefill import build_sparse_prefill
+from terse.backend.local.speculative import Speculator
 from terse.backend.sampling import make_generator
 from terse.backend.textstream import TextStream
 from terse.backend.tokenization import (
@@ -112,8 +118,9 @@ class LocalEngine(BackendBase):
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
+        decode = self._decode_kernel()
         attention = AttentionBackend(
-            decode=self._decode_kernel(), block_size=config.kv_block_size,
+            decode=decode, block_size=config.kv_block_size, group_decode_rows=decode is paged_decode_reference,
             num_q_per_kv=model_config.num_heads // model_config.num_kv_heads, device=self.device,
             sparse_prefill=build_sparse_prefill(
                 config.sparse_prefill, parts.model_name, model_config.num_layers, model_config.num_heads
@@ -121,11 +128,13 @@ class LocalEngine(BackendBase):
         )
         self.runner = ModelRunner(model, self.pool, attention, device=self.device, max_model_len=self._max_model_len)
         if self.device.type == "cuda" and config.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(config.max_cuda_graph_batch_size, config.max_num_seqs))
+            rows_per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative is not None else 0)
+            self.runner.capture_cuda_graphs(min(config.max_cuda_graph_batch_size, config.max_num_seqs * rows_per_seq))
         tok = self.tokenizer
         self.eos_token_ids = eos_token_ids(tok, model_config) if tok is not None else frozenset(model_config.eos_token_ids)
         self._bos_context = context_ids(tok) if tok is not None else []
         self._grammar = grammar_compiler(tok, model_config.vocab_size, sorted(self.eos_token_ids))
+        self.speculator = Speculator(config.speculative, self.kv) if config.speculative is not None else None
         self._requests: dict[int, Request] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -197,6 +206,8 @@ class LocalEngine(BackendBase):
         validate_prompt(seq, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size)
         seq.generator = make_generator(params.seed, self.device)
         seq.constraint = grammar_state(self._grammar, params, seq.max_len - seq.num_prompt_tokens)  # local/grammar.py
+        if self.speculator is not None:
+            self.speculator.attach(seq)  # indexes the prompt here, not on the loop thread
         handle = RequestHandle(f"local-{seq.seq_id}", on_cancel=lambda: self._send("cancel", seq.seq_id))
         stream = TextStream(self.tokenizer, params.stop, prompt_ids) if self.tokenizer is not None else None
         self._send("add", (Request(seq, handle, stream), None))
@@ -297,7 +308,10 @@ class LocalEngine(BackendBase):
         """Counters since start (steps, prefill/decode/cached tokens, preemptions, failed steps, decode
         inputs taken on the device from the step before, constrained rows sampled late) and gauges read
         now (requests running / waiting, KV blocks in the pool / free / held by the prefix cache / in use).
+        Speculative decoding: draft tokens verified and accepted, sequence-steps that verified a draft, and
+        drafts voided because they rested on a wrong guess of the step still in flight.
         Read-only and lock-free: a reading taken while a step runs may be one step stale."""
+        spec = self.speculator
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -314,6 +328,10 @@ class LocalEngine(BackendBase):
             "num_failed_steps": self.num_failed_steps,
             "num_device_inputs": self.runner.num_device_inputs,
             "num_late_samples": self.runner.num_late_samples,
+            "num_draft_tokens": spec.num_draft_tokens if spec is not None else 0,
+            "num_accepted_tokens": spec.num_accepted_tokens if spec is not None else 0,
+            "num_verify_steps": spec.num_verify_steps if spec is not None else 0,
+            "num_voided_drafts": spec.num_voided_drafts if spec is not None else 0,
         }
 
     # -- helpers on the caller's thread ---------------------------------------------------------
@@ -379,6 +397,8 @@ class LocalEngine(BackendBase):
     def _launch(self) -> StepHandle | None:
         """Schedule the next step and queue it on the device; None when there is nothing to run."""
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         t1 = time.perf_counter()
         self.host_seconds["schedule"] += t1 - t0
@@ -392,8 +412,10 @@ class LocalEngine(BackendBase):
         self.scheduler.on_step_launched(plan)
         for seq in handle.sampled_seqs:
             seq.append_pending()
+        if self.speculator is not None:
+            self.speculator.on_launched(plan, handle.sampled_seqs)
         self.num_steps += 1
-        self.num_decode_tokens += len(plan.decodes)
+        self.num_decode_tokens += sum(c.num_new_tokens for c in plan.decodes)
         self.num_prefill_tokens += sum(c.num_new_tokens for c in plan.prefills)
         for chunk in plan.prefills:  # usage reports the cache hit of the first admission
             request = self._requests.get(chunk.seq.seq_id)
@@ -412,11 +434,11 @@ class LocalEngine(BackendBase):
             return
         t1 = time.perf_counter()
         self.host_seconds["wait"] += t1 - t0
-        for (seq, token_id), logprob in zip(output.sampled, output.logprobs):
+        current = handle.preemptions_at_launch
+        for (seq, token_ids), logprobs, num_accepted in zip(output.sampled, output.logprobs, output.accepted):
             request = self._requests.get(seq.seq_id)
             if request is not None:
-                self._on_token(request, token_id, logprob)
-        current = handle.preemptions_at_launch
+                self._on_tokens(request, token_ids, logprobs, num_accepted, seq.num_preemptions == current[seq.seq_id])
         for seq, score in output.scores:  # not after a preemption: the recompute scores again
             if seq.seq_id in self._requests and seq.num_preemptions == current[seq.seq_id]:
                 seq.prompt_logprobs.append(score)
@@ -435,9 +457,31 @@ class LocalEngine(BackendBase):
             self._fail_step(handle.plan, e)
         self.host_seconds["late"] += time.perf_counter() - t0
 
-    def _on_token(self, request: Request, token_id: int, logprob: TokenLogprob | None = None) -> None:
+    def _on_tokens(
+        self, request: Request, token_ids: list[int], logprobs: list[TokenLogprob | None], num_accepted: int,
+        kv_kept: bool,
+    ) -> None:
+        """A collected step's tokens for one request: its sampled token, or its accepted draft tokens and
+        the one after them. `kv_kept`: the sequence was not preempted since the step was launched."""
         seq = request.seq
-        seq.resolve_pending(token_id)
+        if self.speculator is not None:
+            self.speculator.on_collected(seq, token_ids, num_accepted)
+        if kv_kept:
+            seq.num_computed_tokens += num_accepted  # the accepted draft positions hold valid KV
+        for i, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
+            if i == 0:
+                seq.resolve_pending(token_id)
+            else:
+                seq.insert_resolved(token_id)
+            if not self._on_token(request, token_id, logprob):
+                return
+        if kv_kept and seq.spec is not None:
+            # rejected draft positions: keep what is computed and what the step in flight may still use
+            self.kv.rollback(seq, seq.num_computed_tokens + seq.num_speculative_tokens)
+
+    def _on_token(self, request: Request, token_id: int, logprob: TokenLogprob | None = None) -> bool:
+        """One resolved token: grammar, text delta, stops. False once the request ended."""
+        seq = request.seq
         request.mark_first_token()
         grammar_done = False
         if seq.constraint is not None:  # structured output: advance the grammar (local/grammar.py)
@@ -445,7 +489,7 @@ class LocalEngine(BackendBase):
                 grammar_done = seq.constraint.advance(token_id)
             except GrammarViolationError as e:
                 self._fail(request, e)
-                return
+                return False
         ends = token_id in self.eos_token_ids and not seq.params.ignore_eos
         logprobs = (logprob,) if logprob is not None and not ends else ()  # an ending EOS is no output
         request.token_logprobs.extend(logprobs)
@@ -458,13 +502,16 @@ class LocalEngine(BackendBase):
                     request.handle.emit(delta, logprobs)
         except Exception as e:  # a detokenizer failure ends this request only
             self._fail(request, e)
-            return
+            return False
         num_resolved = seq.num_tokens - seq.num_pending_tokens
         if stop_hit or grammar_done or ends:  # a grammar the budget closed ends "length" (local/grammar.py)
             closed = not stop_hit and seq.constraint is not None and seq.constraint.closed_by_budget
             self._finish(request, "length" if closed else "stop")
         elif num_resolved - seq.num_prompt_tokens >= seq.params.max_tokens or num_resolved >= seq.max_len:
             self._finish(request, "length")
+        else:
+            return True
+        return False
 
     def _finish(self, request: Request, reason: str) -> None:
         self._requests.pop(request.seq.seq_id, None)

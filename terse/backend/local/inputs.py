@@ -9,6 +9,13 @@ Integers are packed into one pinned host buffer and sent with one non-blocking c
 
 A decode input may still be on the device (`PENDING_TOKEN`: sampled by the step launched just before
 and not yet read back); its row gets 0 here and the runner copies the sampled id in on the device.
+
+A decode chunk that verifies a draft takes one row per token, each a decode query of its own over the
+sequence's block table, its context one longer than the row before (causal attention within the chunk):
+
+    rows:       x   d1   d2   d3          x: the input token, d: the draft
+    positions:  p   p+1  p+2  p+3         (+ the accepted count of the step in flight, added on the device
+    context:    c+1 c+2  c+3  c+4          when that step verified a draft: see carry.py)
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from terse.backend.local.staging import pinned_empty, send
 
 class DecodeBatch(NamedTuple):
     """One decode step's inputs, padded to `size` rows (padding rows: id 0, position 0, the scratch
-    slot and block, context length 1). The CUDA graphs take exactly these tensors."""
+    slot and block, context length 1): a row per input token and per draft token. The CUDA graphs take
+    exactly these tensors."""
 
     input_ids: torch.Tensor
     """[size] int64."""
@@ -49,9 +57,9 @@ class MixedBatch(NamedTuple):
     slot_mapping: torch.Tensor
     """[T] int64."""
     block_tables: torch.Tensor
-    """[num decodes, W] int64."""
+    """[num decode rows, W] int64."""
     context_lens: torch.Tensor
-    """[num decodes] int64."""
+    """[num decode rows] int64."""
     spans: list[PrefillSpan]
 
 
@@ -59,26 +67,34 @@ def _token(token_id: int) -> int:
     return token_id if token_id >= 0 else 0  # pending: filled in on the device
 
 
+def num_decode_rows(chunks: list[ScheduledChunk]) -> int:
+    return sum(c.num_new_tokens for c in chunks)
+
+
 def prepare_decode(
     chunks: list[ScheduledChunk], size: int, block_size: int, scratch_block: int, device: torch.device
 ) -> DecodeBatch:
-    """The decode rows of `chunks` (one token each), padded to `size` rows."""
+    """The decode rows of `chunks` (the input token, then any draft tokens), padded to `size` rows."""
     width = max(max((len(c.kv.block_ids) for c in chunks), default=1), 1)
     host = pinned_empty(size * (4 + width), torch.int64, device)
     arr = host.numpy()
     ids, pos, slots, lens = (arr[i * size : (i + 1) * size] for i in range(4))
     tables = arr[4 * size :].reshape(size, width)
     ids[:], pos[:], slots[:], lens[:], tables[:] = 0, 0, scratch_block * block_size, 1, scratch_block
-    for i, chunk in enumerate(chunks):
+    row = 0
+    for chunk in chunks:
         seq, kv = chunk.seq, chunk.kv
         p = seq.num_computed_tokens
         c = p - kv.num_dropped_tokens
         blocks = kv.block_ids
-        ids[i] = _token(seq.token_ids[p])
-        pos[i] = p
-        slots[i] = blocks[c // block_size] * block_size + c % block_size
-        lens[i] = c + 1
-        tables[i, : len(blocks)] = blocks
+        draft = chunk.draft.tokens if chunk.draft is not None else ()
+        for i in range(chunk.num_new_tokens):
+            ids[row] = _token(seq.token_ids[p]) if i == 0 else draft[i - 1]
+            pos[row] = p + i
+            slots[row] = blocks[(c + i) // block_size] * block_size + (c + i) % block_size
+            lens[row] = c + i + 1
+            tables[row, : len(blocks)] = blocks
+            row += 1
     dev = send(host, device)
     return DecodeBatch(
         dev[:size], dev[size : 2 * size], dev[2 * size : 3 * size], dev[4 * size :].view(size, width),
@@ -92,9 +108,10 @@ def prepare_mixed(
 ) -> MixedBatch:
     """Flat inputs of a step with prefill chunks. `sparse_min_len`: chunks of at least this many new
     tokens are marked for the sparse prefill (None: sparse prefill off)."""
-    dec = prepare_decode(decodes, len(decodes), block_size, 0, device) if decodes else None
+    num_rows = num_decode_rows(decodes)
+    dec = prepare_decode(decodes, num_rows, block_size, 0, device) if decodes else None
     ids, pos, slots, spans = [], [], [], []
-    row = len(decodes)
+    row = num_rows
     for chunk in prefills:
         seq, kv = chunk.seq, chunk.kv
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_new_tokens
@@ -108,7 +125,7 @@ def prepare_mixed(
         sparse = sparse_min_len is not None and end - start >= sparse_min_len
         spans.append(PrefillSpan(row, end - start, kv_end, kv.block_ids[: -(-kv_end // block_size)], sparse))
         row += end - start
-    num_prefill = row - len(decodes)
+    num_prefill = row - num_rows
     host = pinned_empty(3 * num_prefill, torch.int64, device)
     arr = host.numpy()
     arr[:num_prefill] = np.concatenate(ids)

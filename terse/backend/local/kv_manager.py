@@ -7,6 +7,9 @@ questions in sequence terms:
     free(seq)                    publish the computed full blocks to the prefix cache, drop the rest
     cache_computed(seq)          publish newly completed prompt blocks while the sequence still runs
     take_pending_copies()        KV block copies the next step must apply before it runs
+    speculation_span(seq)        read-only: positions from the next query on that see the same KV (drafts
+                                 stay within it, so verifying them sees what one-token steps would)
+    rollback(seq, n)             drop the blocks of rejected draft positions (none below position n)
 
 Nobody else touches the allocator, the tree or a policy. Admission of a sequence with a cached prefix
 (block size 4, 10 prompt tokens, 8 of them cached in blocks 7 and 2; 6 free blocks, lowest id first):
@@ -112,6 +115,11 @@ class KVManager:
             return NO_PREFIX
         return PrefixLookup(len(hit.block_ids) * self.block_size, hit)
 
+    def speculation_span(self, seq: Sequence) -> int:
+        """How many query positions from `seq.num_computed_tokens` on see the same KV under its policy."""
+        kv = self._seqs[seq.seq_id]
+        return kv.policy.max_span(kv, seq.num_computed_tokens, self.block_size)
+
     # -- allocation ------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int, lookup: PrefixLookup = NO_PREFIX) -> bool:
         """Give `seq` KV slots for `num_new_tokens` more tokens, evicting unpinned prefix-cache leaves
@@ -194,6 +202,16 @@ class KVManager:
             self._publish(seq, kv)
         self._unpin(kv)
         self.allocator.decref(kv.block_ids + kv.side_block_ids)
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the blocks that only positions from `num_tokens` on use: blocks allocated for draft
+        positions that were rejected. Those blocks hold no published KV (publication stops at the computed
+        tokens) and belong to this sequence alone. Stale KV left in a kept block past `num_tokens` is
+        never read (attention stops at the context length) and is overwritten when those positions are
+        computed again."""
+        kv = self._seqs.get(seq.seq_id)
+        if kv is not None:
+            self.allocator.decref(kv.policy.truncate(kv, num_tokens, self.block_size))
 
     def cache_computed(self, seq: Sequence) -> None:
         """Publish the full blocks `seq` has computed so far (siblings can share them at once)."""

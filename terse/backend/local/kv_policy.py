@@ -74,6 +74,17 @@ class KVPolicy(Protocol):
         """Add freshly allocated blocks to the layout; returns a copy the step needs first, if any."""
         ...
 
+    def truncate(self, kv: SeqKV, end: int, block_size: int) -> list[int]:
+        """Remove the trailing blocks no position below `end` maps to (speculative rollback: blocks taken
+        for rejected draft positions). Returns the removed block ids (the caller drops its references)."""
+        ...
+
+    def max_span(self, kv: SeqKV, first_query: int, block_size: int) -> int:
+        """How many consecutive query positions from `first_query` on see exactly the KV this policy keeps
+        for a query at `first_query` (a speculative step must not verify past it: queries beyond would see
+        KV a one-token step would already have released)."""
+        ...
+
 
 class DenseKVPolicy:
     """Every computed token keeps its KV: blocks = ceil(tokens / block_size)."""
@@ -94,6 +105,23 @@ class DenseKVPolicy:
     def place(self, kv: SeqKV, new_block_ids: list[int], block_size: int) -> KVCopy | None:
         kv.block_ids += new_block_ids
         return None
+
+    def truncate(self, kv: SeqKV, end: int, block_size: int) -> list[int]:
+        return truncate_table(kv, -(-end // block_size))
+
+    def max_span(self, kv: SeqKV, first_query: int, block_size: int) -> int:
+        return UNBOUNDED_SPAN
+
+
+UNBOUNDED_SPAN = 1 << 62
+"""`max_span` of a policy that never releases KV."""
+
+
+def truncate_table(kv: SeqKV, num_blocks: int) -> list[int]:
+    """Cut `kv.block_ids` to its first `num_blocks` entries; returns the removed ids."""
+    removed = kv.block_ids[num_blocks:]
+    del kv.block_ids[num_blocks:]
+    return removed
 
 
 DENSE = DenseKVPolicy()

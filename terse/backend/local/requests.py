@@ -53,6 +53,8 @@ class Request:
             prompt_tokens=seq.num_prompt_tokens,
             cached_prompt_tokens=min(seq.num_cached_tokens if cached is None else cached, seq.num_prompt_tokens),
             completion_tokens=seq.num_output_tokens,
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_tokens=seq.num_accepted_tokens,
         )
         text = self.stream.text if self.stream is not None else ""
         logprobs = tuple(self.token_logprobs) if seq.params.logprobs is not None else None

@@ -20,35 +20,53 @@ outside any captured graph, in two places:
 
 So a constrained sequence decodes in every step, like a free one, and a step without constraints does
 exactly what it did without this hook.
+
+Speculative decoding: a sequence verifying a draft has a logit row per input and draft token; the free
+rows of a step with any draft go through `verify` (verify.py) instead of `sample_next`, which yields per
+sequence its accepted draft tokens and one more. What the next step needs from this one (input tokens,
+accepted counts for shifting positions, gates) stays on the device (carry.py). A step without drafts
+does exactly what it did before.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
 
 from terse.backend.attention_kernels import no_cudnn_attention
 from terse.backend.local.attention import AttentionBackend
+from terse.backend.local.carry import NO_GATES, DecodeRows, Gates, StepCarry, take_carry
 from terse.backend.local.cuda_graph import DecodeGraphs
 from terse.backend.local.grammar import GrammarMasks
-from terse.backend.local.inputs import DecodeBatch, prepare_decode, prepare_mixed
+from terse.backend.local.inputs import DecodeBatch, num_decode_rows, prepare_decode, prepare_mixed
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
 from terse.backend.local.scheduler import ScheduledChunk, StepPlan
-from terse.backend.local.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from terse.backend.local.sequence import Draft, Sequence, SequenceStatus
 from terse.backend.local.staging import to_device
 from terse.backend.local.step import LateRows, StepHandle, StepOutput
+from terse.backend.local.verify import VerifyLayout, verify
 from terse.backend.sampling import LogprobRows, logprob_rows, sample_next
 
 __all__ = ["ModelRunner", "StepHandle", "StepOutput"]
 
 
+class _Sample(NamedTuple):
+    row: int
+    """First row in the flat batch."""
+    num_rows: int
+    """1, or 1 + len(draft) for a sequence verifying a draft."""
+    seq: Sequence
+    draft: Draft | None
+
+
 class _Rows(NamedTuple):
     """Which rows of a step's flat batch need logits, and why."""
 
-    sample: list[tuple[int, Sequence]]
-    """(row, sequence) of each chunk that completes its sequence and samples its next token."""
+    sample: list[_Sample]
+    """Each chunk that completes its sequence and samples its next token(s)."""
     score: list[tuple[int, Sequence, int]]
     """(row, scoring sequence, target token) per scored position, in position order."""
     completed: list[Sequence]
@@ -60,16 +78,25 @@ def _step_rows(plan: StepPlan) -> _Rows:
     row = 0
     for chunk in plan.chunks:
         seq, start = chunk.seq, chunk.seq.num_computed_tokens
-        end = start + chunk.num_new_tokens
+        end = start + chunk.num_new_tokens - chunk.num_draft_tokens  # draft rows follow the last token
         if seq.num_logprob_start is not None:
             for p in range(max(start, seq.num_logprob_start), min(end, seq.num_tokens - 1)):
                 rows.score.append((row + p - start, seq, seq.token_ids[p + 1]))
         if end == seq.num_tokens and seq.samples:
-            rows.sample.append((row + end - start - 1, seq))
+            rows.sample.append(_Sample(row + end - start - 1, 1 + chunk.num_draft_tokens, seq, chunk.draft))
         elif end == seq.num_tokens:
             rows.completed.append(seq)
         row += chunk.num_new_tokens
     return rows
+
+
+def _decode_rows(decodes: list[ScheduledChunk]) -> list[tuple[int, int]]:
+    """(first row, rows) of each decode chunk (one-token decodes first, then those verifying a draft)."""
+    out, row = [], 0
+    for chunk in decodes:
+        out.append((row, chunk.num_new_tokens))
+        row += chunk.num_new_tokens
+    return out
 
 
 class ModelRunner:
@@ -88,8 +115,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.grammar_masks = GrammarMasks(model.config.vocab_size, device)
         self._inv_freq = rope_inv_freq(model.config)
-        self._last_ids: torch.Tensor | None = None  # [N] ids sampled by the latest launched step
-        self._last_rows: dict[int, int] = {}  # seq_id -> its row in _last_ids
+        self._carry: StepCarry | None = None  # what the latest launched step left for the next one
         self.num_device_inputs = 0
         """Decode inputs copied on the device from the step before (launched before it was collected)."""
         self.num_late_samples = 0
@@ -104,7 +130,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the captured graphs and their static buffers (the engine is closing)."""
         self.graphs = None
-        self._last_ids = None
+        self._carry = None
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> StepHandle:
@@ -112,34 +138,59 @@ class ModelRunner:
         constrained rows returns an unsealed handle: call `sample_late` before the next launch."""
         for copy in plan.copies:
             self.pool.apply_copy(copy, self._inv_freq)
-        hidden = self._run_mixed(plan) if plan.prefills else self._run_decode(plan.decodes)  # [T, hidden]
+        hidden, gates = self._run_mixed(plan) if plan.prefills else self._run_decode(plan.decodes)  # [T, hidden]
         rows = _step_rows(plan)
-        free = [(r, s) for r, s in rows.sample if s.constraint is None]
-        late = [(r, s) for r, s in rows.sample if s.constraint is not None]
-        sampled = [s for _, s in free] + [s for _, s in late]
+        free = [x for x in rows.sample if x.seq.constraint is None]
+        late = [x for x in rows.sample if x.seq.constraint is not None]
+        sampled = [x.seq for x in free] + [x.seq for x in late]
+        first_rows = list(itertools.accumulate((x.num_rows for x in free), initial=0))
+        num_free_rows = first_rows.pop()
+        first_rows += range(num_free_rows, num_free_rows + len(late))
         free_ids: torch.Tensor | None = None
+        accepted: torch.Tensor | None = None
+        last_rows: torch.Tensor | None = None
         logprobs: LogprobRows | None = None
         if free:
-            free_seqs = [s for _, s in free]
-            logits = self.model.logits(self._rows(hidden, [r for r, _ in free]))  # [F, V]
-            free_ids = sample_next(logits, [s.params for s in free_seqs], [s.generator for s in free_seqs])  # [F]
-            logprobs = self._logprobs(logits, free_ids, free_seqs, list(range(len(free))))
+            row_seqs = [x.seq for x in free for _ in range(x.num_rows)]
+            logits = self.model.logits(self._rows(hidden, [x.row + i for x in free for i in range(x.num_rows)]))  # [Rf, V]
+            if num_free_rows > len(free):  # some sequence verifies a draft
+                layout = VerifyLayout.build([x.draft.tokens if x.draft is not None else () for x in free])
+                seqs = [x.seq for x in free]
+                checked = verify(logits, layout, [s.params for s in seqs], [s.generator for s in seqs], self._gate(gates, seqs))
+                free_ids, accepted, last_rows = checked.tokens, checked.accepted, checked.last_rows
+                if late:
+                    accepted = torch.cat((accepted, accepted.new_zeros(len(late))))
+                    last_rows = torch.cat((last_rows, to_device(first_rows[len(free) :], torch.int64, self.device)))
+            else:
+                free_ids = sample_next(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])  # [F]
+            logprobs = self._logprobs(logits, free_ids, row_seqs, list(range(num_free_rows)))
         next_ids = free_ids
         late_rows = None
         if late:  # the late rows' ids are written by sample_late, after the free ones
-            next_ids = torch.zeros(len(sampled), dtype=torch.int64, device=self.device)
+            next_ids = torch.zeros(num_free_rows + len(late), dtype=torch.int64, device=self.device)
             if free_ids is not None:
-                next_ids[: len(free)] = free_ids
-            late_rows = LateRows([s for _, s in late], self._rows(hidden, [r for r, _ in late]), len(free))
-        self._last_ids = next_ids
-        self._last_rows = {seq.seq_id: i for i, seq in enumerate(sampled)}
+                next_ids[:num_free_rows] = free_ids
+            late_rows = LateRows([x.seq for x in late], self._rows(hidden, [x.row for x in late]), num_free_rows)
+        index = {seq.seq_id: (i, first_rows[i]) for i, seq in enumerate(sampled)}
+        self._carry = StepCarry(next_ids, last_rows, accepted, index) if next_ids is not None else None
         scores = self._score(hidden, rows.score) if rows.score else None
-        handle = StepHandle(plan, sampled, next_ids, [s for _, s, _ in rows.score], scores, rows.completed, late_rows)
+        handle = StepHandle(
+            plan, sampled, next_ids, [s for _, s, _ in rows.score], scores, rows.completed, late_rows, first_rows, accepted
+        )
         if logprobs is not None:
             handle.add_logprobs(logprobs)
         if late_rows is None:
             handle.seal()
         return handle
+
+    def _gate(self, gates: Gates, seqs: list[Sequence]) -> torch.Tensor | None:
+        """[len(seqs)] bool: the device-decided gates of drafts built on a guess, True elsewhere."""
+        if gates.values is None:
+            return None
+        position = {s.seq_id: i for i, s in enumerate(seqs)}
+        gate = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
+        gate.index_copy_(0, to_device([position[i] for i in gates.seq_ids], torch.int64, self.device), gates.values)
+        return gate
 
     @torch.inference_mode()
     def sample_late(self, handle: StepHandle) -> None:
@@ -165,45 +216,44 @@ class ModelRunner:
         handle.seal()
 
     # -- forward passes --------------------------------------------------------------------------
-    def _run_decode(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
+    def _run_decode(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, Gates]:
         graphs = self.graphs
-        size = graphs.padded_size(len(decodes)) if graphs is not None else None
-        batch = prepare_decode(decodes, size or len(decodes), self.block_size, self.pool.scratch_block, self.device)
-        self._fill_pending(batch.input_ids, decodes)
+        num_rows = num_decode_rows(decodes)
+        size = graphs.padded_size(num_rows) if graphs is not None else None
+        batch = prepare_decode(decodes, size or num_rows, self.block_size, self.pool.scratch_block, self.device)
+        gates = self._take_carry(DecodeRows(*batch), decodes)
         if graphs is not None and size is not None:
-            return graphs.run(batch)
-        return self._forward_decode(batch)
+            return graphs.run(batch), gates
+        return self._forward_decode(batch, _decode_rows(decodes)), gates
 
-    def _forward_decode(self, batch: DecodeBatch) -> torch.Tensor:
-        """The decode forward (eager, and the function the CUDA graphs capture). -> [size, hidden]."""
-        plan = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens)
+    def _forward_decode(self, batch: DecodeBatch, decode_rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """The decode forward (eager, and the function the CUDA graphs capture, which attend every row
+        through the decode kernel). -> [size, hidden]."""
+        plan = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens, decode_rows=decode_rows)
         return self.model(batch.input_ids, batch.positions, self.pool, plan)
 
-    def _run_mixed(self, plan: StepPlan) -> torch.Tensor:
+    def _run_mixed(self, plan: StepPlan) -> tuple[torch.Tensor, Gates]:
         sparse = self.attention.sparse_prefill
         batch = prepare_mixed(
             plan.decodes, plan.prefills, self.block_size, self.device,
             sparse.config.min_sparse_q_len if sparse is not None else None,
         )
-        self._fill_pending(batch.input_ids, plan.decodes)
-        attn = self.attention.plan(batch.slot_mapping, batch.block_tables, batch.context_lens, batch.spans)
+        n = num_decode_rows(plan.decodes)
+        rows = DecodeRows(batch.input_ids[:n], batch.positions[:n], batch.slot_mapping[:n], batch.block_tables, batch.context_lens)
+        gates = self._take_carry(rows, plan.decodes)
+        attn = self.attention.plan(
+            batch.slot_mapping, batch.block_tables, batch.context_lens, batch.spans, _decode_rows(plan.decodes)
+        )
         with no_cudnn_attention(self.device):
-            return self.model(batch.input_ids, batch.positions, self.pool, attn)  # [T, hidden]
+            return self.model(batch.input_ids, batch.positions, self.pool, attn), gates  # [T, hidden]
 
-    def _fill_pending(self, input_ids: torch.Tensor, decodes: list[ScheduledChunk]) -> None:
-        """Copy decode inputs still on the device (sampled by the previous step) into `input_ids`."""
-        rows, src = [], []
-        for i, chunk in enumerate(decodes):
-            seq = chunk.seq
-            if seq.token_ids[seq.num_computed_tokens] == PENDING_TOKEN:
-                rows.append(i)
-                src.append(self._last_rows[seq.seq_id])
-        if not rows:
-            return
-        assert self._last_ids is not None
-        index = to_device(rows + src, torch.int64, self.device)
-        input_ids.index_copy_(0, index[: len(rows)], self._last_ids.index_select(0, index[len(rows) :]))
-        self.num_device_inputs += len(rows)
+    def _take_carry(self, rows: DecodeRows, decodes: list[ScheduledChunk]) -> Gates:
+        """Decode inputs still on the device (sampled by the previous step), shifted positions, gates."""
+        if not decodes:
+            return NO_GATES
+        num_filled, gates = take_carry(rows, decodes, self._carry, self.block_size)
+        self.num_device_inputs += num_filled
+        return gates
 
     # -- outputs ---------------------------------------------------------------------------------
     def _rows(self, values: torch.Tensor, rows: list[int]) -> torch.Tensor:

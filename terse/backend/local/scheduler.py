@@ -22,6 +22,11 @@ queue. Admissions never preempt.
 Steps overlap with the host (engine.py): a sequence may be scheduled while the token it decodes is
 still on the device. A sequence whose pending token already reaches its length limit is not scheduled,
 and a waiting sequence with a pending token waits until it arrives.
+
+Speculative decoding (speculative.py): a decoding sequence with a draft computes 1 + len(draft) rows,
+the draft shortened to the step's budget. Its KV slots reach `num_speculative_tokens` further than its
+computed count says (the step in flight may accept that many draft tokens). A draft never preempts
+anyone: when its blocks are not there, the sequence decodes one token instead.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import NamedTuple
 
 from terse.backend.local.kv_manager import KVManager
 from terse.backend.local.kv_policy import KVCopy, SeqKV
-from terse.backend.local.sequence import Sequence, SequenceStatus
+from terse.backend.local.sequence import Draft, Sequence, SequenceStatus
 
 
 class ScheduledChunk(NamedTuple):
@@ -41,6 +46,12 @@ class ScheduledChunk(NamedTuple):
     """Tokens computed this step, starting at `seq.num_computed_tokens`."""
     kv: SeqKV
     """Where the sequence's KV lives (read-only for the runner)."""
+    draft: Draft | None = None
+    """Decode chunks: the draft verified after the input token (num_new_tokens = 1 + len(draft.tokens))."""
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft.tokens) if self.draft is not None else 0
 
 
 @dataclass
@@ -48,6 +59,7 @@ class StepPlan:
     """What the runner computes in one step. Decodes come first in the flat batch."""
 
     decodes: list[ScheduledChunk] = field(default_factory=list)
+    """One-token decodes first, then the decodes that verify a draft."""
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     copies: list[KVCopy] = field(default_factory=list)
@@ -99,16 +111,20 @@ class Scheduler:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
-        # Phase 1: decode. One token per running sequence whose prompt is fully computed.
+        # Phase 1: decode. One token per running sequence whose prompt is fully computed, plus its draft.
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling or not self._may_decode(seq):
                 continue
-            if self._reserve(seq, 1, scheduled, plan):
-                plan.decodes.append(ScheduledChunk(seq, 1, self.kv.table(seq)))
+            draft = self._fit_draft(seq, budget)
+            reach = seq.num_speculative_tokens  # the step in flight may accept this many draft tokens
+            if self._reserve(seq, reach + 1, scheduled, plan):
+                num_new = 1 + (len(draft.tokens) if draft is not None else 0)
+                plan.decodes.append(ScheduledChunk(seq, num_new, self.kv.table(seq), draft))
                 scheduled.add(seq.seq_id)
-                budget -= 1
+                budget -= num_new
+        plan.decodes.sort(key=lambda c: c.draft is not None)  # stable: one-token rows first
         # Phase 2a: prefill, running sequences continue their chunked prefill.
         for seq in list(self.running):
             if budget == 0:
@@ -124,6 +140,18 @@ class Scheduler:
         self._admit(plan, budget, scheduled)
         plan.copies = self.kv.take_pending_copies()
         return plan
+
+    def _fit_draft(self, seq: Sequence, budget: int) -> Draft | None:
+        """The sequence's draft cut to the budget, if its KV slots can be had without evicting anyone
+        running (else None)."""
+        draft = seq.draft
+        if draft is None or budget < 2:
+            return None
+        if len(draft.tokens) > budget - 1:
+            draft = draft._replace(tokens=draft.tokens[: budget - 1])
+        if not self.kv.allocate(seq, seq.num_speculative_tokens + 1 + len(draft.tokens)):
+            return None
+        return draft
 
     @staticmethod
     def _may_decode(seq: Sequence) -> bool:
@@ -212,7 +240,7 @@ class Scheduler:
         for chunk in plan.chunks:
             seq = chunk.seq
             before = seq.num_computed_tokens
-            seq.num_computed_tokens += chunk.num_new_tokens
+            seq.num_computed_tokens += chunk.num_new_tokens - chunk.num_draft_tokens  # drafts count once accepted
             if (
                 seq.status is SequenceStatus.RUNNING
                 and before < seq.num_prompt_tokens

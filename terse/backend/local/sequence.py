@@ -19,12 +19,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from terse.backend.types import SamplingParams
 
 PENDING_TOKEN = -1
 """Placeholder id of a token sampled on the device whose value has not reached the host yet."""
+
+
+class Draft(NamedTuple):
+    """Tokens proposed to follow a sequence's next input token, verified in one forward pass (speculative.py)."""
+
+    tokens: tuple[int, ...]
+    """The proposed tokens, in order (at least one)."""
+    guess: int | None = None
+    """The value the draft assumes for the next input token while that token is still on the device
+    (sampled by the step in flight); None when the host knows it."""
+    assumed_accepted: int = 0
+    """Draft tokens of the step in flight that this draft assumes accepted (its tokens follow those)."""
 
 
 class SequenceStatus(enum.Enum):
@@ -54,7 +66,8 @@ class Sequence:
     """Prompt tokens whose KV came from the prefix cache at the latest admission."""
     num_pending_tokens: int = 0
     """Trailing entries of `token_ids` that are `PENDING_TOKEN` placeholders (at most two: one sampled
-    by the step in flight, one by the step launched after it)."""
+    by the step in flight, one by the step launched after it). A step that verified a draft resolves its
+    placeholder into the accepted tokens plus one."""
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     prompt_logprobs: list[float] = field(default_factory=list)
@@ -65,6 +78,18 @@ class Sequence:
     """Structured output: the request's grammar `ConstraintState` (None: unconstrained); opaque to the
     scheduler. Only the runner's late sampling and the engine's token hook use it (see local/grammar.py):
     a constrained sequence is scheduled like any other, its token still pending on the device."""
+    draft: Draft | None = None
+    """Speculative decoding: tokens to verify after the next input in the next step (set by the speculator
+    before scheduling; the scheduler may shorten or drop it). None decodes one token."""
+    num_speculative_tokens: int = 0
+    """Draft tokens of the step in flight that may still be accepted: the next step's positions lie up to
+    this much beyond what `num_computed_tokens` says (the runner shifts them on the device)."""
+    num_draft_tokens: int = 0
+    """Draft tokens verified for this request."""
+    num_accepted_tokens: int = 0
+    """Of those, accepted."""
+    spec: Any = None
+    """The speculator's per-sequence state (None: this sequence never drafts); opaque to the scheduler."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -130,11 +155,18 @@ class Sequence:
         self.token_ids[len(self.token_ids) - self.num_pending_tokens] = token_id
         self.num_pending_tokens -= 1
 
+    def insert_resolved(self, token_id: int) -> None:
+        """One more token of the step just resolved (a verified draft yields several): it goes before the
+        placeholders of later steps."""
+        self.token_ids.insert(len(self.token_ids) - self.num_pending_tokens, token_id)
+
     def drop_pending(self) -> None:
-        """Forget tokens still pending (the request ended before they were needed)."""
+        """Forget tokens still pending (the request ended before they were needed). KV computed past the
+        tokens kept (an accepted draft beyond a stop) no longer counts."""
         if self.num_pending_tokens:
             del self.token_ids[len(self.token_ids) - self.num_pending_tokens :]
             self.num_pending_tokens = 0
+        self.num_computed_tokens = min(self.num_computed_tokens, len(self.token_ids))
 
     def reset_for_recompute(self) -> None:
         """Forget all KV (the KV manager has released the blocks): the sequence will prefill again."""

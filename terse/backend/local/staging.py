@@ -34,3 +34,11 @@ def send(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host
     return host.to(device, non_blocking=True)
+
+
+def to_device_parts(parts: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
+    """Several int64 index lists in one host -> device copy: a view of the device tensor per part."""
+    sizes = [len(p) for p in parts]
+    if not sum(sizes):
+        return [torch.zeros(0, dtype=torch.int64, device=device) for _ in parts]
+    return list(to_device([v for p in parts for v in p], torch.int64, device).split(sizes))

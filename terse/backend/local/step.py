@@ -9,9 +9,11 @@ device to pinned host memory, and the engine reads it with `wait()` while the ne
     handle.seal()              start the device -> host copies and record the event (done by the runner)
     handle.wait()              block until they arrived -> StepOutput
 
-Sampled ids live in one device tensor [N]: the free rows first, the constrained ("late") rows after them.
-The next step reads its pending decode inputs from that tensor on the device, so the late rows must be
-sampled before the next step is launched (stream order then does the rest).
+Sampled ids live in one device tensor [R], a row per token a sequence may yield: the free rows first
+(a sequence verifying a draft has 1 + len(draft) of them), the constrained ("late") rows after them.
+The next step reads its pending decode inputs from that tensor on the device (carry.py), so the late
+rows must be sampled before the next step is launched (stream order then does the rest). A sequence
+that verified a draft yields its first accepted + 1 rows' tokens (`accepted`, also copied to the host).
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from terse.backend.types import TokenLogprob
 class StepOutput:
     """Host-side results of one step."""
 
-    sampled: list[tuple[Sequence, int]] = field(default_factory=list)
-    """(sequence, next token id) for each sequence whose chunk reached its last token."""
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    """Parallel to `sampled`: the token's log-probabilities when its request asked for them, else None."""
+    sampled: list[tuple[Sequence, list[int]]] = field(default_factory=list)
+    """(sequence, its new tokens) for each sequence whose chunk reached its last token: one token, or the
+    accepted draft tokens plus one for a sequence that verified a draft."""
+    logprobs: list[list[TokenLogprob | None]] = field(default_factory=list)
+    """Parallel to `sampled`: each token's log-probabilities when its request asked for them, else None."""
+    accepted: list[int] = field(default_factory=list)
+    """Parallel to `sampled`: draft tokens accepted (0 without a draft)."""
     scores: list[tuple[Sequence, float]] = field(default_factory=list)
     """(scoring sequence, log-probability) per scored position, in position order."""
 
@@ -69,21 +74,27 @@ class StepHandle:
     def __init__(
         self, plan: StepPlan, sampled: list[Sequence], sampled_ids: torch.Tensor | None,
         scored: list[Sequence], scores: torch.Tensor | None, completed: list[Sequence],
-        late: LateRows | None = None,
+        late: LateRows | None = None, first_rows: list[int] | None = None, accepted: torch.Tensor | None = None,
     ) -> None:
         self.plan = plan
         self.sampled_seqs = sampled
         """Free rows first, then `late.seqs`."""
         self.sampled_ids = sampled_ids
-        """[N] int64 on the device (the late rows' entries are written by `sample_late`)."""
+        """[R] int64 on the device (the late rows' entries are written by `sample_late`)."""
+        self.first_rows = first_rows if first_rows is not None else list(range(len(sampled)))
+        """Each sampled sequence's first row in `sampled_ids`."""
+        self.accepted = accepted
+        """[len(sampled)] int64 on the device: draft tokens accepted (None: the step verified no draft)."""
         self.scored_seqs = scored
         self.completed_seqs = completed
         """Sequences that sample nothing (scoring, prefill-only) whose last token this step computes."""
         self.late = late
-        self.preemptions_at_launch = {seq.seq_id: seq.num_preemptions for seq in scored + completed}
-        """Results of a sequence preempted after the launch are dropped (its recompute runs again)."""
+        self.preemptions_at_launch = {seq.seq_id: seq.num_preemptions for seq in sampled + scored + completed}
+        """Results of a sequence preempted after the launch are dropped (its recompute runs again); the
+        tokens it sampled stay valid."""
         self._scores = scores
         self._host_ids: torch.Tensor | None = None
+        self._host_accepted: torch.Tensor | None = None
         self._logprobs: list[LogprobRows] = []
         self._event: torch.cuda.Event | None = None
         self._sealed = False
@@ -100,6 +111,7 @@ class StepHandle:
         self._sealed = True
         device = next((t.device for t in (self.sampled_ids, self._scores) if t is not None), None)
         self._host_ids = _to_host(self.sampled_ids)
+        self._host_accepted = _to_host(self.accepted)
         self._scores = _to_host(self._scores)
         self._logprobs = [
             r._replace(chosen=_host(r.chosen), top_values=_host(r.top_values), top_ids=_host(r.top_ids))
@@ -124,10 +136,17 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
         ids = self._host_ids.tolist() if self._host_ids is not None else []
-        logprobs: list[TokenLogprob | None] = [None] * len(ids)
+        row_logprobs: list[TokenLogprob | None] = [None] * len(ids)
         for rows in self._logprobs:
             for row, entry in enumerate(rows.entries(ids)):
                 if entry is not None:
-                    logprobs[row] = entry
+                    row_logprobs[row] = entry
+        accepted = self._host_accepted.tolist() if self._host_accepted is not None else [0] * len(self.sampled_seqs)
+        output = StepOutput(accepted=accepted)
+        for seq, first, num_accepted in zip(self.sampled_seqs, self.first_rows, accepted):
+            end = first + num_accepted + 1
+            output.sampled.append((seq, ids[first:end]))
+            output.logprobs.append(row_logprobs[first:end])
         scores = self._scores.tolist() if self._scores is not None else []
-        return StepOutput(list(zip(self.sampled_seqs, ids)), logprobs, list(zip(self.scored_seqs, scores)))
+        output.scores = list(zip(self.scored_seqs, scores))
+        return output

@@ -55,7 +55,7 @@ by token, so it is not bit-identical to the cache that was evicted.
 
 from __future__ import annotations
 
-from terse.backend.local.kv_policy import KVCopy, SeqKV
+from terse.backend.local.kv_policy import KVCopy, SeqKV, truncate_table
 from terse.backend.local.sequence import Sequence
 
 
@@ -121,6 +121,19 @@ class StreamingKVPolicy:
             return None
         kv.rope_shift = kv.num_dropped_tokens
         return KVCopy(list(kv.side_block_ids), kv.block_ids[:num_sink], kv.rope_shift)
+
+    def truncate(self, kv: SeqKV, end: int, block_size: int) -> list[int]:
+        """Speculative rollback: the window's trailing blocks past `end` (never the sinks)."""
+        keep = max(_ceil_div(kv.kv_len(end), block_size), self.num_sink_blocks(block_size))
+        return truncate_table(kv, keep)
+
+    def max_span(self, kv: SeqKV, first_query: int, block_size: int) -> int:
+        """Queries from `first_query` until the next block would be released. The releasable count at q is
+        max(0, f(q) - first_kept), f(q) = floor((q + 1 - window) / bs): it first exceeds the count at
+        `first_query` at q = (max(f(first_query), first_kept) + 1) * bs + window - 1."""
+        first_kept = self.num_sink_blocks(block_size) + kv.num_dropped_tokens // block_size
+        level = max((first_query + 1 - self.window_tokens) // block_size, first_kept)
+        return (level + 1) * block_size + self.window_tokens - 1 - first_query
 
     def max_blocks(self, seq: Sequence, block_size: int) -> int:
         """The decode bound plus the longest first prefill chunk (the prompt), capped by the dense need."""

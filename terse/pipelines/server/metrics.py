@@ -5,8 +5,8 @@ Two kinds of series:
   last byte, streams included), and the prompt tokens the hooks saved (original / sent / saved);
 - the engine's, read at scrape time from the backend's `stats` mapping (the local engine has one):
   requests running and waiting, KV blocks and their usage, preemptions, prefix-cache hit and query
-  tokens, prefill and decode tokens, steps. A backend without `stats` (proxy mode, HTTP backends)
-  exports none of these.
+  tokens, prefill and decode tokens, steps, speculative draft / accepted tokens. A backend without
+  `stats` (proxy mode, HTTP backends) exports none of these.
 
 Each app has its own registry, so several servers in one process never share series.
 """
@@ -48,6 +48,10 @@ _ENGINE_SERIES: dict[str, tuple[str, str, str]] = {
     "num_kv_blocks_used": ("gauge", "engine_kv_blocks_used", "KV cache blocks held by requests or the prefix cache."),
     "num_device_inputs": ("counter", "engine_device_inputs", "Decode inputs taken on the device from the step before (overlapped with the host)."),
     "num_late_samples": ("counter", "engine_late_samples", "Constrained rows masked and sampled after the step before was collected."),
+    "num_draft_tokens": ("counter", "engine_spec_draft_tokens", "Speculative decoding: draft tokens verified."),
+    "num_accepted_tokens": ("counter", "engine_spec_accepted_tokens", "Speculative decoding: draft tokens accepted."),
+    "num_verify_steps": ("counter", "engine_spec_verify_steps", "Speculative decoding: sequence-steps that verified a draft."),
+    "num_voided_drafts": ("counter", "engine_spec_voided_drafts", "Speculative decoding: drafts built on a wrong guess of the step in flight."),
 }
 
 

@@ -1,0 +1,224 @@
+"""Speculative decoding on the host: settings, per-sequence drafting and the acceptance control.
+
+A `Speculator` proposes, before each step is scheduled, a draft for every decoding sequence that has
+one (prompt_lookup.py); the scheduler gives a drafted sequence 1 + len(draft) rows; the runner verifies
+them in one forward pass (verify.py) and returns the accepted tokens plus one more; the KV manager rolls
+the rejected positions back. Nothing waits for the device: the engine keeps launching step N+1 before
+step N's tokens reach the host (engine.py), so a draft for step N+1 is built on what the host assumes
+step N (still running) produces:
+
+    host knows:   ... t  (resolved)            step N in flight: input t, draft d1 d2 d3 -> yields ? (1-4 tokens)
+    draft N+1:    assume N accepts d1 d2 d3; look up the continuation of "... t d1 d2 d3":
+                  c0 c1 c2 ...  where c0 guesses N's last token (its bonus token)
+    step N+1:     input = N's last token, taken on the device; rows [x, c1, c2, ...] at positions shifted on
+                  the device by N's accepted count; the drafts count only if N accepted d1 d2 d3 and x == c0
+                  (the "gate", checked on the device); otherwise row 0 still yields one exact token
+
+Once step N is collected the host knows whether step N+1's gate can pass; a draft for step N+2 then
+assumes N+1's draft only when it can. Positions of step N+1 lie between its host lower bound
+(`num_computed_tokens`) and that plus `num_speculative_tokens` (N's draft, if it may be accepted): the KV
+manager allocates for the far end and the runner shifts the positions on the device.
+
+Adaptive control: per sequence, an exponential moving average of accepted / proposed draft tokens; when it
+falls below `min_acceptance` the sequence stops drafting for `backoff_steps` decode steps (doubling on
+each consecutive failure up to `max_backoff_steps`), then probes again. A sequence without a match
+decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need the
+grammar advanced token by token on the host (they keep the late sampling of runner.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from terse.backend.local.prompt_lookup import DRAFTERS, Drafter
+from terse.backend.local.sequence import Draft, Sequence
+from terse.validation import check_choice, check_int, check_range, require
+
+if TYPE_CHECKING:
+    from terse.backend.local.kv_manager import KVManager
+    from terse.backend.local.scheduler import StepPlan
+
+SpeculativeMethod = Literal["prompt_lookup"]
+
+
+@dataclass(frozen=True)
+class SpeculativeSettings:
+    """Speculative decoding of the local engine. Frozen; a bad value raises `ConfigError` naming the fix."""
+
+    method: SpeculativeMethod = "prompt_lookup"
+    """How drafts are made: "prompt_lookup" copies what followed the latest earlier occurrence of the last
+    n tokens in the prompt or the output (no draft model)."""
+    num_draft_tokens: int = 4
+    """Most draft tokens verified per sequence and step (k): a verified step yields up to k + 1 tokens."""
+    max_ngram: int = 3
+    """Longest suffix matched (tried first)."""
+    min_ngram: int = 1
+    """Shortest suffix matched."""
+    min_acceptance: float = 0.3
+    """A sequence whose moving average of accepted / proposed draft tokens falls below this stops drafting
+    for a while (0 never stops)."""
+    ema_weight: float = 0.3
+    """Weight of the latest verified step in that moving average, in (0, 1]."""
+    backoff_steps: int = 8
+    """Decode steps a sequence goes without drafting after its acceptance fell below `min_acceptance`."""
+    max_backoff_steps: int = 256
+    """The back-off doubles with each consecutive failed probe, up to this."""
+
+    def __post_init__(self) -> None:
+        check_choice("speculative.method", self.method, sorted(DRAFTERS))
+        check_int("speculative.num_draft_tokens", self.num_draft_tokens, low=1, example=4)
+        check_int("speculative.max_ngram", self.max_ngram, low=1, example=3)
+        check_int("speculative.min_ngram", self.min_ngram, low=1, example=1)
+        require(
+            self.min_ngram <= self.max_ngram,
+            f"speculative.min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}; use min_ngram <= max_ngram",
+        )
+        check_range("speculative.min_acceptance", self.min_acceptance, 0, 1, example=0.3)
+        check_range("speculative.ema_weight", self.ema_weight, 0, 1, low_open=True, example=0.3)
+        check_int("speculative.backoff_steps", self.backoff_steps, low=1, example=8)
+        check_int("speculative.max_backoff_steps", self.max_backoff_steps, low=1, example=256)
+        require(
+            self.max_backoff_steps >= self.backoff_steps,
+            f"speculative.max_backoff_steps={self.max_backoff_steps} is below backoff_steps={self.backoff_steps}",
+        )
+
+
+class AcceptanceControl:
+    """Whether one sequence drafts now: moving average of its acceptance with an exponential back-off."""
+
+    def __init__(self, settings: SpeculativeSettings) -> None:
+        self.settings = settings
+        self.acceptance = 1.0
+        """Moving average of accepted / proposed (optimistic start: the first drafts are always tried)."""
+        self.num_idle_steps = 0
+        """Decode steps left without drafting."""
+        self.backoff = settings.backoff_steps
+
+    def allows(self) -> bool:
+        """Called once per decode step of the sequence; False while backing off (counts the step down)."""
+        if self.num_idle_steps > 0:
+            self.num_idle_steps -= 1
+            return False
+        return True
+
+    def update(self, num_proposed: int, num_accepted: int) -> None:
+        s = self.settings
+        self.acceptance += s.ema_weight * (num_accepted / num_proposed - self.acceptance)
+        if self.acceptance >= s.min_acceptance:
+            self.backoff = s.backoff_steps
+            return
+        # Back off, then probe from the threshold: one good step resumes drafting, one bad one doubles the wait.
+        self.num_idle_steps = self.backoff
+        self.backoff = min(2 * self.backoff, s.max_backoff_steps)
+        self.acceptance = s.min_acceptance
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One launched step of a sequence, until the engine collects it."""
+
+    draft: Draft | None
+    possible: bool = True
+    """Whether its draft can still be accepted (False once the step before it showed its gate fails)."""
+
+
+@dataclass(eq=False)
+class SpecState:
+    """The speculator's per-sequence state (`Sequence.spec`)."""
+
+    drafter: Drafter
+    control: AcceptanceControl
+    in_flight: deque[_InFlight] = field(default_factory=deque)
+
+
+class Speculator:
+    """Drafts for the engine loop and keeps the books of what was proposed and accepted."""
+
+    def __init__(self, settings: SpeculativeSettings, kv: KVManager) -> None:
+        self.settings = settings
+        self.kv = kv
+        self.num_draft_tokens = 0
+        """Draft tokens verified (engine-wide)."""
+        self.num_accepted_tokens = 0
+        """Of those, accepted."""
+        self.num_verify_steps = 0
+        """Sequence-steps that verified a draft."""
+        self.num_voided_drafts = 0
+        """Of those, drafts built on a wrong guess of the step before (rejected whole by the gate)."""
+
+    def attach(self, seq: Sequence) -> None:
+        """Give a new generating sequence its drafter (indexes the prompt: call on the submitting thread)."""
+        if seq.samples and seq.constraint is None:
+            drafter = DRAFTERS[self.settings.method](seq.token_ids, self.settings.min_ngram, self.settings.max_ngram)
+            seq.spec = SpecState(drafter, AcceptanceControl(self.settings))
+
+    def propose(self, seqs: Iterable[Sequence]) -> None:
+        """Set `seq.draft` for each sequence about to decode (None where it does not draft)."""
+        for seq in seqs:
+            seq.draft = self._propose(seq) if seq.spec is not None and seq.num_uncomputed_tokens == 1 else None
+
+    def _propose(self, seq: Sequence) -> Draft | None:
+        state: SpecState = seq.spec
+        if len(state.in_flight) > 1 or not state.control.allows():
+            return None
+        num_resolved = seq.num_tokens - seq.num_pending_tokens
+        state.drafter.update(seq.token_ids, num_resolved)
+        tail: tuple[int, ...] = ()
+        if state.in_flight:  # its last token is still on the device: the draft starts with a guess of it
+            step = state.in_flight[0]
+            tail = step.draft.tokens if step.draft is not None and step.possible else ()
+        num_assumed = len(tail)  # equals seq.num_speculative_tokens
+        limit = min(
+            self.settings.num_draft_tokens,
+            seq.params.max_tokens - (seq.num_output_tokens + num_assumed) - 1,
+            seq.max_len - (seq.num_tokens + num_assumed) - 1,
+            self.kv.speculation_span(seq) - 2 - seq.num_speculative_tokens,
+        )
+        if limit < 1:
+            return None
+        guessing = bool(state.in_flight)
+        tokens = state.drafter.propose(seq.token_ids, num_resolved, tail, limit + guessing)
+        if len(tokens) < 1 + guessing:
+            return None
+        if guessing:
+            return Draft(tuple(tokens[1:]), tokens[0], num_assumed)
+        return Draft(tuple(tokens))
+
+    def on_launched(self, plan: StepPlan, sampled: list[Sequence]) -> None:
+        """A step was launched: remember each sampled sequence's draft until the step is collected."""
+        drafts = {c.seq.seq_id: c.draft for c in plan.decodes}
+        for seq in sampled:
+            if seq.spec is None:
+                continue
+            draft = drafts.get(seq.seq_id)
+            seq.spec.in_flight.append(_InFlight(draft))
+            seq.num_speculative_tokens = len(draft.tokens) if draft is not None else 0
+            if draft is not None:
+                self.num_verify_steps += 1
+        for chunk in plan.decodes:
+            chunk.seq.draft = None
+
+    def on_collected(self, seq: Sequence, tokens: list[int], num_accepted: int) -> None:
+        """The oldest launched step of `seq` yielded `tokens` (its accepted draft tokens + one)."""
+        state: SpecState | None = seq.spec
+        if state is None or not state.in_flight:
+            return
+        step = state.in_flight.popleft()
+        if step.draft is not None:
+            num_proposed = len(step.draft.tokens)
+            self.num_draft_tokens += num_proposed
+            self.num_accepted_tokens += num_accepted
+            seq.num_draft_tokens += num_proposed
+            seq.num_accepted_tokens += num_accepted
+            state.control.update(num_proposed, num_accepted)
+        seq.num_speculative_tokens = 0
+        if state.in_flight:  # the next step's gate is decided now (the device decides the same)
+            after = state.in_flight[0]
+            if after.draft is not None and after.draft.guess is not None:
+                after.possible = num_accepted == after.draft.assumed_accepted and tokens[-1] == after.draft.guess
+                self.num_voided_drafts += not after.possible
+            if after.draft is not None and after.possible:
+                seq.num_speculative_tokens = len(after.draft.tokens)

@@ -1,0 +1,158 @@
+"""Host side of speculative decoding, pure Python: the n-gram drafter, the acceptance control, the
+settings, the speculator's bookkeeping of steps in flight, and the KV policies' span and rollback."""
+
+from __future__ import annotations
+
+import pytest
+
+from terse.backend.local.config import EngineConfig
+from terse.backend.local.kv_manager import KVManager
+from terse.backend.local.kv_policy import DENSE, UNBOUNDED_SPAN, SeqKV
+from terse.backend.local.prompt_lookup import PromptLookup
+from terse.backend.local.scheduler import ScheduledChunk, StepPlan
+from terse.backend.local.sequence import PENDING_TOKEN, Draft, Sequence
+from terse.backend.local.speculative import AcceptanceControl, SpeculativeSettings, Speculator
+from terse.backend.local.streaming import StreamingKVPolicy
+from terse.backend.types import SamplingParams
+from terse.errors import ConfigError
+
+
+def test_lookup_takes_the_longest_suffix_at_its_latest_occurrence() -> None:
+    #          0  1  2  3  4  5  6  7  8  9 10 11
+    tokens = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 1, 2]
+    drafter = PromptLookup(tokens, 1, 3)
+    # suffix (1, 2) -> its earlier end 1 -> 3 9 9 5 ...; (2,) alone would take the latest 2 (index 6) -> 3 7 8
+    assert drafter.propose(tokens, len(tokens), (), 4) == [3, 9, 9, 5]
+    assert drafter.propose(tokens, len(tokens), (3,), 3) == [9, 9, 5]  # suffix (1, 2, 3), with the assumed tail
+    assert drafter.propose(tokens, len(tokens), (), 0) == []
+    assert PromptLookup([4, 5, 6], 1, 3).propose([4, 5, 6], 3, (), 4) == []  # nothing repeats: no draft
+    # the continuation runs into the assumed tail and stops at the history's end
+    assert drafter.propose(tokens, len(tokens), (3, 9), 5) == [9, 5, 2, 3, 7]
+
+
+def test_lookup_indexes_resolved_tokens_as_they_come_never_the_suffix_itself() -> None:
+    tokens = [7, 8, 9, PENDING_TOKEN]
+    drafter = PromptLookup(tokens[:3], 2, 2)
+    assert drafter.propose(tokens, 3, (), 4) == []  # (8, 9) occurs once: its own suffix
+    tokens = [7, 8, 9, 7, 8, PENDING_TOKEN]
+    drafter.update(tokens, 5)
+    assert drafter.propose(tokens, 5, (), 4) == [9, 7, 8]
+    tokens[5] = 9
+    drafter.update(tokens, 6)
+    assert drafter.propose(tokens, 6, (), 2) == [7, 8]  # (8, 9) now ends at 5 too, but without a continuation
+
+
+def test_acceptance_control_backs_off_and_doubles_on_repeated_failures() -> None:
+    control = AcceptanceControl(SpeculativeSettings(min_acceptance=0.5, ema_weight=1.0, backoff_steps=2, max_backoff_steps=4))
+    assert control.allows()
+    control.update(4, 4)
+    assert control.allows()
+    control.update(4, 1)  # 0.25 < 0.5: two idle steps
+    assert [control.allows() for _ in range(3)] == [False, False, True]
+    control.update(4, 0)  # the probe fails: the back-off doubles
+    assert [control.allows() for _ in range(5)] == [False] * 4 + [True]
+    control.update(4, 0)
+    assert [control.allows() for _ in range(5)] == [False] * 4 + [True]  # capped at max_backoff_steps
+    control.update(4, 3)  # a good probe resumes and resets the back-off
+    assert control.allows() and control.backoff == 2
+
+
+def test_settings_validate_and_come_from_plain_options() -> None:
+    assert EngineConfig.from_options({"speculative": "prompt_lookup"}).speculative == SpeculativeSettings()
+    assert EngineConfig.from_options({"speculative": True}).speculative == SpeculativeSettings()
+    assert EngineConfig.from_options({"speculative": False}).speculative is None
+    table = {"num_draft_tokens": 6, "min_ngram": 2, "max_ngram": 4}
+    assert EngineConfig.from_options({"speculative": table}).speculative == SpeculativeSettings(**table)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"speculative.method='medusa' must be one of 'prompt_lookup'"):
+        EngineConfig.from_options({"speculative": "medusa"})
+    with pytest.raises(ConfigError, match=r"unknown speculative fields \['k'\]"):
+        EngineConfig.from_options({"speculative": {"k": 3}})
+    with pytest.raises(ConfigError, match=r"speculative.num_draft_tokens=0 must be an int >= 1"):
+        SpeculativeSettings(num_draft_tokens=0)
+    with pytest.raises(ConfigError, match=r"min_ngram=3 exceeds max_ngram=2"):
+        SpeculativeSettings(min_ngram=3, max_ngram=2)
+    with pytest.raises(ConfigError, match=r"min_acceptance=1.5 must be a number in \[0, 1\]"):
+        SpeculativeSettings(min_acceptance=1.5)
+    with pytest.raises(ConfigError, match=r"speculative.num_draft_tokens=True must be an int >= 1"):
+        SpeculativeSettings(num_draft_tokens=True)
+    with pytest.raises(ConfigError, match=r"speculative.ema_weight=0 must be a number in \(0, 1\]"):
+        SpeculativeSettings(ema_weight=0)
+    with pytest.raises(ConfigError, match=r"max_backoff_steps=4 is below backoff_steps=8"):
+        SpeculativeSettings(max_backoff_steps=4)
+    with pytest.raises(ConfigError, match=r"speculative='yes please' must be a SpeculativeSettings"):
+        EngineConfig(speculative="yes please")  # type: ignore[arg-type]
+
+
+def _decoding(kv: KVManager, prompt: list[int], max_tokens: int = 32) -> Sequence:
+    seq = Sequence(0, prompt, SamplingParams(max_tokens=max_tokens), max_len=256)
+    assert kv.allocate(seq, len(prompt))
+    seq.num_computed_tokens = len(prompt) - 1  # as after a prefill whose last token was computed last
+    return seq
+
+
+def test_speculator_builds_on_the_step_in_flight_and_learns_its_gate() -> None:
+    kv = KVManager(64, 4)
+    spec = Speculator(SpeculativeSettings(num_draft_tokens=3), kv)
+    prompt = [1, 2, 3, 4, 5, 6, 1, 2]
+    seq = _decoding(kv, prompt)
+    spec.attach(seq)
+    spec.propose([seq])  # nothing in flight: the draft follows the known last token
+    assert seq.draft == Draft((3, 4, 5))
+    plan = StepPlan(decodes=[ScheduledChunk(seq, 4, kv.table(seq), seq.draft)])
+    seq.num_computed_tokens += 1
+    seq.append_pending()
+    spec.on_launched(plan, [seq])
+    assert seq.num_speculative_tokens == 3 and seq.draft is None
+    spec.propose([seq])  # assumes 3 4 5 accepted: "... 1 2 3 4 5" continues with 6 (the guess) 1 2 3
+    assert seq.draft == Draft((1, 2, 3), guess=6, assumed_accepted=3)
+    plan = StepPlan(decodes=[ScheduledChunk(seq, 4, kv.table(seq), seq.draft)])
+    seq.num_computed_tokens += 1
+    seq.append_pending()
+    spec.on_launched(plan, [seq])
+    spec.on_collected(seq, [3, 9], 1)  # the first step accepted one draft token and then yielded 9
+    assert (seq.num_draft_tokens, seq.num_accepted_tokens) == (3, 1)
+    assert seq.num_speculative_tokens == 0  # so the second step's gate fails: its draft cannot count
+    assert spec.num_voided_drafts == 1
+    spec.on_collected(seq, [7], 0)
+    assert seq.num_speculative_tokens == 0 and spec.num_draft_tokens == 6 and spec.num_accepted_tokens == 1
+
+
+def test_drafts_respect_max_tokens_and_constrained_sequences_never_draft() -> None:
+    kv = KVManager(64, 4)
+    spec = Speculator(SpeculativeSettings(num_draft_tokens=8), kv)
+    seq = _decoding(kv, [1, 2, 3, 4, 5, 1, 2], max_tokens=3)
+    spec.attach(seq)
+    spec.propose([seq])
+    assert seq.draft == Draft((3, 4))  # 1 + 2 tokens reach max_tokens=3
+    other = Sequence(1, [1, 2, 1], SamplingParams(max_tokens=8), 256, constraint=object())
+    spec.attach(other)
+    assert other.spec is None
+
+
+@pytest.mark.parametrize(("sinks", "window"), [(4, 8), (0, 8), (5, 13), (16, 16)])
+def test_streaming_span_ends_where_one_token_steps_release_the_next_block(sinks: int, window: int) -> None:
+    policy, bs = StreamingKVPolicy(sinks, window), 4
+    for dropped in (0, 8, 16):
+        kv = SeqKV(policy, list(range(20)), num_dropped_tokens=dropped)
+        for first in range(dropped + sinks, 80):
+            base = policy.num_releasable_blocks(kv, first, bs)
+            span = policy.max_span(kv, first, bs)
+            assert span >= 1
+            assert all(policy.num_releasable_blocks(kv, first + i, bs) == base for i in range(span))
+            assert policy.num_releasable_blocks(kv, first + span, bs) > base
+    assert DENSE.max_span(SeqKV(DENSE, [1]), 5, bs) == UNBOUNDED_SPAN
+
+
+def test_rollback_frees_only_blocks_past_the_kept_positions() -> None:
+    kv = KVManager(16, 4)
+    seq = _decoding(kv, list(range(10)))
+    assert kv.allocate(seq, 1 + 6)  # positions up to 15: blocks for 16 tokens
+    assert len(kv.table(seq).block_ids) == 4 and kv.num_free_blocks == 12
+    kv.rollback(seq, 11)  # positions 0..10 stay: 3 blocks
+    assert kv.table(seq).block_ids == [0, 1, 2] and kv.num_free_blocks == 13
+    kv.rollback(seq, 12)  # nothing past them to free
+    assert kv.table(seq).block_ids == [0, 1, 2]
+    streaming = StreamingKVPolicy(4, 8)
+    table = SeqKV(streaming, [20, 5, 6, 7, 8], num_dropped_tokens=8)  # sink copy + window
+    assert streaming.truncate(table, 17, 4) == [7, 8] and table.block_ids == [20, 5, 6]
+    assert streaming.truncate(table, 0, 4) == [5, 6] and table.block_ids == [20]  # sinks always stay
