@@ -116,7 +116,8 @@ class LocalEngine(BackendBase):
             default_streaming_kv=config.default_streaming_kv,
         )
         self.scheduler = Scheduler(
-            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+            self.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            hold_drafting=config.speculative is not None and not config.speculative.draft_ahead,
         )
         decode = self._decode_kernel()
         attention = AttentionBackend(

@@ -81,8 +81,13 @@ class StepPlan:
 class Scheduler:
     """Owns the waiting queue and the running list; asks `kv` for memory."""
 
-    def __init__(self, kv: KVManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVManager, *, max_num_seqs: int, max_num_batched_tokens: int, hold_drafting: bool = False
+    ) -> None:
         self.kv = kv
+        self.hold_drafting = hold_drafting
+        """A drafting sequence (one with speculator state) waits while its last token is on the device
+        (`SpeculativeSettings.draft_ahead` False)."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -116,6 +121,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling or not self._may_decode(seq):
+                continue
+            if self.hold_drafting and seq.spec is not None and seq.num_pending_tokens:
                 continue
             draft = self._fit_draft(seq, budget)
             reach = seq.num_speculative_tokens  # the step in flight may accept this many draft tokens

@@ -66,6 +66,12 @@ class SpeculativeSettings:
     """Decode steps a sequence goes without drafting after its acceptance fell below `min_acceptance`."""
     max_backoff_steps: int = 256
     """The back-off doubles with each consecutive failed probe, up to this."""
+    draft_ahead: bool = False
+    """True: a drafting sequence is scheduled while its last token is still on the device, its draft built
+    on the assumed outcome of the step in flight (host work overlaps the device, but a wrong guess voids
+    the draft). False: it waits for that token to reach the host and drafts from known tokens (it decodes
+    one step in two, no draft is voided). On one H200 (reference model, doc-QA, batch 1) False decoded
+    1.70x faster than without speculation and True 1.06x (most guessed drafts were voided)."""
 
     def __post_init__(self) -> None:
         check_choice("speculative.method", self.method, sorted(DRAFTERS))

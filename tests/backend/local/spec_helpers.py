@@ -9,7 +9,7 @@ from terse.backend.local.engine import LocalEngine
 
 BS = 4
 BASE: dict[str, Any] = {"kv_block_size": BS, "max_num_batched_tokens": 64, "max_model_len": 512, "num_kv_blocks": 600}
-SPEC: dict[str, Any] = {"num_draft_tokens": 4, "min_acceptance": 0.0}
+SPEC: dict[str, Any] = {"num_draft_tokens": 4, "min_acceptance": 0.0, "draft_ahead": True}  # the guessing path
 """Never backs off: every match is verified."""
 
 REPEATING = [

@@ -63,6 +63,18 @@ def test_greedy_output_equals_one_token_decoding(llama: Path, plain_outputs: lis
         eng.close()
 
 
+def test_held_drafting_is_exact_and_voids_no_draft(llama: Path, plain_outputs: list[tuple[int, ...]]) -> None:
+    eng = engine(llama, {**SPEC, "draft_ahead": False})  # the default: drafting sequences wait for their token
+    try:
+        alone = [eng.generate([p], GREEDY)[0] for p in REPEATING[:2]]
+        batched = eng.generate(REPEATING, GREEDY)
+        assert [c.token_ids for c in batched] == plain_outputs and [c.token_ids for c in alone] == plain_outputs[:2]
+        stats = eng.stats
+        assert stats["num_accepted_tokens"] > 0 and stats["num_voided_drafts"] == 0
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
 def test_greedy_output_equals_one_token_decoding_on_other_architectures(tiny_model_factory: Callable[..., Path], arch: str) -> None:
     path = tiny_model_factory(arch)
