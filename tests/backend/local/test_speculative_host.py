@@ -156,3 +156,27 @@ def test_rollback_frees_only_blocks_past_the_kept_positions() -> None:
     table = SeqKV(streaming, [20, 5, 6, 7, 8], num_dropped_tokens=8)  # sink copy + window
     assert streaming.truncate(table, 17, 4) == [7, 8] and table.block_ids == [20, 5, 6]
     assert streaming.truncate(table, 0, 4) == [5, 6] and table.block_ids == [20]  # sinks always stay
+
+
+def test_prompt_lookup_matches_a_brute_force_search() -> None:
+    import random
+
+    from terse.backend.local.prompt_lookup import PromptLookup
+
+    def brute(tokens: list[int], resolved: int, tail: list[int], k: int, lo: int, hi: int) -> list[int]:
+        history = tokens[:resolved] + tail
+        for n in range(min(hi, len(history)), lo - 1, -1):
+            for end in range(resolved - 2, n - 2, -1):  # latest first, a resolved continuation after it
+                if history[end - n + 1 : end + 1] == history[-n:]:
+                    return history[end + 1 : min(end + 1 + k, len(history))]
+        return []
+
+    rng = random.Random(0)
+    for case in range(300):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 60))]
+        resolved = rng.randrange(0, len(tokens) + 1)
+        lookup = PromptLookup(tokens[: resolved // 2], 1, 3)
+        lookup.update(tokens, resolved)  # grown in two calls, as the engine does
+        tail = [rng.randrange(6) for _ in range(rng.randrange(0, 3))]
+        k = rng.randrange(1, 5)
+        assert lookup.propose(tokens, resolved, tail, k) == brute(tokens, resolved, tail, k, 1, 3), case
