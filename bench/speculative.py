@@ -86,6 +86,7 @@ def reference_engine(
 
 
 def settings(args: argparse.Namespace, **fields: Any) -> SpeculativeSettings:
+    fields.setdefault("min_acceptance", args.min_acceptance)
     return SpeculativeSettings(num_draft_tokens=args.k, min_ngram=args.min_ngram, max_ngram=args.max_ngram, **fields)
 
 
@@ -311,6 +312,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=SpeculativeSettings.num_draft_tokens)
     ap.add_argument("--min-ngram", type=int, default=SpeculativeSettings.min_ngram)
     ap.add_argument("--max-ngram", type=int, default=SpeculativeSettings.max_ngram)
+    ap.add_argument("--min-acceptance", type=float, default=SpeculativeSettings.min_acceptance)
     ap.add_argument("--shape", default=None, choices=["8b", "1b", "tiny"], help="replay: default 8b on CUDA, tiny on CPU")
     ap.add_argument("--replay-batches", default="1,16,64")
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")
