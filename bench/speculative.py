@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +235,9 @@ class ReplayDrafter:
         return out
 
 
-def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Plain, adaptive and forced engines side by side; timed runs interleaved per repeat."""
+def run_replay(args: argparse.Namespace, rows: list[dict[str, Any]], saved: Callable[[], None]) -> list[dict[str, Any]]:
+    """Plain, adaptive and forced engines side by side; timed runs interleaved per repeat. Appends to
+    `rows` and calls `saved` after each batch and acceptance (a run cut short keeps them)."""
     DRAFTERS["replay"] = ReplayDrafter  # type: ignore[assignment]
     shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
     cfg = model_config(shape, max_len=1024)
@@ -264,7 +266,6 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     engines = {"plain": make(None), "adaptive": make(settings(args, method="replay")),  # type: ignore[arg-type]
                "forced": make(settings(args, method="replay", min_acceptance=0.0))}  # type: ignore[arg-type]
-    rows = []
     for batch in batches:
         for eng in engines.values():
             ReplayDrafter.ACCEPTANCE = 1.0
@@ -295,6 +296,7 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+            saved()
     for eng in engines.values():
         eng.close()
     return rows
@@ -341,7 +343,7 @@ def main() -> int:
         "docqa-1": ("docqa_1", lambda: run_docqa_single(args, prompts[: args.limit])),
         "identity": ("identity", lambda: run_identity(args, prompts[: args.limit])),
         "docqa-batch": ("docqa_batch", lambda: [run_docqa_batch(args, int(b)) for b in args.batches.split(",")]),
-        "replay": ("replay", lambda: run_replay(args)),
+        "replay": ("replay", lambda: run_replay(args, results.setdefault("replay", []), lambda: write_json(out, results))),
     }
     for part in parts:
         key, run = runs[part]
