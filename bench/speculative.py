@@ -35,6 +35,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ def reference_engine(
 
 
 def settings(args: argparse.Namespace, **fields: Any) -> SpeculativeSettings:
+    fields.setdefault("min_acceptance", args.min_acceptance)
     return SpeculativeSettings(num_draft_tokens=args.k, min_ngram=args.min_ngram, max_ngram=args.max_ngram, **fields)
 
 
@@ -225,8 +227,9 @@ class ReplayDrafter:
         return out
 
 
-def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Plain, adaptive and forced engines side by side; timed runs interleaved per repeat."""
+def run_replay(args: argparse.Namespace, rows: list[dict[str, Any]], saved: Callable[[], None]) -> list[dict[str, Any]]:
+    """Plain, adaptive and forced engines side by side; timed runs interleaved per repeat. Appends to
+    `rows` and calls `saved` after each batch and acceptance (a run cut short keeps them)."""
     DRAFTERS["replay"] = ReplayDrafter  # type: ignore[assignment]
     shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
     cfg = model_config(shape, max_len=1024)
@@ -255,7 +258,6 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     engines = {"plain": make(None), "adaptive": make(settings(args, method="replay")),  # type: ignore[arg-type]
                "forced": make(settings(args, method="replay", min_acceptance=0.0))}  # type: ignore[arg-type]
-    rows = []
     for batch in batches:
         for eng in engines.values():
             ReplayDrafter.ACCEPTANCE = 1.0
@@ -286,6 +288,7 @@ def run_replay(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+            saved()
     for eng in engines.values():
         eng.close()
     return rows
@@ -303,6 +306,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=SpeculativeSettings.num_draft_tokens)
     ap.add_argument("--min-ngram", type=int, default=SpeculativeSettings.min_ngram)
     ap.add_argument("--max-ngram", type=int, default=SpeculativeSettings.max_ngram)
+    ap.add_argument("--min-acceptance", type=float, default=SpeculativeSettings.min_acceptance)
     ap.add_argument("--shape", default=None, choices=["8b", "1b", "tiny"], help="replay: default 8b on CUDA, tiny on CPU")
     ap.add_argument("--replay-batches", default="1,16,64")
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")
@@ -331,7 +335,7 @@ def main() -> int:
         "docqa-1": ("docqa_1", lambda: run_docqa_single(args, prompts[: args.limit])),
         "identity": ("identity", lambda: run_identity(args, prompts[: args.limit])),
         "docqa-batch": ("docqa_batch", lambda: [run_docqa_batch(args, int(b)) for b in args.batches.split(",")]),
-        "replay": ("replay", lambda: run_replay(args)),
+        "replay": ("replay", lambda: run_replay(args, results.setdefault("replay", []), lambda: write_json(out, results))),
     }
     for part in parts:
         key, run = runs[part]
