@@ -11,6 +11,7 @@ Every answer carries `x-request-id` (the client's when it sent a usable one). Ev
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -181,13 +182,19 @@ def _add_routes(
         ctx = gate.context(request)
         original = parse_chat(await gate.json_body(request), config)
         service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
-        sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
-        if original.text_only:
-            args = (original, sent, service.count_prompt_tokens, service.cheap_counting)  # cheap: an estimate
-            # counting may tokenize a long prompt: off the event loop unless the service says it is cheap
-            ctx.accounting = (
-                hooks.account(*args) if service.cheap_counting else await run_in_threadpool(hooks.account, *args)
+        count, cheap = service.count_prompt_tokens, service.cheap_counting  # cheap: an estimate
+        num_original = None
+        if hooks and original.text_only and not cheap:
+            # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
+            num_original, sent = await asyncio.gather(
+                run_in_threadpool(count, original.messages), run_in_threadpool(hooks.on_request, original)
             )
+        else:
+            sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
+        if original.text_only:
+            args = (original, sent, count, cheap, num_original)
+            # counting may tokenize a long prompt: off the event loop unless the service says it is cheap
+            ctx.accounting = hooks.account(*args) if cheap else await run_in_threadpool(hooks.account, *args)
             metrics.account(ctx.accounting)
         return await _answer(service.chat(sent, ctx), ctx)
 

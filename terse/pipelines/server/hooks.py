@@ -119,10 +119,13 @@ class HookChain:
         sent: ChatRequest,
         count: Callable[[Sequence[Message]], int],
         estimated: bool = False,
+        num_original: int | None = None,
     ) -> PromptAccounting:
         """Count both prompts with `count` (`estimated`: it is not the model's tokenizer); counts once when
-        the hooks changed nothing. The hooks' notes (`sent.notes`) travel along."""
-        num_original = count(original.messages)
+        the hooks changed nothing; `num_original`: the original's count, when already made. The hooks'
+        notes (`sent.notes`) travel along."""
+        if num_original is None:
+            num_original = count(original.messages)
         num_sent = num_original if original.messages == sent.messages else count(sent.messages)
         return PromptAccounting(num_original, num_sent, "estimate" if estimated else "tokenizer", dict(sent.notes))
 
