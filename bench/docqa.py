@@ -1,7 +1,7 @@
 """terse's default doc-QA pipeline against the naive job, same model, same questions, same run.
 
 naive: every document of the question pasted whole, no retrieval, no compression, one question per
-       call, prefix cache off (the engine is built with enable_prefix_cache=False).
+       call and one call at a time, prefix cache off (the engine is built with enable_prefix_cache=False).
 terse: the default DocQAConfig (context-size routing, question-aware compression to 240 tokens,
        shared-prefix-first prompts, 16 questions per batch, prefix cache on).
 
@@ -11,7 +11,8 @@ with the same stop strings and max tokens. "answer kept" is the share of questio
 still occurs in the document text their prompt was built from (what compression preserved, whatever
 the model makes of it). Wall time is the whole job (reading inputs, preparing
 prompts, generating, writing answers); models are loaded and warmed up beforehand. Medians of
-`--repeats` runs, each run into a fresh answers file.
+`--repeats` runs, each run into a fresh answers file, after `--warmup-runs` untimed runs of each
+variant (each run in its own process).
 
     .venv/bin/python bench/docqa.py                         # the shipped reference model, local engine
     .venv/bin/python bench/docqa.py --model DIR --scheme hf
@@ -21,7 +22,8 @@ prompts, generating, writing answers); models are loaded and warmed up beforehan
         (head_dim 128, untied embeddings), built on the device by the local engine (no checkpoint)
 
 terse's wall time is split into preparation the generation waited for ("prepare"), preparation that
-ran on worker processes during generation ("prepare overlapped") and generation (`DocQAJob.stage_seconds`).
+ran while the backend generated ("prepare overlapped": on worker processes, or in process with the next
+batch submitted ahead) and waiting for answers ("generate"; `DocQAJob.stage_seconds`).
 
 Prints a table last and writes raw numbers to bench/results/docqa_<label>.json.
 """
@@ -123,13 +125,21 @@ def one_run(config: DocQAConfig, scheme: str, prefix_cache: bool, paths: JobPath
 
 
 def run_job(config: DocQAConfig, scheme: str, prefix_cache: bool, docs: Path, questions: Path, workdir: Path,
-            name: str, repeats: int) -> tuple[JobSummary, list[float], list[dict[str, float]]]:
+            name: str, repeats: int, warmup_runs: int = 0) -> tuple[JobSummary, list[float], list[dict[str, float]]]:
     """`repeats` runs, each in a fresh process on a freshly loaded backend: no run reuses an earlier
-    run's prefix cache, and none inherits the device state (memory, captured graphs) of another."""
+    run's prefix cache, and none inherits the device state (memory, captured graphs) of another.
+    `warmup_runs` untimed runs go first, also each in a fresh process: they leave nothing in memory,
+    only what a machine keeps on disk after running the job once (compiled kernels in Triton's and
+    torch's caches)."""
     walls: list[float] = []
     stages: list[dict[str, float]] = []
     summary = None
     spawn = multiprocessing.get_context("spawn")
+    for w in range(warmup_runs):
+        paths = JobPaths(questions, (docs,), workdir / f"{name}-warmup-{w}.jsonl")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            _, wall, _ = pool.submit(one_run, config, scheme, prefix_cache, paths).result()
+        print(f"  {name} warm-up run {w + 1}/{warmup_runs}: {wall:.2f} s (not counted)", file=sys.stderr)
     for r in range(repeats):
         paths = JobPaths(questions, (docs,), workdir / f"{name}-{r}.jsonl")
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
@@ -179,9 +189,14 @@ def main() -> None:
     p.add_argument("--context-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup-runs", type=int, default=0,
+                   help="untimed runs of each variant first, each in its own process (fills the on-disk kernel "
+                        "compile caches as on a machine that has run the job before)")
     p.add_argument("--label", default=None)
     p.add_argument("--also-in-process", action="store_true",
                    help="also time terse with preparation in the main process (prepare_processes = 0)")
+    p.add_argument("--also-one-batch-at-a-time", action="store_true",
+                   help="also run terse's job with run.submit_ahead off (each batch collected before the next is sent)")
     p.add_argument("--prepare-processes", default="auto",
                    help='terse job: worker processes that compress ("auto": half the cores up to 8, 0 below 4)')
     args = p.parse_args()
@@ -209,14 +224,15 @@ def main() -> None:
     generation = {"max_tokens": args.max_tokens}
     naive_config = DocQAConfig(backend=spec).with_overrides(
         retrieval={"enabled": False}, compression={"enabled": False}, generation=generation,
-        run={"batch_size": 1, "progress": False})
+        run={"batch_size": 1, "submit_ahead": False, "progress": False})
     processes: int | str = args.prepare_processes if args.prepare_processes == "auto" else int(args.prepare_processes)
     terse_config = DocQAConfig(backend=spec).with_overrides(
         generation=generation, run={"progress": False, "prepare_processes": processes})
 
-    naive, naive_walls, _ = run_job(naive_config, args.scheme, False, docs, questions, workdir, "naive", args.repeats)
+    naive, naive_walls, _ = run_job(naive_config, args.scheme, False, docs, questions, workdir, "naive", args.repeats,
+                                      args.warmup_runs)
     ours, terse_walls, terse_stages = run_job(terse_config, args.scheme, True, docs, questions, workdir, "terse",
-                                              args.repeats)
+                                              args.repeats, args.warmup_runs)
 
     rows = [
         row("naive", naive, statistics.median(naive_walls), answer_kept_rate(workdir / "naive-0.jsonl", docs, questions)),
@@ -231,6 +247,13 @@ def main() -> None:
         rows.append(row("terse, prep in process", one, statistics.median(one_walls),
                         answer_kept_rate(workdir / "terse-in-process-0.jsonl", docs, questions)))
         extra = {"walls_s_in_process": one_walls, "stage_seconds_in_process": one_stages}
+    if args.also_one_batch_at_a_time:
+        sequential = terse_config.with_overrides(run={"submit_ahead": False})
+        seq, seq_walls, seq_stages = run_job(sequential, args.scheme, True, docs, questions, workdir,
+                                             "terse-one-batch-at-a-time", args.repeats, args.warmup_runs)
+        rows.append(row("terse, one batch at a time", seq, statistics.median(seq_walls),
+                        answer_kept_rate(workdir / "terse-one-batch-at-a-time-0.jsonl", docs, questions)))
+        extra.update(walls_s_one_batch_at_a_time=seq_walls, stage_seconds_one_batch_at_a_time=seq_stages)
     result = {
         "label": label, "model": str(model), "backend": spec,
         "hardware": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
@@ -238,7 +261,7 @@ def main() -> None:
         "versions": {"terse": terse.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "workload": {"num_worlds": args.num_worlds, "questions_per_kind": args.questions_per_kind,
-                     "context_tokens": args.context_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats},
+                     "context_tokens": args.context_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats, "warmup_runs": args.warmup_runs},
         "terse_config": terse_config.to_dict(), "rows": rows,
         "walls_s": {"naive": naive_walls, "terse": terse_walls},
         "terse_stage_seconds": terse_stages, **extra,

@@ -83,7 +83,8 @@ def test_a_job_prepares_ahead_on_processes_with_the_same_answers(tiny_llama: Pat
         summary = job.run()
         assert summary.num_failed == 0
         assert set(job.stage_seconds) == {"prepare", "generate", "prepare_overlapped"}
-        assert (job.stage_seconds["prepare_overlapped"] > 0) == (processes > 1)
+        # several batches: prepared ahead on processes, or in process with batches submitted ahead
+        assert job.stage_seconds["prepare_overlapped"] > 0
         lines = (tmp_path / f"answers-{processes}.jsonl").read_text().splitlines()
         outputs[processes] = sorted((r["id"], r["answer"], r["usage"]["prompt_tokens"])
                                     for r in map(json.loads, lines))
@@ -96,3 +97,57 @@ def test_prepare_processes_is_validated() -> None:
     assert auto_processes(3) == 3 and auto_processes(3, num_questions=10) == 3
     assert auto_processes("auto", num_questions=56) == 0  # a small job prepares in process
     assert auto_processes("auto") >= 0
+
+
+class _RecordingAnswerer:
+    """Stands in for `BatchAnswerer` to record the order of prepare / start / finish / cancel calls."""
+
+    submits_ahead = True
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def prepare(self, batch: list[int]) -> list[int]:
+        self.log.append(("prepare", batch[0]))
+        return list(batch)
+
+    def start(self, batch: list[int], items: list[int]) -> list[int]:
+        self.log.append(("start", batch[0]))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return items
+
+    def finish(self, pending: list[int]) -> list[int]:
+        self.log.append(("finish", pending[0]))
+        self.in_flight -= 1
+        return [x * 10 for x in pending]
+
+    def cancel(self, pending: list[int]) -> None:
+        self.log.append(("cancel", pending[0]))
+        self.in_flight -= 1
+
+
+def test_submit_ahead_keeps_the_next_batch_generating_and_yields_in_order() -> None:
+    from terse.pipelines.docqa.job import submit_ahead
+
+    answerer = _RecordingAnswerer()
+    seconds = {"prepare": 0.0, "generate": 0.0, "prepare_overlapped": 0.0}
+    batches = [[1, 2], [3, 4], [5]]
+    out = list(submit_ahead(answerer, batches, seconds))  # type: ignore[arg-type]
+    assert out == [[10, 20], [30, 40], [50]]
+    assert answerer.log == [("prepare", 1), ("start", 1), ("prepare", 3), ("start", 3), ("finish", 1),
+                            ("prepare", 5), ("start", 5), ("finish", 3), ("finish", 5)]
+    assert answerer.most_in_flight == 2 and answerer.in_flight == 0
+
+
+def test_submit_ahead_cancels_the_batch_nobody_collects() -> None:
+    from terse.pipelines.docqa.job import submit_ahead
+
+    answerer = _RecordingAnswerer()
+    seconds = {"prepare": 0.0, "generate": 0.0, "prepare_overlapped": 0.0}
+    answers = submit_ahead(answerer, [[1], [2], [3]], seconds)  # type: ignore[arg-type]
+    assert next(answers) == [10]
+    answers.close()  # the job stops after its first batch
+    assert answerer.log[-1] == ("cancel", 2) and answerer.in_flight == 0

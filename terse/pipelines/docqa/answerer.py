@@ -7,13 +7,14 @@ same object answers batches in the single-process job and inside each Ray actor.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from terse.answer_match import exact_match
 from terse.backend.base import Backend
 from terse.pipelines.docqa.config import DocQAConfig
 from terse.pipelines.docqa.contexts import build_context_source, documents_to_index, open_or_build_index
-from terse.pipelines.docqa.dispatch import Generated, Outcome, build_dispatch, failure
+from terse.pipelines.docqa.dispatch import BatchDispatch, Generated, Outcome, Started, build_dispatch, failure
 from terse.pipelines.docqa.prepare import NaivePromptCounter, PreparedQuestion, Preparer, schedule
 from terse.pipelines.docqa.prepare_pool import PreparePool
 from terse.pipelines.docqa.records import AnswerRecord, FailureRecord, QAUsage, QuestionRecord
@@ -77,13 +78,47 @@ class BatchAnswerer:
     def generate(self, batch: Sequence[QuestionRecord], items: Sequence[PreparedQuestion | Exception]
                  ) -> list[AnswerRecord | FailureRecord]:
         """Answer the prepared questions of `batch` (`items` from `prepare`, in the same order)."""
+        failed, prepared = self._split(batch, items)
+        outcomes: list[Outcome] = self.dispatch.run(schedule(prepared)) if prepared else []
+        return failed + [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
+
+    @property
+    def submits_ahead(self) -> bool:
+        """Whether `start` / `finish` can keep a batch generating while the next one is prepared."""
+        return isinstance(self.dispatch, BatchDispatch)
+
+    def start(self, batch: Sequence[QuestionRecord], items: Sequence[PreparedQuestion | Exception]) -> PendingBatch:
+        """Submit the prepared questions of `batch` and return at once (`submits_ahead` dispatch only);
+        `finish` collects the records, the same as `generate` returns."""
+        assert isinstance(self.dispatch, BatchDispatch)
+        failed, prepared = self._split(batch, items)
+        return PendingBatch(failed, self.dispatch.start(schedule(prepared)) if prepared else [])
+
+    def finish(self, pending: PendingBatch) -> list[AnswerRecord | FailureRecord]:
+        assert isinstance(self.dispatch, BatchDispatch)
+        outcomes = self.dispatch.finish(pending.started)
+        return pending.failed + [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
+
+    def cancel(self, pending: PendingBatch) -> None:
+        """Cancel a started batch whose answers nobody will collect."""
+        BatchDispatch.cancel(pending.started)
+
+    @staticmethod
+    def _split(batch: Sequence[QuestionRecord], items: Sequence[PreparedQuestion | Exception]
+               ) -> tuple[list[AnswerRecord | FailureRecord], list[PreparedQuestion]]:
         prepared: list[PreparedQuestion] = []
-        records: list[AnswerRecord | FailureRecord] = []
+        failed: list[AnswerRecord | FailureRecord] = []
         for question, item in zip(batch, items):
             if isinstance(item, Exception):  # a question that cannot be prepared fails alone
-                records.append(failure(question.id, item))
+                failed.append(failure(question.id, item))
             else:
                 prepared.append(item)
-        outcomes: list[Outcome] = self.dispatch.run(schedule(prepared)) if prepared else []
-        records += [answer_record(o) if isinstance(o, Generated) else o for o in outcomes]
-        return records
+        return failed, prepared
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch `BatchAnswerer.start` submitted: the questions that failed to prepare and the rest in flight."""
+
+    failed: list[AnswerRecord | FailureRecord]
+    started: list[Started]

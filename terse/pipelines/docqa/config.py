@@ -145,6 +145,11 @@ class RunConfig:
     is pure Python and holds the GIL, so threads cannot spread it): batch N+1 is prepared while batch
     N generates. "auto": half the cores up to 8, none below 4 cores; 0 or 1: in this process, one
     batch after the other. Unused when compression calls the model (`prepare_workers` applies)."""
+    submit_ahead: bool = True
+    """batch dispatch with preparation in this process: submit batch N+1 (prepared while batch N
+    generates) before collecting batch N's answers, so the backend never idles between batches and
+    runs up to two batches in the same steps. False: one batch at a time (a batch's answers never
+    share a step with the next batch)."""
     prepare_start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
     """How worker processes start: "spawn" (safe beside CUDA and threads; ~1 s of imports, overlapped
     with the first batch), "forkserver", or "fork" (fastest; only where the parent's threads allow)."""
@@ -163,6 +168,7 @@ class RunConfig:
             check_int(name, getattr(self, name), low=1, example=example)
         if self.prepare_processes != "auto":
             check_int("prepare_processes", self.prepare_processes, low=0, example='"auto" or 4')
+        require(isinstance(self.submit_ahead, bool), f"submit_ahead={self.submit_ahead!r} must be true or false")
         check_choice("prepare_start_method", self.prepare_start_method, ("spawn", "forkserver", "fork"))
         require(self.requests_per_s is None or (isinstance(self.requests_per_s, int | float)
                                                  and self.requests_per_s > 0),

@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from terse.backend.base import Backend
 from terse.backend.handle import RequestHandle
@@ -41,6 +41,14 @@ class Generated:
 Outcome = Generated | FailureRecord
 
 
+class Started(NamedTuple):
+    """One question submitted by `BatchDispatch.start`: its handle (or the error submitting raised)."""
+
+    prepared: PreparedQuestion
+    handle: RequestHandle | BaseException
+    submitted_at: float
+
+
 class Dispatch(Protocol):
     """Answers batches. `run` returns one outcome per input, in input order, and does not raise for a
     question's own failure (bad request, unreachable server): that becomes its `FailureRecord`."""
@@ -55,20 +63,32 @@ def failure(question_id: str, error: BaseException) -> FailureRecord:
 
 
 class BatchDispatch:
-    """Submit every prompt of the batch, then wait for each (see module docstring)."""
+    """Submit every prompt of the batch, then wait for each (see module docstring).
+
+    `start` and `finish` split `run` in two, so a job can submit batch N+1 while batch N is still
+    generating (a batching engine then runs both in the same steps) and collect batch N's answers
+    in order afterwards."""
 
     def __init__(self, backend: Backend, params: SamplingParams) -> None:
         self.backend = backend
         self.params = params
 
     def run(self, batch: Sequence[PreparedQuestion]) -> list[Outcome]:
-        started: list[tuple[PreparedQuestion, RequestHandle | BaseException, float]] = []
+        return self.finish(self.start(batch))
+
+    def start(self, batch: Sequence[PreparedQuestion]) -> list[Started]:
+        """Submit every prompt of `batch`; a prompt the backend refuses becomes that question's error."""
+        started: list[Started] = []
         for p in batch:
             t0 = time.perf_counter()
             try:
-                started.append((p, self.backend.submit(p.prompt, self.params), t0))
+                started.append(Started(p, self.backend.submit(p.prompt, self.params), t0))
             except Exception as e:  # an invalid request fails that question only
-                started.append((p, e, t0))
+                started.append(Started(p, e, t0))
+        return started
+
+    def finish(self, started: Sequence[Started]) -> list[Outcome]:
+        """Wait for each submitted question of one `start` call; one outcome each, in order."""
         outcomes: list[Outcome] = []
         for p, handle, t0 in started:
             if isinstance(handle, BaseException):
@@ -82,6 +102,13 @@ class BatchDispatch:
             latency = completion.metrics.get("latency", time.perf_counter() - t0)
             outcomes.append(Generated(p, completion.text.strip(), completion.usage, latency))
         return outcomes
+
+    @staticmethod
+    def cancel(started: Sequence[Started]) -> None:
+        """Cancel what a `start` call submitted and nobody will collect (a job stopping early)."""
+        for item in started:
+            if isinstance(item.handle, RequestHandle):
+                item.handle.cancel()
 
 
 class AsyncDispatch:

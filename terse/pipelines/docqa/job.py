@@ -91,8 +91,9 @@ class DocQAJob:
         self._backend = backend
         self.stage_seconds: dict[str, float] = {}
         """Where the last `run()`'s time went (single-process runs): "prepare" (preparation the
-        generation waited for), "generate", and "prepare_overlapped" (preparation that ran during
-        generation, on worker processes)."""
+        generation waited for), "generate" (waiting for answers), and "prepare_overlapped"
+        (preparation that ran while the backend generated: on worker processes, or in this process
+        with batches submitted ahead)."""
     def run(self, progress: ProgressFn | None = None, batch_fn: BatchFn | None = None,
             on_start: Callable[[int], None] | None = None) -> JobSummary:
         """Answer every pending question; return the summary (also written to `paths.summary`).
@@ -174,14 +175,23 @@ class DocQAJob:
 
 def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], config: DocQAConfig,
                   seconds: dict[str, float]) -> Iterator[list[AnswerRecord | FailureRecord]]:
-    """Answer `batches` in order, preparing batch N+1 on worker processes while batch N generates.
+    """Answer `batches` in order, preparing batch N+1 while batch N generates.
+
+    With worker processes (`run.prepare_processes`):
 
         main:     prepare 0 | generate 0         | generate 1         | ...
         ahead:              | prepare 1 (procs)  | prepare 2 (procs)  |
 
-    Batch 0 is prepared in this process while the workers start. Without a pool (few cores, a job
-    under `AUTO_MIN_QUESTIONS` with "auto", a compressor that calls the model, a single batch)
-    batches run one after the other, as `BatchAnswerer.answer` does. `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
+    In this process, with a dispatch that submits ahead (a local or hf backend generates on its own
+    thread): batch N+1 is prepared while batch N generates and submitted before batch N's answers
+    are collected, so the engine is never idle between batches and runs both in the same steps:
+
+        main:     prepare 0, submit 0 | prepare 1, submit 1 | collect 0 | prepare 2, submit 2 | collect 1 | ...
+        engine:                       | generate 0 ...................| generate 1 ...................|
+
+    Otherwise (a compressor that calls the model, organized or async dispatch) batches run one after
+    the other, as `BatchAnswerer.answer` does. Answers are yielded batch by batch in order either way.
+    `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -191,6 +201,9 @@ def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], co
     num_questions = sum(len(b) for b in batches)
     num_processes = auto_processes(config.run.prepare_processes, num_questions) if len(batches) > 1 else 0
     pool = PreparePool.for_compressor(answerer.preparer.compressor, num_processes, config.run.prepare_start_method)
+    if pool is None and len(batches) > 1 and config.run.submit_ahead and getattr(answerer, "submits_ahead", False):
+        yield from submit_ahead(answerer, batches, seconds)
+        return
 
     def timed_prepare(batch: Sequence[QuestionRecord]) -> tuple[list[Any], float]:
         t0 = time.perf_counter()
@@ -219,6 +232,34 @@ def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], co
     finally:
         if pool is not None:
             pool.close()
+
+
+def submit_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], seconds: dict[str, float]
+                 ) -> Iterator[list[AnswerRecord | FailureRecord]]:
+    """`prepare_ahead` in this process: batch N+1 prepared and submitted before batch N is collected.
+
+    At most two batches are in flight. If the consumer stops early (a job ending after too many
+    unreachable-backend failures), the batch submitted ahead is cancelled; its questions stay pending
+    and a rerun answers them."""
+    t0 = time.perf_counter()
+    pending = answerer.start(batches[0], answerer.prepare(batches[0]))
+    seconds["prepare"] += time.perf_counter() - t0
+    try:
+        for k in range(len(batches)):
+            following = None
+            if k + 1 < len(batches):
+                t0 = time.perf_counter()
+                items = answerer.prepare(batches[k + 1])
+                following = answerer.start(batches[k + 1], items)
+                seconds["prepare_overlapped"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            records = answerer.finish(pending)
+            seconds["generate"] += time.perf_counter() - t0
+            pending = following
+            yield records
+    finally:
+        if pending is not None:
+            answerer.cancel(pending)
 
 
 def open_index(index_dir: Path | None) -> Any | None:
