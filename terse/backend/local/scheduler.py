@@ -24,7 +24,8 @@ still on the device. A sequence whose pending token already reaches its length l
 and a waiting sequence with a pending token waits until it arrives.
 
 Speculative decoding (speculative.py): a decoding sequence with a draft computes 1 + len(draft) rows,
-the draft shortened to the step's budget. Its KV slots reach `num_speculative_tokens` further than its
+the draft shortened to the step's budget. With held drafting, a sequence that drafts in its next step
+waits while its last token is on the device (`hold_drafting`); all others decode every step. Its KV slots reach `num_speculative_tokens` further than its
 computed count says (the step in flight may accept that many draft tokens). A draft never preempts
 anyone: when its blocks are not there, the sequence decodes one token instead.
 """
@@ -86,8 +87,10 @@ class Scheduler:
     ) -> None:
         self.kv = kv
         self.hold_drafting = hold_drafting
-        """A drafting sequence (one with speculator state) waits while its last token is on the device
-        (`SpeculativeSettings.draft_ahead` False)."""
+        """Held drafting (`SpeculativeSettings.draft_ahead` False): a sequence whose next step drafts
+        (`SpecState.drafting`, set by the speculator's proposal just before scheduling) waits while its
+        last token is on the device, so that its draft is built from known tokens. A sequence that does
+        not draft (no match, or backing off) is never held: it decodes every step, without a draft."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -122,7 +125,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling or not self._may_decode(seq):
                 continue
-            if self.hold_drafting and seq.spec is not None and seq.num_pending_tokens:
+            if self.hold_drafting and seq.num_pending_tokens and seq.spec is not None and seq.spec.drafting:
                 continue
             draft = self._fit_draft(seq, budget)
             reach = seq.num_speculative_tokens  # the step in flight may accept this many draft tokens

@@ -89,7 +89,8 @@ class Sequence:
     num_accepted_tokens: int = 0
     """Of those, accepted."""
     spec: Any = None
-    """The speculator's per-sequence state (None: this sequence never drafts); opaque to the scheduler."""
+    """The speculator's per-sequence state (None: this sequence never drafts); the scheduler reads only its
+    `drafting` flag (held drafting)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

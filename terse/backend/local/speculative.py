@@ -24,6 +24,20 @@ falls below `min_acceptance` the sequence stops drafting for `backoff_steps` dec
 each consecutive failure up to `max_backoff_steps`), then probes again. A sequence without a match
 decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need the
 grammar advanced token by token on the host (they keep the late sampling of runner.py).
+
+Held drafting (`draft_ahead` False, the default) drafts from known tokens only: the scheduler holds a
+sequence while its last token is on the device, but only a sequence that drafts in its next step
+(`SpecState.drafting`). Each decode step of a sequence is one of
+
+    last token known:      propose from known tokens (back-off counted); drafting = a draft came out
+    in flight, drafting:   held this step (not a decode step: nothing counted); next step it proposes
+    in flight, otherwise:  decodes one token without a draft, in step with the loop's overlap; backing
+                           off, the step is counted; else the drafter looks up the known tokens (the
+                           lookup the next proposal would make, one token earlier) and a match sets
+                           drafting, holding it from this step on
+
+so a sequence that finds no match, or is backing off, decodes every step like one without speculation,
+and starts drafting again as soon as its known tokens match again or its back-off ends.
 """
 
 from __future__ import annotations
@@ -69,9 +83,12 @@ class SpeculativeSettings:
     draft_ahead: bool = False
     """True: a drafting sequence is scheduled while its last token is still on the device, its draft built
     on the assumed outcome of the step in flight (host work overlaps the device, but a wrong guess voids
-    the draft). False: it waits for that token to reach the host and drafts from known tokens (it decodes
-    one step in two, no draft is voided). On one H200 (reference model, doc-QA, batch 1) False decoded
-    1.70x faster than without speculation and True 1.06x (most guessed drafts were voided)."""
+    the draft). False: a sequence that drafts waits for that token to reach the host and drafts from known
+    tokens (it decodes one step in two, no draft is voided); a sequence that does not draft (its known
+    tokens find no match, or it is backing off) is not held and decodes every step, never on a guess; it
+    is held again once a lookup of its known tokens matches (the rule: module docstring). On one H200
+    (reference model, doc-QA, batch 1) False decoded 1.70x faster than without speculation and True 1.06x
+    (most guessed drafts were voided)."""
 
     def __post_init__(self) -> None:
         check_choice("speculative.method", self.method, sorted(DRAFTERS))
@@ -138,6 +155,9 @@ class SpecState:
     drafter: Drafter
     control: AcceptanceControl
     in_flight: deque[_InFlight] = field(default_factory=deque)
+    drafting: bool = False
+    """Held drafting: its next decode step drafts from known tokens, so the scheduler holds it while its
+    last token is on the device (`Scheduler.hold_drafting`). Set by each proposal (module docstring)."""
 
 
 class Speculator:
@@ -168,21 +188,46 @@ class Speculator:
 
     def _propose(self, seq: Sequence) -> Draft | None:
         state: SpecState = seq.spec
-        if len(state.in_flight) > 1 or not state.control.allows():
+        if len(state.in_flight) > 1:
             return None
+        if state.in_flight and not self.settings.draft_ahead:
+            self._probe(seq, state)
+            return None
+        if not state.control.allows():
+            state.drafting = False
+            return None
+        draft = self._draft(seq, state)
+        state.drafting = draft is not None
+        return draft
+
+    def _probe(self, seq: Sequence, state: SpecState) -> None:
+        """Held drafting, the last token on the device: no draft this step (module docstring). A
+        drafting sequence is held; any other decodes, and turns drafting when its known tokens match."""
+        if state.drafting or not state.control.allows():
+            return  # held (not a decode step), or backing off (this decode step counted)
         num_resolved = seq.num_tokens - seq.num_pending_tokens
         state.drafter.update(seq.token_ids, num_resolved)
-        tail: tuple[int, ...] = ()
-        if state.in_flight:  # its last token is still on the device: the draft starts with a guess of it
-            step = state.in_flight[0]
-            tail = step.draft.tokens if step.draft is not None and step.possible else ()
-        num_assumed = len(tail)  # equals seq.num_speculative_tokens
-        limit = min(
+        if self._limit(seq, 0) >= 1 and state.drafter.propose(seq.token_ids, num_resolved, (), 1):
+            state.drafting = True  # held from this step on: its next step drafts from known tokens
+
+    def _limit(self, seq: Sequence, num_assumed: int) -> int:
+        """Most draft tokens the sequence's next step may verify, `num_assumed` tokens assumed accepted."""
+        return min(
             self.settings.num_draft_tokens,
             seq.params.max_tokens - (seq.num_output_tokens + num_assumed) - 1,
             seq.max_len - (seq.num_tokens + num_assumed) - 1,
             self.kv.speculation_span(seq) - 2 - seq.num_speculative_tokens,
         )
+
+    def _draft(self, seq: Sequence, state: SpecState) -> Draft | None:
+        num_resolved = seq.num_tokens - seq.num_pending_tokens
+        state.drafter.update(seq.token_ids, num_resolved)
+        tail: tuple[int, ...] = ()
+        if state.in_flight:  # draft ahead, its last token still on the device: the draft starts with a guess of it
+            step = state.in_flight[0]
+            tail = step.draft.tokens if step.draft is not None and step.possible else ()
+        num_assumed = len(tail)  # equals seq.num_speculative_tokens
+        limit = self._limit(seq, num_assumed)
         if limit < 1:
             return None
         guessing = bool(state.in_flight)

@@ -9,9 +9,9 @@ from terse.backend.local.config import EngineConfig
 from terse.backend.local.kv_manager import KVManager
 from terse.backend.local.kv_policy import DENSE, UNBOUNDED_SPAN, SeqKV
 from terse.backend.local.prompt_lookup import PromptLookup
-from terse.backend.local.scheduler import ScheduledChunk, StepPlan
-from terse.backend.local.sequence import PENDING_TOKEN, Draft, Sequence
-from terse.backend.local.speculative import AcceptanceControl, SpeculativeSettings, Speculator
+from terse.backend.local.scheduler import ScheduledChunk, Scheduler, StepPlan
+from terse.backend.local.sequence import PENDING_TOKEN, Draft, Sequence, SequenceStatus
+from terse.backend.local.speculative import AcceptanceControl, SpeculativeSettings, Speculator, _InFlight
 from terse.backend.local.streaming import StreamingKVPolicy
 from terse.backend.types import SamplingParams
 from terse.errors import ConfigError
@@ -92,7 +92,7 @@ def _decoding(kv: KVManager, prompt: list[int], max_tokens: int = 32) -> Sequenc
 
 def test_speculator_builds_on_the_step_in_flight_and_learns_its_gate() -> None:
     kv = KVManager(64, 4)
-    spec = Speculator(SpeculativeSettings(num_draft_tokens=3), kv)
+    spec = Speculator(SpeculativeSettings(num_draft_tokens=3, draft_ahead=True), kv)
     prompt = [1, 2, 3, 4, 5, 6, 1, 2]
     seq = _decoding(kv, prompt)
     spec.attach(seq)
@@ -180,3 +180,80 @@ def test_prompt_lookup_matches_a_brute_force_search() -> None:
         tail = [rng.randrange(6) for _ in range(rng.randrange(0, 3))]
         k = rng.randrange(1, 5)
         assert lookup.propose(tokens, resolved, tail, k) == brute(tokens, resolved, tail, k, 1, 3), case
+
+
+def _running(kv: KVManager, scheduler: Scheduler, spec: Speculator, seq_id: int, prompt: list[int]) -> Sequence:
+    seq = Sequence(seq_id, prompt, SamplingParams(max_tokens=32), max_len=256)
+    assert kv.allocate(seq, len(prompt))
+    seq.num_computed_tokens = len(prompt) - 1
+    seq.status = SequenceStatus.RUNNING
+    scheduler.running.append(seq)
+    spec.attach(seq)
+    return seq
+
+
+def _launch(spec: Speculator, scheduler: Scheduler) -> list[int]:
+    """Propose, schedule and launch one step as the engine does; the ids of the sequences decoding in it."""
+    spec.propose(scheduler.running)
+    plan = scheduler.schedule()
+    scheduler.on_step_launched(plan)
+    sampled = [c.seq for c in plan.decodes]
+    for seq in sampled:
+        seq.append_pending()
+    spec.on_launched(plan, sampled)
+    return sorted(seq.seq_id for seq in sampled)
+
+
+def _collect(spec: Speculator, seq: Sequence, tokens: list[int], num_accepted: int = 0) -> None:
+    spec.on_collected(seq, tokens, num_accepted)
+    seq.num_computed_tokens += num_accepted
+    seq.resolve_pending(tokens[0])
+    for token in tokens[1:]:
+        seq.insert_resolved(token)
+
+
+def test_held_drafting_holds_only_sequences_whose_next_step_drafts() -> None:
+    kv = KVManager(64, 4)
+    settings = SpeculativeSettings(num_draft_tokens=3, min_acceptance=0.5, ema_weight=1.0, backoff_steps=2)
+    spec = Speculator(settings, kv)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, hold_drafting=True)
+    a = _running(kv, scheduler, spec, 0, [1, 2, 3, 4, 5, 6, 1, 2])  # "1 2" repeats: drafts 3 4 5
+    b = _running(kv, scheduler, spec, 1, [10, 11, 12, 13])  # nothing repeats: no draft
+    assert _launch(spec, scheduler) == [0, 1]  # step 1, every token known: both propose
+    assert a.spec.drafting and not b.spec.drafting and a.num_speculative_tokens == 3
+    # step 2, step 1 in flight: the drafting one waits, the other decodes without a draft
+    assert _launch(spec, scheduler) == [1] and b.draft is None
+    _collect(spec, a, [9])  # step 1 rejected a's whole draft: acceptance 0 < 0.5, two steps of back-off
+    _collect(spec, b, [14])
+    assert a.spec.control.num_idle_steps == 2
+    # step 3: a backs off and is not held (each of its decode steps counts one), b still finds nothing
+    assert _launch(spec, scheduler) == [0, 1] and a.spec.control.num_idle_steps == 1
+    _collect(spec, b, [15])
+    assert _launch(spec, scheduler) == [0, 1] and a.spec.control.num_idle_steps == 0  # step 4: a's token in flight
+    _collect(spec, a, [1])
+    _collect(spec, b, [11])  # b's known tokens now end in 11, which occurred before: a match appears
+    # step 5: a's back-off is over and its known tokens "... 9 1" match: held again; b: held too
+    assert _launch(spec, scheduler) == []
+    assert a.spec.drafting and b.spec.drafting and a.spec.control.num_idle_steps == 0
+    _collect(spec, a, [2])
+    _collect(spec, b, [16])
+    # step 6: both tokens known: a drafts ("... 6 1 2" -> 9 1 2), b ("... 11 16") finds nothing after all
+    assert _launch(spec, scheduler) == [0, 1]
+    assert a.draft is None and a.num_speculative_tokens == 3 and a.spec.drafting
+    assert b.num_speculative_tokens == 0 and not b.spec.drafting
+    assert spec.num_voided_drafts == 0
+
+
+def test_held_drafting_never_drafts_on_a_guess() -> None:
+    kv = KVManager(64, 4)
+    spec = Speculator(SpeculativeSettings(num_draft_tokens=3), kv)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, hold_drafting=True)
+    seq = _running(kv, scheduler, spec, 0, [5, 6, 7, 8])
+    _launch(spec, scheduler)
+    assert not seq.spec.drafting
+    _collect(spec, seq, [5])  # known: "5 6 7 8 5": the lookup matches 5 -> 6 7 8
+    seq.append_pending()  # as if a later step were in flight (its token unknown)
+    seq.num_computed_tokens += 1
+    seq.spec.in_flight.append(_InFlight(None))
+    spec.propose([seq])
+    assert seq.draft is None and seq.spec.drafting  # no guess: it waits and drafts from known tokens
