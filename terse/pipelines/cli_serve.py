@@ -70,6 +70,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="most draft tokens verified per step and sequence (default 4)")
     group.add_argument("--speculative-ngram", default=None, metavar="MIN:MAX",
                        help="suffix lengths matched, longest first (default 1:3)")
+    group.add_argument("--speculative-max-batch", default=None, metavar="N",
+                       help="no drafting in steps where more than N sequences decode; 'none' for no limit "
+                       "(default 32)")
     group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
                        "(see the --quantization-* flags)")
     add_quantization_arguments(group)
@@ -102,8 +105,9 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def _speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The `speculative` table from --speculative and its options (None when speculation is off)."""
     if args.speculative is None:
-        if args.speculative_tokens is not None or args.speculative_ngram is not None:
-            raise ConfigError("--speculative-tokens / --speculative-ngram need --speculative prompt_lookup")
+        if any(v is not None for v in (args.speculative_tokens, args.speculative_ngram, args.speculative_max_batch)):
+            raise ConfigError("--speculative-tokens / --speculative-ngram / --speculative-max-batch need "
+                              "--speculative prompt_lookup")
         return None
     table: dict[str, Any] = {"method": args.speculative}
     if args.speculative_tokens is not None:
@@ -113,6 +117,12 @@ def _speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
         if not (sep and low.isdigit() and high.isdigit()):
             raise ConfigError(f"--speculative-ngram {args.speculative_ngram!r} must be MIN:MAX, e.g. 1:3")
         table["min_ngram"], table["max_ngram"] = int(low), int(high)
+    if args.speculative_max_batch is not None:
+        value = args.speculative_max_batch.strip().lower()
+        if value != "none" and not value.isdigit():
+            raise ConfigError(f"--speculative-max-batch {args.speculative_max_batch!r} must be a number of "
+                              "sequences (e.g. 32) or 'none'")
+        table["max_batch_size"] = None if value == "none" else int(value)
     return table
 
 
@@ -271,6 +281,7 @@ _CONFIG_FLAGS = {
     "kv_cache_memory": "--kv-cache-memory", "sparse_prefill.patterns_path": "--sparse-patterns",
     "speculative.method": "--speculative", "speculative.num_draft_tokens": "--speculative-tokens",
     "speculative.min_ngram": "--speculative-ngram", "speculative.max_ngram": "--speculative-ngram",
+    "speculative.max_batch_size": "--speculative-max-batch",
 }
 
 

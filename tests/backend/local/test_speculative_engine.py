@@ -128,10 +128,14 @@ def test_every_way_of_turning_it_on(llama: Path, capsys: pytest.CaptureFixture[s
         DocQAConfig.from_dict({"backend": f"local:{llama}", "backend_options": {"speculative": {"num_draft_tokens": 0}}})
     errors = [
         (["--speculative", "medusa"], "--speculative 'medusa' must be one of 'prompt_lookup'"),
-        (["--speculative-tokens", "3"], "--speculative-tokens / --speculative-ngram need --speculative prompt_lookup"),
+        (["--speculative-tokens", "3"], "--speculative-ngram / --speculative-max-batch need --speculative prompt_lookup"),
         (["--speculative", "prompt_lookup", "--speculative-ngram", "3"], "--speculative-ngram '3' must be MIN:MAX"),
         (["--speculative", "prompt_lookup", "--speculative-tokens", "0"], "--speculative-tokens 0 must be an int >= 1"),
         (["--speculative", "prompt_lookup", "--speculative-ngram", "4:2"], "--speculative-ngram 4 exceeds max_ngram=2"),
+        (["--speculative", "prompt_lookup", "--speculative-max-batch", "lots"],
+         "--speculative-max-batch 'lots' must be a number of sequences (e.g. 32) or 'none'"),
+        (["--speculative", "prompt_lookup", "--speculative-max-batch", "0"], "--speculative-max-batch 0 must be"),
+        (["--speculative-max-batch", "8"], "need --speculative prompt_lookup"),
     ]
     for flags, expected in errors:
         assert main(["serve", "--model", str(llama), *flags, "--verbose"]) == 2
@@ -139,3 +143,21 @@ def test_every_way_of_turning_it_on(llama: Path, capsys: pytest.CaptureFixture[s
         assert err.count("\n") == 1 and err.startswith("terse serve: error: ") and expected in err, err
     assert main(["serve", "--upstream", "http://127.0.0.1:9/v1", "--speculative", "prompt_lookup"]) == 2
     assert "--speculative configure the local engine" in capsys.readouterr().err
+
+
+def test_nothing_drafts_while_more_sequences_decode_than_max_batch_size(llama: Path) -> None:
+    """Above `max_batch_size` decoding sequences no one drafts or waits for a draft (output unchanged);
+    at or below it the same requests draft."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = REPEATING[:4]
+    whole = {"max_num_batched_tokens": 1024}  # every prompt prefilled in one step: all four decode together
+    with engine(llama, **whole) as plain:
+        reference = [c.token_ids for c in plain.generate(prompts, params)]
+    for cap, drafts in ((3, False), (4, True), (None, True)):
+        with engine(llama, SPEC | {"max_batch_size": cap}, **whole) as eng:
+            out = eng.generate(prompts, params)
+            assert [c.token_ids for c in out] == reference
+            assert eng.speculator is not None
+            assert (eng.speculator.num_verify_steps > 0) == drafts, cap
+            assert (eng.speculator.num_capped_steps > 0) == (not drafts), cap
+            assert_no_leak(eng)
