@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from terse.backend.local.engine import LocalEngine
+from terse.backend.local.models.loader import read_model_config
 from terse.backend.local.prompt_lookup import DRAFTERS, PromptLookup
 from terse.backend.local.scheduler import StepPlan
 from terse.backend.local.sequence import SequenceStatus
@@ -91,35 +93,44 @@ def prompts(llama: Path) -> list[list[int]]:
         return [list(eng.tokenizer(w).input_ids) for w in words] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(4)]
 
 
+@dataclass(frozen=True)
+class Plain:
+    """One-token decoding of `prompts`: greedy outputs, the engine's steps for the whole batch and for
+    prompt 2 alone."""
+
+    outputs: list[tuple[int, ...]]
+    batch_steps: int
+    alone_steps: int
+
+
 @pytest.fixture(scope="module")
-def plain(llama: Path, prompts: list[list[int]]) -> tuple[list[tuple[int, ...]], int, int]:
-    """Greedy outputs of one-token decoding, the engine's steps for the whole batch, and for prompt 2 alone."""
+def plain(llama: Path, prompts: list[list[int]]) -> Plain:
     with engine(llama) as eng:
         outputs = [c.token_ids for c in eng.generate(prompts, GREEDY)]
         batch_steps = eng.stats["num_steps"]
         eng.generate([prompts[2]], GREEDY)
-        return outputs, batch_steps, eng.stats["num_steps"] - batch_steps
+        return Plain(outputs, batch_steps, eng.stats["num_steps"] - batch_steps)
 
 
 @pytest.fixture
-def scripted(llama: Path, prompts: list[list[int]], plain: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+def scripted(llama: Path, prompts: list[list[int]], plain: Plain, monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[int, str]], None]:
+    """`script({index: name})`: the drafter's script for those prompts (the others use the prompt lookup)."""
     monkeypatch.setitem(DRAFTERS, "scripted", ScriptedDrafter)
-    with engine(llama) as eng:
-        monkeypatch.setattr(ScriptedDrafter, "VOCAB", eng.model_config.vocab_size)
+    monkeypatch.setattr(ScriptedDrafter, "VOCAB", read_model_config(llama).vocab_size)
     monkeypatch.setattr(ScriptedDrafter, "SCRIPTS", {})
 
-    def script(**by_index: str) -> None:
-        for i, name in by_index.items():
-            ScriptedDrafter.SCRIPTS[tuple(prompts[int(i[1:])])] = (name, list(plain[0][int(i[1:])]))
+    def script(names: dict[int, str]) -> None:
+        for i, name in names.items():
+            ScriptedDrafter.SCRIPTS[tuple(prompts[i])] = (name, list(plain.outputs[i]))
 
-    yield script
+    return script
 
 
 def test_a_sequence_that_never_drafts_decodes_every_step_after_its_first(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, batch_steps, alone_steps = plain
-    scripted(**{f"p{i}": "silent" for i in range(len(prompts))})
+    outputs, batch_steps, alone_steps = plain.outputs, plain.batch_steps, plain.alone_steps
+    scripted(dict.fromkeys(range(len(prompts)), "silent"))
     with engine(llama, HELD) as eng:
         holds = count_holds(eng)
         batched = eng.generate(prompts, GREEDY)
@@ -134,9 +145,9 @@ def test_a_sequence_that_never_drafts_decodes_every_step_after_its_first(
         assert_no_leak(eng)
 
 
-def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]) -> None:
-    outputs, _, alone_steps = plain
-    scripted(p2="wrong")
+def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]) -> None:
+    outputs, alone_steps = plain.outputs, plain.alone_steps
+    scripted({2: "wrong"})
     with engine(llama, HELD) as eng:
         holds = count_holds(eng)
         out = eng.generate([prompts[2]], GREEDY)[0]
@@ -152,10 +163,10 @@ def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]
 
 
 def test_a_sequence_whose_matches_come_back_drafts_again(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, _, alone_steps = plain
-    scripted(p2="late")
+    outputs, alone_steps = plain.outputs, plain.alone_steps
+    scripted({2: "late"})
     with engine(llama, HELD) as eng:
         out = eng.generate([prompts[2]], GREEDY)[0]
         stats = eng.stats
@@ -166,10 +177,10 @@ def test_a_sequence_whose_matches_come_back_drafts_again(
 
 
 def test_a_batch_mixing_drafting_and_other_sequences_is_exact(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, _, _ = plain
-    scripted(p2="silent", p3="right", p4="wrong", p5="late")  # p0, p1: prompt lookup on repeating text
+    outputs = plain.outputs
+    scripted({2: "silent", 3: "right", 4: "wrong", 5: "late"})  # 0, 1: prompt lookup on repeating text
     with engine(llama, HELD) as eng:
         for _ in range(2):  # the second time around, the prompts come from the prefix cache
             batched = eng.generate(prompts, GREEDY)
