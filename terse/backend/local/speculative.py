@@ -36,8 +36,10 @@ sequence while its last token is on the device, but only a sequence that drafts 
                            lookup the next proposal would make, one token earlier) and a match sets
                            drafting, holding it from this step on
 
-so a sequence that finds no match, or is backing off, decodes every step like one without speculation,
-and starts drafting again as soon as its known tokens match again or its back-off ends.
+A new sequence starts as drafting (its first decode step waits for the prefill's token and proposes from
+it: short answers copied from the prompt are drafted from their first token on). From then on a sequence
+that finds no match, or is backing off, decodes every step like one without speculation, and starts
+drafting again as soon as its known tokens match again or its back-off ends.
 """
 
 from __future__ import annotations
@@ -163,9 +165,10 @@ class SpecState:
     drafter: Drafter
     control: AcceptanceControl
     in_flight: deque[_InFlight] = field(default_factory=deque)
-    drafting: bool = False
+    drafting: bool = True
     """Held drafting: its next decode step drafts from known tokens, so the scheduler holds it while its
-    last token is on the device (`Scheduler.hold_drafting`). Set by each proposal (module docstring)."""
+    last token is on the device (`Scheduler.hold_drafting`). Set by each proposal (module docstring);
+    True at first, so that the first decode step drafts from the prefill's token."""
 
 
 class Speculator:

@@ -8,13 +8,19 @@ The drafts come from a scripted drafter: per prompt, nothing, the model's own gr
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from terse.backend.local.engine import LocalEngine
+from terse.backend.local.models.loader import read_model_config
 from terse.backend.local.prompt_lookup import DRAFTERS, PromptLookup
+from terse.backend.local.scheduler import StepPlan
+from terse.backend.local.sequence import SequenceStatus
 from terse.backend.types import SamplingParams
 from tests.backend.local.spec_helpers import assert_no_leak, engine
 
@@ -52,6 +58,26 @@ class ScriptedDrafter:
         return right if self.script in ("right", "late") else [(t + 1) % self.VOCAB for t in right]
 
 
+def count_holds(eng: LocalEngine) -> Counter[tuple[int, ...]]:
+    """Per prompt, the steps in which its sequence was ready to decode but not scheduled (held)."""
+    holds: Counter[tuple[int, ...]] = Counter()
+    schedule = eng.scheduler.schedule
+
+    def counted() -> StepPlan:
+        ready = [
+            s for s in eng.scheduler.running
+            if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1
+            and not (s.num_pending_tokens and s.reached_length_limit)
+        ]
+        plan = schedule()
+        decoding = {c.seq.seq_id for c in plan.decodes}
+        holds.update(tuple(s.prompt_ids) for s in ready if s.seq_id not in decoding)
+        return plan
+
+    eng.scheduler.schedule = counted  # type: ignore[method-assign]
+    return holds
+
+
 @pytest.fixture(scope="module")
 def llama(tiny_model_factory: Callable[..., Path]) -> Path:
     return tiny_model_factory("llama")
@@ -67,63 +93,80 @@ def prompts(llama: Path) -> list[list[int]]:
         return [list(eng.tokenizer(w).input_ids) for w in words] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(4)]
 
 
+@dataclass(frozen=True)
+class Plain:
+    """One-token decoding of `prompts`: greedy outputs, the engine's steps for the whole batch and for
+    prompt 2 alone."""
+
+    outputs: list[tuple[int, ...]]
+    batch_steps: int
+    alone_steps: int
+
+
 @pytest.fixture(scope="module")
-def plain(llama: Path, prompts: list[list[int]]) -> tuple[list[tuple[int, ...]], int, int]:
-    """Greedy outputs of one-token decoding, the engine's steps for the whole batch, and for prompt 2 alone."""
+def plain(llama: Path, prompts: list[list[int]]) -> Plain:
     with engine(llama) as eng:
         outputs = [c.token_ids for c in eng.generate(prompts, GREEDY)]
         batch_steps = eng.stats["num_steps"]
         eng.generate([prompts[2]], GREEDY)
-        return outputs, batch_steps, eng.stats["num_steps"] - batch_steps
+        return Plain(outputs, batch_steps, eng.stats["num_steps"] - batch_steps)
 
 
 @pytest.fixture
-def scripted(llama: Path, prompts: list[list[int]], plain: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+def scripted(llama: Path, prompts: list[list[int]], plain: Plain, monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[int, str]], None]:
+    """`script({index: name})`: the drafter's script for those prompts (the others use the prompt lookup)."""
     monkeypatch.setitem(DRAFTERS, "scripted", ScriptedDrafter)
-    with engine(llama) as eng:
-        monkeypatch.setattr(ScriptedDrafter, "VOCAB", eng.model_config.vocab_size)
+    monkeypatch.setattr(ScriptedDrafter, "VOCAB", read_model_config(llama).vocab_size)
     monkeypatch.setattr(ScriptedDrafter, "SCRIPTS", {})
 
-    def script(**by_index: str) -> None:
-        for i, name in by_index.items():
-            ScriptedDrafter.SCRIPTS[tuple(prompts[int(i[1:])])] = (name, list(plain[0][int(i[1:])]))
+    def script(names: dict[int, str]) -> None:
+        for i, name in names.items():
+            ScriptedDrafter.SCRIPTS[tuple(prompts[i])] = (name, list(plain.outputs[i]))
 
-    yield script
+    return script
 
 
-def test_a_sequence_that_never_drafts_takes_the_steps_of_one_token_decoding(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+def test_a_sequence_that_never_drafts_decodes_every_step_after_its_first(
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, batch_steps, alone_steps = plain
-    scripted(**{f"p{i}": "silent" for i in range(len(prompts))})
+    outputs, batch_steps, alone_steps = plain.outputs, plain.batch_steps, plain.alone_steps
+    scripted(dict.fromkeys(range(len(prompts)), "silent"))
     with engine(llama, HELD) as eng:
+        holds = count_holds(eng)
         batched = eng.generate(prompts, GREEDY)
-        assert eng.stats["num_steps"] == batch_steps  # nobody was held: every sequence decoded every step
+        # held once, for its first draft from the prefill's token; never again after that found nothing
+        assert all(holds[tuple(p)] <= 1 for p in prompts) and sum(holds.values()) > 0
+        assert eng.stats["num_steps"] <= batch_steps + 1
+        holds.clear()
         alone = eng.generate([prompts[2]], GREEDY)[0]
-        assert eng.stats["num_steps"] - batch_steps == alone_steps
+        assert eng.stats["num_steps"] - batch_steps == alone_steps and holds[tuple(prompts[2])] == 1
         assert [c.token_ids for c in batched] == outputs and alone.token_ids == outputs[2]
         assert eng.stats["num_draft_tokens"] == 0
         assert_no_leak(eng)
 
 
-def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]) -> None:
-    outputs, _, alone_steps = plain
-    scripted(p2="wrong")
+def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]) -> None:
+    outputs, alone_steps = plain.outputs, plain.alone_steps
+    scripted({2: "wrong"})
     with engine(llama, HELD) as eng:
+        holds = count_holds(eng)
         out = eng.generate([prompts[2]], GREEDY)[0]
         stats = eng.stats
     assert out.token_ids == outputs[2] and out.usage.num_accepted_tokens == 0
-    # Four failed drafts pull the moving average under 0.3; then it backs off 8, 16, ... decode steps, each
-    # probe one held step. Holding it throughout would take about twice the steps.
-    assert 4 <= stats["num_verify_steps"] <= 6
-    assert stats["num_steps"] <= alone_steps + stats["num_verify_steps"] + 1
+    # Four failed drafts pull the moving average under 0.3; then it backs off 8, 16, ... decode steps and
+    # probes once after each. It waits for its token only before each draft and after the draft that
+    # starts a back-off (before its outcome is known): 6 drafts, 3 back-offs. Holding it throughout, also
+    # while backing off, would cost a wait per token.
+    assert stats["num_verify_steps"] == 6
+    assert holds[tuple(prompts[2])] == 6 + 3
+    assert stats["num_steps"] <= alone_steps + 1
 
 
 def test_a_sequence_whose_matches_come_back_drafts_again(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, _, alone_steps = plain
-    scripted(p2="late")
+    outputs, alone_steps = plain.outputs, plain.alone_steps
+    scripted({2: "late"})
     with engine(llama, HELD) as eng:
         out = eng.generate([prompts[2]], GREEDY)[0]
         stats = eng.stats
@@ -134,10 +177,10 @@ def test_a_sequence_whose_matches_come_back_drafts_again(
 
 
 def test_a_batch_mixing_drafting_and_other_sequences_is_exact(
-    llama: Path, prompts: list[list[int]], plain: Any, scripted: Callable[..., None]
+    llama: Path, prompts: list[list[int]], plain: Plain, scripted: Callable[[dict[int, str]], None]
 ) -> None:
-    outputs, _, _ = plain
-    scripted(p2="silent", p3="right", p4="wrong", p5="late")  # p0, p1: prompt lookup on repeating text
+    outputs = plain.outputs
+    scripted({2: "silent", 3: "right", 4: "wrong", 5: "late"})  # 0, 1: prompt lookup on repeating text
     with engine(llama, HELD) as eng:
         for _ in range(2):  # the second time around, the prompts come from the prefix cache
             batched = eng.generate(prompts, GREEDY)
