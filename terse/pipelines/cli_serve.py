@@ -72,7 +72,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="suffix lengths matched, longest first (default 1:3)")
     group.add_argument("--speculative-max-batch", default=None, metavar="N",
                        help="no drafting in steps where more than N sequences decode; 'none' for no limit "
-                       "(default 32)")
+                       "(default 8)")
     group.add_argument("--quantization", choices=["int4"], help="quantize the weights to INT4 as they load "
                        "(see the --quantization-* flags)")
     add_quantization_arguments(group)

@@ -82,12 +82,14 @@ class SpeculativeSettings:
     """Decode steps a sequence goes without drafting after its acceptance fell below `min_acceptance`."""
     max_backoff_steps: int = 256
     """The back-off doubles with each consecutive failed probe, up to this."""
-    max_batch_size: int | None = 32
-    """No sequence drafts in a step where more than this many sequences decode (None: no limit). A large
-    batch already keeps the device busy on its weights: the rows a verify step adds cost more there
-    than they save, and every probe of a failing drafter costs the whole batch. On one H200 (8B shape,
-    drafts that never matched) the adaptive control alone lost 3.0% of throughput at batch 16 and 13% at
-    batch 64."""
+    max_batch_size: int | None = 8
+    """No sequence drafts in a step where more than this many sequences decode (None: no limit). A batch
+    already keeps the device busy on its weights: the rows a verify step adds cost more there than they
+    save, every probe of a failing drafter costs the whole batch, and the host's lookups grow with the
+    batch. On one H200 the adaptive control alone lost up to 6.3% of throughput at batch 16, 5.3-5.8% at
+    32 and 11-15% at 64 (8B shape, drafts that rarely matched), and 3-26% at batch 16 on the reference
+    model's doc-QA answers (a host-bound loop); at batch 1 speculation decodes doc-QA answers 1.5-1.8x
+    faster."""
     draft_ahead: bool = False
     """True: a drafting sequence is scheduled while its last token is still on the device, its draft built
     on the assumed outcome of the step in flight (host work overlaps the device, but a wrong guess voids
