@@ -172,14 +172,16 @@ def test_prompt_lookup_matches_a_brute_force_search() -> None:
         return []
 
     rng = random.Random(0)
-    for case in range(300):
+    for case in range(1000):
         tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 60))]
         resolved = rng.randrange(0, len(tokens) + 1)
-        lookup = PromptLookup(tokens[: resolved // 2], 1, 3)
+        lo = rng.randrange(1, 3)
+        hi = rng.randrange(lo, 5)
+        lookup = PromptLookup(tokens[: resolved // 2], lo, hi)
         lookup.update(tokens, resolved)  # grown in two calls, as the engine does
         tail = [rng.randrange(6) for _ in range(rng.randrange(0, 3))]
         k = rng.randrange(1, 5)
-        assert lookup.propose(tokens, resolved, tail, k) == brute(tokens, resolved, tail, k, 1, 3), case
+        assert lookup.propose(tokens, resolved, tail, k) == brute(tokens, resolved, tail, k, lo, hi), case
 
 
 def _running(kv: KVManager, scheduler: Scheduler, spec: Speculator, seq_id: int, prompt: list[int]) -> Sequence:
