@@ -171,6 +171,8 @@ class SpecState:
     """Held drafting: its next decode step drafts from known tokens, so the scheduler holds it while its
     last token is on the device (`Scheduler.hold_drafting`). Set by each proposal (module docstring);
     True at first, so that the first decode step drafts from the prefill's token."""
+    num_looked_up: int = 0
+    """Resolved tokens that the latest lookup from known tokens saw (one of the same tokens is not repeated)."""
 
 
 class Speculator:
@@ -231,6 +233,9 @@ class Speculator:
         if state.drafting or not state.control.allows():
             return  # held (not a decode step), or backing off (this decode step counted)
         num_resolved = seq.num_tokens - seq.num_pending_tokens
+        if num_resolved == state.num_looked_up:
+            return  # the proposal that found nothing saw these very tokens
+        state.num_looked_up = num_resolved
         state.drafter.update(seq.token_ids, num_resolved)
         if self._limit(seq, 0) >= 1 and state.drafter.propose(seq.token_ids, num_resolved, (), 1):
             state.drafting = True  # held from this step on: its next step drafts from known tokens
@@ -256,6 +261,8 @@ class Speculator:
         if limit < 1:
             return None
         guessing = bool(state.in_flight)
+        if not guessing:
+            state.num_looked_up = num_resolved
         tokens = state.drafter.propose(seq.token_ids, num_resolved, tail, limit + guessing)
         if len(tokens) < 1 + guessing:
             return None
