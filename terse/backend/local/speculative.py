@@ -21,8 +21,8 @@ manager allocates for the far end and the runner shifts the positions on the dev
 
 Adaptive control: per sequence, an exponential moving average of accepted / proposed draft tokens; when it
 falls below `min_acceptance` the sequence stops drafting for `backoff_steps` decode steps (doubling on
-each consecutive failure up to `max_backoff_steps`), then probes again. A sequence without a match
-decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need the
+each failure up to `max_backoff_steps`, shrinking by a quarter with each good verified step), then
+probes again. A sequence without a match decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need the
 grammar advanced token by token on the host (they keep the late sampling of runner.py).
 
 Held drafting (`draft_ahead` False, the default) drafts from known tokens only: the scheduler holds a
@@ -81,7 +81,8 @@ class SpeculativeSettings:
     backoff_steps: int = 8
     """Decode steps a sequence goes without drafting after its acceptance fell below `min_acceptance`."""
     max_backoff_steps: int = 256
-    """The back-off doubles with each consecutive failed probe, up to this."""
+    """The back-off doubles with each failed probe, up to this, and shrinks by a quarter with each good
+    verified step (down to `backoff_steps`)."""
     max_batch_size: int | None = 8
     """No sequence drafts in a step where more than this many sequences decode (None: no limit). A batch
     already keeps the device busy on its weights: the rows a verify step adds cost more there than they
@@ -143,7 +144,10 @@ class AcceptanceControl:
         s = self.settings
         self.acceptance += s.ema_weight * (num_accepted / num_proposed - self.acceptance)
         if self.acceptance >= s.min_acceptance:
-            self.backoff = s.backoff_steps
+            # a good step shortens the next wait by a quarter (a failure doubles it): a drafter whose
+            # probes pass and fail by turns waits longer each time, one that stays good is back at
+            # `backoff_steps` within a dozen steps
+            self.backoff = max(s.backoff_steps, self.backoff * 3 // 4)
             return
         # Back off, then probe from the threshold: one good step resumes drafting, one bad one doubles the wait.
         self.num_idle_steps = self.backoff

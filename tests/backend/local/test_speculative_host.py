@@ -53,8 +53,23 @@ def test_acceptance_control_backs_off_and_doubles_on_repeated_failures() -> None
     assert [control.allows() for _ in range(5)] == [False] * 4 + [True]
     control.update(4, 0)
     assert [control.allows() for _ in range(5)] == [False] * 4 + [True]  # capped at max_backoff_steps
-    control.update(4, 3)  # a good probe resumes and resets the back-off
-    assert control.allows() and control.backoff == 2
+    control.update(4, 3)  # a good probe resumes drafting and shortens the next wait by a quarter
+    assert control.allows() and control.backoff == 3
+
+
+def test_a_flapping_drafter_keeps_a_long_back_off() -> None:
+    """Probes that pass and fail by turns do not reset the wait to its minimum each time."""
+    control = AcceptanceControl(SpeculativeSettings(min_acceptance=0.5, ema_weight=1.0, backoff_steps=2,
+                                                    max_backoff_steps=64))
+    waits = []
+    for _ in range(6):
+        control.update(4, 0)  # fails: waits, the next wait doubles
+        waits.append(sum(not control.allows() for _ in range(100)))
+        control.update(4, 4)  # the probe passes: the next wait shrinks by a quarter
+    assert waits == [2, 3, 4, 6, 9, 13]
+    for _ in range(10):
+        control.update(4, 4)  # good steps in a row bring it back to the minimum
+    assert control.backoff == 2
 
 
 def test_settings_validate_and_come_from_plain_options() -> None:
