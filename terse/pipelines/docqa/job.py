@@ -189,7 +189,9 @@ def prepare_ahead(answerer: Any, batches: Sequence[Sequence[QuestionRecord]], co
         main:     prepare 0, submit 0 | prepare 1, submit 1 | collect 0 | prepare 2, submit 2 | collect 1 | ...
         engine:                       | generate 0 ...................| generate 1 ...................|
 
-    Otherwise (a compressor that calls the model, organized or async dispatch) batches run one after
+    A compressor that calls the model prepares ahead in this process too: its scoring requests reach
+    the backend while it generates (the local engine runs them in its steps; hf takes turns on its
+    model lock). Otherwise (organized or async dispatch, `run.submit_ahead` off) batches run one after
     the other, as `BatchAnswerer.answer` does. Answers are yielded batch by batch in order either way.
     `seconds` receives the split of the time (see `DocQAJob.stage_seconds`).
     """
