@@ -1,7 +1,7 @@
 """Chat layouts: compression where chat apps already put their documents, through the real proxy.
 
     .venv/bin/python bench/chat_layouts.py [--worlds 4] [--first-world 2] [--ratios 2,4,8] [--per-world N]
-        [--part all|accuracy|overhead|profile [--unseen]]
+        [--part all|accuracy|overhead|profile [--unseen]|spans|table]
 
 Workload ("chat-layouts" in BENCHMARKS.md): the synthetic doc-QA test split, worlds 2-5 (the
 compression bench uses worlds 0-1), single-hop, multi-hop and list questions, each with its full
@@ -369,6 +369,49 @@ def hook_times(requests: list[Messages]) -> dict[str, float]:
             "tokenize_once": median_ms(lambda p: tokenizer.count_tokens(tokenizer.render_chat(p.messages) or ""))}
 
 
+def lone_spans(questions: list[Question], data: SplitData, ratios: list[float]) -> list[dict[str, Any]]:
+    """In process, the proxy's compress hook on every request: of the fragments it keeps (runs of
+    neighbouring kept words, `CompressionResult.spans`), how many are nothing but protected spans
+    (`ProtectionPolicy.standard()`: a number, date, URL, ... kept without its sentence), and their
+    share of the kept characters."""
+    from terse.compress import ProtectionPolicy, compress_messages
+    from terse.compress.protect import structural_spans
+    from terse.compress.words import split_words
+
+    policy = ProtectionPolicy.standard()
+    out = []
+    for ratio in ratios:
+        hook = compress_hook(1 / ratio)
+        compress = hook.compressor.compress
+        contexts: list[str] = []
+
+        def spy(texts: Any, *, seen: list[str] = contexts, inner: Any = compress, **kwargs: Any) -> Any:
+            seen[:] = list(texts)  # the documents, in the result's context order
+            return inner(texts, **kwargs)
+
+        hook.compressor.compress = spy
+        for layout in LAYOUTS:
+            num_fragments = num_lone = kept_chars = lone_chars = 0
+            for q in questions:
+                result = compress_messages(hook.compressor, layout_messages(layout, q, data), hook.policy,
+                                           layouts=hook.layouts).result
+                for span in result.spans if result is not None else ():
+                    text = contexts[span.context_index]
+                    found = structural_spans(text, policy)
+                    words = [(span.start + a, span.start + b) for a, b in split_words(text[span.start : span.end])]
+                    lone = bool(words) and all(any(a < w1 and w0 < b for a, b in found) for w0, w1 in words)
+                    num_fragments += 1
+                    kept_chars += span.end - span.start
+                    num_lone += lone
+                    lone_chars += (span.end - span.start) if lone else 0
+            out.append({"layout": layout, "ratio": ratio, "fragments": num_fragments, "lone_protected": num_lone,
+                        "lone_share": num_lone / max(1, num_fragments), "lone_char_share": lone_chars / max(1, kept_chars)})
+            print(f"[spans] {ratio:g}x {layout}: {num_lone}/{num_fragments} kept fragments are lone protected spans "
+                  f"({num_lone / max(1, num_fragments):.1%}), {lone_chars / max(1, kept_chars):.2%} of kept characters",
+                  file=sys.stderr)
+    return out
+
+
 def profile(requests: list[Messages], passes: int, unseen: bool) -> None:
     """cProfile of the compress hook on the requests (`unseen`: caches cleared before each request);
     prints the functions taking the most time, cumulative and own."""
@@ -415,13 +458,14 @@ def subsample(questions: list[Question], per_world: int) -> list[Question]:
 
 # -- main --------------------------------------------------------------------------------------------------
 def table(summary: list[dict[str, Any]], over: dict[str, Any] | None) -> Iterator[str]:
-    yield (f"{'layout':<9}{'ratio':>6}{'n':>5}{'forwarded':>11}{'kept':>7}{'EM':>7}{'vs full':>9}{'lost/gained':>13}"
+    yield (f"{'layout':<9}{'ratio':>6}{'n':>5}{'forwarded (max)':>17}{'kept':>7}{'EM':>7}{'vs full':>9}{'lost/gained':>13}"
            f"{'95% CI':>17}{'tokens':>14}")
     for r in summary:
         tokens = f"{r['sent_tokens']:.0f}/{r['original_tokens']:.0f}"
         lost_gained = f"{r['lost']}/{r['gained']}"
         ci = "[{:+.3f}, {:+.3f}]".format(*r["em_vs_uncompressed_ci95"])
-        yield (f"{r['layout']:<9}{r['ratio']:>5g}x{r['num_questions']:>5}{r['forwarded']:>11.3f}{r['kept']:>7.2f}"
+        forwarded = f"{r['forwarded']:.3f} ({r['forwarded_max']:.3f})"
+        yield (f"{r['layout']:<9}{r['ratio']:>5g}x{r['num_questions']:>5}{forwarded:>17}{r['kept']:>7.2f}"
                f"{r['exact_match']:>7.3f}{r['em_vs_uncompressed']:>+9.3f}{lost_gained:>13}{ci:>17}{tokens:>14}")
     if over:
         added = over["added_p50_ms"]
@@ -430,6 +474,24 @@ def table(summary: list[dict[str, Any]], over: dict[str, Any] | None) -> Iterato
                f"proxy+compress +{added['proxy+compress']:.1f} ms (+{over['compress_vs_proxy_p50_ms']:.1f} ms over the "
                f"proxy alone); hook alone {hook['compress_hook']:.1f} ms on seen requests, "
                f"{hook['compress_hook_unseen']:.1f} ms on unseen ones; tokenize once {hook['tokenize_once']:.1f} ms")
+
+
+def saved_table(path: Path, worlds: range) -> Iterator[str]:
+    """The table of a saved accuracy run (`--out`), for the questions of `worlds` only, with the paired
+    difference pooled over layouts per ratio."""
+    from terse.synth.dataset import _SEED_BASE
+
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if int(r["qid"].split("-")[0][2:]) - _SEED_BASE["test"] in worlds]
+    if not rows:
+        raise SystemExit(f"{path} has no rows of worlds {worlds.start}-{worlds.stop - 1}")
+    yield f"worlds {worlds.start}-{worlds.stop - 1}: {len(rows)} requests"
+    yield from table(summarize(rows), None)
+    base = {(r["layout"], r["qid"]): r["em"] for r in rows if r["ratio"] == 1.0}
+    for ratio in sorted({r["ratio"] for r in rows} - {1.0}):
+        diffs = [int(r["em"]) - int(base[(r["layout"], r["qid"])]) for r in rows if r["ratio"] == ratio]
+        yield ("pooled over layouts at {:g}x: n {}, vs full {:+.3f}, lost/gained {}/{}, 95% CI [{:+.3f}, {:+.3f}]".format(
+            ratio, len(diffs), statistics.mean(diffs), diffs.count(-1), diffs.count(1), *paired_ci95(diffs)))
 
 
 def main() -> None:
@@ -444,8 +506,10 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=2400, help="engine KV pool (16-token blocks)")
     parser.add_argument("--overhead-questions", type=int, default=6, help="questions x 4 layouts per overhead round")
     parser.add_argument("--overhead-rounds", type=int, default=5)
-    parser.add_argument("--part", choices=["all", "accuracy", "overhead", "profile"], default="all",
-                        help="profile: cProfile of the compress hook in this process on the overhead requests")
+    parser.add_argument("--part", choices=["all", "accuracy", "overhead", "profile", "spans", "table"], default="all",
+                        help="profile: cProfile of the compress hook in this process on the overhead requests; "
+                             "spans: kept fragments that are lone protected spans (in process, no model); "
+                             "table: the table of the accuracy run saved in --out, for --first-world/--worlds only")
     parser.add_argument("--unseen", action="store_true", help="profile: clear the caches before each request")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chat_layouts.json")
     parser.add_argument("--role", choices=["engine", "stub"], help=argparse.SUPPRESS)
@@ -455,11 +519,21 @@ def main() -> None:
         run_role(args.role, args.port, args.kv_blocks)
         return
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    if args.part == "table":
+        print("\n".join(saved_table(args.out, range(args.first_world, args.first_world + args.worlds))))
+        return
     data = build_split("test", SplitConfig(num_worlds=args.worlds, needle_lengths=(), context_tokens=args.context_tokens),
                        first_world=args.first_world)
     questions = [q for q in data.questions if q.kind in KINDS]
     if args.per_world:
         questions = subsample(questions, args.per_world)
+    if args.part == "spans":
+        report = {"command": "python bench/chat_layouts.py " + " ".join(sys.argv[1:]),
+                  "worlds": list(range(args.first_world, args.first_world + args.worlds)),
+                  "num_questions": len(questions), "lone_spans": lone_spans(questions, data, args.ratios)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        return
     if args.part == "profile":
         requests = [layout_messages(layout, q, data) for q in questions[: args.overhead_questions] for layout in LAYOUTS]
         profile(requests, args.overhead_rounds, args.unseen)

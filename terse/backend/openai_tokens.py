@@ -72,6 +72,12 @@ class LocalTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=False))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template source (None when it has none)."""
+        template = getattr(self._tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
     def render_chat(self, messages: Sequence[Message]) -> str | None:
         if not getattr(self._tokenizer, "chat_template", None):
             return None

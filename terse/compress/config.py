@@ -61,12 +61,11 @@ class Budget:
 class ProtectionPolicy:
     """Spans that are never cut: kept whole, with their inner whitespace, wherever they are kept.
 
-    `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops.
-    The structural flags protect spans inside the contexts that survive the coarse stage (a dropped
-    context goes whole, so its numbers do not clutter the result). Each structural span is kept whole
-    or not at all, ahead of every unprotected word; when they do not all fit the budget, the spans of
-    the best contexts are kept first (with a target tokenizer that gives offsets; a bare counter
-    treats them as mandatory). `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
+    `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops:
+    they are mandatory. The structural flags make spans atomic: each span is kept whole or not at all,
+    never cut inside, but it is ranked with its sentence and context (a span ranks as its best word),
+    not ahead of them, so a number whose sentence the budget cuts goes with it rather than standing
+    alone. `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
     """
 
     literals: tuple[str, ...] = ()

@@ -1,6 +1,7 @@
 """Exact fit: keep words in priority order until the prompt holds the target's tokens, measured for real.
 
-All words of all contexts are sorted by `DocPlan.priority`. The fit keeps a prefix of that order:
+All words of all contexts are sorted by `DocPlan.priority`. The fit keeps a prefix of that order that
+ends between units (a structural protected span is one unit: kept whole or dropped whole):
 binary search finds the longest prefix whose assembled prompt (instruction, contexts, question, as
 returned) the target tokenizer counts within the budget; then a greedy pass tries the next words in
 order, skipping any that would overflow, to use up the last few tokens. Every accepted state was
@@ -9,6 +10,7 @@ measured, so the result never exceeds the target, whatever the tokenizer does at
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,18 +84,34 @@ def _merge_spans(plan: DocPlan, kept: Sequence[int], out: Sequence[tuple[int, in
 
 
 def priority_order(plans: Sequence[DocPlan]) -> list[tuple[int, int]]:
-    """Every (plan position, word) pair in keep-priority order (`DocPlan.priority`; ties: plan order)."""
+    """Every (plan position, word) pair in keep-priority order (`DocPlan.priority`; ties: plan order,
+    then word order). The words of one structural span are consecutive in it."""
     parts = [(i, p.priority_arrays()) for i, p in enumerate(plans) if p.words]
     if not parts:
         return []
     tier = np.concatenate([a[0] for _, a in parts])
     group = np.concatenate([a[1] for _, a in parts])
     key = np.concatenate([a[2] for _, a in parts])
+    unit = np.concatenate([a[3] for _, a in parts])
     rank = np.concatenate([np.full(len(a[0]), plans[i].rank, dtype=np.int64) for i, a in parts])
     word = np.concatenate([np.arange(len(a[0]), dtype=np.int64) for _, a in parts])
     plan = np.concatenate([np.full(len(a[0]), i, dtype=np.int64) for i, a in parts])
-    idx = np.lexsort((plan, word, rank, key, group, tier))  # the last key sorts first
+    idx = np.lexsort((word, plan, unit, rank, key, group, tier))  # the last key sorts first
     return list(zip(plan[idx].tolist(), word[idx].tolist()))
+
+
+def unit_bounds(plans: Sequence[DocPlan], order: Sequence[tuple[int, int]]) -> list[int]:
+    """Prefix lengths of `order` that end between units (never inside a structural span), ascending,
+    0 and len(order) included."""
+    bounds = [0]
+    for k in range(1, len(order)):
+        (i, w), (j, v) = order[k - 1], order[k]
+        group = plans[i].span_group(w)
+        if not (group >= 0 and i == j and plans[j].span_group(v) == group):
+            bounds.append(k)
+    if order:
+        bounds.append(len(order))
+    return bounds
 
 
 def floor_error(floor: int, target: int) -> InvalidRequestError:
@@ -113,7 +131,7 @@ def fit(
 ) -> tuple[Assembled, int]:
     """The best-priority prompt within `target` tokens and its token count.
 
-    Raises `InvalidRequestError` when the instruction, question and protected spans alone exceed it.
+    Raises `InvalidRequestError` when the instruction, question and the user's literals alone exceed it.
 
     Tokenizer calls are what this costs, so the search starts where a per-word estimate (each context's
     tokens per character) says the budget runs out, brackets the answer outward from there, and
@@ -122,9 +140,9 @@ def fit(
     """
     if order is None:
         order = priority_order(plans)
-    # without offsets every protected word is mandatory (structural spans included): a prefix cut inside
-    # a multi-word span could not be told apart from a whole one
-    num_mandatory = sum(1 for i, w in order if plans[i].protected(w))
+    num_mandatory = sum(1 for i, w in order if plans[i].mandatory(w))
+    # the prefixes tried end between units: a structural span is kept whole or not at all
+    bounds = [b for b in unit_bounds(plans, order) if b >= num_mandatory]
     per_char = [p.num_tokens / max(1, len(p.text)) for p in plans]
 
     def estimate(iw: tuple[int, int]) -> float:
@@ -152,17 +170,17 @@ def fit(
     floor = measure(order[:num_mandatory])
     if floor > target:
         raise floor_error(floor, target)
-    # measure(order[:lo]) fits with `lo_count` tokens, measure(order[:hi]) does not
-    lo, lo_count, hi = num_mandatory, floor, len(order)
+    # lo, hi index `bounds`: measure(order[:bounds[lo]]) fits with `lo_count` tokens, order[:bounds[hi]] does not
+    lo, lo_count, hi = 0, floor, len(bounds) - 1
     guess, room = num_mandatory, float(target - floor)
     while guess < len(order) and room >= estimate(order[guess]):
         room -= estimate(order[guess])
         guess += 1
     # gallop from the guess, in the one direction its measurement points, until the answer is bracketed
-    probe, step = min(max(guess, lo + 1), hi - 1), 8
+    probe, step = min(max(bisect_right(bounds, guess) - 1, lo + 1), hi - 1), 8
     upward: bool | None = None
     while lo < probe < hi:
-        count = measure(order[:probe])
+        count = measure(order[: bounds[probe]])
         fits = count <= target
         if upward is None:
             upward = fits
@@ -176,18 +194,19 @@ def fit(
         step *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        count = measure(order[:mid])
+        count = measure(order[: bounds[mid]])
         if count <= target:
             lo, lo_count = mid, count
         else:
             hi = mid
-    chosen, best = list(order[:lo]), lo_count
+    chosen, best = list(order[: bounds[lo]]), lo_count
     misses = 0
-    for extra in order[hi : hi + max_probes]:
+    # the unit that did not fit is skipped; single words after it may still fit (spans are units: not tried)
+    for extra in order[bounds[hi] : bounds[hi] + max_probes]:
         if best >= target or misses >= _MAX_FILL_MISSES:
             break
-        if estimate(extra) > target - best + 1:
-            continue  # cannot fit by the estimate: not worth a tokenizer call
+        if plans[extra[0]].span_group(extra[1]) >= 0 or estimate(extra) > target - best + 1:
+            continue  # a span is one unit; and a word that cannot fit by the estimate is not worth a call
         count = measure([*chosen, extra])
         if count <= target:
             chosen.append(extra)

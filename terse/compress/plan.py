@@ -3,8 +3,7 @@
 Stages never delete text themselves. Each one refines, per context, which words are worth keeping
 most, and the exact-fit stage then keeps words in that priority order until the budget is full:
 
-    tier 0  protected words: user literals anywhere (mandatory), then structural spans in selected
-            contexts (kept whole while they fit)
+    tier 0  the user's literals and patterns, anywhere (mandatory: the fit's floor)
     tier 1  words of selected contexts, in two groups: first the sentences that share a search term
             with the question, then those that share none (`question_sentences_first`); within a group,
             sentences the sentence filter keeps (by token key, or by sentence rank when no token
@@ -14,6 +13,12 @@ most, and the exact-fit stage then keeps words in that priority order until the 
 Within tier 1 the key is the token stage's `cumulative token share / keep ratio` of the word in its
 segment (see `tokens.py`): below 1.0 means "kept under the planned per-context ratios", so moving one
 global threshold scales every context's share in proportion: that is how the budget is spread.
+
+Structural protected spans (numbers, dates, URLs, code, ...; `ProtectionPolicy`'s flags) are atomic,
+not privileged: all words of one span share the best key among them (a span ranks as its best word,
+with its sentence and context) and sit next to each other in the order, so the fit keeps a span whole
+or drops it whole. A number whose sentence the fit cuts goes with that sentence instead of standing
+alone in the result. Only the user's literals outrank the context.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class DocPlan:
     user_protected: list[bool]
     """Words overlapping the user's literals / patterns: kept even when the context is dropped."""
     struct_protected: list[bool]
-    """Words overlapping structural protected spans: kept when the context is selected."""
+    """Words overlapping structural protected spans: kept whole or dropped whole, ranked with their
+    context (see the module docstring)."""
     num_tokens: int
     """Tokens of `text` in the target tokenizer."""
     rank: int = 0
@@ -70,21 +76,29 @@ class DocPlan:
     """Sentence ids sharing a search term with the question; None ranks every sentence alike."""
     struct_groups: list[int] | None = None
     """Index of the structural protected span each word belongs to (-1: none); words sharing one are
-    kept or cut together. None: every structural word stands alone."""
+    kept or cut together. None on construction: each run of consecutive `struct_protected` words is
+    one span."""
+
+    def __post_init__(self) -> None:
+        if self.struct_groups is None:
+            runs, current = [], -1
+            for w, flag in enumerate(self.struct_protected):
+                if flag and (w == 0 or not self.struct_protected[w - 1]):
+                    current += 1
+                runs.append(current if flag else -1)
+            self.struct_groups = runs
 
     def span_group(self, word: int) -> int:
-        """The structural span unit of a word in tier 0 (user-protected words are mandatory and stand
-        alone), or -1."""
-        if self.struct_groups is None or not self.selected or self.user_protected[word]:
+        """The structural span a word belongs to, or -1 (none, or a user-protected word: mandatory,
+        it stands alone). Words of one span are one unit of the keep order."""
+        assert self.struct_groups is not None
+        if self.user_protected[word] or not self.struct_protected[word]:
             return -1
         return self.struct_groups[word]
 
-    def protected(self, word: int) -> bool:
-        return self.user_protected[word] or (self.selected and self.struct_protected[word])
-
     def candidate(self, word: int) -> bool:
-        """Whether the token stage ranks this word: protected, or in a sentence the filter keeps."""
-        if self.protected(word):
+        """Whether the token stage ranks this word: mandatory, or in a sentence the filter keeps."""
+        if self.mandatory(word):
             return True
         return self.selected and (self.sentence_kept is None or self.sentence_ids[word] in self.sentence_kept)
 
@@ -93,27 +107,56 @@ class DocPlan:
         return self.user_protected[word]
 
     def priority(self, word: int) -> tuple[int, int, float, int, int]:
-        """Sort key of one word in the global keep order (see the module docstring)."""
+        """Sort key of one word in the global keep order (see the module docstring): (tier, group, key,
+        rank, unit word). Words of one structural span share the span's best (tier, group, key) and
+        its first word as unit word; `word` breaks ties inside the unit."""
+        group = self.span_group(word)
+        if group < 0:
+            return (*self._own_priority(word), self.rank, word)
+        members = [w for w in range(len(self.words)) if self.span_group(w) == group]
+        return (*min(self._own_priority(w) for w in members), self.rank, members[0])
+
+    def _own_priority(self, word: int) -> tuple[int, int, float]:
+        """(tier, group, key) of a word by itself, before structural spans are made units."""
         if self.user_protected[word]:
-            return (0, 0, 0.0, self.rank, word)
+            return (0, 0, 0.0)
         if not self.selected:
-            return (3, 0, 0.0, self.rank, word)
-        if self.struct_protected[word]:
-            return (0, 1, 0.0, self.rank, word)
+            return (3, 0, 0.0)
         sentence = self.sentence_ids[word]
         group = 0 if self.question_sentences is None or sentence in self.question_sentences else 1
         if self.sentence_kept is not None and sentence not in self.sentence_kept:
             assert self.sentence_rank is not None
-            return (1, group, _FILTERED + self.sentence_rank[sentence], self.rank, word)
+            return (1, group, _FILTERED + self.sentence_rank[sentence])
         if self.word_keys is not None:
-            return (1, group, self.word_keys[word], self.rank, word)
+            return (1, group, self.word_keys[word])
         # no token stage: whole sentences, best first, so the fit cuts the least relevant ones
-        return (1, group, float(self.sentence_rank[sentence]) if self.sentence_rank else 0.0, self.rank, word)
+        return (1, group, float(self.sentence_rank[sentence]) if self.sentence_rank else 0.0)
 
+    def priority_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tier, group, key, unit word) of every word as arrays: `priority(w)` for all w at once (rank
+        completes the key, the word itself breaks ties inside a unit). Equal to `priority`, computed
+        without a Python loop over words."""
+        tier, group, key = self._own_arrays()
+        unit = np.arange(len(self.words), dtype=np.int64)
+        struct = np.asarray(self.struct_protected, dtype=bool) & ~np.asarray(self.user_protected, dtype=bool)
+        members = np.flatnonzero(struct)
+        if members.size:
+            spans = np.asarray(self.struct_groups, dtype=np.int64)[members]
+            # the best member of each span: the first one sorted by span, then by (tier, group, key)
+            by_span = np.lexsort((members, key[members], group[members], tier[members], spans))
+            sorted_spans = spans[by_span]
+            first = np.r_[True, sorted_spans[1:] != sorted_spans[:-1]]
+            leader = np.zeros(int(spans.max()) + 1, dtype=np.int64)
+            leader[sorted_spans[first]] = members[by_span][first]
+            start = np.full(int(spans.max()) + 1, len(self.words), dtype=np.int64)
+            np.minimum.at(start, spans, members)
+            lead = leader[spans]
+            tier[members], group[members], key[members] = tier[lead], group[lead], key[lead]
+            unit[members] = start[spans]
+        return tier, group, key, unit
 
-    def priority_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tier, group, key) of every word as arrays: `priority(w)` for all w at once (rank and word
-        complete the key). Equal to `priority`, computed without a Python loop over words."""
+    def _own_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tier, group, key) of every word by itself (`_own_priority` for all words)."""
         n = len(self.words)
         user = np.asarray(self.user_protected, dtype=bool)
         tier = np.ones(n, dtype=np.int64)
@@ -139,11 +182,9 @@ class DocPlan:
             kept = np.zeros(num_sentences, dtype=bool)
             kept[[s for s in self.sentence_kept if s < num_sentences]] = True
             key = np.where(kept[sids], key, _FILTERED + rank[sids])
-        struct = np.asarray(self.struct_protected, dtype=bool) & ~user
-        protected = user | struct
-        tier[protected] = 0
-        group = np.where(user, 0, np.where(struct, 1, group))
-        key = np.where(protected, 0.0, key)
+        tier[user] = 0
+        group = np.where(user, 0, group)
+        key = np.where(user, 0.0, key)
         return tier, group, key
 
 

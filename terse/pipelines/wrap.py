@@ -7,8 +7,9 @@ The wrapper is a thin proxy: `chat.completions.create` (sync or async client) ru
 `on_request` on the messages, calls the real client, and runs `on_response` on whole (non-streamed)
 answers; everything else is the wrapped client's own attribute. Whole answers, and the usage chunk of
 streams, also get `usage.terse = {"original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens",
-"token_count", ...hook notes}`, counted with `count_prompt_tokens` (default: ~4 characters per token
-plus 4 per message, as proxy mode estimates; `token_count` then says "estimate").
+"token_count", ...hook notes}`, counted with `count_prompt_tokens` over the messages as sent, tool calls
+included (`ChatRequest.prompt_messages`; default: ~4 characters per token plus 4 per message, as proxy
+mode estimates; `token_count` then says "estimate").
 Messages go to the client in their wire form: a hook's rewrite keeps tool_calls, tool_call_id, name and
 other fields of every message.
 Requests whose messages have non-text parts (images, audio) pass through untouched, as in the server.
@@ -21,29 +22,30 @@ import asyncio
 import contextlib
 import inspect
 import math
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from terse.backend.types import Message
 from terse.errors import InvalidRequestError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError
-from terse.pipelines.server.hooks import ChatHook, ChatResult, HookChain, PromptAccounting
+from terse.pipelines.server.hooks import ChatHook, ChatResult, HookChain, PromptAccounting, PromptCounter
 from terse.pipelines.server.schema import ChatRequest, parse_chat
+from terse.pipelines.server.structured import calls_written_out
 
 # the wrapper checks the request's shape, not a server's size limits
 _NO_LIMITS = ServerConfig(max_messages=1_000_000, max_tokens_limit=10_000_000, max_n=1_000_000)
 
 
-def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
-    """~4 characters per token plus 4 tokens of template overhead per message."""
-    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in messages)
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """~4 characters per token plus 4 tokens of template overhead per message, earlier tool calls
+    written into the content (`structured.calls_written_out`)."""
+    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in calls_written_out(messages))
 
 
 class _Prepared:
     """One call's request before/after hooks, and how to finish its answer."""
 
-    def __init__(self, chain: HookChain, count: Callable[[Sequence[Message]], int], kwargs: dict[str, Any]) -> None:
+    def __init__(self, chain: HookChain, count: PromptCounter, kwargs: dict[str, Any]) -> None:
         self.chain = chain
         self.kwargs = kwargs
         body = {"model": kwargs.get("model"), "messages": kwargs.get("messages")}
@@ -125,7 +127,7 @@ def _plain(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Completions:
-    def __init__(self, inner: Any, chain: HookChain, count: Callable[[Sequence[Message]], int]) -> None:
+    def __init__(self, inner: Any, chain: HookChain, count: PromptCounter) -> None:
         self._inner = inner
         self._chain = chain
         self._count = count
@@ -163,7 +165,7 @@ class WrappedOpenAI:
         self,
         client: Any,
         hooks: Sequence[ChatHook],
-        count_prompt_tokens: Callable[[Sequence[Message]], int] = estimate_prompt_tokens,
+        count_prompt_tokens: PromptCounter = estimate_prompt_tokens,
     ) -> None:
         self.wrapped = client
         self.hooks = HookChain(hooks)
@@ -176,7 +178,7 @@ class WrappedOpenAI:
 def wrap_openai(
     client: Any,
     *hooks: ChatHook,
-    count_prompt_tokens: Callable[[Sequence[Message]], int] = estimate_prompt_tokens,
+    count_prompt_tokens: PromptCounter = estimate_prompt_tokens,
 ) -> WrappedOpenAI:
     """Wrap `client` so its `chat.completions.create` calls pass through `hooks` (see module docstring).
 

@@ -58,7 +58,7 @@ def test_gold_document_survives_and_comes_first(counter: Counter) -> None:
         assert data.answer in result.text
 
 
-def test_protected_spans_are_always_present_whole(counter: Counter) -> None:
+def test_literals_are_always_present_and_structural_spans_whole_or_absent(counter: Counter) -> None:
     docs = [
         "Order ORDER-7731 shipped on 2026-11-21 for $1,234.50 to Acme Corp. The parcel was small and brown.\n"
         "```python\ndef total(xs):\n    return sum(xs)\n```\nThe end of the note, with many more words after it.",
@@ -66,15 +66,38 @@ def test_protected_spans_are_always_present_whole(counter: Counter) -> None:
     ]
     policy = ProtectionPolicy(literals=("Acme Corp",), patterns=(r"ORDER-\d+",), numbers=True, code_blocks=True,
                               json_keys=True)
+    code = "```python\ndef total(xs):\n    return sum(xs)\n```"
     compressor = _compressor(counter, ranker=None, sentence_ranker=None)
-    for rate in (0.6, 0.8):
+    seen_without_code = False
+    for rate in (0.3, 0.45, 0.6, 0.8, 1.0):
         result = compressor.compress(docs, budget=Budget(rate=rate), protect=policy)
         check_result(result, docs, counter, slack=None)
-        for span in ("ORDER-7731", "2026-11-21", "$1,234.50", "Acme Corp", '"user_id":', '"plan":', "42",
-                     "```python\ndef total(xs):\n    return sum(xs)\n```"):
-            assert span in result.text, span
+        assert "ORDER-7731" in result.text and "Acme Corp" in result.text  # the user's: mandatory
+        # a structural span is atomic: any piece of the code block present means all of it is
+        pieces = ("```python", "def total(xs):", "return sum(xs)")
+        if any(p in result.text for p in pieces):
+            assert code in result.text, (rate, result.text)
+        else:
+            seen_without_code = True
+        if rate == 1.0:
+            for span in ("2026-11-21", "$1,234.50", '"user_id":', '"plan":', "42", code):
+                assert span in result.text, span
+    assert seen_without_code  # low rates drop it whole: it ranks with its context, not ahead of it
     with pytest.raises(InvalidRequestError, match="protected spans alone"):
         compressor.compress(docs, budget=Budget(target_tokens=10), protect=policy)
+
+
+def test_a_structural_span_goes_with_the_sentence_the_budget_cuts(counter: Counter) -> None:
+    # no rankers: the keep order is the text's own order, so the fit keeps a prefix of the document
+    doc = ("The museum opened its new wing to visitors after a long and careful restoration of the old halls. "
+           "About 22939 people work in its medicine divisions across the region today.")
+    compressor = _compressor(counter, ranker=None, sentence_ranker=None)
+    result = compressor.compress(doc, budget=Budget(rate=0.5), protect=ProtectionPolicy(numbers=True))
+    check_result(result, [doc], counter, slack=None)
+    assert "22939" not in result.text  # not kept alone, ahead of the words around it
+    assert result.text.startswith("The museum opened its new wing")
+    literal = compressor.compress(doc, budget=Budget(rate=0.5), protect=ProtectionPolicy(literals=("22939",)))
+    assert "22939" in literal.text  # a literal the user gave is kept whatever its sentence
 
 
 def test_user_literals_are_kept_even_in_dropped_contexts(counter: Counter) -> None:
@@ -87,15 +110,19 @@ def test_user_literals_are_kept_even_in_dropped_contexts(counter: Counter) -> No
     check_result(result, docs, counter, slack=None)
 
 
-def test_markdown_and_role_labels_are_protected(counter: Counter) -> None:
+def test_markdown_headings_and_role_labels_are_kept_whole(counter: Counter) -> None:
     doc = ("# Release notes\n\n- first item has a lot of detail that can go\n- second item is also long-winded\n\n"
            "User: what changed in this release and why?\nAssistant: many small things were changed here.")
     policy = ProtectionPolicy(markdown=True, role_labels=True)
-    result = _compressor(counter, ranker=None, sentence_ranker=None).compress(
-        doc, budget=Budget(rate=0.7), protect=policy)
-    assert "# Release notes" in result.text
-    assert result.text.count("- ") >= 2
-    assert "User:" in result.text and "Assistant:" in result.text
+    compressor = _compressor(counter, ranker=None, sentence_ranker=None)
+    for rate in (0.05, 0.1, 0.2, 0.4, 0.7):
+        result = compressor.compress(doc, budget=Budget(rate=rate), protect=policy)
+        check_result(result, [doc], counter, slack=None)
+        assert ("Release" in result.text) == ("# Release notes" in result.text)  # a heading line is one unit
+    # reading order: the heading and the bullets come before the cut at 0.7
+    assert "# Release notes" in result.text and result.text.count("- ") >= 2 and "User:" in result.text
+    everything = compressor.compress(doc, budget=Budget(rate=1.0), protect=policy)
+    assert "User:" in everything.text and "Assistant:" in everything.text
 
 
 def test_empty_tiny_and_already_short_inputs(counter: Counter) -> None:

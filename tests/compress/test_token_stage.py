@@ -53,17 +53,32 @@ def test_prefix_window_restarts_when_kept_text_outgrows_it() -> None:
     assert sum(w.startswith("Cap") for w in words_of(result.text)) >= 54
 
 
-def test_controller_spends_what_protected_words_left() -> None:
-    # protected numbers take part of the budget; the controller still lands on the plan overall
+def test_controller_spends_what_mandatory_words_left() -> None:
+    # the user's patterns (mandatory) take part of the budget; the controller still lands on the plan
     text = " ".join(f"Cap{i} low {i} more" for i in range(50))
     scorer = WordScorer()
     config = CompressorConfig(ranker=None, sentence_ranker=None, token_pruner="iterative", segment_tokens=16)
     result = PromptCompressor(scorer, config=config).compress(
-        text, budget=Budget(target_tokens=100), protect=ProtectionPolicy(numbers=True))
+        text, budget=Budget(target_tokens=100), protect=ProtectionPolicy(patterns=(r"\b\d+\b",)))
     kept = words_of(result.text)
     assert result.num_compressed_tokens == 100
     assert [w for w in kept if w.isdigit()] == [str(i) for i in range(50)]
-    assert sum(w.startswith("Cap") for w in kept) == 50
+    assert sum(w.startswith("Cap") for w in kept) >= 45
+
+
+@pytest.mark.parametrize("pruner", ["iterative", "parallel"])
+def test_structural_spans_are_ranked_by_surprisal_like_their_neighbours(pruner: str) -> None:
+    # inline code is atomic, not privileged: at a budget of the surprising words only, the
+    # unsurprising code spans go, each whole
+    text = " ".join(f"Cap{i} low{i}a `low{i}b low{i}c`" for i in range(60))
+    config = CompressorConfig(ranker=None, sentence_ranker=None, token_pruner=pruner, segment_tokens=16)
+    result = PromptCompressor(WordScorer(), config=config).compress(
+        text, budget=Budget(target_tokens=60), protect=ProtectionPolicy(code_blocks=True))
+    kept = result.text
+    assert result.num_compressed_tokens == 60
+    assert sum(w.startswith("Cap") for w in words_of(kept)) >= 54
+    for i in range(60):
+        assert (f"`low{i}b" in kept) == (f"low{i}c`" in kept) == (f"`low{i}b low{i}c`" in kept)
 
 
 @pytest.mark.parametrize("pruner", ["iterative", "parallel"])

@@ -226,3 +226,97 @@ def test_serve_flags_build_a_scorer_free_hook() -> None:
         cli_serve._hooks(args, None)
     with pytest.raises(ConfigError, match="rate"):
         build_hook("compress", {"rate": 0.5, "target": 10})
+
+
+TOOL_AWARE_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.name }} {{ c.function.arguments }}</call>"
+    "{% endfor %}{% endif %}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _tool_calls_text(message: dict[str, Any]) -> str:
+    """The assistant's tool calls as terse's engine writes them for a template that cannot."""
+    calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+             for c in message.get("tool_calls") or []]
+    return "\n".join(f"<tool_call>{json.dumps(call)}</tool_call>" for call in calls)
+
+
+@pytest.mark.parametrize("template", ["plain", "tool-aware"])
+def test_accounting_counts_the_tool_calls_sent_upstream(
+    template: str, upstream: tuple[ServerThread, ChatUpstream], tiny_llama: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = tiny_llama
+    if template == "tool-aware":
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        tok.chat_template = TOOL_AWARE_TEMPLATE
+        tok.save_pretrained(tmp_path)
+        tokenizer_dir = tmp_path
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def count(messages: list[dict[str, Any]], with_calls: bool = True) -> int:
+        """The prompt as the upstream's model reads it, counted here independently of the proxy."""
+        shown = []
+        for m in messages:
+            content = m.get("content") or ""
+            calls = _tool_calls_text(m) if with_calls else ""
+            if template == "plain" or not with_calls:
+                shown.append({"role": m["role"], "content": f"{content}\n{calls}" if content and calls else content + calls})
+            else:
+                shown.append({**m, "content": content})
+        text = tok.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    conversations, _, answer = layouts()
+    messages = conversations["tool"]
+    assert any(m.get("tool_calls") for m in messages)
+    hook = build_hook("compress", {"rate": 0.25, "tokenizer": str(tokenizer_dir)})
+    exact = start_proxy(upstream[0].url, (hook,), tokenizer=str(tokenizer_dir))
+    try:
+        raw = client(exact).chat.completions.with_raw_response.create(model="m", messages=messages)  # type: ignore[arg-type]
+        forwarded = upstream[1].bodies[-1]["messages"]
+        check_forwarded(messages, forwarded, answer)
+        original = int(raw.headers["x-terse-original-prompt-tokens"])
+        sent = int(raw.headers["x-terse-sent-prompt-tokens"])
+        assert raw.headers["x-terse-token-count"] == "tokenizer"
+        assert (original, sent) == (count(messages), count(forwarded))
+        assert original > count(messages, with_calls=False)  # the tool calls are in the count
+        assert sent > count(forwarded, with_calls=False)
+        usage = raw.parse().usage
+        assert usage is not None and usage.model_extra is not None
+        terse_usage = usage.model_extra["terse"]
+        assert (terse_usage["original_prompt_tokens"], terse_usage["sent_prompt_tokens"]) == (original, sent)
+        assert terse_usage["saved_prompt_tokens"] == int(raw.headers["x-terse-saved-prompt-tokens"]) == original - sent
+
+        streamed = client(exact).chat.completions.with_raw_response.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        )
+        last = list(streamed.parse())[-1].usage
+        assert last is not None and last.model_extra is not None
+        assert int(streamed.headers["x-terse-original-prompt-tokens"]) == original
+        assert int(streamed.headers["x-terse-sent-prompt-tokens"]) == sent
+        assert (last.model_extra["terse"]["original_prompt_tokens"], last.model_extra["terse"]["sent_prompt_tokens"]) == (
+            original, sent)
+    finally:
+        exact.stop()
+
+
+def test_wrap_openai_counts_the_messages_as_sent(upstream: tuple[ServerThread, ChatUpstream]) -> None:
+    conversations, _, _ = layouts()
+    seen: list[list[dict[str, Any]]] = []
+
+    def count(messages: Any) -> int:
+        seen.append([dict(m) for m in messages])
+        return sum(len(m["content"]) for m in messages) + sum(len(json.dumps(m.get("tool_calls") or [])) for m in messages)
+
+    wrapped = wrap_openai(client(upstream[0]), build_hook("compress", {"rate": 0.25}), count_prompt_tokens=count)
+    reply = wrapped.chat.completions.create(model="m", messages=conversations["tool"])
+    accounting = last_accounting(reply)
+    assert accounting is not None
+    original, sent = seen
+    assert [m.get("tool_calls") for m in original] == [m.get("tool_calls") for m in conversations["tool"]]
+    assert [m.get("tool_calls") for m in sent] == [m.get("tool_calls") for m in upstream[1].bodies[-1]["messages"]]
+    assert all(isinstance(m["content"], str) for m in original)  # null content counted as ""
+    assert accounting.original_prompt_tokens == count(original) and accounting.sent_prompt_tokens == count(sent)

@@ -187,7 +187,7 @@ def _add_routes(
         if hooks and original.text_only and not cheap:
             # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
             num_original, sent = await asyncio.gather(
-                run_in_threadpool(count, original.messages), run_in_threadpool(hooks.on_request, original)
+                run_in_threadpool(count, original.prompt_messages()), run_in_threadpool(hooks.on_request, original)
             )
         else:
             sent = await run_in_threadpool(hooks.on_request, original) if hooks else original

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from terse.backend.base import Backend
 from terse.backend.handle import RequestHandle
-from terse.backend.types import Completion, Message, SamplingParams, TokenLogprob
+from terse.backend.types import Completion, SamplingParams, TokenLogprob
 from terse.errors import TerseError, UnsupportedOperationError
 from terse.pipelines.server.completions import complete_prompts
 from terse.pipelines.server.config import ServerConfig
@@ -50,6 +50,7 @@ from terse.pipelines.server.sse import (
 )
 from terse.pipelines.server.structured import (
     StructuredRequest,
+    calls_written_out,
     constrained,
     parse_structured,
     prompt_messages,
@@ -92,8 +93,10 @@ class EngineService:
                 code="model_not_found",
             )
 
-    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
-        return self.backend.count_tokens(self.backend.render_chat(messages))
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """The chat template over the messages with earlier tool calls written out, as `chat` renders
+        them (the tool prompt of a request with `tools` is not counted)."""
+        return self.backend.count_tokens(self.backend.render_chat(calls_written_out(messages)))
 
     def _submit(self, prompt: str | Sequence[int], params: SamplingParams, n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []

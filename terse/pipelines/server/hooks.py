@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from terse.backend.types import Message
 from terse.errors import ConfigError
 from terse.pipelines.server.schema import ChatRequest
 
@@ -45,6 +44,10 @@ class ChatHook(Protocol):
 
 
 TokenCount = Literal["tokenizer", "estimate"]
+
+PromptCounter = Callable[[Sequence[Mapping[str, Any]]], int]
+"""Tokens of the prompt some messages make. The messages are `ChatRequest.prompt_messages()`: the wire
+form (tool_calls, tool_call_id, name kept) with text contents, so what the upstream renders is counted."""
 
 
 @dataclass(frozen=True)
@@ -117,16 +120,18 @@ class HookChain:
         self,
         original: ChatRequest,
         sent: ChatRequest,
-        count: Callable[[Sequence[Message]], int],
+        count: PromptCounter,
         estimated: bool = False,
         num_original: int | None = None,
     ) -> PromptAccounting:
-        """Count both prompts with `count` (`estimated`: it is not the model's tokenizer); counts once when
-        the hooks changed nothing; `num_original`: the original's count, when already made. The hooks'
-        notes (`sent.notes`) travel along."""
+        """Count both prompts as they go upstream (`ChatRequest.prompt_messages`, tool calls included)
+        with `count` (`estimated`: it is not the model's tokenizer); counts once when the hooks changed
+        nothing; `num_original`: the original's count, when already made. The hooks' notes
+        (`sent.notes`) travel along."""
+        before, after = original.prompt_messages(), sent.prompt_messages()
         if num_original is None:
-            num_original = count(original.messages)
-        num_sent = num_original if original.messages == sent.messages else count(sent.messages)
+            num_original = count(before)
+        num_sent = num_original if before == after else count(after)
         return PromptAccounting(num_original, num_sent, "estimate" if estimated else "tokenizer", dict(sent.notes))
 
 

@@ -34,7 +34,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from terse.backend.openai_http import error_from_body
-from terse.backend.types import Message
 from terse.pipelines.server.config import ProxyConfig, ServerConfig
 from terse.pipelines.server.errors import api_error_from
 from terse.pipelines.server.hooks import ChatResult, HookChain
@@ -43,6 +42,7 @@ from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
 from terse.pipelines.server.sse import SSEResponse
 from terse.pipelines.server.sse_usage import with_terse_usage
+from terse.pipelines.server.structured import calls_written_out
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
 
 _TOKENS_PER_MESSAGE = 4
@@ -67,13 +67,19 @@ class ProxyService:
 
             self._tokenizer = LocalTokenizer(config.tokenizer)
 
-    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
-        """Exact with `ProxyConfig.tokenizer` (its chat template if any), else ~4 characters per token."""
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Tokens of the prompt as sent, earlier tool calls included: exact with `ProxyConfig.tokenizer`
+        (its chat template if any), else ~4 characters per token. A template that renders `tool_calls`
+        gets the messages as they are; for one that does not (and without a template, and for the
+        estimate) the tool calls are written into the assistant's content as call blocks, as terse's
+        engine shows them to such a model."""
         if self._tokenizer is not None:
-            rendered = self._tokenizer.render_chat(messages)
-            texts = [rendered] if rendered is not None else [m["content"] for m in messages]
+            template = self._tokenizer.chat_template or ""
+            plain = calls_written_out(messages)
+            rendered = self._tokenizer.render_chat(messages if "tool_calls" in template else plain)
+            texts = [rendered] if rendered is not None else [m["content"] for m in plain]
             return sum(self._tokenizer.count_tokens(t) for t in texts)
-        return sum(math.ceil(len(m["content"]) / 4) + _TOKENS_PER_MESSAGE for m in messages)
+        return sum(math.ceil(len(m["content"]) / 4) + _TOKENS_PER_MESSAGE for m in calls_written_out(messages))
 
     # -- transport -------------------------------------------------------------------------------
     def _headers(self, ctx: RequestContext) -> dict[str, str]:

@@ -69,6 +69,14 @@ class ChatRequest:
         """New wire messages (every field kept as given); the text messages are derived from them."""
         return dataclasses.replace(self, messages=tuple(_message(m, i)[0] for i, m in enumerate(wire)), wire_messages=wire)
 
+    def prompt_messages(self) -> tuple[Mapping[str, Any], ...]:
+        """The messages as they go upstream, for counting: each one's wire fields (tool_calls,
+        tool_call_id, name, ...) with its text as `content` (parts joined, null as ""). What a prompt
+        counter renders: the text alone would miss the tool calls the upstream renders too."""
+        if not self.wire_messages:
+            return self.messages
+        return tuple({**w, "role": m["role"], "content": m["content"]} for m, w in zip(self.messages, self.wire_messages))
+
     def with_notes(self, **notes: str | int) -> ChatRequest:
         return dataclasses.replace(self, notes={**self.notes, **notes})
 

@@ -10,7 +10,6 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from terse.backend.types import Message
 from terse.pipelines.server.hooks import PromptAccounting
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 
@@ -47,8 +46,9 @@ class ChatService(Protocol):
     cheap_counting: bool
     """True when `count_prompt_tokens` is cheap enough to run on the event loop (no tokenizer involved)."""
 
-    def count_prompt_tokens(self, messages: Sequence[Message]) -> int:
-        """Tokens of the prompt these messages make (called from a worker thread)."""
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Tokens of the prompt these messages make, as this mode's model reads them (a `PromptCounter`:
+        wire-form messages, tool calls included; called from a worker thread)."""
         ...
 
     def check_request(self, request: ChatRequest | CompletionRequest) -> None:

@@ -251,6 +251,17 @@ def _history_content(message: Message, raw: Any) -> str:
     return f"{message['content']}\n{text}" if message["content"] else text
 
 
+def calls_written_out(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    """Text messages from wire-form ones (`ChatRequest.prompt_messages`), each assistant message's tool
+    calls written into its content as call blocks: the transcript a model without a tool-aware chat
+    template reads (this server's own engine renders them so)."""
+    out: list[Message] = []
+    for m in messages:
+        text: Message = {"role": m["role"], "content": str(m.get("content") or "")}
+        out.append({"role": text["role"], "content": _history_content(text, m)})
+    return out
+
+
 def prompt_messages(
     messages: Sequence[Message], raw_messages: Any, structured: StructuredRequest | None
 ) -> list[Message]:
