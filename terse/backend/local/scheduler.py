@@ -25,9 +25,10 @@ and a waiting sequence with a pending token waits until it arrives.
 
 Speculative decoding (speculative.py): a decoding sequence with a draft computes 1 + len(draft) rows,
 the draft shortened to the step's budget. With held drafting, a sequence that drafts in its next step
-waits while its last token is on the device (`hold_drafting`); all others decode every step. Its KV slots reach `num_speculative_tokens` further than its
-computed count says (the step in flight may accept that many draft tokens). A draft never preempts
-anyone: when its blocks are not there, the sequence decodes one token instead.
+waits while its last token is on the device (`hold_drafting`); all others decode every step. Its KV
+slots reach `num_speculative_tokens` further than its computed count says (the step in flight may
+accept that many draft tokens). A draft never preempts anyone: when its blocks are not there, the
+sequence decodes one token instead.
 """
 
 from __future__ import annotations

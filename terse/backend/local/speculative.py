@@ -22,8 +22,9 @@ manager allocates for the far end and the runner shifts the positions on the dev
 Adaptive control: per sequence, an exponential moving average of accepted / proposed draft tokens; when it
 falls below `min_acceptance` the sequence stops drafting for `backoff_steps` decode steps (doubling on
 each failure up to `max_backoff_steps`, shrinking by a quarter with each good verified step), then
-probes again. A sequence without a match decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need the
-grammar advanced token by token on the host (they keep the late sampling of runner.py).
+probes again. A sequence without a match decodes normally at no cost. Constrained (structured-output)
+sequences never draft: their masks need the grammar advanced token by token on the host (they keep the
+late sampling of runner.py).
 
 Held drafting (`draft_ahead` False, the default) drafts from known tokens only: the scheduler holds a
 sequence while its last token is on the device, but only a sequence that drafts in its next step
@@ -115,7 +116,7 @@ class SpeculativeSettings:
         check_int("speculative.backoff_steps", self.backoff_steps, low=1, example=8)
         check_int("speculative.max_backoff_steps", self.max_backoff_steps, low=1, example=256)
         if self.max_batch_size is not None:
-            check_int("speculative.max_batch_size", self.max_batch_size, low=1, example=32)
+            check_int("speculative.max_batch_size", self.max_batch_size, low=1, example=8)
         require(
             self.max_backoff_steps >= self.backoff_steps,
             f"speculative.max_backoff_steps={self.max_backoff_steps} is below backoff_steps={self.backoff_steps}",
