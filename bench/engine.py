@@ -152,6 +152,7 @@ def decode_sweep(engine: LocalEngine, batch_sizes: list[int], prompt_len: int, n
         if graphs is not None and graphs.padded_size(bs) is not None:
             graph = graphs.graphs[graphs.padded_size(bs)]  # static inputs: this size's last decode step
             row["graph_ms"] = gpu_ms(graph.replay, engine.device)
+            row["graph_blas"] = graphs.blas[graphs.padded_size(bs)]
         hidden = torch.randn(bs, engine.model_config.hidden_size, device=engine.device, dtype=engine.dtype)
         head = engine.runner.model.logits
         row["lm_head_argmax_ms"] = gpu_ms(lambda h=hidden, f=head: f(h).argmax(-1), engine.device)

@@ -89,6 +89,7 @@ def reference_engine(
 
 def settings(args: argparse.Namespace, **fields: Any) -> SpeculativeSettings:
     fields.setdefault("min_acceptance", args.min_acceptance)
+    fields.setdefault("min_accepted_tokens", args.min_accepted_tokens)
     return SpeculativeSettings(num_draft_tokens=args.k, min_ngram=args.min_ngram, max_ngram=args.max_ngram, **fields)
 
 
@@ -257,7 +258,7 @@ def run_replay(args: argparse.Namespace, rows: list[dict[str, Any]], saved: Call
         return wall, steps, draft, after["num_accepted_tokens"] - before["num_accepted_tokens"], outs
 
     engines = {"plain": make(None), "adaptive": make(settings(args, method="replay")),  # type: ignore[arg-type]
-               "forced": make(settings(args, method="replay", min_acceptance=0.0))}  # type: ignore[arg-type]
+               "forced": make(settings(args, method="replay", min_acceptance=0.0, min_accepted_tokens=0.0))}  # type: ignore[arg-type]
     for batch in batches:
         for eng in engines.values():
             ReplayDrafter.ACCEPTANCE = 1.0
@@ -307,6 +308,8 @@ def main() -> int:
     ap.add_argument("--min-ngram", type=int, default=SpeculativeSettings.min_ngram)
     ap.add_argument("--max-ngram", type=int, default=SpeculativeSettings.max_ngram)
     ap.add_argument("--min-acceptance", type=float, default=SpeculativeSettings.min_acceptance)
+    ap.add_argument("--min-accepted-tokens", type=float, default=SpeculativeSettings.min_accepted_tokens,
+                    help="held drafting: accepted draft tokens per verified step below which a sequence backs off")
     ap.add_argument("--shape", default=None, choices=["8b", "1b", "tiny"], help="replay: default 8b on CUDA, tiny on CPU")
     ap.add_argument("--replay-batches", default="1,16,64")
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="replay: per-token draft accuracy")

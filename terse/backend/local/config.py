@@ -13,6 +13,10 @@ from terse.backend.local.speculative import SpeculativeSettings
 from terse.backend.types import StreamingKV
 from terse.errors import ConfigError
 from terse.kernels.prefill_config import EstimateConfig, SparsePrefillConfig
+from terse.validation import check_choice
+
+CUDA_GRAPH_BLAS = ("auto", "cublas", "cublaslt")
+"""`EngineConfig.cuda_graph_blas`: time both libraries per captured size and keep the faster, or one."""
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -109,6 +113,11 @@ class EngineConfig:
     max_cuda_graph_batch_size: int = 256
     """Largest decode batch captured as a CUDA graph, in rows (a sequence verifying k draft tokens takes
     k + 1); larger decode batches run eagerly."""
+    cuda_graph_blas: str = "auto"
+    """BLAS library of the matrix products inside the captured decode graphs: "auto" captures each batch
+    size of a 16-bit model with cuBLAS and with cuBLASLt and keeps the graph that replays faster (a few
+    seconds more at start; float32 models keep cuBLAS, torch's default); "cublas" or "cublaslt" captures
+    with that one."""
     default_streaming_kv: StreamingKV | None = None
     """KV policy for requests whose SamplingParams.streaming_kv is None: None keeps the dense cache."""
     sparse_prefill: SparsePrefillSettings = field(default_factory=SparsePrefillSettings)
@@ -132,6 +141,7 @@ class EngineConfig:
                 raise ConfigError(f"{name}={value!r} must be an int >= 1")
         if self.kv_block_size & (self.kv_block_size - 1):
             raise ConfigError(f"kv_block_size={self.kv_block_size} must be a power of two (16 is usual)")
+        check_choice("cuda_graph_blas", self.cuda_graph_blas, CUDA_GRAPH_BLAS)
         _check_memory(self.kv_cache_memory)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1 or None")

@@ -5,16 +5,60 @@ graph captured per size in {1, 2, 4, 8, 16, 24, 32, ...} serves any batch up to 
 read and write the pool's scratch block, never a real one. The wrapper takes tensors only: it copies a
 `DecodeBatch` into its static buffers and replays the graph of that size around the forward function
 it was given (the runner's eager decode forward, the same code).
+
+Each size's graph bakes in the matrix-product kernels of the BLAS library torch prefers while it is
+captured. Which library is faster depends on the shapes: on one H200 (8B shape) cuBLASLt ran the MLP
+products faster at 64 rows and cuBLAS the smaller ones and single rows. With `blas="auto"` each size is
+captured once per library and the graph that replays faster is kept (interleaved timings, median).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 
+from terse.backend.local.config import CUDA_GRAPH_BLAS
 from terse.backend.local.inputs import DecodeBatch
+from terse.validation import check_choice
+
+_LIBRARIES = ("cublas", "cublaslt")
+
+
+@contextmanager
+def preferred_blas(library: str) -> Iterator[None]:
+    """Make `library` torch's preferred BLAS for matrix products inside the block, then restore it."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def fastest(timers: dict[str, Callable[[], float]], rounds: int) -> str:
+    """The key whose timer has the lowest median over `rounds` calls, the timers called in turn
+    (interleaved, so that drift touches all alike); a tie keeps the earlier key."""
+    times: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            times[key].append(timer())
+    return min(timers, key=lambda key: statistics.median(times[key]))
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 2) -> float:
+    """Milliseconds per replay of `graph`, measured on the device."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -27,8 +71,10 @@ class DecodeGraphs:
 
     def __init__(
         self, forward: Callable[[DecodeBatch], torch.Tensor], *, max_batch_size: int, max_blocks_per_seq: int,
-        scratch_block: int, block_size: int, device: torch.device,
+        scratch_block: int, block_size: int, device: torch.device, blas: str = "auto", timing_rounds: int = 5,
     ) -> None:
+        check_choice("cuda_graph_blas", blas, CUDA_GRAPH_BLAS)
+        libraries = _LIBRARIES if blas == "auto" else (blas,)
         self.sizes = graph_batch_sizes(max_batch_size)
         n = max_batch_size
         i64 = torch.int64
@@ -42,6 +88,8 @@ class DecodeGraphs:
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.blas: dict[int, str] = {}
+        """The BLAS library each size's graph was captured with."""
         pool = None
         # Collect garbage before capturing and not during it: tensors freed mid-capture (say, of an
         # engine this process closed earlier) would touch the allocator while the stream is captured.
@@ -52,13 +100,24 @@ class DecodeGraphs:
             with torch.inference_mode():
                 for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
                     inputs = self._view(size)
-                    forward(inputs)  # warm-up outside capture (kernel compilation, lazy init)
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self.outputs[size] = forward(inputs)
-                    pool = graph.pool()
-                    self.graphs[size] = graph
+                    captured: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                    for library in libraries:
+                        with preferred_blas(library):
+                            forward(inputs)  # warm-up outside capture (kernel compilation, lazy init)
+                            torch.cuda.synchronize()
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph, pool=pool):
+                                output = forward(inputs)
+                        pool = graph.pool()
+                        graph.replay()  # the first replay uploads the graph: keep it out of the timings
+                        captured[library] = (graph, output)
+                    best = libraries[0]
+                    if len(captured) > 1:
+                        best = fastest({lib: partial(_replay_ms, g) for lib, (g, _) in captured.items()},
+                                       timing_rounds)
+                    self.graphs[size], self.outputs[size] = captured[best]
+                    self.blas[size] = best
+                    del captured  # the other library's graph and output go back to the pool
         finally:
             if was_enabled:
                 gc.enable()

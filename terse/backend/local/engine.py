@@ -130,7 +130,11 @@ class LocalEngine(BackendBase):
         self.runner = ModelRunner(model, self.pool, attention, device=self.device, max_model_len=self._max_model_len)
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             rows_per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative is not None else 0)
-            self.runner.capture_cuda_graphs(min(config.max_cuda_graph_batch_size, config.max_num_seqs * rows_per_seq))
+            blas = config.cuda_graph_blas
+            if blas == "auto" and self.dtype == torch.float32:
+                blas = "cublas"  # float32 keeps torch's default library: the parity anchor's products
+            self.runner.capture_cuda_graphs(
+                min(config.max_cuda_graph_batch_size, config.max_num_seqs * rows_per_seq), blas=blas)
         tok = self.tokenizer
         self.eos_token_ids = eos_token_ids(tok, model_config) if tok is not None else frozenset(model_config.eos_token_ids)
         self._bos_context = context_ids(tok) if tok is not None else []

@@ -121,10 +121,10 @@ class ModelRunner:
         self.num_late_samples = 0
         """Constrained rows sampled by `sample_late`."""
 
-    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+    def capture_cuda_graphs(self, max_batch_size: int, blas: str = "auto") -> None:
         self.graphs = DecodeGraphs(
             self._forward_decode, max_batch_size=max_batch_size, max_blocks_per_seq=self.max_blocks_per_seq,
-            scratch_block=self.pool.scratch_block, block_size=self.block_size, device=self.device,
+            scratch_block=self.pool.scratch_block, block_size=self.block_size, device=self.device, blas=blas,
         )
 
     def release(self) -> None:

@@ -59,3 +59,23 @@ def test_docqa_config_checks_and_passes_engine_options(tmp_path: Path) -> None:
     path.write_text('backend = "local:m"\n[backend_options]\nkv_cache_memory = 1.5\n')
     with pytest.raises(ConfigError, match=r"kv_cache_memory=1.5"):
         load_config(path)
+
+
+def test_cuda_graph_blas_choice_is_checked_and_the_faster_timer_wins() -> None:
+    from terse.backend.local.cuda_graph import fastest
+
+    assert EngineConfig.from_options({"cuda_graph_blas": "cublaslt"}).cuda_graph_blas == "cublaslt"
+    with pytest.raises(ConfigError, match=r"cuda_graph_blas='mkl' must be one of 'auto', 'cublas' or 'cublaslt'"):
+        EngineConfig(cuda_graph_blas="mkl")
+    calls: list[str] = []
+
+    def timer(name: str, times: list[float]) -> object:
+        def run() -> float:
+            calls.append(name)
+            return times.pop(0)
+        return run
+
+    # medians 5.0 vs 4.0 though "a" has the single fastest call; calls interleave a, b, a, b, ...
+    assert fastest({"a": timer("a", [1.0, 5.0, 6.0]), "b": timer("b", [4.0, 4.0, 9.0])}, 3) == "b"
+    assert calls == ["a", "b"] * 3
+    assert fastest({"a": timer("a", [2.0]), "b": timer("b", [2.0])}, 1) == "a"  # a tie keeps the first

@@ -207,7 +207,8 @@ def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("prompt", [[4, 1, 0, 0, 0, 0] * 2 + [4, 1, 0, 0], [1, 5, 2, 5, 5, 5] * 2 + [1, 5, 2, 5]])
 def test_sampling_keeps_the_output_distribution(prompt: list[int]) -> None:
-    eng = _vocab8_engine(SpeculativeSettings(num_draft_tokens=3, min_acceptance=0.0, max_batch_size=None))
+    eng = _vocab8_engine(SpeculativeSettings(num_draft_tokens=3, min_acceptance=0.0, min_accepted_tokens=0.0,
+                                              max_batch_size=None))
     num = 2000
     try:
         handles = [eng.submit(prompt, SamplingParams(max_tokens=4, temperature=1.0, seed=i)) for i in range(num)]

@@ -57,6 +57,56 @@ def test_acceptance_control_backs_off_and_doubles_on_repeated_failures() -> None
     assert control.allows() and control.backoff == 3
 
 
+def test_held_drafting_backs_off_when_accepted_tokens_do_not_repay_the_held_step() -> None:
+    """Half of a 2-token draft accepted passes the rate test (0.5 >= 0.3) but yields 2 tokens in the two
+    steps a held drafter spends: held drafting backs off; drafting ahead (no held step) does not."""
+    held = AcceptanceControl(SpeculativeSettings(ema_weight=1.0, backoff_steps=2))
+    ahead = AcceptanceControl(SpeculativeSettings(ema_weight=1.0, backoff_steps=2, draft_ahead=True))
+    for control in (held, ahead):
+        control.update(2, 1)
+    assert [held.allows() for _ in range(3)] == [False, False, True]
+    assert ahead.allows()
+    held.update(4, 2)  # two accepted tokens per verified step repay the held step: drafting resumes
+    assert held.allows() and held.backoff == 3
+    held.update(4, 1)  # one alone does not (acceptance 0.25 < 0.3 as well): it waits 3 steps, the next time 6
+    assert sum(not held.allows() for _ in range(10)) == 3 and held.backoff == 6
+    off = AcceptanceControl(SpeculativeSettings(ema_weight=1.0, min_acceptance=0.0, min_accepted_tokens=0.0))
+    off.update(4, 0)
+    assert off.allows()  # both floors at 0: never backs off
+    with pytest.raises(ConfigError, match=r"min_accepted_tokens=5 must be a number in \[0, 4\]"):
+        SpeculativeSettings(min_accepted_tokens=5)
+
+
+def test_held_drafting_does_not_draft_a_single_token() -> None:
+    """A one-token draft can accept at most one token, below `min_accepted_tokens`: held drafting
+    decodes instead; drafting ahead, or a floor below 1, drafts it."""
+    prompt = [1, 2, 3, 4, 9, 8, 1, 2]  # "1 2" -> 3 4 ...; the draft is cut to what max_tokens leaves
+    for settings, expected in [
+        (SpeculativeSettings(), None),
+        (SpeculativeSettings(min_accepted_tokens=0.5), (3,)),
+        (SpeculativeSettings(draft_ahead=True), (3,)),
+    ]:
+        kv = KVManager(64, 4)
+        spec = Speculator(settings, kv)
+        seq = Sequence(0, prompt, SamplingParams(max_tokens=2), max_len=256)
+        assert kv.allocate(seq, len(prompt))
+        seq.num_computed_tokens = len(prompt) - 1
+        seq.status = SequenceStatus.RUNNING
+        spec.attach(seq)
+        spec.propose([seq])
+        assert (seq.draft.tokens if seq.draft is not None else None) == expected, settings
+        assert seq.spec.drafting == (expected is not None)
+    long_enough = Sequence(1, prompt, SamplingParams(max_tokens=8), max_len=256)
+    kv = KVManager(64, 4)
+    spec = Speculator(SpeculativeSettings(), kv)
+    assert kv.allocate(long_enough, len(prompt))
+    long_enough.num_computed_tokens = len(prompt) - 1
+    long_enough.status = SequenceStatus.RUNNING
+    spec.attach(long_enough)
+    spec.propose([long_enough])
+    assert long_enough.draft is not None and long_enough.draft.tokens == (3, 4, 9, 8)
+
+
 def test_a_flapping_drafter_keeps_a_long_back_off() -> None:
     """Probes that pass and fail by turns do not reset the wait to its minimum each time."""
     control = AcceptanceControl(SpeculativeSettings(min_acceptance=0.5, ema_weight=1.0, backoff_steps=2,
