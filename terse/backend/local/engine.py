@@ -337,6 +337,7 @@ class LocalEngine(BackendBase):
             "num_accepted_tokens": spec.num_accepted_tokens if spec is not None else 0,
             "num_verify_steps": spec.num_verify_steps if spec is not None else 0,
             "num_voided_drafts": spec.num_voided_drafts if spec is not None else 0,
+            "num_shadow_drafts": spec.num_shadow_drafts if spec is not None else 0,
         }
 
     # -- helpers on the caller's thread ---------------------------------------------------------

@@ -20,12 +20,17 @@ assumes N+1's draft only when it can. Positions of step N+1 lie between its host
 manager allocates for the far end and the runner shifts the positions on the device.
 
 Adaptive control: per sequence, exponential moving averages of accepted / proposed draft tokens and of
-accepted tokens per verified step; when the first falls below `min_acceptance`, or (held drafting) the
-second below `min_accepted_tokens`, the sequence stops drafting for `backoff_steps` decode steps (doubling on
-each failure up to `max_backoff_steps`, shrinking by a quarter with each good verified step), then
-probes again. A sequence without a match decodes normally at no cost. Constrained (structured-output)
-sequences never draft: their masks need the grammar advanced token by token on the host (they keep the
-late sampling of runner.py).
+accepted tokens per verified step. When the first falls below `min_acceptance`, or (held drafting) the
+second below `min_accepted_tokens`, the sequence stops drafting for `backoff_steps` decode steps (doubling
+on each failed verified step up to `max_backoff_steps`, shrinking by a quarter with each good one) and is
+then on probation: it proposes shadow drafts from its known tokens, never verified and never held for,
+and judges each by the tokens it then produces (the leading tokens that match are what verifying it
+would have accepted; a mismatch settles it at once). Shadow drafts feed the same moving averages, started
+from zero when the probation begins, and the probation ends once both are back above their floors (at
+the defaults, two wholly right 4-token shadow drafts in a row): then the sequence drafts again. Probing with a verified draft would cost a held step
+and the verify rows each time; a shadow draft costs one lookup on the host. A sequence without a match
+decodes normally at no cost. Constrained (structured-output) sequences never draft: their masks need
+the grammar advanced token by token on the host (they keep the late sampling of runner.py).
 
 Held drafting (`draft_ahead` False, the default) drafts from known tokens only: the scheduler holds a
 sequence while its last token is on the device, but only a sequence that drafts in its next step
@@ -34,14 +39,15 @@ sequence while its last token is on the device, but only a sequence that drafts 
     last token known:      propose from known tokens (back-off counted); drafting = a draft came out
     in flight, drafting:   held this step (not a decode step: nothing counted); next step it proposes
     in flight, otherwise:  decodes one token without a draft, in step with the loop's overlap; backing
-                           off, the step is counted; else the drafter looks up the known tokens (the
+                           off, the step is counted; on probation, its shadow draft is judged (one
+                           that passes sets drafting); else the drafter looks up the known tokens (the
                            lookup the next proposal would make, one token earlier) and a match sets
                            drafting, holding it from this step on
 
 A new sequence starts as drafting (its first decode step waits for the prefill's token and proposes from
 it: short answers copied from the prompt are drafted from their first token on). From then on a sequence
-that finds no match, or is backing off, decodes every step like one without speculation, and starts
-drafting again as soon as its known tokens match again or its back-off ends.
+that finds no match, or is backing off or on probation, decodes every step like one without
+speculation, and starts drafting again as soon as its known tokens match again or a shadow draft passes.
 """
 
 from __future__ import annotations
@@ -89,10 +95,11 @@ class SpeculativeSettings:
     ema_weight: float = 0.3
     """Weight of the latest verified step in the moving averages, in (0, 1]."""
     backoff_steps: int = 8
-    """Decode steps a sequence goes without drafting after its acceptance fell below `min_acceptance`."""
+    """Decode steps a sequence goes without drafting, or judging shadow drafts, after a verified step left
+    its moving averages below `min_acceptance` or `min_accepted_tokens`."""
     max_backoff_steps: int = 256
-    """The back-off doubles with each failed probe, up to this, and shrinks by a quarter with each good
-    verified step (down to `backoff_steps`)."""
+    """The back-off doubles with each failed verified step, up to this, and shrinks by a quarter with each
+    good one (down to `backoff_steps`)."""
     max_batch_size: int | None = 8
     """No sequence drafts in a step where more than this many sequences decode (None: no limit). A batch
     already keeps the device busy on its weights: the rows a verify step adds cost more there than they
@@ -135,7 +142,8 @@ class SpeculativeSettings:
 
 
 class AcceptanceControl:
-    """Whether one sequence drafts now: moving averages of its acceptance with an exponential back-off."""
+    """Whether one sequence drafts now: moving averages of its acceptance, an exponential back-off, and a
+    probation that shadow drafts end (module docstring)."""
 
     def __init__(self, settings: SpeculativeSettings) -> None:
         self.settings = settings
@@ -146,31 +154,51 @@ class AcceptanceControl:
         self.min_accepted = 0.0 if settings.draft_ahead else settings.min_accepted_tokens
         """The floor of `accepted`: held drafting pays a step for each draft (`min_accepted_tokens`)."""
         self.num_idle_steps = 0
-        """Decode steps left without drafting."""
+        """Decode steps left before shadow drafts are tried."""
         self.backoff = settings.backoff_steps
+        self.probation = False
+        """After a failed verified step: no drafting until a shadow draft passes."""
 
     def allows(self) -> bool:
-        """Called once per decode step of the sequence; False while backing off (counts the step down)."""
+        """Called once per decode step of the sequence: whether it may draft (counts the back-off down)."""
         if self.num_idle_steps > 0:
             self.num_idle_steps -= 1
             return False
-        return True
+        return not self.probation
 
-    def update(self, num_proposed: int, num_accepted: int) -> None:
+    @property
+    def shadow_due(self) -> bool:
+        """On probation with the back-off over: shadow drafts decide when drafting resumes."""
+        return self.probation and self.num_idle_steps == 0
+
+    def _passes(self, num_proposed: int, num_accepted: int) -> bool:
         s = self.settings
         self.acceptance += s.ema_weight * (num_accepted / num_proposed - self.acceptance)
         self.accepted += s.ema_weight * (num_accepted - self.accepted)
-        if self.acceptance >= s.min_acceptance and self.accepted >= self.min_accepted:
+        return self.acceptance >= s.min_acceptance and self.accepted >= self.min_accepted
+
+    def update(self, num_proposed: int, num_accepted: int) -> None:
+        """A verified step's result."""
+        s = self.settings
+        if self._passes(num_proposed, num_accepted):
             # a good step shortens the next wait by a quarter (a failure doubles it): a drafter whose
-            # probes pass and fail by turns waits longer each time, one that stays good is back at
-            # `backoff_steps` within a dozen steps
+            # verified steps pass and fail by turns waits longer each time, one that stays good is back
+            # at `backoff_steps` within a dozen steps
             self.backoff = max(s.backoff_steps, self.backoff * 3 // 4)
+            self.probation = False
             return
-        # Back off, then probe from the threshold: one good step resumes drafting, one bad one doubles the wait.
         self.num_idle_steps = self.backoff
         self.backoff = min(2 * self.backoff, s.max_backoff_steps)
-        self.acceptance = max(s.min_acceptance, self.acceptance)
-        self.accepted = max(self.min_accepted, self.accepted)
+        self.probation = True
+        # shadow drafts start from nothing: a lucky one alone does not end the probation (at the default
+        # floors it takes two wholly right 4-token shadow drafts in a row)
+        self.acceptance = self.accepted = 0.0
+
+    def update_shadow(self, num_proposed: int, num_accepted: int) -> bool:
+        """A shadow draft's result (what verifying it would have accepted); True ends the probation."""
+        if self._passes(num_proposed, num_accepted):
+            self.probation = False
+        return not self.probation
 
 
 @dataclass(eq=False)
@@ -195,6 +223,9 @@ class SpecState:
     True at first, so that the first decode step drafts from the prefill's token."""
     num_looked_up: int = 0
     """Resolved tokens that the latest lookup from known tokens saw (one of the same tokens is not repeated)."""
+    shadow: tuple[int, tuple[int, ...]] | None = None
+    """On probation: a draft proposed from known tokens but not verified, (index of its first token in
+    `token_ids`, its tokens), compared with the tokens the sequence then produces."""
 
 
 class Speculator:
@@ -213,6 +244,8 @@ class Speculator:
         """Of those, drafts built on a wrong guess of the step before (rejected whole by the gate)."""
         self.num_capped_steps = 0
         """Steps in which nothing drafted because more than `max_batch_size` sequences decoded."""
+        self.num_shadow_drafts = 0
+        """Shadow drafts judged (sequences on probation; never verified)."""
         floor = 0.0 if settings.draft_ahead else settings.min_accepted_tokens
         self.min_draft_len = min(int(floor) + 1, settings.num_draft_tokens)
         """Shortest draft worth verifying: held drafting skips one that could not reach `min_accepted_tokens`."""
@@ -247,7 +280,8 @@ class Speculator:
             return None
         if not state.control.allows():
             state.drafting = False
-            return None
+            if not (state.control.shadow_due and self._shadow(seq, state)):
+                return None
         draft = self._draft(seq, state)
         state.drafting = draft is not None
         return draft
@@ -255,8 +289,12 @@ class Speculator:
     def _probe(self, seq: Sequence, state: SpecState) -> None:
         """Held drafting, the last token on the device: no draft this step (module docstring). A
         drafting sequence is held; any other decodes, and turns drafting when its known tokens match."""
-        if state.drafting or not state.control.allows():
-            return  # held (not a decode step), or backing off (this decode step counted)
+        if state.drafting:
+            return  # held (not a decode step)
+        if not state.control.allows():  # backing off (this decode step counted) or on probation
+            if state.control.shadow_due and self._shadow(seq, state):
+                state.drafting = True  # a shadow draft passed: held from this step on
+            return
         num_resolved = seq.num_tokens - seq.num_pending_tokens
         if num_resolved == state.num_looked_up:
             return  # the proposal that found nothing saw these very tokens
@@ -265,6 +303,30 @@ class Speculator:
         need = self.min_draft_len
         if self._limit(seq, 0) >= need and len(state.drafter.propose(seq.token_ids, num_resolved, (), need)) >= need:
             state.drafting = True  # held from this step on: its next step drafts from known tokens
+
+    def _shadow(self, seq: Sequence, state: SpecState) -> bool:
+        """On probation: judge the pending shadow draft by the tokens resolved since (a mismatch, or every
+        position resolved, settles it: the count of leading tokens that matched is what verifying it
+        would have accepted), then propose the next one from known tokens. No step is held and no row
+        verified for it. True: a shadow draft passed and the probation is over."""
+        num_resolved = seq.num_tokens - seq.num_pending_tokens
+        if state.shadow is not None:
+            start, tokens = state.shadow
+            known = seq.token_ids[start:min(num_resolved, start + len(tokens))]
+            matched = next((i for i, (a, b) in enumerate(zip(known, tokens)) if a != b), len(known))
+            if matched == len(known) and len(known) < len(tokens):
+                return False  # all resolved tokens match so far: wait for the rest
+            state.shadow = None
+            self.num_shadow_drafts += 1
+            if state.control.update_shadow(len(tokens), matched):
+                return True
+        limit = min(self.settings.num_draft_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
+        if limit >= self.min_draft_len:
+            state.drafter.update(seq.token_ids, num_resolved)
+            proposal = state.drafter.propose(seq.token_ids, num_resolved, (), limit)
+            if len(proposal) >= self.min_draft_len:
+                state.shadow = (num_resolved, tuple(proposal))
+        return False
 
     def _limit(self, seq: Sequence, num_assumed: int) -> int:
         """Most draft tokens the sequence's next step may verify, `num_assumed` tokens assumed accepted."""

@@ -52,6 +52,7 @@ _ENGINE_SERIES: dict[str, tuple[str, str, str]] = {
     "num_accepted_tokens": ("counter", "engine_spec_accepted_tokens", "Speculative decoding: draft tokens accepted."),
     "num_verify_steps": ("counter", "engine_spec_verify_steps", "Speculative decoding: sequence-steps that verified a draft."),
     "num_voided_drafts": ("counter", "engine_spec_voided_drafts", "Speculative decoding: drafts built on a wrong guess of the step in flight."),
+    "num_shadow_drafts": ("counter", "engine_spec_shadow_drafts", "Speculative decoding: drafts judged against the output without verifying (sequences on probation)."),
 }
 
 

@@ -153,12 +153,15 @@ def test_a_sequence_backing_off_is_not_held(llama: Path, prompts: list[list[int]
         out = eng.generate([prompts[2]], GREEDY)[0]
         stats = eng.stats
     assert out.token_ids == outputs[2] and out.usage.num_accepted_tokens == 0
-    # Four failed drafts pull the moving average under 0.3; then it backs off 8, 16, ... decode steps and
-    # probes once after each. It waits for its token only before each draft and after the draft that
-    # starts a back-off (before its outcome is known): 6 drafts, 3 back-offs. Holding it throughout, also
-    # while backing off, would cost a wait per token.
-    assert stats["num_verify_steps"] == 6
-    assert holds[tuple(prompts[2])] == 6 + 3
+    # Four failed drafts pull the moving averages under their floors (accepted tokens per verified step
+    # under 1.25, acceptance under 0.3); it backs off for 8 decode steps, then stays on probation: from
+    # then on it proposes shadow drafts from its known tokens, never verified, and every one is wrong, so
+    # it never drafts again. It waits for its token only before each draft and after the draft that
+    # starts the back-off (before its outcome is known). Holding it throughout, also while backing off,
+    # would cost a wait per token; probing with verified drafts cost a wait and a verify per probe.
+    assert stats["num_verify_steps"] == 4
+    assert holds[tuple(prompts[2])] == 4 + 1
+    assert 20 <= stats["num_shadow_drafts"] <= NEW  # about one per decode step on probation (each wrong at once)
     assert stats["num_steps"] <= alone_steps + 1
 
 

@@ -42,19 +42,25 @@ def test_lookup_indexes_resolved_tokens_as_they_come_never_the_suffix_itself() -
     assert drafter.propose(tokens, 6, (), 2) == [7, 8]  # (8, 9) now ends at 5 too, but without a continuation
 
 
-def test_acceptance_control_backs_off_and_doubles_on_repeated_failures() -> None:
+def test_acceptance_control_backs_off_then_waits_for_a_shadow_draft_and_doubles_on_repeated_failures() -> None:
     control = AcceptanceControl(SpeculativeSettings(min_acceptance=0.5, ema_weight=1.0, backoff_steps=2, max_backoff_steps=4))
     assert control.allows()
     control.update(4, 4)
     assert control.allows()
-    control.update(4, 1)  # 0.25 < 0.5: two idle steps
-    assert [control.allows() for _ in range(3)] == [False, False, True]
-    control.update(4, 0)  # the probe fails: the back-off doubles
+    control.update(4, 1)  # 0.25 < 0.5: two idle steps, then on probation until a shadow draft passes
+    assert [control.allows() for _ in range(4)] == [False] * 4 and control.shadow_due
+    assert not control.update_shadow(4, 1)  # a failing shadow draft: still on probation, no further wait
+    assert control.shadow_due and control.num_idle_steps == 0
+    assert control.update_shadow(4, 3) and control.allows()  # a passing one: drafting resumes
+    control.update(4, 0)  # a verified step fails again: the back-off doubled
+    assert control.num_idle_steps == 4 and control.probation
+    assert control.update_shadow(4, 4) and control.num_idle_steps == 4  # the wait still runs out first
     assert [control.allows() for _ in range(5)] == [False] * 4 + [True]
     control.update(4, 0)
-    assert [control.allows() for _ in range(5)] == [False] * 4 + [True]  # capped at max_backoff_steps
-    control.update(4, 3)  # a good probe resumes drafting and shortens the next wait by a quarter
-    assert control.allows() and control.backoff == 3
+    assert control.num_idle_steps == 4  # capped at max_backoff_steps
+    control.update_shadow(4, 4)
+    control.update(4, 3)  # a good verified step shortens the next wait by a quarter
+    assert control.backoff == 3
 
 
 def test_held_drafting_backs_off_when_accepted_tokens_do_not_repay_the_held_step() -> None:
@@ -64,12 +70,12 @@ def test_held_drafting_backs_off_when_accepted_tokens_do_not_repay_the_held_step
     ahead = AcceptanceControl(SpeculativeSettings(ema_weight=1.0, backoff_steps=2, draft_ahead=True))
     for control in (held, ahead):
         control.update(2, 1)
-    assert [held.allows() for _ in range(3)] == [False, False, True]
-    assert ahead.allows()
-    held.update(4, 2)  # two accepted tokens per verified step repay the held step: drafting resumes
-    assert held.allows() and held.backoff == 3
-    held.update(4, 1)  # one alone does not (acceptance 0.25 < 0.3 as well): it waits 3 steps, the next time 6
-    assert sum(not held.allows() for _ in range(10)) == 3 and held.backoff == 6
+    assert held.probation and held.num_idle_steps == 2
+    assert ahead.allows() and not ahead.probation
+    assert not held.update_shadow(2, 1)  # a shadow draft is judged by the same floors
+    assert held.update_shadow(4, 2)  # two accepted tokens would repay the held step: drafting resumes
+    held.update(4, 1)  # one alone does not (acceptance 0.25 < 0.3 as well): the doubled wait
+    assert held.num_idle_steps == 4 and held.backoff == 8
     off = AcceptanceControl(SpeculativeSettings(ema_weight=1.0, min_acceptance=0.0, min_accepted_tokens=0.0))
     off.update(4, 0)
     assert off.allows()  # both floors at 0: never backs off
@@ -108,14 +114,18 @@ def test_held_drafting_does_not_draft_a_single_token() -> None:
 
 
 def test_a_flapping_drafter_keeps_a_long_back_off() -> None:
-    """Probes that pass and fail by turns do not reset the wait to its minimum each time."""
+    """Verified steps that pass and fail by turns do not reset the wait to its minimum each time (a
+    shadow draft ends each probation)."""
     control = AcceptanceControl(SpeculativeSettings(min_acceptance=0.5, ema_weight=1.0, backoff_steps=2,
                                                     max_backoff_steps=64))
     waits = []
     for _ in range(6):
         control.update(4, 0)  # fails: waits, the next wait doubles
-        waits.append(sum(not control.allows() for _ in range(100)))
-        control.update(4, 4)  # the probe passes: the next wait shrinks by a quarter
+        waits.append(control.num_idle_steps)
+        while control.allows() is False and not control.shadow_due:
+            pass
+        assert control.update_shadow(4, 4)
+        control.update(4, 4)  # the next verified step passes: the next wait shrinks by a quarter
     assert waits == [2, 3, 4, 6, 9, 13]
     for _ in range(10):
         control.update(4, 4)  # good steps in a row bring it back to the minimum
@@ -299,15 +309,17 @@ def test_held_drafting_holds_only_sequences_whose_next_step_drafts() -> None:
     assert _launch(spec, scheduler) == [0, 1] and a.spec.control.num_idle_steps == 0  # step 4: a's token in flight
     _collect(spec, a, [1])
     _collect(spec, b, [11])  # b's known tokens now end in 11, which occurred before: a match appears
-    # step 5: a's back-off is over and its known tokens "... 9 1" match: held again; b: held too
-    assert _launch(spec, scheduler) == []
-    assert a.spec.drafting and b.spec.drafting and a.spec.control.num_idle_steps == 0
-    _collect(spec, a, [2])
-    _collect(spec, b, [16])
-    # step 6: both tokens known: a drafts ("... 6 1 2" -> 9 1 2), b ("... 11 16") finds nothing after all
-    assert _launch(spec, scheduler) == [0, 1]
-    assert a.draft is None and a.num_speculative_tokens == 3 and a.spec.drafting
-    assert b.num_speculative_tokens == 0 and not b.spec.drafting
+    # step 5: a's back-off is over and it is on probation: not held; from its known tokens "... 9 1" it
+    # proposes a shadow draft 2 9 1 (never verified). b: held, its next step drafts
+    assert _launch(spec, scheduler) == [0]
+    assert not a.spec.drafting and a.spec.shadow == (10, (2, 9, 1)) and b.spec.drafting
+    for step, token in enumerate([2, 9], start=6):  # the output follows the shadow draft: a keeps decoding
+        _collect(spec, a, [token])
+        assert _launch(spec, scheduler) == [0], step
+        assert not a.spec.drafting and a.spec.control.probation
+    _collect(spec, a, [1])  # the whole shadow draft came true: probation over, a is held to draft again
+    assert _launch(spec, scheduler) == [] and a.spec.drafting and not a.spec.control.probation
+    assert a.spec.shadow is None and spec.num_shadow_drafts == 1
     assert spec.num_voided_drafts == 0
 
 
