@@ -2,6 +2,7 @@
 bench/engine.py results.
 
     python3 bench/plot_engine.py bench/results/engine_gpu_run1.json bench/results/engine_gpu.json \\
+        bench/results/engine_gpu_blas.json --labels "run 1" "run 2" "run 4, BLAS per graph" \\
         --out docs/engine_decode_vs_batch.png
 """
 
@@ -20,20 +21,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="engine_gpu.json files (one line set per run)")
     ap.add_argument("--out", default="docs/engine_decode_vs_batch.png")
+    ap.add_argument("--labels", nargs="*", help="one label per results file (default: run 1, run 2, ...)")
     args = ap.parse_args()
+    n = len(args.results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, path in enumerate(args.results):
         with open(path) as f:
             r = json.load(f)
-        label = f"run {i + 1}"
+        label = args.labels[i] if args.labels else f"run {i + 1}"
+        alpha = 1.0 if i == n - 1 else 0.25 + 0.35 * i / max(n - 1, 1)  # the latest run in full
         rows = r["terse_decode"]
         bs = [row["batch_size"] for row in rows]
-        ax.plot(bs, [row["step_ms"] for row in rows], "o-", color="C0", alpha=1 - 0.45 * i, label=f"terse engine step ({label})")
-        ax.plot(bs, [row["graph_ms"] for row in rows], ".:", color="C0", alpha=1 - 0.45 * i, label=f"terse captured graph only ({label})")
+        ax.plot(bs, [row["step_ms"] for row in rows], "o-", color="C0", alpha=alpha, label=f"terse engine step ({label})")
+        ax.plot(bs, [row["graph_ms"] for row in rows], ".:", color="C0", alpha=alpha, label=f"terse captured graph only ({label})")
         hf = r.get("hf_static_decode", [])
-        ax.plot([h["batch_size"] for h in hf], [h["step_ms"] for h in hf], "s-", color="C3", alpha=1 - 0.45 * i,
+        ax.plot([h["batch_size"] for h in hf], [h["step_ms"] for h in hf], "s-", color="C3", alpha=alpha,
                 label=f"transformers static cache ({label})")
-        if i == 0:
+        if i == n - 1:
             kv = 32 * 2 * 8 * 128 * 2  # bytes of KV per token, 8B shape, bf16
             bound = [(r["weight_bytes"] + b * row["context_tokens"] * kv) / r["copy_bandwidth_Bps"] * 1e3 for b, row in zip(bs, rows)]
             ax.plot(bs, bound, "--", color="gray", label="bound: weights + KV / copy bandwidth")
