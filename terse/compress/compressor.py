@@ -225,6 +225,7 @@ class PromptCompressor:
             user_protected=flags[0],
             struct_protected=[g >= 0 for g in flags[1]],
             struct_groups=flags[1],
+            struct_first=not policy.rank_with_context,
             num_tokens=analysis.num_tokens,
             analysis=analysis,
         )

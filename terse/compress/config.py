@@ -63,9 +63,11 @@ class ProtectionPolicy:
 
     `literals` and `patterns` are kept wherever they occur, even inside contexts the coarse stage drops:
     they are mandatory. The structural flags make spans atomic: each span is kept whole or not at all,
-    never cut inside, but it is ranked with its sentence and context (a span ranks as its best word),
-    not ahead of them, so a number whose sentence the budget cuts goes with it rather than standing
-    alone. `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
+    never cut inside. By default the spans of the contexts that survive the coarse stage are kept ahead
+    of every other word of those contexts (the spans of the best contexts first while they do not all
+    fit), so a number stays even where the budget cuts its sentence; with `rank_with_context` a span
+    ranks as its best word, with its sentence and context, and goes with a sentence the budget cuts.
+    `ProtectionPolicy.standard()` is what the CLI and the chat hook use.
     """
 
     literals: tuple[str, ...] = ()
@@ -90,6 +92,12 @@ class ProtectionPolicy:
     """Keep URLs (scheme://... or www....), without trailing punctuation."""
     emails: bool = False
     """Keep e-mail addresses."""
+    rank_with_context: bool = False
+    """Rank structural spans with their sentence instead of ahead of it: no lone numbers in the result
+    where a sentence was cut, at the price of the facts those sentences held. On the chat-layout bench
+    (4x, 105 questions of test worlds 6-9) both orders answered alike (-0.7 points pooled over four
+    layouts, 95% CI [-2.6, +1.2]) and spans first kept the gold answer in 99-100% of the prompts
+    against 95%: spans first is the default."""
 
     def __post_init__(self) -> None:
         for name in ("literals", "patterns"):

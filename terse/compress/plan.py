@@ -3,7 +3,8 @@
 Stages never delete text themselves. Each one refines, per context, which words are worth keeping
 most, and the exact-fit stage then keeps words in that priority order until the budget is full:
 
-    tier 0  the user's literals and patterns, anywhere (mandatory: the fit's floor)
+    tier 0  the user's literals and patterns, anywhere (mandatory: the fit's floor); then, unless the
+            policy ranks them with their context, structural spans in selected contexts
     tier 1  words of selected contexts, in two groups: first the sentences that share a search term
             with the question, then those that share none (`question_sentences_first`); within a group,
             sentences the sentence filter keeps (by token key, or by sentence rank when no token
@@ -14,11 +15,13 @@ Within tier 1 the key is the token stage's `cumulative token share / keep ratio`
 segment (see `tokens.py`): below 1.0 means "kept under the planned per-context ratios", so moving one
 global threshold scales every context's share in proportion: that is how the budget is spread.
 
-Structural protected spans (numbers, dates, URLs, code, ...; `ProtectionPolicy`'s flags) are atomic,
-not privileged: all words of one span share the best key among them (a span ranks as its best word,
-with its sentence and context) and sit next to each other in the order, so the fit keeps a span whole
-or drops it whole. A number whose sentence the fit cuts goes with that sentence instead of standing
-alone in the result. Only the user's literals outrank the context.
+Structural protected spans (numbers, dates, URLs, code, ...; `ProtectionPolicy`'s flags) are atomic:
+all words of one span share the best key among them and sit next to each other in the order, so the
+fit keeps a span whole or drops it whole. By default (`struct_first`) those of selected contexts are
+tier 0 after the user's literals, kept ahead of their context but not mandatory: when they do not all
+fit, the spans of the best contexts are kept. With `ProtectionPolicy.rank_with_context` they carry no
+privilege: a span ranks as its best word, with its sentence and context, and a number whose sentence
+the fit cuts goes with that sentence instead of standing alone in the result.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class DocPlan:
     """The cached question-independent analysis of `text` (token costs, term statistics)."""
     question_sentences: set[int] | None = None
     """Sentence ids sharing a search term with the question; None ranks every sentence alike."""
+    struct_first: bool = True
+    """Structural spans of a selected context rank ahead of its other words (tier 0, after the user's
+    literals); False ranks them with their context (`ProtectionPolicy.rank_with_context`)."""
     struct_groups: list[int] | None = None
     """Index of the structural protected span each word belongs to (-1: none); words sharing one are
     kept or cut together. None on construction: each run of consecutive `struct_protected` words is
@@ -97,14 +103,19 @@ class DocPlan:
         return self.struct_groups[word]
 
     def candidate(self, word: int) -> bool:
-        """Whether the token stage ranks this word: mandatory, or in a sentence the filter keeps."""
-        if self.mandatory(word):
+        """Whether the token stage ranks this word: forced, or in a sentence the filter keeps."""
+        if self.forced(word):
             return True
         return self.selected and (self.sentence_kept is None or self.sentence_ids[word] in self.sentence_kept)
 
     def mandatory(self, word: int) -> bool:
         """Kept whatever the budget (the user's literals and patterns): the fit's floor."""
         return self.user_protected[word]
+
+    def forced(self, word: int) -> bool:
+        """Kept by the token stage whatever its scores: mandatory, or a structural span word of a
+        selected context ranked ahead of it (`struct_first`)."""
+        return self.user_protected[word] or (self.struct_first and self.selected and self.struct_protected[word])
 
     def priority(self, word: int) -> tuple[int, int, float, int, int]:
         """Sort key of one word in the global keep order (see the module docstring): (tier, group, key,
@@ -122,6 +133,8 @@ class DocPlan:
             return (0, 0, 0.0)
         if not self.selected:
             return (3, 0, 0.0)
+        if self.struct_first and self.struct_protected[word]:
+            return (0, 1, 0.0)
         sentence = self.sentence_ids[word]
         group = 0 if self.question_sentences is None or sentence in self.question_sentences else 1
         if self.sentence_kept is not None and sentence not in self.sentence_kept:
@@ -185,6 +198,11 @@ class DocPlan:
         tier[user] = 0
         group = np.where(user, 0, group)
         key = np.where(user, 0.0, key)
+        if self.struct_first:
+            struct = np.asarray(self.struct_protected, dtype=bool) & ~user
+            tier[struct] = 0
+            group = np.where(struct, 1, group)
+            key = np.where(struct, 0.0, key)
         return tier, group, key
 
 

@@ -1,6 +1,7 @@
 """Token-level stage: rank the words of each selected context by (question-conditioned) surprisal.
 
-Candidates are the words the sentence filter kept plus the user's literals, joined as the result would
+Candidates are the words the sentence filter kept plus forced words (the user's literals; structural
+spans unless they rank with their context: `DocPlan.forced`), joined as the result would
 join them. They are cut into segments of ~`segment_tokens` scorer tokens. Two pruners share the rest:
 
 - "iterative": segment i is scored with prefix = question + the words kept from segments < i, so
@@ -62,7 +63,7 @@ def _candidates(plan: DocPlan, env: StageEnv) -> _Candidates | None:
     text, out = join_words(plan.text, plan.words, ids)
     num_tokens = env.tokens_of_words(plan, ids, text)
     ratio = min(1.0, plan.keep_ratio * plan.num_tokens / max(1, num_tokens))
-    protected = [plan.mandatory(w) for w in ids]  # structural spans are ranked like their neighbours
+    protected = [plan.forced(w) for w in ids]  # spans ranked with their context are scored like their neighbours
     question_terms = set(terms(env.question)) if env.config.keep_question_terms else set()
     boosted = [bool(question_terms.intersection(terms(plan.text[plan.words[w].start : plan.words[w].end])))
                for w in ids]

@@ -92,10 +92,14 @@ def test_a_structural_span_goes_with_the_sentence_the_budget_cuts(counter: Count
     doc = ("The museum opened its new wing to visitors after a long and careful restoration of the old halls. "
            "About 22939 people work in its medicine divisions across the region today.")
     compressor = _compressor(counter, ranker=None, sentence_ranker=None)
-    result = compressor.compress(doc, budget=Budget(rate=0.5), protect=ProtectionPolicy(numbers=True))
+    with_context = ProtectionPolicy(numbers=True, rank_with_context=True)
+    result = compressor.compress(doc, budget=Budget(rate=0.5), protect=with_context)
     check_result(result, [doc], counter, slack=None)
     assert "22939" not in result.text  # not kept alone, ahead of the words around it
     assert result.text.startswith("The museum opened its new wing")
+    first = compressor.compress(doc, budget=Budget(rate=0.5), protect=ProtectionPolicy(numbers=True))
+    check_result(first, [doc], counter, slack=None)
+    assert first.text.startswith("The museum opened") and first.text.endswith(" 22939")  # by default: kept first
     literal = compressor.compress(doc, budget=Budget(rate=0.5), protect=ProtectionPolicy(literals=("22939",)))
     assert "22939" in literal.text  # a literal the user gave is kept whatever its sentence
 

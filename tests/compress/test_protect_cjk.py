@@ -31,10 +31,29 @@ def test_detectors_find_the_facts_answers_are_made_of() -> None:
     assert _found("plain words only", **{f: True for f in ("numbers", "dates", "urls", "emails")}) == []
 
 
-def test_structural_spans_that_do_not_fit_are_dropped_whole(fast_target: object) -> None:
+def test_structural_spans_that_do_not_fit_are_kept_whole_best_first(fast_target: object) -> None:
     docs = ["Release notes: `make install --prefix=/opt/app` then `make test` and then `make bench` again.",
             "Unrelated filler about weather and trains and libraries and festivals in town."]
     policy = ProtectionPolicy(code_blocks=True)
+    compressor = PromptCompressor(None, fast_target, CompressorConfig(ranker=None, sentence_ranker=None,
+                                                                      token_pruner=None))
+    spans = ("`make install --prefix=/opt/app`", "`make test`", "`make bench`")
+    everything = compressor.compress(docs, budget=Budget(target_tokens=10_000), protect=policy)
+    assert all(s in everything.text for s in spans)
+    # the spans alone need more than this: no error, and each one is kept whole or not at all
+    budget = fast_target.count(spans[0]) + 2  # type: ignore[attr-defined]
+    result = compressor.compress(docs, budget=Budget(target_tokens=budget), protect=policy)
+    check_result(result, docs, fast_target.count, slack=None)  # type: ignore[attr-defined]
+    kept = result.text
+    assert spans[0] in kept  # reading order within the context: the first span fits whole
+    assert "--prefix=/opt/app`" not in kept.replace(spans[0], "")
+    assert ("make bench" in kept) == (spans[2] in kept) and ("`make test`" in kept) == (spans[1] in kept)
+
+
+def test_spans_ranked_with_their_context_that_do_not_fit_are_dropped_whole(fast_target: object) -> None:
+    docs = ["Release notes: `make install --prefix=/opt/app` then `make test` and then `make bench` again.",
+            "Unrelated filler about weather and trains and libraries and festivals in town."]
+    policy = ProtectionPolicy(code_blocks=True, rank_with_context=True)
     compressor = PromptCompressor(None, fast_target, CompressorConfig(ranker=None, sentence_ranker=None,
                                                                       token_pruner=None))
     spans = ("`make install --prefix=/opt/app`", "`make test`", "`make bench`")

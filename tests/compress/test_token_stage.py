@@ -66,14 +66,26 @@ def test_controller_spends_what_mandatory_words_left() -> None:
     assert sum(w.startswith("Cap") for w in kept) >= 45
 
 
+def test_controller_spends_what_structural_spans_kept_first_left() -> None:
+    # protected numbers (kept first, by default) take part of the budget; the controller lands on the plan
+    text = " ".join(f"Cap{i} low {i} more" for i in range(50))
+    config = CompressorConfig(ranker=None, sentence_ranker=None, token_pruner="iterative", segment_tokens=16)
+    result = PromptCompressor(WordScorer(), config=config).compress(
+        text, budget=Budget(target_tokens=100), protect=ProtectionPolicy(numbers=True))
+    kept = words_of(result.text)
+    assert result.num_compressed_tokens == 100
+    assert [w for w in kept if w.isdigit()] == [str(i) for i in range(50)]
+    assert sum(w.startswith("Cap") for w in kept) == 50
+
+
 @pytest.mark.parametrize("pruner", ["iterative", "parallel"])
 def test_structural_spans_are_ranked_by_surprisal_like_their_neighbours(pruner: str) -> None:
-    # inline code is atomic, not privileged: at a budget of the surprising words only, the
+    # ranked with their context, inline code is atomic, not privileged: at a budget of the surprising words only, the
     # unsurprising code spans go, each whole
     text = " ".join(f"Cap{i} low{i}a `low{i}b low{i}c`" for i in range(60))
     config = CompressorConfig(ranker=None, sentence_ranker=None, token_pruner=pruner, segment_tokens=16)
     result = PromptCompressor(WordScorer(), config=config).compress(
-        text, budget=Budget(target_tokens=60), protect=ProtectionPolicy(code_blocks=True))
+        text, budget=Budget(target_tokens=60), protect=ProtectionPolicy(code_blocks=True, rank_with_context=True))
     kept = result.text
     assert result.num_compressed_tokens == 60
     assert sum(w.startswith("Cap") for w in words_of(kept)) >= 54
