@@ -303,3 +303,60 @@ def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_event(transport
         proxy.stop()
         listener.close()
         thread.join(5)
+
+
+def test_the_prompt_is_counted_while_the_upstream_works(caplog: pytest.LogCaptureFixture, transport: str) -> None:
+    """With a tokenizer, the proxy counts the prompt alongside the upstream call: a counter that waits
+    until the upstream has the request still ends up in the headers and `usage.terse` (counting first
+    would time it out). A request that fails upstream leaves no unretrieved error behind."""
+    import threading
+
+    from terse.pipelines.server.app import create_app
+    from terse.pipelines.server.hooks import HookChain
+    from terse.pipelines.server.proxy import ProxyService
+
+    arrived = threading.Event()
+    fail = {"on": False}
+
+    async def chat(request: Request) -> Response:
+        arrived.set()
+        if fail["on"]:
+            return JSONResponse({"error": {"message": "overloaded"}}, 503, headers={"retry-after": "0"})
+        body = await request.json()
+        return JSONResponse({
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        })
+
+    def counter(messages: Any) -> int:
+        waited = arrived.wait(timeout=10)
+        return 1000 * len(messages) + (1 if waited else 0)  # ends in 1: the upstream had it first
+
+    stub = ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+    server_config = ServerConfig()
+    hooks = HookChain((KeepLastUserMessage(),))
+    service = ProxyService(ProxyConfig(upstream_url=f"{stub.url}/v1", retry=FAST_RETRY, transport=transport),
+                           server_config, hooks)
+    service.cheap_counting = False  # as with --tokenizer
+    service.count_prompt_tokens = counter  # type: ignore[method-assign]
+    proxy = ServerThread(create_app(service, server_config, hooks)).start()
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    try:
+        for stream in (False, True):
+            arrived.clear()
+            response = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                                  json={"model": "m", "messages": MESSAGES, "stream": stream})
+            assert response.status_code == 200
+            assert response.headers["x-terse-original-prompt-tokens"] == str(1000 * len(MESSAGES) + 1)
+            assert response.headers["x-terse-sent-prompt-tokens"] == "1001"
+            if not stream:
+                assert response.json()["usage"]["terse"]["saved_prompt_tokens"] == 1000 * (len(MESSAGES) - 1)
+        fail["on"] = True
+        arrived.clear()
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=30)
+        assert response.status_code == 502
+    finally:
+        proxy.stop()
+        stub.stop()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

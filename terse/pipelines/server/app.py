@@ -30,11 +30,11 @@ from starlette.responses import JSONResponse, Response
 from terse.errors import TerseError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, api_error_from, invalid, log_api_error
-from terse.pipelines.server.hooks import HookChain
+from terse.pipelines.server.hooks import HookChain, PromptAccounting, PromptCounter
 from terse.pipelines.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from terse.pipelines.server.metrics import MetricsMiddleware, ServerMetrics
 from terse.pipelines.server.request_body import parse_json_body
-from terse.pipelines.server.schema import parse_chat, parse_completion
+from terse.pipelines.server.schema import ChatRequest, parse_chat, parse_completion
 from terse.pipelines.server.service import ChatService, ClientGoneError, RequestContext
 
 logger = logging.getLogger("terse.server")
@@ -184,6 +184,15 @@ def _add_routes(
         service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
         count, cheap = service.count_prompt_tokens, service.cheap_counting  # cheap: an estimate
         num_original = None
+        if original.text_only and not cheap and service.accounting_alongside:
+            # count the prompts while the hooks rewrite it and while the upstream serves it (the
+            # tokenizer releases the GIL); the mode settles the accounting before it answers
+            counting = asyncio.ensure_future(run_in_threadpool(count, original.prompt_messages()))
+            counting.add_done_callback(_retrieved)
+            sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
+            ctx.pending_accounting = asyncio.ensure_future(_account(hooks, metrics, original, sent, count, counting))
+            ctx.pending_accounting.add_done_callback(_retrieved)
+            return await _answer(service.chat(sent, ctx), ctx)
         if hooks and original.text_only and not cheap:
             # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
             num_original, sent = await asyncio.gather(
@@ -225,6 +234,22 @@ def _add_routes(
         """Endpoints terse does not handle: proxy mode forwards them unchanged, engine mode answers 404."""
         ctx = gate.context(request)
         return await service.passthrough(f"/{path}", await gate.raw_body(request), ctx)
+
+
+async def _account(
+    hooks: HookChain, metrics: ServerMetrics, original: ChatRequest, sent: ChatRequest, count: PromptCounter,
+    counting: asyncio.Future[int],
+) -> PromptAccounting:
+    """A chat request's accounting once the original's count (`counting`) is in; counts the sent prompt."""
+    accounting = await run_in_threadpool(hooks.account, original, sent, count, False, await counting)
+    metrics.account(accounting)
+    return accounting
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Done callback: a request that failed before settling its accounting leaves no unretrieved error."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class EngineService:
     """Serves chat and completions from one Backend. See the module docstring."""
 
     cheap_counting = False  # counting renders the chat template and tokenizes
+    accounting_alongside = False  # the sent prompt's count sizes max_tokens before generation starts
 
     def __init__(
         self, backend: Backend, config: ServerConfig, hooks: HookChain, embedder: EmbeddingService | None = None

@@ -62,6 +62,7 @@ class ProxyService:
         self._upstream = upstream if upstream is not None else make_upstream(config)
         self._tokenizer: Any = None
         self.cheap_counting = config.tokenizer is None
+        self.accounting_alongside = True  # counted while the upstream works; settled before the answer goes out
         if config.tokenizer is not None:
             from terse.backend.openai_tokens import LocalTokenizer
 
@@ -108,6 +109,11 @@ class ProxyService:
         """
         base = self._base_url.removesuffix("/v1") if root else self._base_url
         response = await self._send(method, f"{base}{path}", body, ctx)
+        try:
+            await ctx.settle_accounting()  # counted while the upstream worked: needed for the headers
+        except BaseException:
+            await response.aclose()
+            raise
         media_type = response.headers.get("content-type", "application/json")
         if stream and response.status_code < 400 and media_type.startswith("text/event-stream"):
             return SSEResponse(self._relay(response, ctx), ctx.response_headers(), on_close=response.aclose)

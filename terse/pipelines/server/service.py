@@ -28,6 +28,15 @@ class RequestContext:
     """The client's Authorization header, for a proxy that forwards it upstream."""
     headers: dict[str, str] = field(default_factory=dict)
     """Headers to add to the response."""
+    pending_accounting: asyncio.Future[PromptAccounting] | None = None
+    """The accounting while it is still being counted, alongside the upstream call (a mode with
+    `accounting_alongside`): `settle_accounting` waits for it before anything reads `accounting`."""
+
+    async def settle_accounting(self) -> None:
+        """Wait for accounting counted alongside the upstream call, if any, and make it `accounting`."""
+        if self.pending_accounting is not None:
+            pending, self.pending_accounting = self.pending_accounting, None
+            self.accounting = await pending
 
     def terse_usage(self) -> dict[str, int] | None:
         """The accounting fields added under `usage["terse"]`, when there is accounting."""
@@ -45,6 +54,9 @@ class ChatService(Protocol):
 
     cheap_counting: bool
     """True when `count_prompt_tokens` is cheap enough to run on the event loop (no tokenizer involved)."""
+    accounting_alongside: bool
+    """True when the mode reads a chat request's accounting only once its answer comes back (it calls
+    `RequestContext.settle_accounting` first): the prompt is then counted while the request is served."""
 
     def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """Tokens of the prompt these messages make, as this mode's model reads them (a `PromptCounter`:
