@@ -32,6 +32,7 @@ the hook on those requests. Targets at 4x: <= 35% forwarded, >= 90% kept, EM wit
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -121,7 +122,7 @@ def terse_serve(*flags: str) -> list[str]:
     return [sys.executable, "-m", "terse.pipelines.cli", "serve", "--log-level", "warning", *flags]
 
 
-def run_role(role: str, port: int, kv_blocks: int) -> None:
+def run_role(role: str, port: int, kv_blocks: int, stub_delay_ms: float = 0.0) -> None:
     """Child processes: the engine server over the reference model, or the instant stub upstream."""
     import uvicorn
 
@@ -136,12 +137,13 @@ def run_role(role: str, port: int, kv_blocks: int) -> None:
         backend = load_backend(f"local:{reference_model_path()}", num_kv_blocks=kv_blocks, max_model_len=4096)
         app = engine_app(backend, ServerConfig(served_model_names=(MODEL,)))
     else:
-        app = stub_app()
+        app = stub_app(stub_delay_ms / 1000)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def stub_app() -> Any:
-    """An instant OpenAI-compatible chat endpoint (harness only): a fixed answer with usage."""
+def stub_app(delay_s: float = 0.0) -> Any:
+    """An OpenAI-compatible chat endpoint (harness only): a fixed answer with usage, at once or after
+    `delay_s` (a model's time to answer, without using the CPU)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -153,6 +155,8 @@ def stub_app() -> Any:
 
     async def chat(request: Request) -> JSONResponse:
         await request.body()
+        if delay_s:
+            await asyncio.sleep(delay_s)
         return JSONResponse(answer)
 
     async def health(request: Request) -> JSONResponse:
@@ -289,7 +293,8 @@ def paired_ci95(diffs: list[int]) -> tuple[float, float]:
 def overhead(args: argparse.Namespace, questions: list[Question], data: SplitData) -> dict[str, Any]:
     from terse.models import reference_model_path
 
-    stub, stub_url = spawn([sys.executable, __file__, "--role", "stub"], "stub")
+    stub, stub_url = spawn([sys.executable, __file__, "--role", "stub", "--stub-delay-ms", str(args.stub_delay_ms)],
+                           "stub")
     tokenizer = str(reference_model_path())
     plain, plain_url = spawn(terse_serve("--upstream", f"{stub_url}/v1", "--tokenizer", tokenizer), "proxy")
     squeeze, squeeze_url = spawn(terse_serve("--upstream", f"{stub_url}/v1", "--tokenizer", tokenizer, "--compress",
@@ -512,11 +517,13 @@ def main() -> None:
                              "table: the table of the accuracy run saved in --out, for --first-world/--worlds only")
     parser.add_argument("--unseen", action="store_true", help="profile: clear the caches before each request")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chat_layouts.json")
+    parser.add_argument("--stub-delay-ms", type=float, default=0.0,
+                        help="overhead: the stub upstream answers after this long (a model's time, no CPU)")
     parser.add_argument("--role", choices=["engine", "stub"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
-        run_role(args.role, args.port, args.kv_blocks)
+        run_role(args.role, args.port, args.kv_blocks, args.stub_delay_ms)
         return
     args.ratios = [float(r) for r in args.ratios.split(",")]
     if args.part == "table":
