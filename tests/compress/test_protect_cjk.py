@@ -31,15 +31,24 @@ def test_detectors_find_the_facts_answers_are_made_of() -> None:
     assert _found("plain words only", **{f: True for f in ("numbers", "dates", "urls", "emails")}) == []
 
 
-def test_structural_spans_that_do_not_fit_are_kept_whole_best_first(fast_target: object) -> None:
-    docs = ["Release notes: `make install --prefix=/opt/app` then `make test` and then `make bench` again.",
-            "Unrelated filler about weather and trains and libraries and festivals in town."]
-    policy = ProtectionPolicy(code_blocks=True)
+_RELEASE_NOTES = ["Release notes: `make install --prefix=/opt/app` then `make test` and then `make bench` again.",
+                  "Unrelated filler about weather and trains and libraries and festivals in town."]
+_CODE_SPANS = ("`make install --prefix=/opt/app`", "`make test`", "`make bench`")
+
+
+def _keeping_every_span(fast_target: object, policy: ProtectionPolicy) -> PromptCompressor:
+    """A compressor in reading order (no rankers) that keeps every code span under an ample budget."""
     compressor = PromptCompressor(None, fast_target, CompressorConfig(ranker=None, sentence_ranker=None,
                                                                       token_pruner=None))
-    spans = ("`make install --prefix=/opt/app`", "`make test`", "`make bench`")
-    everything = compressor.compress(docs, budget=Budget(target_tokens=10_000), protect=policy)
-    assert all(s in everything.text for s in spans)
+    everything = compressor.compress(_RELEASE_NOTES, budget=Budget(target_tokens=10_000), protect=policy)
+    assert all(s in everything.text for s in _CODE_SPANS)
+    return compressor
+
+
+def test_structural_spans_that_do_not_fit_are_kept_whole_best_first(fast_target: object) -> None:
+    policy = ProtectionPolicy(code_blocks=True)
+    compressor = _keeping_every_span(fast_target, policy)
+    docs, spans = _RELEASE_NOTES, _CODE_SPANS
     # the spans alone need more than this: no error, and each one is kept whole or not at all
     budget = fast_target.count(spans[0]) + 2  # type: ignore[attr-defined]
     result = compressor.compress(docs, budget=Budget(target_tokens=budget), protect=policy)
@@ -51,14 +60,9 @@ def test_structural_spans_that_do_not_fit_are_kept_whole_best_first(fast_target:
 
 
 def test_spans_ranked_with_their_context_that_do_not_fit_are_dropped_whole(fast_target: object) -> None:
-    docs = ["Release notes: `make install --prefix=/opt/app` then `make test` and then `make bench` again.",
-            "Unrelated filler about weather and trains and libraries and festivals in town."]
     policy = ProtectionPolicy(code_blocks=True, rank_with_context=True)
-    compressor = PromptCompressor(None, fast_target, CompressorConfig(ranker=None, sentence_ranker=None,
-                                                                      token_pruner=None))
-    spans = ("`make install --prefix=/opt/app`", "`make test`", "`make bench`")
-    everything = compressor.compress(docs, budget=Budget(target_tokens=10_000), protect=policy)
-    assert all(s in everything.text for s in spans)
+    compressor = _keeping_every_span(fast_target, policy)
+    docs, spans = _RELEASE_NOTES, _CODE_SPANS
     # spans rank with their context (here: reading order); one that does not fit whole is dropped whole
     budget = fast_target.count(spans[0]) + 2  # type: ignore[attr-defined]
     for target in range(budget - 8, budget + 12):

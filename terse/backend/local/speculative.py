@@ -119,6 +119,17 @@ class SpeculativeSettings:
     (reference model, doc-QA, batch 1) False decoded 1.70x faster than without speculation and True 1.06x
     (most guessed drafts were voided)."""
 
+    @property
+    def accepted_floor(self) -> float:
+        """The floor of accepted tokens per verified step in force: `min_accepted_tokens` when drafting
+        is held, 0 when drafts are built ahead (no held step to repay)."""
+        return 0.0 if self.draft_ahead else self.min_accepted_tokens
+
+    @property
+    def min_draft_len(self) -> int:
+        """Shortest draft worth verifying: one that could reach `accepted_floor` if wholly accepted."""
+        return min(int(self.accepted_floor) + 1, self.num_draft_tokens)
+
     def __post_init__(self) -> None:
         check_choice("speculative.method", self.method, sorted(DRAFTERS))
         check_int("speculative.num_draft_tokens", self.num_draft_tokens, low=1, example=4)
@@ -152,8 +163,6 @@ class AcceptanceControl:
         """Moving average of accepted / proposed (optimistic start: the first drafts are always tried)."""
         self.accepted = float(settings.num_draft_tokens)
         """Moving average of accepted draft tokens per verified step (optimistic start, like `acceptance`)."""
-        self.min_accepted = 0.0 if settings.draft_ahead else settings.min_accepted_tokens
-        """The floor of `accepted`: held drafting pays a step for each draft (`min_accepted_tokens`)."""
         self.num_idle_steps = 0
         """Decode steps left before shadow drafts are tried."""
         self.backoff = settings.backoff_steps
@@ -176,7 +185,7 @@ class AcceptanceControl:
         s = self.settings
         self.acceptance += s.ema_weight * (num_accepted / num_proposed - self.acceptance)
         self.accepted += s.ema_weight * (num_accepted - self.accepted)
-        return self.acceptance >= s.min_acceptance and self.accepted >= self.min_accepted
+        return self.acceptance >= s.min_acceptance and self.accepted >= s.accepted_floor
 
     def update(self, num_proposed: int, num_accepted: int) -> None:
         """A verified step's result."""
@@ -247,9 +256,7 @@ class Speculator:
         """Steps in which nothing drafted because more than `max_batch_size` sequences decoded."""
         self.num_shadow_drafts = 0
         """Shadow drafts judged (sequences on probation; never verified)."""
-        floor = 0.0 if settings.draft_ahead else settings.min_accepted_tokens
-        self.min_draft_len = min(int(floor) + 1, settings.num_draft_tokens)
-        """Shortest draft worth verifying: held drafting skips one that could not reach `min_accepted_tokens`."""
+        self.min_draft_len = settings.min_draft_len
 
     def attach(self, seq: Sequence) -> None:
         """Give a new generating sequence its drafter (indexes the prompt: call on the submitting thread)."""

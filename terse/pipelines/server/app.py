@@ -183,27 +183,21 @@ def _add_routes(
         original = parse_chat(await gate.json_body(request), config)
         service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
         count, cheap = service.count_prompt_tokens, service.cheap_counting  # cheap: an estimate
-        num_original = None
-        if original.text_only and not cheap and service.accounting_alongside:
-            # count the prompts while the hooks rewrite it and while the upstream serves it (the
-            # tokenizer releases the GIL); the mode settles the accounting before it answers
+        counting = None
+        if original.text_only and not cheap:
+            # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
             counting = asyncio.ensure_future(run_in_threadpool(count, original.prompt_messages()))
             counting.add_done_callback(_retrieved)
-            sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
-            ctx.pending_accounting = asyncio.ensure_future(_account(hooks, metrics, original, sent, count, counting))
-            ctx.pending_accounting.add_done_callback(_retrieved)
-            return await _answer(service.chat(sent, ctx), ctx)
-        if hooks and original.text_only and not cheap:
-            # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
-            num_original, sent = await asyncio.gather(
-                run_in_threadpool(count, original.prompt_messages()), run_in_threadpool(hooks.on_request, original)
-            )
-        else:
-            sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
-        if original.text_only:
-            args = (original, sent, count, cheap, num_original)
-            # counting may tokenize a long prompt: off the event loop unless the service says it is cheap
-            ctx.accounting = hooks.account(*args) if cheap else await run_in_threadpool(hooks.account, *args)
+        sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
+        if counting is not None:
+            pending = asyncio.ensure_future(_account(hooks, metrics, original, sent, count, counting))
+            pending.add_done_callback(_retrieved)
+            if service.accounting_alongside:
+                ctx.pending_accounting = pending  # counted while the request is served; settled before the answer
+            else:
+                ctx.accounting = await pending
+        elif original.text_only:  # an estimate: cheap enough for the event loop
+            ctx.accounting = hooks.account(original, sent, count, True)
             metrics.account(ctx.accounting)
         return await _answer(service.chat(sent, ctx), ctx)
 
