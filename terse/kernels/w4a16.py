@@ -7,6 +7,9 @@ its paths for the shape, measured once:
     offset    one 16-bit row: GEMV with offset floats, one small tile at a time (w4a16_gemv_offset)
     stream    one 16-bit row: the offset GEMV with its weight loads kept in flight, through Triton's
               software pipeliner or register double-buffering (w4a16_gemv_stream)
+    column    one 16-bit row: the offset arithmetic over narrow column blocks and several whole groups
+              per step, pipelined, split-K only where the column blocks do not fill the GPU
+              (w4a16_gemv_column)
     dequant   many rows: dequantize the whole weight, then one dense matmul (cuBLAS)
 
 Plans are chosen per (row-count bucket, N, K, group size, scheme, dtype, device): the first product of a
@@ -28,7 +31,7 @@ import torch
 from terse.kernels.checks import interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
-PlanKind = Literal["offset", "stream", "gemv", "gemm", "dequant"]
+PlanKind = Literal["offset", "stream", "column", "gemv", "gemm", "dequant"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Plan:
     def describe(self) -> str:
         return self.kind + "".join(f" {k}={v}" for k, v in self.options)
 
+
+COLUMN_GROUP_SIZES = (16, 32, 64, 128, 256, 512)
+"""Group sizes the column GEMV takes (w4a16_gemv_column.GROUP_SIZES; no triton import here)."""
 
 PlanKey = tuple[str, int, int, int, int, bool, str]
 _PLANS: dict[PlanKey, Plan] = {}
@@ -89,6 +95,11 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor
 
         return launch_gemv_stream(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"],
                                   o["num_stages"], bool(o["prefetch"]))
+    if plan.kind == "column":
+        from terse.kernels.w4a16_gemv_column import launch_gemv_column
+
+        return launch_gemv_column(x, weight, bias, o["block_n"], o["groups"], o["split_k"], o["num_warps"],
+                                  o["num_stages"])
     if plan.kind == "gemv":
         from terse.kernels.w4a16_gemv import launch_gemv
 
@@ -129,6 +140,13 @@ def _stream(block_n: int, block_k: int, warps: int, stages: int, prefetch: int, 
                            ("num_stages", stages), ("prefetch", prefetch)))
 
 
+def _column(block_n: int, groups: int, warps: int, stages: int, weight: Int4Weight, num_sms: int, waves: int) -> Plan:
+    split = _split(-(-weight.out_features // block_n), weight.in_features, groups * weight.group_size, num_sms, waves,
+                   most=64)
+    return Plan("column", (("block_n", block_n), ("groups", groups), ("split_k", split), ("num_warps", warps),
+                           ("num_stages", stages)))
+
+
 def _gemv(block_n: int, block_k: int, warps: int, stages: int, weight: Int4Weight, num_sms: int, waves: int = 2) -> Plan:
     split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms, waves)
     return Plan("gemv", (("block_n", block_n), ("block_k", block_k), ("split_k", split),
@@ -153,6 +171,9 @@ STREAM_TILES = ((256, 128, 8, 3, 0), (256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (5
 """(BLOCK_N, BLOCK_K, warps, stages, prefetch) of the streaming offset GEMV timed for one row of 16-bit
 activations (not yet measured on a GPU: the tuner keeps them only where they beat the plans above; none
 spills registers when compiled for sm_90)."""
+COLUMN_TILES = ((32, 2, 4, 3), (64, 2, 4, 3), (64, 4, 8, 3), (128, 2, 8, 3), (64, 2, 4, 1))
+"""(BLOCK_N, GROUPS, warps, stages) of the column GEMV timed for one row of 16-bit activations with a
+power-of-two group size."""
 GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))
 """(BLOCK_N, BLOCK_K, warps, stages) of the float32 GEMV timed for one row."""
 SKINNY_TILES = {16: ((256, 64, 4, 3), (128, 64, 8, 3)), 32: ((128, 128, 8, 3), (256, 64, 4, 3)),
@@ -170,6 +191,8 @@ def candidate_plans(bucket: int, weight: Int4Weight, num_sms: int) -> list[Plan]
             # latency-bound: on the H200 the largest split tried (2 waves) was the fastest at every shape
             plans = ([_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)]
                      + [_stream(*tile, w, s, waves) for tile in STREAM_TILES for waves in (1, 2, 4)] + plans)
+            if w.group_size in COLUMN_GROUP_SIZES:
+                plans += [_column(*tile, w, s, waves) for tile in COLUMN_TILES for waves in (1, 2, 4)]
         return list(dict.fromkeys(plans))
     if bucket <= 64:
         bm = max(16, bucket)

@@ -29,7 +29,7 @@ import triton.language as tl
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_chunk, split_k_buffers, store_row
 from terse.validation import check_choice
 
 
@@ -95,7 +95,7 @@ def _w4a16_gemv_offset_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,7 +128,8 @@ def _w4a16_gemv_offset_kernel(
             tg = _fma8(tg, words, x0, x1, x2, x3, x4, x5, x6, x7)
         s, z = _group_scale_zero(S, Z, g0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
         acc += s[None, :] * (tg - offset[:, None] - z[None, :] * xsum[:, None])
-    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N,
+              SPLIT_CHUNK)
 
 
 def w4a16_gemv_offset(
@@ -210,6 +211,7 @@ def launch_gemv_offset(
         x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
         weight.out_features, weight.in_features, g.k_per_split, g.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, num_warps=num_warps, num_stages=1,
+        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, SPLIT_CHUNK=split_chunk(block_n, num_warps), EVEN=g.even,
+        num_warps=num_warps, num_stages=1,
     )
     return g.out

@@ -1,0 +1,161 @@
+"""W4A16 GEMV for one 16-bit activation row over narrow column blocks and whole quantization groups:
+the offset-float arithmetic of `w4a16_gemv_offset`, with tiles sized for memory traffic rather than
+for one group.
+
+The offset and streaming GEMVs give each program a wide column block (256-2048 words) and one group of
+K per step, so a one-row product needs split-K over 8-64 programs per column block to fill the GPU,
+and each program streams little before it has to write its partial sums and meet the others. Here a
+program owns BLOCK_N columns (32-128 words, whole 128-byte lines) and steps through K by GROUPS whole
+quantization groups at a time, a [GROUPS, GROUP_SIZE / 8, BLOCK_N] tile of packed words (several KB,
+128-bit loads along N) whose loads Triton's pipeliner keeps NUM_STAGES - 1 tiles ahead. Narrow blocks
+make enough programs without split-K for wide products (gate/up, the LM head); split-K stays available
+for narrow ones. Per tile (g a group of the tile, r a packed row in it, f = 2048 + q or 128 + q):
+
+    acc[g, r, n] += s[g, n] * (sum_j x_j f_j - (2048 sum_even x + 128 sum_odd x) - z[g, n] sum_j x_j)
+
+Group sizes are powers of two from 16 to 512 (the tile's middle axis is a `tl.arange`); a short last
+group and ragged edges are masked. Grid: [N / BLOCK_N, split_k]; `store_row` adds split partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from terse.errors import KernelInputError
+from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
+from terse.kernels.w4a16_gemv_offset import _even, _odd, check_one_16bit_row
+from terse.kernels.w4a16_layout import Int4Weight
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_chunk, split_k_buffers, store_row
+from terse.validation import check_choice
+
+
+@triton.jit
+def _x_rows(X, kr, j: tl.constexpr, rows, MASKED: tl.constexpr):
+    # x[kr + j] as float32, [G, R] (rows past the tile's limit read 0)
+    if MASKED:
+        v = tl.load(X + kr + j, mask=rows, other=0.0)
+    else:
+        v = tl.load(X + kr + j)
+    return v.to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7):
+    # acc [G, R, BN] + sum_j x_j (2048 + q_j or 128 + q_j); x_j [G, R, 1]
+    a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
+    b = words << 4  # nibbles 2, 3
+    c = words >> 4  # nibbles 4, 5
+    d = words >> 12  # nibbles 6, 7
+    acc += x0 * _even(a)
+    acc += x1 * _odd(a)
+    acc += x2 * _even(b)
+    acc += x3 * _odd(b)
+    acc += x4 * _even(c)
+    acc += x5 * _odd(c)
+    acc += x6 * _even(d)
+    acc += x7 * _odd(d)
+    return acc
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _w4a16_gemv_column_kernel(
+    X, QW, S, Z, Bias, Out, WS, Locks,
+    N, K, K_PER_SPLIT, split_k,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_g = tl.arange(0, GROUPS)
+    offs_r = tl.arange(0, ROWS)
+    acc = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    for k0 in tl.range(k_begin, k_end, GROUPS * GROUP_SIZE, num_stages=NUM_STAGES):
+        g = k0 // GROUP_SIZE + offs_g  # [G] the tile's groups
+        kr = k0 + offs_g[:, None] * GROUP_SIZE + offs_r[None, :] * 8  # [G, R] first input row of each word
+        rows = kr < k_end
+        ptrs = QW + (kr // 8).to(tl.int64)[:, :, None] * N + offs_n[None, None, :]
+        s_ptrs = g[:, None] * N + offs_n[None, :]  # [G, BN]
+        if EVEN_K:
+            if EVEN_N:
+                words = tl.load(ptrs)
+                s = tl.load(S + s_ptrs).to(tl.float32)
+            else:
+                words = tl.load(ptrs, mask=n_mask[None, None, :], other=0)
+                s = tl.load(S + s_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        else:
+            groups_in = (g * GROUP_SIZE < k_end)[:, None] & n_mask[None, :]
+            words = tl.load(ptrs, mask=rows[:, :, None] & n_mask[None, None, :], other=0)
+            s = tl.load(S + s_ptrs, mask=groups_in, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            if EVEN_K and EVEN_N:
+                z = tl.load(Z + s_ptrs).to(tl.float32)
+            elif EVEN_K:
+                z = tl.load(Z + s_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            else:
+                z = tl.load(Z + s_ptrs, mask=groups_in, other=0.0).to(tl.float32)
+        else:
+            z = tl.full([GROUPS, BLOCK_N], 8.0, tl.float32)
+        masked: tl.constexpr = not EVEN_K
+        x0, x1 = _x_rows(X, kr, 0, rows, masked), _x_rows(X, kr, 1, rows, masked)
+        x2, x3 = _x_rows(X, kr, 2, rows, masked), _x_rows(X, kr, 3, rows, masked)
+        x4, x5 = _x_rows(X, kr, 4, rows, masked), _x_rows(X, kr, 5, rows, masked)
+        x6, x7 = _x_rows(X, kr, 6, rows, masked), _x_rows(X, kr, 7, rows, masked)
+        even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
+        odd = (x1 + x3) + (x5 + x7)
+        start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
+        acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7)
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N,
+              SPLIT_CHUNK)
+
+
+def w4a16_gemv_column(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *,
+    block_n: int = 64, groups: int = 2, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+) -> torch.Tensor:
+    """x: [1, K] bfloat16 or float16 (permuted when weight.input_perm is set: the caller applies it)
+    -> [1, N] in x's dtype. Each loop step reads `groups` whole quantization groups of `block_n`
+    columns; `split_k` slices K into about that many ranges of whole steps."""
+    check_one_16bit_row("w4a16_gemv_column", x, weight, bias)
+    check_choice("block_n", block_n, (16, 32, 64, 128, 256), error=KernelInputError)
+    check_choice("groups", groups, (1, 2, 4, 8), error=KernelInputError)
+    check_choice("num_stages", num_stages, (1, 2, 3, 4, 5), error=KernelInputError)
+    if weight.group_size not in GROUP_SIZES:
+        raise KernelInputError(
+            f"w4a16_gemv_column takes group sizes {GROUP_SIZES}; got {weight.group_size} (use w4a16_gemv_offset)"
+        )
+    return launch_gemv_column(x, weight, bias, block_n, groups, split_k, num_warps, num_stages)
+
+
+def launch_gemv_column(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, groups: int, split_k: int,
+    num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """`w4a16_gemv_column` without the input checks (for callers that checked once)."""
+    n, k, gs = weight.out_features, weight.in_features, weight.group_size
+    num_n = triton.cdiv(n, block_n)
+    step = groups * gs
+    steps = triton.cdiv(k, step)
+    split_k = max(1, min(split_k, steps)) if num_n <= MAX_SPLIT_TILES else 1
+    k_per_split = triton.cdiv(steps, split_k) * step
+    split_k = triton.cdiv(k, k_per_split)  # no empty slices
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
+    _w4a16_gemv_column_kernel[(num_n, split_k)](
+        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
+        n, k, k_per_split, split_k,
+        GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=split_k > 1, SPLIT_CHUNK=split_chunk(block_n, num_warps),
+        EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
