@@ -167,7 +167,8 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight
 OFFSET_TILES = ((2048, 8, 4), (1024, 8, 2), (1024, 8, 4), (1024, 32, 4), (512, 32, 4))
 """(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
 STREAM_TILES = ((256, 128, 8, 3, 0), (256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (512, 128, 8, 4, 0),
-                (256, 128, 8, 1, 1), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1))
+                (256, 128, 8, 1, 1), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1),
+                (2048, 8, 4, 4, 0), (1024, 16, 4, 4, 0), (1024, 8, 4, 3, 0), (2048, 8, 8, 4, 0), (2048, 8, 4, 1, 1))
 """(BLOCK_N, BLOCK_K, warps, stages, prefetch) of the streaming offset GEMV timed for one row of 16-bit
 activations (not yet measured on a GPU: the tuner keeps them only where they beat the plans above; none
 spills registers when compiled for sm_90)."""

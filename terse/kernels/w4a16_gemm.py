@@ -35,7 +35,7 @@ from terse.kernels.w4a16_dequant import (
     word_scale_zero,
 )
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_chunk, split_k_buffers, store_tile
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_tile
 from terse.validation import check_choice
 
 
@@ -46,7 +46,7 @@ def _w4a16_gemm_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, POST_SCALE: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,7 +112,7 @@ def _w4a16_gemm_kernel(
         out = acc
     tile_id = pid_m * num_pid_n + pid_n
     store_tile(out, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, BLOCK_M, BLOCK_N, SPLIT_CHUNK)
+               HAS_BIAS, USE_SPLIT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -174,7 +174,7 @@ def launch_gemm(
         USE_SPLIT=split_k > 1, GROUP_M=group_m, SWAP_AB=swap_ab, POST_SCALE=post_scale and one_group,
         FAST=fast_unpack(x),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SPLIT_CHUNK=split_chunk(block_m * block_n, num_warps), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

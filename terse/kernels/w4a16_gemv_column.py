@@ -25,9 +25,9 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
-from terse.kernels.w4a16_gemv_offset import _even, _odd, check_one_16bit_row
+from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_chunk, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
 from terse.validation import check_choice
 
 
@@ -42,20 +42,17 @@ def _x_rows(X, kr, j: tl.constexpr, rows, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7):
+def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
     # acc [G, R, BN] + sum_j x_j (2048 + q_j or 128 + q_j); x_j [G, R, 1]
-    a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
-    b = words << 4  # nibbles 2, 3
-    c = words >> 4  # nibbles 4, 5
-    d = words >> 12  # nibbles 6, 7
-    acc += x0 * _even(a)
-    acc += x1 * _odd(a)
-    acc += x2 * _even(b)
-    acc += x3 * _odd(b)
-    acc += x4 * _even(c)
-    acc += x5 * _odd(c)
-    acc += x6 * _even(d)
-    acc += x7 * _odd(d)
+    f0, f1, f2, f3, f4, f5, f6, f7 = offset_floats(words, FAST)
+    acc += x0 * f0
+    acc += x1 * f1
+    acc += x2 * f2
+    acc += x3 * f3
+    acc += x4 * f4
+    acc += x5 * f5
+    acc += x6 * f6
+    acc += x7 * f7
     return acc
 
 
@@ -64,8 +61,8 @@ def _w4a16_gemv_column_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     pid_n = tl.program_id(0)
@@ -111,10 +108,9 @@ def _w4a16_gemv_column_kernel(
         even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
         odd = (x1 + x3) + (x5 + x7)
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
-        acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7)
+        acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N,
-              SPLIT_CHUNK)
+    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv_column(
@@ -154,8 +150,8 @@ def launch_gemv_column(
         x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
         n, k, k_per_split, split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=split_k > 1, SPLIT_CHUNK=split_chunk(block_n, num_warps),
-        EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages,
+        BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=split_k > 1,
+        EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
-from terse.kernels.checks import check_device_for_triton
+from terse.kernels.checks import check_device_for_triton, interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_chunk, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
 from terse.validation import check_choice
 
 
@@ -55,21 +55,57 @@ def _x(X, kr, j: tl.constexpr, mask, EVEN: tl.constexpr):
     return v.to(tl.float32)
 
 
+# One word -> its 8 offset floats in PTX: 4 shifts and 8 LOP3 ((v & mask) | exponent in one instruction).
+# Written in Triton, the mask and the OR compile to two LOP3 each (ptxas does not fuse them here), which
+# made the integer pipe the GEMVs' bottleneck.
+OFFSET_FLOATS_ASM = tl.constexpr("""{
+.reg .b32 a, b, c, d;
+shl.b32 a, $8, 12;
+shl.b32 b, $8, 4;
+shr.u32 c, $8, 4;
+shr.u32 d, $8, 12;
+lop3.b32 $0, a, 0x0000f000, 0x45000000, 0xea;
+lop3.b32 $1, a, 0x000f0000, 0x43000000, 0xea;
+lop3.b32 $2, b, 0x0000f000, 0x45000000, 0xea;
+lop3.b32 $3, b, 0x000f0000, 0x43000000, 0xea;
+lop3.b32 $4, c, 0x0000f000, 0x45000000, 0xea;
+lop3.b32 $5, c, 0x000f0000, 0x43000000, 0xea;
+lop3.b32 $6, d, 0x0000f000, 0x45000000, 0xea;
+lop3.b32 $7, d, 0x000f0000, 0x43000000, 0xea;
+}""")
+
+
 @triton.jit
-def _fma8(acc, words, x0, x1, x2, x3, x4, x5, x6, x7):
+def offset_floats(words, FAST: tl.constexpr):
+    # int32 words -> eight float32 tensors of their shape: nibble j as 2048 + q (j even) or 128 + q (j odd).
+    # FAST: the PTX above (CUDA); else plain Triton with the same values (the interpreter).
+    if FAST:
+        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+            OFFSET_FLOATS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        return (f0.to(tl.float32, bitcast=True), f1.to(tl.float32, bitcast=True),
+                f2.to(tl.float32, bitcast=True), f3.to(tl.float32, bitcast=True),
+                f4.to(tl.float32, bitcast=True), f5.to(tl.float32, bitcast=True),
+                f6.to(tl.float32, bitcast=True), f7.to(tl.float32, bitcast=True))
+    else:
+        a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
+        b = words << 4  # nibbles 2, 3
+        c = words >> 4  # nibbles 4, 5
+        d = words >> 12  # nibbles 6, 7
+        return _even(a), _odd(a), _even(b), _odd(b), _even(c), _odd(c), _even(d), _odd(d)
+
+
+@triton.jit
+def _fma8(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
     # acc [R, BN] + sum_j x_j (2048 + q_j or 128 + q_j) over the eight input rows of each packed row
-    a = words << 12  # nibbles 0, 1 at bits 12..15, 16..19
-    b = words << 4  # nibbles 2, 3
-    c = words >> 4  # nibbles 4, 5
-    d = words >> 12  # nibbles 6, 7
-    acc += x0[:, None] * _even(a)
-    acc += x1[:, None] * _odd(a)
-    acc += x2[:, None] * _even(b)
-    acc += x3[:, None] * _odd(b)
-    acc += x4[:, None] * _even(c)
-    acc += x5[:, None] * _odd(c)
-    acc += x6[:, None] * _even(d)
-    acc += x7[:, None] * _odd(d)
+    f0, f1, f2, f3, f4, f5, f6, f7 = offset_floats(words, FAST)
+    acc += x0[:, None] * f0
+    acc += x1[:, None] * f1
+    acc += x2[:, None] * f2
+    acc += x3[:, None] * f3
+    acc += x4[:, None] * f4
+    acc += x5[:, None] * f5
+    acc += x6[:, None] * f6
+    acc += x7[:, None] * f7
     return acc
 
 
@@ -95,7 +131,8 @@ def _w4a16_gemv_offset_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, EVEN: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -125,11 +162,10 @@ def _w4a16_gemv_offset_kernel(
             odd = (x1 + x3) + (x5 + x7)
             offset += even * 2048.0 + odd * 128.0
             xsum += even + odd
-            tg = _fma8(tg, words, x0, x1, x2, x3, x4, x5, x6, x7)
+            tg = _fma8(tg, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
         s, z = _group_scale_zero(S, Z, g0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
         acc += s[None, :] * (tg - offset[:, None] - z[None, :] * xsum[:, None])
-    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N,
-              SPLIT_CHUNK)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv_offset(
@@ -143,6 +179,12 @@ def w4a16_gemv_offset(
     check_choice("block_n", block_n, (64, 128, 256, 512, 1024, 2048, 4096), error=KernelInputError)
     check_choice("block_k", block_k, (8, 16, 32, 64, 128), error=KernelInputError)
     return launch_gemv_offset(x, weight, bias, block_n, block_k, split_k, num_warps)
+
+
+def fast_offset(x: torch.Tensor) -> bool:
+    """Whether the one-row 16-bit GEMVs unpack through PTX (`offset_floats`): on a CUDA GPU, not in the
+    interpreter."""
+    return x.device.type == "cuda" and not interpreting()
 
 
 def check_one_16bit_row(name: str, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> None:
@@ -211,7 +253,7 @@ def launch_gemv_offset(
         x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
         weight.out_features, weight.in_features, g.k_per_split, g.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, SPLIT_CHUNK=split_chunk(block_n, num_warps), EVEN=g.even,
+        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, FAST=fast_offset(x),
         num_warps=num_warps, num_stages=1,
     )
     return g.out

@@ -28,9 +28,15 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
-from terse.kernels.w4a16_gemv_offset import _fma8, _group_scale_zero, check_one_16bit_row, gemv_launch
+from terse.kernels.w4a16_gemv_offset import (
+    _fma8,
+    _group_scale_zero,
+    check_one_16bit_row,
+    fast_offset,
+    gemv_launch,
+)
 from terse.kernels.w4a16_layout import Int4Weight
-from terse.kernels.w4a16_tiles import split_chunk, store_row
+from terse.kernels.w4a16_tiles import store_row
 from terse.validation import check_choice
 
 
@@ -69,14 +75,14 @@ def _load_tile(X, QW, k0, k_lim, offs_r, offs_n, n_mask, N, MASK_ROWS: tl.conste
 
 
 @triton.jit
-def _tile_sum(words, x0, x1, x2, x3, x4, x5, x6, x7, s, z):
+def _tile_sum(words, x0, x1, x2, x3, x4, x5, x6, x7, s, z, FAST: tl.constexpr):
     # [R, BN] float32: s * (x . (q - z)) over the eight input rows of each packed row; the offsets and
     # zeros start the sum, the eight products are added to them
     even = (x0 + x2) + (x4 + x6)
     odd = (x1 + x3) + (x5 + x7)
     offset = even * 2048.0 + odd * 128.0
     start = -offset[:, None] - z[None, :] * (even + odd)[:, None]
-    return s[None, :] * _fma8(start, words, x0, x1, x2, x3, x4, x5, x6, x7)
+    return s[None, :] * _fma8(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
 
 
 @triton.jit(do_not_specialize=["split_k"])
@@ -84,8 +90,8 @@ def _w4a16_gemv_stream_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr, EVEN: tl.constexpr,
-    PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, EVEN: tl.constexpr,
+    PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,16 +110,15 @@ def _w4a16_gemv_stream_kernel(
             nw, n0, n1, n2, n3, n4, n5, n6, n7 = _load_tile(X, QW, nk, k_end, offs_r, offs_n, n_mask, N, True, EVEN)
             ns, nz = _group_scale_zero(S, Z, tl.minimum(nk, k_end - 1) // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS,
                                        EVEN, BLOCK_N)
-            acc += _tile_sum(w, x0, x1, x2, x3, x4, x5, x6, x7, s, z)
+            acc += _tile_sum(w, x0, x1, x2, x3, x4, x5, x6, x7, s, z, FAST)
             w, x0, x1, x2, x3, x4, x5, x6, x7 = nw, n0, n1, n2, n3, n4, n5, n6, n7
             s, z = ns, nz
     else:
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w, x0, x1, x2, x3, x4, x5, x6, x7 = _load_tile(X, QW, k0, K, offs_r, offs_n, n_mask, N, False, EVEN)
             s, z = _group_scale_zero(S, Z, k0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
-            acc += _tile_sum(w, x0, x1, x2, x3, x4, x5, x6, x7, s, z)
-    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N,
-              SPLIT_CHUNK)
+            acc += _tile_sum(w, x0, x1, x2, x3, x4, x5, x6, x7, s, z, FAST)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
 def w4a16_gemv_stream(
@@ -143,8 +148,7 @@ def launch_gemv_stream(
         x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
         weight.out_features, weight.in_features, g.k_per_split, g.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, SPLIT_CHUNK=split_chunk(block_n, num_warps), EVEN=g.even,
-        PREFETCH=prefetch,
-        NUM_STAGES=stages, num_warps=num_warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, PREFETCH=prefetch,
+        NUM_STAGES=stages, FAST=fast_offset(x), num_warps=num_warps, num_stages=stages,
     )
     return g.out

@@ -11,12 +11,6 @@
 
   One launch per product (no reduction kernel, no memset): the counters reset themselves, so the
   same workspace serves every later launch in stream order, CUDA graph replays included.
-  The last program loads SPLIT_CHUNK partial tiles at a time ([SPLIT_CHUNK, BLOCK_M, BLOCK_N], one
-  memory round trip) and adds the chunks in order: loading one partial tile per loop step made the
-  reduction split_k dependent L2 round trips long, a tail of several microseconds at split 16-32
-  that every column block of a one-row product waits for. `split_chunk` sizes the chunk to the
-  registers a launch can spare; a chunk of 1 is the one-at-a-time loop. The order of the additions
-  depends on the chunk, not on timing: deterministic either way.
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import triton.language as tl
 def store_tile(
     acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
 ):
     # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range; split_k programs
     # share the tile (a runtime count: one compiled kernel serves every split)
@@ -42,18 +35,8 @@ def store_tile(
         arrived = tl.atomic_add(Locks + tile_id, 1, sem="acq_rel")
         if arrived == split_k - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if SPLIT_CHUNK == 1:
-                for s in range(split_k):
-                    total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, mask=rows, other=0.0,
-                                     cache_modifier=".cg")
-            else:
-                offs_s = tl.arange(0, SPLIT_CHUNK)
-                for s0 in range(0, split_k, SPLIT_CHUNK):
-                    ss = s0 + offs_s  # [C] splits of this chunk
-                    ptrs = base + ss.to(tl.int64)[:, None, None] * (BLOCK_M * BLOCK_N) + tile[None, :, :]
-                    part = tl.load(ptrs, mask=(ss < split_k)[:, None, None] & rows[None, :, :], other=0.0,
-                                   cache_modifier=".cg")
-                    total += tl.sum(part, axis=0)
+            for s in range(split_k):
+                total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, mask=rows, other=0.0, cache_modifier=".cg")
             _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
             tl.atomic_xchg(Locks + tile_id, 0)
     else:
@@ -63,11 +46,11 @@ def store_tile(
 @triton.jit
 def store_row(
     acc, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k,
-    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # acc: [BLOCK_N] float32, a one-row GEMV program's partial sum: `store_tile` with M = 1
     store_tile(acc[None, :], Out, Bias, WS, Locks, tl.arange(0, 1), offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N, SPLIT_CHUNK)
+               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
 
 
 @triton.jit
@@ -88,23 +71,6 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 _WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
 MAX_SPLIT_TILES = 1 << 16
 """Most output tiles a split-K launch may have (the size of the per-device lock array)."""
-
-
-REDUCE_REGISTERS = 32
-"""float32 registers per thread the split-K reduction may hold at once (`split_chunk`); 0 reduces one
-partial tile at a time."""
-MAX_SPLIT_CHUNK = 16
-
-
-def split_chunk(tile_elems: int, num_warps: int) -> int:
-    """Partial tiles the last program of a split-K tile loads at once: the largest power of two, at most
-    `MAX_SPLIT_CHUNK`, whose tiles hold about `REDUCE_REGISTERS` floats per thread. It depends on the tile
-    only, not on the split, so one compiled kernel serves every split (a split below the chunk masks
-    the rest of its one load)."""
-    if REDUCE_REGISTERS <= 0:
-        return 1
-    fit = max(1, REDUCE_REGISTERS * 32 * num_warps // max(tile_elems, 1))
-    return min(MAX_SPLIT_CHUNK, 1 << (fit.bit_length() - 1))
 
 
 def split_k_buffers(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,6 @@
-"""The column GEMV (terse/kernels/w4a16_gemv_column.py) and the chunked split-K reduction
-(terse/kernels/w4a16_tiles.py) against the dequantized torch reference under the Triton interpreter:
-ragged N and K, a short last group, tiles of one and several groups, split-K slices of whole steps,
-symmetric and asymmetric, fp16 and bf16, the reduction one partial tile at a time and in chunks."""
+"""The column GEMV (terse/kernels/w4a16_gemv_column.py) against the dequantized torch reference under
+the Triton interpreter: ragged N and K, a short last group, tiles of one and several groups, split-K
+slices of whole steps, symmetric and asymmetric, fp16 and bf16."""
 
 from __future__ import annotations
 
@@ -9,12 +8,8 @@ import pytest
 import torch
 
 from terse.errors import KernelInputError
-from terse.kernels import w4a16_tiles
 from terse.kernels.w4a16 import Plan, candidate_plans, run_plan
-from terse.kernels.w4a16_gemm import w4a16_gemm
 from terse.kernels.w4a16_gemv_column import w4a16_gemv_column
-from terse.kernels.w4a16_gemv_offset import w4a16_gemv_offset
-from terse.kernels.w4a16_tiles import split_chunk
 from tests.kernels.helpers import rel_err
 from tests.kernels.test_w4a16 import TOL, random_weight, reference
 
@@ -63,23 +58,3 @@ def test_column_gemv_rejects_bad_inputs():
         w4a16_gemv_column(torch.randn(1, 64).half(), w, groups=3)
     with pytest.raises(KernelInputError, match="group sizes"):
         w4a16_gemv_column(torch.randn(1, 48).half(), random_weight(48, 16, 24, True, torch.float16))
-
-
-def test_split_chunk_is_a_power_of_two_within_the_register_budget():
-    assert split_chunk(256, 4) == 16  # 32 floats per thread: 16 [256] partial rows at a time
-    assert split_chunk(2048, 4) == 2
-    assert split_chunk(32 * 128, 8) == 2
-    assert split_chunk(1 << 16, 4) == 1
-    assert split_chunk(32, 4) == 16  # at most MAX_SPLIT_CHUNK
-
-
-@pytest.mark.parametrize("registers", [0, 32])
-def test_split_reduction_one_at_a_time_and_chunked_agree_with_the_reference(monkeypatch, registers):
-    monkeypatch.setattr(w4a16_tiles, "REDUCE_REGISTERS", registers)
-    w = random_weight(512, 72, 32, True, torch.float16, seed=3)
-    x1 = torch.randn(1, 512).half()
-    out = w4a16_gemv_offset(x1, w, None, block_n=64, block_k=32, split_k=6)  # 6 slices: a masked chunk of 8
-    assert rel_err(out, reference(x1, w, None)) < TOL[torch.float16]
-    x = torch.randn(20, 512).half()
-    out = w4a16_gemm(x, w, None, block_m=16, block_n=32, block_k=32, split_k=5)
-    assert rel_err(out, reference(x, w, None)) < TOL[torch.float16]
