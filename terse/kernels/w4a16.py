@@ -164,20 +164,18 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight
 
 # Tile sets from launch-free sweeps at the 8B projection shapes on an H200 (bench/w4a16_sweep.py,
 # docs/benchmarks.md): the few shapes within a few percent of the best at every projection.
-OFFSET_TILES = ((2048, 8, 4), (1024, 8, 2), (1024, 8, 4), (1024, 32, 4), (512, 32, 4))
+OFFSET_TILES = ((2048, 8, 4), (1024, 8, 4), (512, 32, 4))
 """(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
-STREAM_TILES = ((256, 128, 8, 3, 0), (256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (512, 128, 8, 4, 0),
-                (256, 128, 8, 1, 1), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1),
-                (2048, 8, 4, 4, 0), (1024, 16, 4, 4, 0), (1024, 8, 4, 3, 0), (2048, 8, 8, 4, 0), (2048, 8, 4, 1, 1))
+STREAM_TILES = ((256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1), (1024, 16, 4, 4, 0))
 """(BLOCK_N, BLOCK_K, warps, stages, prefetch) of the streaming offset GEMV timed for one row of 16-bit
-activations (not yet measured on a GPU: the tuner keeps them only where they beat the plans above; none
-spills registers when compiled for sm_90)."""
-COLUMN_TILES = ((32, 2, 4, 3), (64, 2, 4, 3), (64, 4, 8, 3), (128, 2, 8, 3), (64, 2, 4, 1))
+activations."""
+COLUMN_TILES = ((32, 2, 4, 3), (64, 1, 8, 1), (128, 2, 4, 3), (64, 2, 4, 1), (256, 1, 8, 1), (256, 1, 4, 3))
 """(BLOCK_N, GROUPS, warps, stages) of the column GEMV timed for one row of 16-bit activations with a
 power-of-two group size."""
 GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))
 """(BLOCK_N, BLOCK_K, warps, stages) of the float32 GEMV timed for one row."""
-SKINNY_TILES = {16: ((256, 64, 4, 3), (128, 64, 8, 3)), 32: ((128, 128, 8, 3), (256, 64, 4, 3)),
+SKINNY_TILES = {16: ((256, 64, 4, 3), (128, 64, 8, 3)),
+                32: ((128, 128, 8, 3), (256, 64, 4, 3), (64, 128, 4, 4), (128, 128, 8, 4)),
                 64: ((128, 128, 8, 3), (64, 64, 8, 3))}
 """BLOCK_M -> (BLOCK_N, BLOCK_K, warps, stages) of the swapped GEMM timed for up to 64 rows."""
 
@@ -208,7 +206,7 @@ def heuristic_plan(bucket: int, weight: Int4Weight, num_sms: int) -> Plan:
     """The plan used when nothing was measured (interpreter, CUDA graph capture)."""
     if bucket == 1:
         if weight.scales.dtype in (torch.bfloat16, torch.float16):
-            return _offset(1024, 8, 2, weight, num_sms, 2)
+            return _offset(2048, 8, 4, weight, num_sms, 2)
         return _gemv(128, 128, 4, 3, weight, num_sms)
     if bucket <= 64:
         return _gemm(max(16, bucket), *SKINNY_TILES[max(16, bucket)][0], weight, bucket, num_sms)

@@ -32,13 +32,23 @@ from terse.validation import check_choice
 
 
 @triton.jit
-def _x_rows(X, kr, j: tl.constexpr, rows, MASKED: tl.constexpr):
-    # x[kr + j] as float32, [G, R] (rows past the tile's limit read 0)
+def _x_rows(X, kr, rows, GROUPS: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr):
+    # x[kr + j] for j = 0..7 as eight float32 [G, R, 1] tensors: one 16-byte load per packed row (its
+    # eight inputs are contiguous), then split in registers; rows past the tile's limit read 0
+    ptrs = X + kr[:, :, None] + tl.arange(0, 8)[None, None, :]
     if MASKED:
-        v = tl.load(X + kr + j, mask=rows, other=0.0)
+        xt = tl.load(ptrs, mask=rows[:, :, None], other=0.0).to(tl.float32)  # [G, R, 8]
     else:
-        v = tl.load(X + kr + j)
-    return v.to(tl.float32)[:, :, None]
+        xt = tl.load(ptrs).to(tl.float32)
+    xa, xb = tl.split(tl.reshape(xt, [GROUPS, ROWS, 4, 2]))  # x0 x2 x4 x6 | x1 x3 x5 x7
+    xa0, xa1 = tl.split(tl.reshape(xa, [GROUPS, ROWS, 2, 2]))  # x0 x4 | x2 x6
+    xb0, xb1 = tl.split(tl.reshape(xb, [GROUPS, ROWS, 2, 2]))  # x1 x5 | x3 x7
+    x0, x4 = tl.split(xa0)
+    x2, x6 = tl.split(xa1)
+    x1, x5 = tl.split(xb0)
+    x3, x7 = tl.split(xb1)
+    return (x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None],
+            x4[:, :, None], x5[:, :, None], x6[:, :, None], x7[:, :, None])
 
 
 @triton.jit
@@ -100,11 +110,7 @@ def _w4a16_gemv_column_kernel(
                 z = tl.load(Z + s_ptrs, mask=groups_in, other=0.0).to(tl.float32)
         else:
             z = tl.full([GROUPS, BLOCK_N], 8.0, tl.float32)
-        masked: tl.constexpr = not EVEN_K
-        x0, x1 = _x_rows(X, kr, 0, rows, masked), _x_rows(X, kr, 1, rows, masked)
-        x2, x3 = _x_rows(X, kr, 2, rows, masked), _x_rows(X, kr, 3, rows, masked)
-        x4, x5 = _x_rows(X, kr, 4, rows, masked), _x_rows(X, kr, 5, rows, masked)
-        x6, x7 = _x_rows(X, kr, 6, rows, masked), _x_rows(X, kr, 7, rows, masked)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(X, kr, rows, GROUPS, ROWS, not EVEN_K)
         even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
         odd = (x1 + x3) + (x5 + x7)
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
