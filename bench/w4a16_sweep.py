@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/w4a16_sweep.py --table bench/results/w4a16_sweep.json
 
 Every candidate (tile shape, warps, stages, split-K; the skinny GEMM in both operand orders, the
-GEMVs, including the tuner's one-row offset and streaming GEMVs, dequantize-then-matmul) runs at M = 1 / 8 / 32 / 64 rows on random INT4 weights (group 128,
+GEMVs, including the tuner's one-row offset and column GEMVs, dequantize-then-matmul) runs at M = 1 / 8 / 32 / 64 rows on random INT4 weights (group 128,
 asymmetric, bf16 scales and zeros) and is checked against the float32 product of the same dequantized
 weights, then timed in a CUDA graph of back-to-back calls rotating over weight copies larger than the
 L2 cache (terse/kernels/w4a16_timing.py): the cost of the kernel inside the engine's decode graph.
@@ -82,8 +82,8 @@ def gemm_plans(m: int, n: int, k: int) -> list[dict[str, Any]]:
             split = max(1, min(16, 2 * NUM_SMS // -(-n // bn), k // bk))
             plans.append({"kind": "gemv", "block_n": bn, "block_k": bk, "split_k": 1 << (split.bit_length() - 1),
                           "num_warps": warps, "num_stages": stages})
-    if m == 1:  # the one-row 16-bit kernels exactly as the tuner times them (offset, stream)
-        plans += [p for p in tuner_plans(1, n, k) if p["kind"] in ("offset", "stream")]
+    if m == 1:  # the one-row 16-bit kernels exactly as the tuner times them (offset, column)
+        plans += [p for p in tuner_plans(1, n, k) if p["kind"] in ("offset", "column")]
     if m >= 32:
         plans.append({"kind": "dequant"})
     return plans
@@ -179,7 +179,7 @@ def precompile_jobs() -> list[tuple[str, dict[str, Any]]]:
                 spec = dict(plan)
                 if "split_k" in spec:
                     spec["split_k"] = 2 if spec["split_k"] > 1 else 1
-                for even in ([True, False] if plan["kind"] in ("offset", "stream") else [True]):
+                for even in ([True, False] if plan["kind"] in ("offset", "column") else [True]):
                     key = describe(spec) + f" even={even}"
                     if key not in seen:
                         seen.add(key)

@@ -5,11 +5,9 @@ its paths for the shape, measured once:
               split-K (w4a16_gemm); for skinny products in the swapped form out^T = W^T x^T
     gemv      one row: split-K GEMV with float32 FMAs (w4a16_gemv)
     offset    one 16-bit row: GEMV with offset floats, one small tile at a time (w4a16_gemv_offset)
-    stream    one 16-bit row: the offset GEMV with its weight loads kept in flight, through Triton's
-              software pipeliner or register double-buffering (w4a16_gemv_stream)
     column    one 16-bit row: the offset arithmetic over narrow column blocks and several whole groups
               per step, pipelined, split-K only where the column blocks do not fill the GPU
-              (w4a16_gemv_column)
+              (w4a16_gemv_column; the fastest at every 8B projection on an H200)
     dequant   many rows: dequantize the whole weight, then one dense matmul (cuBLAS)
 
 Plans are chosen per (row-count bucket, N, K, group size, scheme, dtype, device): the first product of a
@@ -31,7 +29,7 @@ import torch
 from terse.kernels.checks import interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
-PlanKind = Literal["offset", "stream", "column", "gemv", "gemm", "dequant"]
+PlanKind = Literal["offset", "column", "gemv", "gemm", "dequant"]
 
 
 @dataclass(frozen=True)
@@ -90,11 +88,6 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor
         from terse.kernels.w4a16_gemv_offset import launch_gemv_offset
 
         return launch_gemv_offset(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"])
-    if plan.kind == "stream":
-        from terse.kernels.w4a16_gemv_stream import launch_gemv_stream
-
-        return launch_gemv_stream(x, weight, bias, o["block_n"], o["block_k"], o["split_k"], o["num_warps"],
-                                  o["num_stages"], bool(o["prefetch"]))
     if plan.kind == "column":
         from terse.kernels.w4a16_gemv_column import launch_gemv_column
 
@@ -133,13 +126,6 @@ def _offset(block_n: int, block_k: int, warps: int, weight: Int4Weight, num_sms:
     return Plan("offset", (("block_n", block_n), ("block_k", block_k), ("split_k", split), ("num_warps", warps)))
 
 
-def _stream(block_n: int, block_k: int, warps: int, stages: int, prefetch: int, weight: Int4Weight, num_sms: int,
-            waves: int) -> Plan:
-    split = _split(-(-weight.out_features // block_n), weight.in_features, block_k, num_sms, waves, most=128)
-    return Plan("stream", (("block_n", block_n), ("block_k", block_k), ("split_k", split), ("num_warps", warps),
-                           ("num_stages", stages), ("prefetch", prefetch)))
-
-
 def _column(block_n: int, groups: int, warps: int, stages: int, weight: Int4Weight, num_sms: int, waves: int) -> Plan:
     split = _split(-(-weight.out_features // block_n), weight.in_features, groups * weight.group_size, num_sms, waves,
                    most=64)
@@ -166,10 +152,7 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight
 # docs/benchmarks.md): the few shapes within a few percent of the best at every projection.
 OFFSET_TILES = ((2048, 8, 4), (1024, 8, 4), (512, 32, 4))
 """(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
-STREAM_TILES = ((256, 128, 4, 3, 0), (256, 64, 4, 4, 0), (128, 128, 4, 1, 1), (512, 64, 8, 1, 1), (1024, 16, 4, 4, 0))
-"""(BLOCK_N, BLOCK_K, warps, stages, prefetch) of the streaming offset GEMV timed for one row of 16-bit
-activations."""
-COLUMN_TILES = ((32, 2, 4, 3), (64, 1, 8, 1), (128, 2, 4, 3), (64, 2, 4, 1), (256, 1, 8, 1), (256, 1, 4, 3))
+COLUMN_TILES = ((32, 2, 4, 3), (128, 2, 4, 3), (32, 2, 4, 1), (64, 1, 8, 1), (512, 1, 8, 3))
 """(BLOCK_N, GROUPS, warps, stages) of the column GEMV timed for one row of 16-bit activations with a
 power-of-two group size."""
 GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))
@@ -188,8 +171,7 @@ def candidate_plans(bucket: int, weight: Int4Weight, num_sms: int) -> list[Plan]
         plans = [_gemv(bn, bk, wp, st, w, s, waves) for bn, bk, wp, st in GEMV_TILES for waves in (1, 2)]
         if w.scales.dtype in (torch.bfloat16, torch.float16):
             # latency-bound: on the H200 the largest split tried (2 waves) was the fastest at every shape
-            plans = ([_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)]
-                     + [_stream(*tile, w, s, waves) for tile in STREAM_TILES for waves in (1, 2, 4)] + plans)
+            plans = [_offset(bn, bk, wp, w, s, waves) for bn, bk, wp in OFFSET_TILES for waves in (1, 2, 4)] + plans
             if w.group_size in COLUMN_GROUP_SIZES:
                 plans += [_column(*tile, w, s, waves) for tile in COLUMN_TILES for waves in (1, 2, 4)]
         return list(dict.fromkeys(plans))

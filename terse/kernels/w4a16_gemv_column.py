@@ -127,7 +127,7 @@ def w4a16_gemv_column(
     -> [1, N] in x's dtype. Each loop step reads `groups` whole quantization groups of `block_n`
     columns; `split_k` slices K into about that many ranges of whole steps."""
     check_one_16bit_row("w4a16_gemv_column", x, weight, bias)
-    check_choice("block_n", block_n, (16, 32, 64, 128, 256), error=KernelInputError)
+    check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     check_choice("groups", groups, (1, 2, 4, 8), error=KernelInputError)
     check_choice("num_stages", num_stages, (1, 2, 3, 4, 5), error=KernelInputError)
     if weight.group_size not in GROUP_SIZES:
