@@ -134,6 +134,47 @@ def test_tool_history_is_written_into_the_prompt(client: openai.OpenAI, served: 
     assert "21 degrees, sunny" in prompt and "You can call these functions" in prompt
 
 
+class _PassThrough:
+    """A hook that changes nothing: with a hook the server accounts for the prompt (x-terse-* headers)."""
+
+    name = "pass"
+
+    def on_request(self, request: Any) -> Any:
+        return request
+
+    def on_response(self, request: Any, result: Any) -> Any:
+        return result
+
+
+def test_tool_prompt_counts_in_the_accounting_and_the_context_check(tiny_model_factory: Callable[..., Path]) -> None:
+    engine = LocalEngine.from_spec(str(tiny_model_factory("llama")), num_kv_blocks=400, max_model_len=2048)
+    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=(MODEL,)), [_PassThrough()])).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        plain = client.chat.completions.with_raw_response.create(model=MODEL, messages=ASK, max_tokens=2, temperature=0)
+        with_tools = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=ASK, tools=[WEATHER_TOOL], max_tokens=2, temperature=0)
+        sent_plain = int(plain.headers["x-terse-sent-prompt-tokens"])
+        sent = int(with_tools.headers["x-terse-sent-prompt-tokens"])
+        usage = with_tools.parse().usage
+        assert usage is not None and usage.model_extra is not None
+        assert sent == usage.model_extra["terse"]["sent_prompt_tokens"]
+        assert sent <= usage.prompt_tokens <= sent + 1  # what the model read (+ BOS)
+        assert sent > sent_plain + 20  # the tool prompt is counted
+        assert int(with_tools.headers["x-terse-saved-prompt-tokens"]) == 0
+        # max_tokens that fits beside the messages alone but not beside the tool prompt: a 400 naming it
+        too_many = 2048 - sent_plain
+        answer = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL], "max_tokens": too_many})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+        assert f"ask for at most {2048 - sent}" in error["message"]
+    finally:
+        server.stop()
+        engine.close()
+
+
 def test_invalid_structured_requests_get_400s_naming_the_problem(served: tuple[str, _Recording]) -> None:
     url = f"{served[0]}/v1/chat/completions"
     bad_schema = {"type": "object", "properties": {"a": {"type": "strin"}}}

@@ -96,8 +96,26 @@ class EngineService:
 
     def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """The chat template over the messages with earlier tool calls written out, as `chat` renders
-        them (the tool prompt of a request with `tools` is not counted)."""
+        them (the tool prompt of a request with `tools` comes on top: `chat` adds it, see `_prompt_tokens`)."""
         return self.backend.count_tokens(self.backend.render_chat(calls_written_out(messages)))
+
+    async def _prompt_tokens(self, prompt: str, ctx: RequestContext, structured: StructuredRequest | None) -> int:
+        """Tokens of the rendered prompt, which size max_tokens. The hooks' accounting already counted the
+        messages; a request with callable tools also carries the tool prompt, so its prompt is counted
+        whole and the tool prompt added to both sides of the accounting (the saving is unchanged; the
+        server's token counters, already updated, leave it out)."""
+        tools = structured is not None and structured.tools is not None
+        if ctx.accounting is not None and not tools:
+            return ctx.accounting.sent_prompt_tokens
+        num_prompt = await run_in_threadpool(self.backend.count_tokens, prompt)
+        if ctx.accounting is not None:
+            extra = num_prompt - ctx.accounting.sent_prompt_tokens
+            ctx.accounting = dataclasses.replace(
+                ctx.accounting,
+                original_prompt_tokens=ctx.accounting.original_prompt_tokens + extra,
+                sent_prompt_tokens=num_prompt,
+            )
+        return num_prompt
 
     def _submit(self, prompt: str | Sequence[int], params: SamplingParams, n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
@@ -126,11 +144,7 @@ class EngineService:
         structured = parse_structured(request.body)  # response_format / tools (structured.py)
         messages = prompt_messages(request.messages, request.body.get("messages"), structured)
         prompt = await run_in_threadpool(self.backend.render_chat, messages)
-        num_prompt = (
-            ctx.accounting.sent_prompt_tokens
-            if ctx.accounting is not None
-            else await run_in_threadpool(self.backend.count_tokens, prompt)
-        )
+        num_prompt = await self._prompt_tokens(prompt, ctx, structured)
         params = fit_params(request.params, request.max_tokens_given, num_prompt, self.backend)
         handles = self._submit(prompt, constrained(params, structured), request.n)
         response_id, created = f"chatcmpl-{ctx.request_id}", int(time.time())
