@@ -152,7 +152,7 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, weight: Int4Weight
 # docs/benchmarks.md): the few shapes within a few percent of the best at every projection.
 OFFSET_TILES = ((2048, 8, 4), (1024, 8, 4), (512, 32, 4))
 """(BLOCK_N, BLOCK_K, warps) of the offset GEMV timed for one row of 16-bit activations."""
-COLUMN_TILES = ((32, 2, 4, 3), (128, 2, 4, 3), (32, 2, 4, 1), (64, 1, 8, 1), (512, 1, 8, 3))
+COLUMN_TILES = ((32, 2, 4, 3), (128, 2, 4, 3), (128, 2, 4, 4), (32, 2, 4, 1), (16, 2, 4, 6))
 """(BLOCK_N, GROUPS, warps, stages) of the column GEMV timed for one row of 16-bit activations with a
 power-of-two group size."""
 GEMV_TILES = ((128, 128, 4, 3), (64, 128, 4, 3))

@@ -129,7 +129,7 @@ def w4a16_gemv_column(
     check_one_16bit_row("w4a16_gemv_column", x, weight, bias)
     check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     check_choice("groups", groups, (1, 2, 4, 8), error=KernelInputError)
-    check_choice("num_stages", num_stages, (1, 2, 3, 4, 5), error=KernelInputError)
+    check_choice("num_stages", num_stages, (1, 2, 3, 4, 5, 6, 7, 8), error=KernelInputError)
     if weight.group_size not in GROUP_SIZES:
         raise KernelInputError(
             f"w4a16_gemv_column takes group sizes {GROUP_SIZES}; got {weight.group_size} (use w4a16_gemv_offset)"
