@@ -47,7 +47,8 @@ TILES = {  # BLOCK_M -> (BLOCK_N, BLOCK_K, warps, stages) of the swapped GEMM
 }
 UNSWAPPED = [(16, 128, 128, 4, 3), (64, 128, 128, 8, 3)]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMV = [(64, 128, 4, 3), (128, 128, 4, 3), (32, 128, 2, 3), (256, 64, 4, 3), (128, 64, 2, 4)]
-COLUMN = [(bn, g, warps, stages) for bn in (32, 64, 128, 256, 512) for g in (1, 2) for warps in (4, 8) for stages in (1, 3)]
+COLUMN = [(bn, g, warps, stages) for bn in (16, 32, 64, 128, 256, 512) for g in (1, 2) for warps in (4, 8)
+          for stages in (1, 3, 6)]
 """(BLOCK_N, GROUPS, warps, stages) of the column GEMV swept at one row (the tuner's COLUMN_TILES came from it)."""
 NUM_SMS = 132
 
@@ -87,7 +88,7 @@ def gemm_plans(m: int, n: int, k: int) -> list[dict[str, Any]]:
     if m == 1:  # the one-row 16-bit kernels exactly as the tuner times them (offset, column), and a column grid
         plans += [p for p in tuner_plans(1, n, k) if p["kind"] in ("offset", "column")]
         for bn, g, warps, stages in COLUMN:
-            for split in sorted({max(1, min(64, waves * NUM_SMS // -(-n // bn))) for waves in (1, 2, 4)}):
+            for split in sorted({max(1, min(64, waves * NUM_SMS // -(-n // bn))) for waves in (0, 1, 2, 4)}):
                 plans.append({"kind": "column", "block_n": bn, "groups": g, "split_k": 1 << (split.bit_length() - 1),
                               "num_warps": warps, "num_stages": stages})
     if m >= 32:
