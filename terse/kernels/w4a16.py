@@ -188,6 +188,8 @@ def heuristic_plan(bucket: int, weight: Int4Weight, num_sms: int) -> Plan:
     """The plan used when nothing was measured (interpreter, CUDA graph capture)."""
     if bucket == 1:
         if weight.scales.dtype in (torch.bfloat16, torch.float16):
+            if weight.group_size in COLUMN_GROUP_SIZES:
+                return _column(*COLUMN_TILES[1], weight, num_sms, 1)
             return _offset(2048, 8, 4, weight, num_sms, 2)
         return _gemv(128, 128, 4, 3, weight, num_sms)
     if bucket <= 64:

@@ -2,14 +2,15 @@
 the offset-float arithmetic of `w4a16_gemv_offset`, with tiles sized for memory traffic rather than
 for one group.
 
-The offset and streaming GEMVs give each program a wide column block (256-2048 words) and one group of
-K per step, so a one-row product needs split-K over 8-64 programs per column block to fill the GPU,
-and each program streams little before it has to write its partial sums and meet the others. Here a
-program owns BLOCK_N columns (32-128 words, whole 128-byte lines) and steps through K by GROUPS whole
-quantization groups at a time, a [GROUPS, GROUP_SIZE / 8, BLOCK_N] tile of packed words (several KB,
-128-bit loads along N) whose loads Triton's pipeliner keeps NUM_STAGES - 1 tiles ahead. Narrow blocks
-make enough programs without split-K for wide products (gate/up, the LM head); split-K stays available
-for narrow ones. Per tile (g a group of the tile, r a packed row in it, f = 2048 + q or 128 + q):
+The offset GEMV gives each program a wide column block (512-2048 words) and one small tile of K per step,
+so a one-row product needs split-K over 8-64 programs per column block to fill the GPU, and each program
+streams little before it has to write its partial sums and meet the others. Here a program owns BLOCK_N
+columns (16-128 packed words) and steps through K by GROUPS whole quantization groups at a time, a
+[GROUPS, GROUP_SIZE / 8, BLOCK_N] tile of packed words (several KB, 128-bit loads along N) whose loads
+Triton's pipeliner keeps NUM_STAGES - 1 tiles ahead. Narrow blocks make enough programs without split-K
+for wide products (gate/up, the LM head); split-K stays available for narrow ones. A packed row's eight
+inputs are contiguous in x and come in one 16-byte load; words unpack through `offset_floats` (PTX on
+the GPU). Per tile (g a group of the tile, r a packed row in it, f = 2048 + q or 128 + q):
 
     acc[g, r, n] += s[g, n] * (sum_j x_j f_j - (2048 sum_even x + 128 sum_odd x) - z[g, n] sum_j x_j)
 

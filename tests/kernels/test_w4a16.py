@@ -158,7 +158,8 @@ def test_matmul_entry_applies_the_input_permutation():
 
 def test_heuristic_plans_by_rows():
     w = random_weight(256, 64, 128, True, torch.float16)
-    assert heuristic_plan(1, w, 132).kind == "offset"
+    assert heuristic_plan(1, w, 132).kind == "column"
+    assert heuristic_plan(1, random_weight(240, 64, 48, True, torch.float16), 132).kind == "offset"  # group 48
     assert heuristic_plan(1, random_weight(256, 64, 128, True, torch.float32), 132).kind == "gemv"
     eight = heuristic_plan(8, w, 132)
     assert eight.kind == "gemm" and dict(eight.options)["swap_ab"] == 1 and dict(eight.options)["block_m"] == 16
