@@ -134,9 +134,10 @@ def _rel(got: Any, want: Any) -> float:
 
 
 def kernel_check_gpu() -> dict[str, float]:
-    """bfloat16 products vs the float32 dequantized product: every candidate plan at the 8B q/k/v shape
-    (group 128, asymmetric: the plans the INT4 engine then picks from, so their compilation is paid here
-    once), and the gemv / gemm / dequant paths at the down_proj shape with group 32, symmetric."""
+    """16-bit products vs the float32 dequantized product: every candidate plan at the 8B q/k/v shape in
+    bfloat16 (group 128, asymmetric: the plans the INT4 engine then picks from, so their compilation is paid
+    here once), the gemv / gemm / dequant paths at the down_proj shape with group 32, symmetric, and every
+    column GEMV tile in float16 and bfloat16, ragged shapes included."""
     import torch
 
     from terse.backend.local.quant.rtn import quantize_weight
@@ -156,6 +157,18 @@ def kernel_check_gpu() -> dict[str, float]:
             plans = candidate_plans(bucket, w, num_sms) if every_plan else [heuristic_plan(bucket, w, num_sms), Plan("dequant")]
             for plan in plans:
                 out[f"{n}x{k}/g{group}-{scheme}/M={m}/{plan.describe()}"] = _rel(run_plan(plan, x, w, None), want)
+    # the one-row column GEMV's tiles in both 16-bit dtypes, also at ragged shapes (N = 200; K = 544 ends inside
+    # a step of two groups of 32)
+    from terse.kernels.w4a16 import COLUMN_TILES, _column
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for (n, k), group, scheme in (((6144, 4096), 128, "asym"), ((200, 512), 128, "asym"), ((6144, 4096), 32, "sym"),
+                                      ((200, 544), 32, "sym")):
+            w = quantize_weight(torch.randn(n, k, device="cuda", generator=gen) * 0.02, group, scheme, dtype)
+            x = torch.randn(1, k, device="cuda", generator=gen).to(dtype)
+            want = x.float() @ dequantize(w, torch.float32)
+            for plan in dict.fromkeys(_column(*tile, w, num_sms, 1) for tile in COLUMN_TILES):
+                out[f"{n}x{k}/g{group}-{scheme}/{dtype}/M=1/{plan.describe()}"] = _rel(run_plan(plan, x, w, None), want)
     worst = max(out.values())
     print(f"[quantization] kernel check: {len(out)} runs, worst relative error {worst:.2e}", flush=True)
     return out
