@@ -163,7 +163,7 @@ def kernel_check_gpu() -> dict[str, float]:
 
     for dtype in (torch.float16, torch.bfloat16):
         for (n, k), group, scheme in (((6144, 4096), 128, "asym"), ((200, 512), 128, "asym"), ((6144, 4096), 32, "sym"),
-                                      ((200, 544), 32, "sym")):
+                                      ((200, 512), 32, "sym"), ((200, 544), 32, "sym")):
             w = quantize_weight(torch.randn(n, k, device="cuda", generator=gen) * 0.02, group, scheme, dtype)
             x = torch.randn(1, k, device="cuda", generator=gen).to(dtype)
             want = x.float() @ dequantize(w, torch.float32)
