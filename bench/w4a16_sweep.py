@@ -93,7 +93,7 @@ def gemm_plans(m: int, n: int, k: int) -> list[dict[str, Any]]:
                               "num_warps": warps, "num_stages": stages})
     if m >= 32:
         plans.append({"kind": "dequant"})
-    return plans
+    return list({describe(plan): plan for plan in plans}.values())  # the grid repeats some tuner plans
 
 
 def describe(plan: dict[str, Any]) -> str:

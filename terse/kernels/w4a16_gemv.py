@@ -21,7 +21,7 @@ from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
 from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import row_launch, store_row, whole_steps_per_split
 from terse.validation import check_choice
 
 
@@ -80,20 +80,13 @@ def launch_gemv(
 ) -> torch.Tensor:
     """`w4a16_gemv` without the input checks (for callers that checked once)."""
     n, k = weight.out_features, weight.in_features
-    num_tiles = triton.cdiv(k, block_k)
-    num_n = triton.cdiv(n, block_n)
-    split_k = max(1, min(split_k, num_tiles)) if num_n <= MAX_SPLIT_TILES else 1
-    k_per_split = triton.cdiv(num_tiles, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # no empty slices
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
-    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
-    _w4a16_gemv_kernel[(num_n, split_k)](
-        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
-        n, k, k_per_split, split_k,
+    k_per_split = whole_steps_per_split(k, block_k, split_k, triton.cdiv(n, block_n))
+    r = row_launch(x, weight, block_n, k_per_split)
+    _w4a16_gemv_kernel[r.grid](
+        x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
+        n, k, k_per_split, r.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=split_k > 1,
+        ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=r.split_k > 1,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
-
+    return r.out

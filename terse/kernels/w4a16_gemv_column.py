@@ -28,7 +28,7 @@ from terse.errors import KernelInputError
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
 from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import row_launch, store_row, whole_steps_per_split
 from terse.validation import check_choice
 
 
@@ -144,21 +144,15 @@ def launch_gemv_column(
 ) -> torch.Tensor:
     """`w4a16_gemv_column` without the input checks (for callers that checked once)."""
     n, k, gs = weight.out_features, weight.in_features, weight.group_size
-    num_n = triton.cdiv(n, block_n)
     step = groups * gs
-    steps = triton.cdiv(k, step)
-    split_k = max(1, min(split_k, steps)) if num_n <= MAX_SPLIT_TILES else 1
-    k_per_split = triton.cdiv(steps, split_k) * step
-    split_k = triton.cdiv(k, k_per_split)  # no empty slices
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
-    zeros = weight.zeros if weight.zeros is not None else weight.scales  # unused when HAS_ZEROS is False
-    _w4a16_gemv_column_kernel[(num_n, split_k)](
-        x, weight.qweight, weight.scales, zeros, bias if bias is not None else out, out, workspace, locks,
-        n, k, k_per_split, split_k,
+    k_per_split = whole_steps_per_split(k, step, split_k, triton.cdiv(n, block_n))
+    r = row_launch(x, weight, block_n, k_per_split)
+    _w4a16_gemv_column_kernel[r.grid](
+        x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
+        n, k, k_per_split, r.split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=split_k > 1,
+        BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
         EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return r.out

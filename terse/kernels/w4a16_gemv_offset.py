@@ -20,8 +20,6 @@ tile of BLOCK_K / 8 packed rows at a time; `store_tile` adds the split partial s
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +27,7 @@ import triton.language as tl
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton, interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
-from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, split_k_buffers, store_row
+from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, row_launch, store_row
 from terse.validation import check_choice
 
 
@@ -197,38 +195,6 @@ def check_one_16bit_row(name: str, x: torch.Tensor, weight: Int4Weight, bias: to
         raise KernelInputError(f"{name} takes bfloat16 or float16 x; got {x.dtype} (use w4a16_gemv)")
 
 
-class GemvLaunch(NamedTuple):
-    """What a one-row GEMV launch needs besides its kernel's own constants."""
-
-    grid: tuple[int, int]
-    """(column blocks, K slices)."""
-    block_k: int
-    """BLOCK_K, shrunk to a divisor of the group size."""
-    k_per_split: int
-    split_k: int
-    out: torch.Tensor
-    """[1, N] in x's dtype."""
-    workspace: torch.Tensor
-    locks: torch.Tensor
-    zeros: torch.Tensor
-    """The weight's zeros, or its scales as a stand-in the kernel does not read (HAS_ZEROS False)."""
-    even: bool
-    """N a multiple of BLOCK_N and K of the group size: no masks."""
-
-
-def gemv_launch(x: torch.Tensor, weight: Int4Weight, block_n: int, block_k: int, split_k: int) -> GemvLaunch:
-    """Grid, split and buffers of a one-row GEMV over `weight` (see `split_range`)."""
-    n, k = weight.out_features, weight.in_features
-    num_n = triton.cdiv(n, block_n)
-    block_k, k_per_split = split_range(k, weight.group_size, block_k, split_k if num_n <= MAX_SPLIT_TILES else 1)
-    split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
-    zeros = weight.zeros if weight.zeros is not None else weight.scales
-    even = n % block_n == 0 and k % weight.group_size == 0
-    return GemvLaunch((num_n, split_k), block_k, k_per_split, split_k, out, workspace, locks, zeros, even)
-
-
 def split_range(k: int, group_size: int, block_k: int, split_k: int) -> tuple[int, int]:
     """(block_k, K per split) for about `split_k` slices: BLOCK_K divides the group; a slice is whole
     groups, or a divisor of one (a multiple of BLOCK_K) when there are more slices than groups."""
@@ -248,12 +214,14 @@ def launch_gemv_offset(
     num_warps: int,
 ) -> torch.Tensor:
     """`w4a16_gemv_offset` without the input checks (for callers that checked once)."""
-    g = gemv_launch(x, weight, block_n, block_k, split_k)
-    _w4a16_gemv_offset_kernel[g.grid](
-        x, weight.qweight, weight.scales, g.zeros, bias if bias is not None else g.out, g.out, g.workspace, g.locks,
-        weight.out_features, weight.in_features, g.k_per_split, g.split_k,
+    n, k = weight.out_features, weight.in_features
+    block_k, k_per_split = split_range(k, weight.group_size, block_k, split_k if triton.cdiv(n, block_n) <= MAX_SPLIT_TILES else 1)
+    r = row_launch(x, weight, block_n, k_per_split)
+    _w4a16_gemv_offset_kernel[r.grid](
+        x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
+        n, k, k_per_split, r.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=g.block_k, USE_SPLIT=g.split_k > 1, EVEN=g.even, FAST=fast_offset(x),
-        num_warps=num_warps, num_stages=1,
+        BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=r.split_k > 1,
+        EVEN=n % block_n == 0 and k % weight.group_size == 0, FAST=fast_offset(x), num_warps=num_warps, num_stages=1,
     )
-    return g.out
+    return r.out

@@ -11,13 +11,18 @@
 
   One launch per product (no reduction kernel, no memset): the counters reset themselves, so the
   same workspace serves every later launch in stream order, CUDA graph replays included.
+- `row_launch` / `whole_steps_per_split`: the grid, K slices and buffers of a one-row GEMV launch.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from terse.kernels.w4a16_layout import Int4Weight
 
 
 @triton.jit
@@ -83,3 +88,38 @@ def split_k_buffers(device: torch.device, numel: int) -> tuple[torch.Tensor, tor
     if workspace is None:
         workspace = _WORKSPACES[(device, size)] = torch.empty(size, dtype=torch.float32, device=device)
     return workspace, locks
+
+
+# -- one-row launches (the GEMVs) ----------------------------------------------------------------------
+class RowLaunch(NamedTuple):
+    """What a one-row GEMV launch needs besides its kernel's own constants."""
+
+    grid: tuple[int, int]
+    """(column blocks, K slices)."""
+    split_k: int
+    """K slices (no empty ones)."""
+    out: torch.Tensor
+    """[1, N] in x's dtype."""
+    workspace: torch.Tensor
+    locks: torch.Tensor
+    zeros: torch.Tensor
+    """The weight's zeros, or its scales as a stand-in the kernel does not read (HAS_ZEROS False)."""
+
+
+def row_launch(x: torch.Tensor, weight: Int4Weight, block_n: int, k_per_split: int) -> RowLaunch:
+    """Grid, split count and buffers of a one-row GEMV over `weight` slicing K every `k_per_split` rows."""
+    n, k = weight.out_features, weight.in_features
+    num_n = triton.cdiv(n, block_n)
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    return RowLaunch((num_n, split_k), split_k, out, workspace, locks, zeros)
+
+
+def whole_steps_per_split(k: int, step: int, split_k: int, num_n: int) -> int:
+    """K per slice for about `split_k` slices of whole steps of `step` rows (one slice when the column
+    blocks alone exceed the lock array)."""
+    steps = triton.cdiv(k, step)
+    split_k = max(1, min(split_k, steps)) if num_n <= MAX_SPLIT_TILES else 1
+    return triton.cdiv(steps, split_k) * step
