@@ -111,6 +111,7 @@ def test_empty_batch() -> None:
         (torch.randn(2, 0), None, "V = 0"),
         (torch.randn(30, 2).t(), None, "last stride"),
         (torch.randn(2, 30), 24, "power of two"),
+        (torch.randn(1, 16 * MAX_CHUNKS + 1), 16, "chunks"),
     ],
 )
 def test_input_errors(logits: torch.Tensor, chunk: int | None, match: str) -> None:
