@@ -2,8 +2,8 @@
 
 `argmax_rows(logits)` equals `torch.argmax(logits, dim=-1)` exactly: the first index of the maximum,
 and NaN counts as larger than everything (the first NaN of a row wins, as in torch); a row of -inf
-gives 0. torch's reduction of one vocabulary-wide row (batch-1 decode) runs in few blocks and takes
-tens of microseconds; here each row is split into chunks over many programs, and the last program of a
+gives 0. torch's reduction of one vocabulary-wide row (batch-1 decode) takes tens of microseconds on
+a GPU, far above the time to read the row; here each row is split into chunks over many programs, and the last program of a
 row to finish reduces the partials:
 
     program (row b, chunk c):  partials[b, c] = (max, first index of it) over its CHUNK elements
