@@ -2,7 +2,8 @@
 
 - `check_kernels`: the fused Triton kernels against their torch references at 8B head shapes, in
   bfloat16 (relative error; the residual add and RoPE are bit-exact with torch's op-by-op rounding),
-  paged decode at batch 64 and at batch 1 over 32K tokens (split-K).
+  paged decode at batch 64 and at batch 1 over 32K tokens (split-K), the vocabulary argmax (exact, ties
+  and NaN included, repeated launches and a CUDA graph replay).
 - `check_engine`: a tiny random Qwen3-style model, engine (CUDA graphs, Triton decode) vs transformers
   `generate` in float32 (greedy identical, the exactness anchor) and bfloat16 (fused kernels; sequences
   identical end to end counted), `score()` vs transformers' log-probabilities.
@@ -68,7 +69,30 @@ def check_kernels(device: torch.device) -> dict[str, Any]:
         lens[0] = max_ctx
         qd = torch.randn(bs, 32, 128, device=device, generator=gen).to(bf16)
         report[name] = _rel(paged_decode_triton(qd, kv, tables, lens), ref.paged_decode_reference(qd.float(), kv.float(), tables, lens))
+    report["argmax_exact"] = _check_argmax(device, gen)
     return report
+
+
+def _check_argmax(device: torch.device, gen: torch.Generator) -> bool:
+    """argmax_rows == torch.argmax at the 8B vocabulary: coarse values (ties across chunks), NaN rows,
+    batch 1 and 64, every dtype, eager launches back to back and a captured graph replayed on new data."""
+    from terse.kernels.argmax import argmax_rows
+
+    exact = True
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows in (1, 64):
+            logits = torch.randint(-40, 40, (rows, 128256), device=device, generator=gen).to(dtype) / 4
+            logits[rows // 2, torch.randint(0, 128256, (3,), device=device, generator=gen)] = float("nan")
+            for _ in range(3):
+                exact &= torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+            static = logits.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = argmax_rows(static)
+            static.copy_(torch.randn(rows, 128256, device=device, generator=gen).to(dtype))
+            graph.replay()
+            exact &= torch.equal(captured, static.argmax(dim=-1))
+    return bool(exact)
 
 
 def check_engine(device: torch.device) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Next-token sampling shared by the local engine and the transformers backend.
 
-Greedy rows take the argmax. Other rows sample from softmax(logits / temperature) restricted to the
+Greedy rows take the argmax (`greedy_ids`: a one-launch Triton kernel on CUDA, torch.argmax elsewhere). Other rows sample from softmax(logits / temperature) restricted to the
 top-p nucleus, by inverse-CDF with one uniform number per row. A row with its own `torch.Generator`
 (a request with a seed) draws its number from it, so its sample does not depend on what else is in
 the batch; rows without a seed share one batched draw.
@@ -26,6 +26,28 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return gen
 
 
+_ARGMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim, exactly `logits.argmax(dim=-1)` (first index of the maximum, NaN largest).
+
+    logits: [B, V]. Returns int64 [B], a new tensor. CUDA rows of a float32/16/bfloat16 tensor with a unit
+    last stride go through `terse.kernels.argmax` (one launch, capturable in a CUDA graph): torch's
+    reduction spends tens of microseconds on one vocabulary-wide row. Anything else takes torch.argmax."""
+    if (
+        logits.device.type == "cuda"
+        and logits.dim() == 2
+        and logits.dtype in _ARGMAX_DTYPES
+        and logits.shape[1] > 0
+        and logits.stride(1) == 1
+    ):
+        from terse.kernels.argmax import argmax_rows  # triton is imported only where it runs
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -37,7 +59,7 @@ def sample_next(
     """
     num_rows = logits.shape[0]
     assert len(params) == num_rows == len(generators), "one SamplingParams and generator per row"
-    out = logits.argmax(dim=-1)  # [B]
+    out = greedy_ids(logits)  # [B]
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return out

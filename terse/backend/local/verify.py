@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from terse.backend.local.staging import to_device_parts
-from terse.backend.sampling import nucleus_probs, row_uniforms
+from terse.backend.sampling import greedy_ids, nucleus_probs, row_uniforms
 from terse.backend.types import SamplingParams
 
 
@@ -82,7 +82,7 @@ def verify(
         ],
         device,
     )
-    tokens = logits.argmax(dim=-1)  # [R]
+    tokens = greedy_ids(logits)  # [R]
     accept = tokens == next_draft  # greedy acceptance; never at a last row (-1)
     if sampled:
         gate_rows = gate.index_select(0, seq_t.index_select(0, sampled_t)) if gate is not None else None
