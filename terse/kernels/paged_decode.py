@@ -139,7 +139,7 @@ def _merge_partials(  # type: ignore[no-untyped-def]
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     # out [GROUP_PAD, D] from the partials of splits 0..active_splits-1, added in split order; the
-    # loads bypass L1 (.cg), which may hold nothing of other programs' stores
+    # loads bypass L1 (.cg): it is not kept coherent with the other multiprocessors' stores
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     for s in range(active_splits):
