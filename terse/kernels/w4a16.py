@@ -26,7 +26,6 @@ from typing import Literal
 
 import torch
 
-from terse.errors import KernelInputError
 from terse.kernels.checks import interpreting
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
@@ -68,73 +67,18 @@ def w4a16_matmul(
         check_w4a16_inputs(x, weight, bias)
     if weight.input_perm is not None:
         x = x.index_select(1, weight.input_perm)  # act-order checkpoints: stored row r multiplies x[:, perm[r]]
-    if x.shape[0] == 0:
+    m = x.shape[0]
+    if m == 0:
         return torch.empty(0, weight.out_features, dtype=x.dtype, device=x.device)
-    return run_plan(_plan(x, weight, bias), x, weight, bias)
-
-
-def _plan(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Plan:
-    """The measured plan of x's bucket (measured now if new), or the heuristic one where nothing can be
-    timed (interpreter, CUDA graph capture). x: [M >= 1, K], already permuted."""
-    bucket = 1 << (x.shape[0] - 1).bit_length()
+    bucket = 1 << (m - 1).bit_length()
     key: PlanKey = (str(x.device), bucket, weight.out_features, weight.in_features, weight.group_size,
                     weight.zeros is not None, str(x.dtype))
     plan = _PLANS.get(key)
     if plan is None:
         if interpreting() or torch.cuda.is_current_stream_capturing():
-            return heuristic_plan(bucket, weight, _num_sms(x.device))
+            return run_plan(heuristic_plan(bucket, weight, _num_sms(x.device)), x, weight, bias)
         plan = _tune(key, x, weight, bias)
-    return plan
-
-
-def _column_options(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> dict[str, int] | None:
-    """The column GEMV's options when x (one 16-bit row) runs that plan, else None."""
-    if x.shape[0] != 1 or x.dtype not in (torch.float16, torch.bfloat16) or weight.input_perm is not None:
-        return None
-    plan = _plan(x, weight, bias)
-    return dict(plan.options) if plan.kind == "column" else None
-
-
-def w4a16_norm_matmul(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: Int4Weight,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(rms_norm(x + residual) * norm_weight) @ W + bias and the new residual stream x + residual, in one
-    launch, for a decode layer's projection that follows a norm; None when the product does not run the
-    column GEMV without split-K (more than one row, float32, act-order, another plan measured faster):
-    the caller norms, then multiplies. x, residual: [1, K] contiguous (residual None: x is the stream);
-    norm_weight: [K] in x's dtype. The normed row is not rounded to x's dtype before the product."""
-    check_w4a16_inputs(x, weight, bias)
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous()):
-        raise KernelInputError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}")
-    if norm_weight.shape != (weight.in_features,) or norm_weight.dtype != x.dtype:
-        raise KernelInputError(f"norm weight {tuple(norm_weight.shape)} {norm_weight.dtype}; expected [{weight.in_features}] {x.dtype}")
-    o = _column_options(x, weight, bias)
-    if o is None or o["split_k"] != 1 or not x.is_contiguous():
-        return None
-    from terse.kernels.w4a16_gemv_column import launch_gemv_column_norm
-
-    return launch_gemv_column_norm(x, residual, norm_weight, eps, weight, bias, o["block_n"], o["groups"],
-                                   o["num_warps"], o["num_stages"])
-
-
-def w4a16_silu_mul_matmul(
-    gate_up: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """(silu(gate) * up) @ W + bias for gate_up = [gate | up] [1, 2K] in one launch (the MLP's down
-    projection), equal to `silu_mul_triton` then the product; None when the product does not run the
-    column GEMV (the caller applies the activation, then multiplies)."""
-    k = weight.in_features
-    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * k or not gate_up.is_contiguous():
-        raise KernelInputError(f"gate_up has shape {tuple(gate_up.shape)}; expected contiguous [M, {2 * k}]")
-    check_w4a16_inputs(gate_up[:, :k], weight, bias)
-    o = _column_options(gate_up[:, :k], weight, bias)
-    if o is None:
-        return None
-    from terse.kernels.w4a16_gemv_column import launch_gemv_column_silu_mul
-
-    return launch_gemv_column_silu_mul(gate_up, weight, bias, o["block_n"], o["groups"], o["split_k"],
-                                       o["num_warps"], o["num_stages"])
+    return run_plan(plan, x, weight, bias)
 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -16,13 +16,6 @@ the GPU). Per tile (g a group of the tile, r a packed row in it, f = 2048 + q or
 
 Group sizes are powers of two from 16 to 512 (the tile's middle axis is a `tl.arange`); a short last
 group and ragged edges are masked. Grid: [N / BLOCK_N, split_k]; `store_row` adds split partial sums.
-
-The elementwise step before a decode layer's projection can ride along, saving its launch:
-
-    INPUT_NORM      q/k/v, gate/up: input rms_norm(x + residual) * w. A program without split-K reads all
-                    of the row anyway, so it adds the squares of h = x + residual as it goes and scales its
-                    sums by 1 / rms(h) at the end; program 0 also writes h, the new residual stream.
-    INPUT_SILU_MUL  down: input silu(gate) * up, formed per program over its own K range.
 """
 
 from __future__ import annotations
@@ -38,51 +31,16 @@ from terse.kernels.w4a16_layout import Int4Weight
 from terse.kernels.w4a16_tiles import row_launch, store_row, whole_steps_per_split
 from terse.validation import check_choice
 
-INPUT_PLAIN, INPUT_NORM, INPUT_SILU_MUL = 0, 1, 2
-"""What a launch multiplies: x itself, rms_norm(x + residual) * weight, or silu(gate) * up (the kernel's INPUT)."""
-
 
 @triton.jit
-def _load8(P, offs, rows, MASKED: tl.constexpr):
-    # P[offs] for offs [G, R, 8] (a packed row's eight inputs: one 16-byte load); rows past the limit read 0
+def _x_rows(X, kr, rows, GROUPS: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr):
+    # x[kr + j] for j = 0..7 as eight float32 [G, R, 1] tensors: one 16-byte load per packed row (its
+    # eight inputs are contiguous), then split in registers; rows past the tile's limit read 0
+    ptrs = X + kr[:, :, None] + tl.arange(0, 8)[None, None, :]
     if MASKED:
-        v = tl.load(P + offs, mask=rows[:, :, None], other=0.0)
+        xt = tl.load(ptrs, mask=rows[:, :, None], other=0.0).to(tl.float32)  # [G, R, 8]
     else:
-        v = tl.load(P + offs)
-    return v
-
-
-@triton.jit
-def _x_tile(X, R, G, ResOut, kr, rows, K, res_limit, INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-            MASKED: tl.constexpr):
-    # The tile's inputs as float32 [G, R, 8] and, for INPUT_NORM, the squares of the normed row's inputs
-    # (h = x + residual, the new residual stream, written by one program; the product takes h * weight and
-    # the row's 1 / rms scales the sums at the end). INPUT_SILU_MUL: x = [gate | up], input silu(gate) * up
-    # rounded as the separate kernel rounds it.
-    offs = kr[:, :, None] + tl.arange(0, 8)[None, None, :]
-    if INPUT == 1:
-        h = _load8(X, offs, rows, MASKED)
-        if HAS_RESIDUAL:
-            h = (h.to(tl.float32) + _load8(R, offs, rows, MASKED).to(tl.float32)).to(h.dtype)
-            tl.store(ResOut + offs, h, mask=offs < res_limit)
-        h32 = h.to(tl.float32)
-        squares = h32 * h32
-        xt = h32 * _load8(G, offs, rows, MASKED).to(tl.float32)
-    elif INPUT == 2:
-        gate = _load8(X, offs, rows, MASKED)
-        g32 = gate.to(tl.float32)
-        act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
-        xt = (act.to(tl.float32) * _load8(X + K, offs, rows, MASKED).to(tl.float32)).to(gate.dtype).to(tl.float32)
-        squares = xt
-    else:
-        xt = _load8(X, offs, rows, MASKED).to(tl.float32)
-        squares = xt
-    return xt, squares
-
-
-@triton.jit
-def _split8(xt, GROUPS: tl.constexpr, ROWS: tl.constexpr):
-    # [G, R, 8] -> x[kr + j] for j = 0..7 as eight [G, R, 1] tensors, split in registers
+        xt = tl.load(ptrs).to(tl.float32)
     xa, xb = tl.split(tl.reshape(xt, [GROUPS, ROWS, 4, 2]))  # x0 x2 x4 x6 | x1 x3 x5 x7
     xa0, xa1 = tl.split(tl.reshape(xa, [GROUPS, ROWS, 2, 2]))  # x0 x4 | x2 x6
     xb0, xb1 = tl.split(tl.reshape(xb, [GROUPS, ROWS, 2, 2]))  # x1 x5 | x3 x7
@@ -111,10 +69,9 @@ def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["split_k"])
 def _w4a16_gemv_column_kernel(
-    X, QW, S, Z, Bias, Out, WS, Locks, R, G, ResOut,
-    N, K, K_PER_SPLIT, split_k, eps,
+    X, QW, S, Z, Bias, Out, WS, Locks,
+    N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
@@ -126,8 +83,6 @@ def _w4a16_gemv_column_kernel(
     offs_g = tl.arange(0, GROUPS)
     offs_r = tl.arange(0, ROWS)
     acc = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
-    sum_squares = tl.zeros([GROUPS, ROWS, 8], dtype=tl.float32)
-    res_limit = K * ((pid_n == 0) & (pid_k == 0)).to(tl.int32)  # program 0 writes the stream: K, others 0
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in tl.range(k_begin, k_end, GROUPS * GROUP_SIZE, num_stages=NUM_STAGES):
@@ -156,17 +111,12 @@ def _w4a16_gemv_column_kernel(
                 z = tl.load(Z + s_ptrs, mask=groups_in, other=0.0).to(tl.float32)
         else:
             z = tl.full([GROUPS, BLOCK_N], 8.0, tl.float32)
-        xt, squares = _x_tile(X, R, G, ResOut, kr, rows, K, res_limit, INPUT, HAS_RESIDUAL, not EVEN_K)
-        if INPUT == 1:
-            sum_squares += squares
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xt, GROUPS, ROWS)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(X, kr, rows, GROUPS, ROWS, not EVEN_K)
         even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
         odd = (x1 + x3) + (x5 + x7)
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
         acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if INPUT == 1:  # one program sees the whole row (no split-K): its 1 / rms scales the sums
-        total = total / tl.sqrt(tl.sum(sum_squares) / K + eps)
     store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
 
@@ -193,51 +143,14 @@ def launch_gemv_column(
     num_warps: int, num_stages: int,
 ) -> torch.Tensor:
     """`w4a16_gemv_column` without the input checks (for callers that checked once)."""
-    return _launch(x, weight, bias, block_n, groups, split_k, num_warps, num_stages, INPUT_PLAIN)
-
-
-def launch_gemv_column_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: Int4Weight,
-    bias: torch.Tensor | None, block_n: int, groups: int, num_warps: int, num_stages: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual) * norm_weight) @ W + bias and the new residual stream x + residual (x itself
-    when residual is None), one launch: every program reads the whole row (no split-K) and scales its sums
-    by the row's 1 / rms; program 0 writes the stream. x, residual: [1, K]; norm_weight: [K]; unchecked."""
-    res_out = torch.empty_like(x) if residual is not None else x
-    out = _launch(x, weight, bias, block_n, groups, 1, num_warps, num_stages, INPUT_NORM,
-                  residual, norm_weight, res_out, eps)
-    return out, res_out
-
-
-def launch_gemv_column_silu_mul(
-    gate_up: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, groups: int, split_k: int,
-    num_warps: int, num_stages: int,
-) -> torch.Tensor:
-    """(silu(gate) * up) @ W + bias for gate_up = [gate | up] [1, 2K], one launch: each program forms the
-    inputs of its K range (rounded as `silu_mul_triton` rounds them, so the result equals the two-launch
-    one). Unchecked."""
-    return _launch(gate_up, weight, bias, block_n, groups, split_k, num_warps, num_stages, INPUT_SILU_MUL)
-
-
-
-def _launch(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, groups: int, split_k: int,
-    num_warps: int, num_stages: int, kind: int, residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None, res_out: torch.Tensor | None = None, eps: float = 0.0,
-) -> torch.Tensor:
     n, k, gs = weight.out_features, weight.in_features, weight.group_size
     step = groups * gs
     k_per_split = whole_steps_per_split(k, step, split_k, triton.cdiv(n, block_n))
     r = row_launch(x, weight, block_n, k_per_split)
-    if kind == INPUT_NORM and r.split_k != 1:
-        raise KernelInputError(f"a normed input needs one program per column block over all of K; got split_k={r.split_k}")
     _w4a16_gemv_column_kernel[r.grid](
         x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
-        residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        res_out if res_out is not None else x,
-        n, k, k_per_split, r.split_k, eps,
+        n, k, k_per_split, r.split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        INPUT=kind, HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
         EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
         num_warps=num_warps, num_stages=num_stages,

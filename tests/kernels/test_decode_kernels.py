@@ -1,7 +1,6 @@
 """The engine's fused per-layer Triton kernels against their torch references (Triton's CPU
 interpreter, small shapes): residual add + RMSNorm, RoPE + KV write, SiLU-and-multiply, paged decode
-(split-K and single-split, ragged contexts, GQA ratios, stale pool contents, the in-launch merge and its
-self-resetting counters)."""
+(split-K and single-split, ragged contexts, GQA ratios, stale pool contents)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from terse.kernels.decode_reference import (
     silu_mul_reference,
 )
 from terse.kernels.norm import add_rms_norm_triton
-from terse.kernels.paged_decode import choose_num_splits, paged_decode_triton, split_counters
+from terse.kernels.paged_decode import choose_num_splits, paged_decode_triton
 from terse.kernels.rope_store import rope_store_triton
 
 DTYPES = [torch.float32, torch.float16]  # bf16 on the GPU (bench/engine.py): the interpreter truncates bf16
@@ -96,61 +95,11 @@ def test_paged_decode(num_heads: int, num_kv_heads: int, head_dim: int, num_spli
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 16), (8, 1, 32), (3, 3, 16)])
-def test_paged_decode_merges_active_splits_in_one_launch(
-    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
-) -> None:
-    gen = torch.Generator().manual_seed(7 * num_heads + head_dim)
-    num_seqs, width, block_size = 5, 32, 16  # 512 tokens a table: 8 tiles of 64
-    kv = torch.randn(2, 1 + num_seqs * width, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    kv[:, 0] = float("nan")  # stale: listed past every context, never read
-    q = torch.randn(num_seqs, num_heads, head_dim, generator=gen).to(dtype)
-    tables = (1 + torch.randperm(num_seqs * width, generator=gen)).view(num_seqs, width)
-    # active splits at one tile a split, 8 splits: 1, 1, 2, 5, 8 (one launch mixes direct writes and merges)
-    context_lens = torch.tensor([1, 64, 65, 300, 512])
-    tables[0, 1:] = 0
-    tables[3, 19:] = 0
-    want = paged_decode_reference(q.float(), kv.float(), tables, context_lens).to(dtype)
-    counters = split_counters(q.device, num_seqs * num_kv_heads)
-    outs = [paged_decode_triton(q, kv, tables, context_lens, num_splits=8, min_tiles_per_split=1) for _ in range(3)]
-    assert not counters.any()  # the last program of each merge reset its counter
-    torch.testing.assert_close(outs[0], want, **tol(dtype))
-    for again in outs[1:]:  # counters reset: later launches merge the same way, bit for bit
-        assert torch.equal(again, outs[0])
-
-
-def test_paged_decode_split_size_only_moves_rounding() -> None:
-    gen = torch.Generator().manual_seed(11)
-    kv = torch.randn(2, 33, 16, 2, 32, generator=gen)
-    q = torch.randn(2, 4, 32, generator=gen)
-    tables = (1 + torch.randperm(32, generator=gen)).view(2, 16)
-    context_lens = torch.tensor([256, 97])  # 4 and 2 tiles
-    want = paged_decode_reference(q, kv, tables, context_lens)
-    for min_tiles in (1, 2, 3, 4, 5):  # 4, 2, 2, 1, 1 active splits of the longer context
-        got = paged_decode_triton(q, kv, tables, context_lens, num_splits=4, min_tiles_per_split=min_tiles)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert not split_counters(q.device, 2 * 2).any()
-
-
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
-def test_min_tiles_per_split_must_be_a_positive_int(bad: object) -> None:
-    q, kv = torch.zeros(1, 2, 16), torch.zeros(2, 2, 16, 1, 16)
-    with pytest.raises(ValueError, match="min_tiles_per_split"):
-        paged_decode_triton(q, kv, torch.zeros(1, 1, dtype=torch.int64), torch.tensor([1]),
-                            min_tiles_per_split=bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="min_tiles_per_split"):
-        choose_num_splits(1, 1, 8, 16, torch.device("cpu"), bad)  # type: ignore[arg-type]
-
-
 def test_num_splits_fill_the_device_and_stay_powers_of_two() -> None:
     cpu = torch.device("cpu")  # 4 "multiprocessors" off the GPU
     assert choose_num_splits(1, 1, 256, 16, cpu) == 8
     assert choose_num_splits(64, 8, 256, 16, cpu) == 1
     assert choose_num_splits(1, 1, 4, 16, cpu) == 1  # 64 tokens: one tile, one split
-    assert choose_num_splits(1, 1, 8, 16, cpu) == 1  # 2 tiles: one split of the default 2 tiles
-    assert choose_num_splits(1, 1, 8, 16, cpu, 1) == 2  # ... or two of one tile
-    assert choose_num_splits(1, 1, 256, 16, cpu, 16) == 4  # 64 tiles: at most 4 splits of 16
 
 
 def test_paged_decode_reference_equals_dense_attention() -> None:

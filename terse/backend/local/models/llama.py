@@ -12,10 +12,6 @@ The residual stream travels beside the hidden states so each norm can fuse the a
     layer i:  h, res = norm(h + res)     (layer 0: h, res = norm(embed), embed)
               h = attention(h);  h, res = norm(h + res);  h = mlp(h)
     final:    out, _ = norm(h + res)
-
-An INT4 projection of a single row (batch-1 decode on CUDA) takes the norm before it, or the SiLU-and-
-multiply before the down projection, into its own kernel (`norm_project`, `Int4Linear.silu_mul_forward`):
-a layer then launches three kernels fewer.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from torch import nn
 from terse.backend.local.attention import AttentionPlan
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.ops import LayerOps, TorchOps
-from terse.backend.local.quant.modules import Int4Linear
 from terse.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -188,19 +183,6 @@ def _split_into(
                 state[f"{prefix}{name}.{kind}"] = part
 
 
-def norm_project(
-    proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, ops: LayerOps
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(proj(norm(x + residual)), x + residual). An INT4 projection of one row takes the norm into its
-    product (one launch instead of two) where its kernel allows; otherwise `ops.rms_norm`, then `proj`."""
-    if isinstance(proj, Int4Linear):
-        fused = proj.norm_forward(x, residual, norm.weight, norm.eps)
-        if fused is not None:
-            return fused
-    h, residual = ops.rms_norm(x, residual, norm.weight, norm.eps)
-    return proj(h), residual
-
-
 class RMSNorm(nn.Module):
     """The norm's weight and epsilon; the math is the model's `ops.rms_norm`."""
 
@@ -230,18 +212,12 @@ class Attention(nn.Module):
         self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, ops: LayerOps, rope: Any,
-        kv: KVCachePool, attn: AttentionPlan,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over norm(x + residual). -> (its output [T, hidden], the residual stream x + residual)."""
+    def forward(self, x: torch.Tensor, ops: LayerOps, rope: Any, kv: KVCachePool, attn: AttentionPlan) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
-            qkv, residual = norm_project(self.qkv_proj, x, residual, norm, ops)
-            q_flat, k_flat, v_flat = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+            q_flat, k_flat, v_flat = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         else:
-            x, residual = ops.rms_norm(x, residual, norm.weight, norm.eps)
             q_flat, k_flat, v_flat = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q_flat.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k_flat.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
@@ -252,7 +228,7 @@ class Attention(nn.Module):
         layer_kv = kv.layer(self.layer_index)
         q, k = ops.rope_store(rope, q, k, v, layer_kv, attn.slot_mapping)  # writes k, v into the pool
         out = attn.attend(q, k, v, layer_kv, self.layer_index)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), residual
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -268,19 +244,10 @@ class MLP(nn.Module):
         self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, ops: LayerOps
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP of norm(x + residual). -> (its output, the residual stream x + residual)."""
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_up, residual = norm_project(self.gate_up_proj, x, residual, norm, ops)
-            if isinstance(self.down_proj, Int4Linear):
-                fused = self.down_proj.silu_mul_forward(gate_up)
-                if fused is not None:
-                    return fused, residual
-            return self.down_proj(ops.silu_mul(gate_up)), residual
-        x, residual = ops.rms_norm(x, residual, norm.weight, norm.eps)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), residual
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -297,8 +264,11 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, hidden] (the previous layer's output, or the embeddings); residual: the stream before
         it (None at layer 0). -> (this layer's MLP output, the residual stream before it)."""
-        h, residual = self.self_attn(x, residual, self.input_layernorm, ops, rope, kv, attn)
-        return self.mlp(h, residual, self.post_attention_layernorm, ops)
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = ops.rms_norm(x, residual, norm1.weight, norm1.eps)
+        h = self.self_attn(h, ops, rope, kv, attn)
+        h, residual = ops.rms_norm(h, residual, norm2.weight, norm2.eps)
+        return self.mlp(h, ops), residual
 
 
 class DecoderStack(nn.Module):

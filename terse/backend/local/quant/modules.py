@@ -14,12 +14,6 @@ from torch import nn
 from terse.kernels.w4a16_layout import Int4Weight, dequantize, w4a16_reference
 
 
-def kernels_run_on(x: torch.Tensor) -> bool:
-    """Whether products of x run terse's Triton kernels (CUDA) rather than the torch reference; the
-    one place tests widen to Triton's CPU interpreter."""
-    return x.is_cuda
-
-
 class Int4Linear(nn.Module):
     """y = x @ W + bias with W stored as INT4 (terse's layout): x [..., K] -> [..., N]."""
 
@@ -49,7 +43,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if kernels_run_on(x2):
+        if x2.is_cuda:
             from terse.kernels.w4a16 import w4a16_matmul
 
             if x2.dtype != self.scales.dtype or x2.stride(1) != 1:
@@ -59,27 +53,6 @@ class Int4Linear(nn.Module):
         else:
             out = w4a16_reference(x2, self.int4, self.bias)
         return out.view(*lead, self.out_features)
-
-    def norm_forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(rms_norm(x + residual) * norm_weight), x + residual) in one launch where the product
-        allows it (one 16-bit row on CUDA whose measured plan is the column GEMV without split-K), else
-        None: the caller norms, then calls the layer. x, residual: [1, K]."""
-        if not kernels_run_on(x) or x.shape[0] != 1 or x.dtype != self.scales.dtype:
-            return None
-        from terse.kernels.w4a16 import w4a16_norm_matmul
-
-        return w4a16_norm_matmul(x, residual, norm_weight, eps, self.int4, self.bias)
-
-    def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """self(silu(gate) * up) for gate_up = [gate | up] [1, 2K] in one launch where the product allows
-        it (one 16-bit row on CUDA running the column GEMV), else None."""
-        if not kernels_run_on(gate_up) or gate_up.shape[0] != 1 or gate_up.dtype != self.scales.dtype:
-            return None
-        from terse.kernels.w4a16 import w4a16_silu_mul_matmul
-
-        return w4a16_silu_mul_matmul(gate_up, self.int4, self.bias)
 
     def extra_repr(self) -> str:
         scheme = "sym" if self.zeros is None else "asym"
