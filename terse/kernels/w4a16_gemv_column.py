@@ -26,12 +26,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
-from terse.kernels.w4a16_gemv_offset import (
-    check_one_16bit_row,
-    fast_offset,
-    offset_floats,
-    wide_offset_floats,
-)
+from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
 from terse.kernels.w4a16_tiles import row_launch, store_row, whole_steps_per_split
 from terse.validation import check_choice
@@ -58,12 +53,9 @@ def _x_rows(X, kr, rows, GROUPS: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
-def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr, WIDE: tl.constexpr):
-    # acc [G, R, BN] + sum_j x_j f_j, f_j an offset float of nibble j; x_j [G, R, 1]
-    if WIDE:
-        f0, f1, f2, f3, f4, f5, f6, f7 = wide_offset_floats(words, FAST)
-    else:
-        f0, f1, f2, f3, f4, f5, f6, f7 = offset_floats(words, FAST)
+def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
+    # acc [G, R, BN] + sum_j x_j (2048 + q_j or 128 + q_j); x_j [G, R, 1]
+    f0, f1, f2, f3, f4, f5, f6, f7 = offset_floats(words, FAST)
     acc += x0 * f0
     acc += x1 * f1
     acc += x2 * f2
@@ -82,7 +74,6 @@ def _w4a16_gemv_column_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
-    WIDE: tl.constexpr,
 ):
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     pid_n = tl.program_id(0)
@@ -121,16 +112,10 @@ def _w4a16_gemv_column_kernel(
         else:
             z = tl.full([GROUPS, BLOCK_N], 8.0, tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(X, kr, rows, GROUPS, ROWS, not EVEN_K)
-        if WIDE:  # the offsets of the three classes of `wide_offset_floats`
-            c32768 = (x0 + x2) + x5  # [G, R, 1]
-            c2048 = (x1 + x3) + x6
-            c128 = x4 + x7
-            start = -((c32768 * 32768.0 + c2048 * 2048.0) + c128 * 128.0) - z[:, None, :] * ((c32768 + c2048) + c128)
-        else:
-            even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
-            odd = (x1 + x3) + (x5 + x7)
-            start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
-        acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST, WIDE)
+        even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
+        odd = (x1 + x3) + (x5 + x7)
+        start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
+        acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
 
@@ -168,7 +153,6 @@ def launch_gemv_column(
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
         EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
-        WIDE=x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return r.out

@@ -92,51 +92,6 @@ def offset_floats(words, FAST: tl.constexpr):
         return _even(a), _odd(a), _even(b), _odd(b), _even(c), _odd(c), _even(d), _odd(d)
 
 
-# Three classes of offset float for bfloat16 rows: a nibble at bits 8..11 of 32768.0 (unit in the last
-# place 2**-8) gives 32768 + q, so the word itself holds three nibbles in place (bits 8..19) and two shifts
-# bring the other five there: 2 shifts and 8 LOP3 per word instead of 4 and 8. The 32768 class cancels
-# about 2**-24 * 32768 / 8 relative per word (~3e-4 on a product, an eighth of bfloat16's rounding; float16
-# rows, rounded 8x finer, keep `offset_floats`). Classes: 32768 + q for nibbles 0, 2, 5; 2048 + q for
-# 1, 3, 6; 128 + q for 4, 7.
-WIDE_OFFSET_FLOATS_ASM = tl.constexpr("""{
-.reg .b32 a, c;
-shl.b32 a, $8, 8;
-shr.u32 c, $8, 12;
-lop3.b32 $0, a, 0x00000f00, 0x47000000, 0xea;
-lop3.b32 $1, a, 0x0000f000, 0x45000000, 0xea;
-lop3.b32 $2, $8, 0x00000f00, 0x47000000, 0xea;
-lop3.b32 $3, $8, 0x0000f000, 0x45000000, 0xea;
-lop3.b32 $4, $8, 0x000f0000, 0x43000000, 0xea;
-lop3.b32 $5, c, 0x00000f00, 0x47000000, 0xea;
-lop3.b32 $6, c, 0x0000f000, 0x45000000, 0xea;
-lop3.b32 $7, c, 0x000f0000, 0x43000000, 0xea;
-}""")
-
-
-@triton.jit
-def _wide(v):
-    # the nibble at bits 8..11 of v -> 32768 + q
-    return ((v & 0xF00) | 0x47000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def wide_offset_floats(words, FAST: tl.constexpr):
-    # int32 words -> eight float32 tensors of their shape: nibble j as 32768 + q (j = 0, 2, 5),
-    # 2048 + q (j = 1, 3, 6) or 128 + q (j = 4, 7). FAST: the PTX above; else plain Triton, same values.
-    if FAST:
-        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
-            WIDE_OFFSET_FLOATS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8, is_pure=True,
-            pack=1)
-        return (f0.to(tl.float32, bitcast=True), f1.to(tl.float32, bitcast=True),
-                f2.to(tl.float32, bitcast=True), f3.to(tl.float32, bitcast=True),
-                f4.to(tl.float32, bitcast=True), f5.to(tl.float32, bitcast=True),
-                f6.to(tl.float32, bitcast=True), f7.to(tl.float32, bitcast=True))
-    else:
-        a = words << 8  # nibbles 0, 1 at bits 8..11, 12..15
-        c = words >> 12  # nibbles 5, 6, 7 at bits 8..11, 12..15, 16..19
-        return _wide(a), _even(a), _wide(words), _even(words), _odd(words), _wide(c), _even(c), _odd(c)
-
-
 @triton.jit
 def _fma8(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
     # acc [R, BN] + sum_j x_j (2048 + q_j or 128 + q_j) over the eight input rows of each packed row

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.w4a16 import Plan, candidate_plans, run_plan
 from terse.kernels.w4a16_gemv_column import w4a16_gemv_column
-from terse.kernels.w4a16_gemv_offset import wide_offset_floats
 from tests.kernels.helpers import rel_err
 from tests.kernels.test_w4a16 import TOL, random_weight, reference
 
@@ -61,29 +58,3 @@ def test_column_gemv_rejects_bad_inputs():
         w4a16_gemv_column(torch.randn(1, 64).half(), w, groups=3)
     with pytest.raises(KernelInputError, match="group sizes"):
         w4a16_gemv_column(torch.randn(1, 48).half(), random_weight(48, 16, 24, True, torch.float16))
-
-
-@triton.jit
-def _unpack_wide(W, Out, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    f0, f1, f2, f3, f4, f5, f6, f7 = wide_offset_floats(tl.load(W + offs), False)
-    row = Out + offs * 8
-    tl.store(row, f0)
-    tl.store(row + 1, f1)
-    tl.store(row + 2, f2)
-    tl.store(row + 3, f3)
-    tl.store(row + 4, f4)
-    tl.store(row + 5, f5)
-    tl.store(row + 6, f6)
-    tl.store(row + 7, f7)
-
-
-def test_wide_offset_floats_hold_each_nibble_above_its_class_offset():
-    """bfloat16 rows unpack a word into three classes of offset float (32768 + q, 2048 + q, 128 + q); the
-    plain Triton path (the interpreter's) gives the values the PTX one is checked against on the GPU."""
-    words = torch.randint(-(2**31), 2**31 - 1, (64,), dtype=torch.int64).to(torch.int32)
-    out = torch.empty(64, 8)
-    _unpack_wide[(1,)](words, out, N=64)
-    nibbles = torch.stack([(words.long() >> (4 * j)) & 0xF for j in range(8)], dim=1).float()
-    offsets = torch.tensor([32768.0, 2048.0, 32768.0, 2048.0, 128.0, 32768.0, 2048.0, 128.0])
-    assert torch.equal(out - offsets, nibbles)
