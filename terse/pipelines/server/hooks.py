@@ -163,14 +163,16 @@ class HookChain:
         self,
         original: ChatRequest,
         sent: ChatRequest,
-        count: PromptCounter,
+        count: PromptCounter | MessagesCounter,
         estimated: bool = False,
         num_original: int | None = None,
     ) -> PromptAccounting:
         """Count both prompts as they go upstream (`ChatRequest.prompt_messages`, tool calls included,
         with the request's tool definitions, `ChatRequest.prompt_tools`) with `count` (`estimated`: it is
         not the model's tokenizer); counts once when the hooks changed nothing; `num_original`: the
-        original's count, when already made. The hooks' notes (`sent.notes`) travel along."""
+        original's count, when already made (a counter of messages alone counts the tools as one more
+        message, `counting_tools`). The hooks' notes (`sent.notes`) travel along."""
+        count = counting_tools(count)
         before, after = original.prompt_messages(), sent.prompt_messages()
         tools_before, tools_after = original.prompt_tools(), sent.prompt_tools()
         if num_original is None:
