@@ -42,6 +42,7 @@ from terse.backend.tokenization import (
     encode_prompt,
     eos_token_ids,
     load_tokenizer,
+    num_added_tokens,
     render_chat_template,
 )
 from terse.backend.types import (
@@ -148,6 +149,11 @@ class HFBackend(BackendBase):
 
     def encode(self, text: str) -> list[int]:
         return encode_plain(self.tokenizer, text)
+
+    def num_added_tokens(self, prompt: str) -> int:
+        """Special tokens `submit(prompt)` adds to the `count_tokens(prompt)` tokens of a text prompt (BOS
+        for most models; none when the prompt already starts with BOS)."""
+        return num_added_tokens(self.tokenizer, prompt)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         check_token_ids(token_ids, max(len(self.tokenizer), int(self.model.config.vocab_size)), "tokens")

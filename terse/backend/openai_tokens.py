@@ -18,7 +18,7 @@ own template. `count_chat` counts such a chat exactly where the server can rende
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -78,12 +78,13 @@ class LocalTokenizer:
         template = getattr(self._tokenizer, "chat_template", None)
         return template if isinstance(template, str) else None
 
-    def render_chat(self, messages: Sequence[Message]) -> str | None:
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str | None:
+        """The chat template over `messages` (and `tools`, handed to the template as its `tools`)."""
         if not getattr(self._tokenizer, "chat_template", None):
             return None
         from terse.backend.tokenization import render_chat_template
 
-        return render_chat_template(self._tokenizer, messages)
+        return render_chat_template(self._tokenizer, messages, tools)
 
     def count_chat(self, messages: Sequence[Message]) -> int | None:
         rendered = self.render_chat(messages)

@@ -80,12 +80,24 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, config: Any) -> frozenset[
     return frozenset(ids)
 
 
-def render_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Any) -> str:
-    """Apply the tokenizer's chat template with the generation prompt; a clear error when there is none."""
+def render_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Any, tools: Sequence[Any] = ()) -> str:
+    """Apply the tokenizer's chat template with the generation prompt (and `tools`, given to the template
+    as its `tools` variable when there are some); a clear error when there is no template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             "this model's tokenizer has no chat template; render the prompt yourself and call submit() "
             "with text, or add a chat_template to tokenizer_config.json"
         )
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        list(messages), tools=[dict(t) for t in tools] or None, tokenize=False, add_generation_prompt=True
+    )
     return str(text)
+
+
+def num_added_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """Special tokens `encode_prompt` adds to the `encode_plain` ids of `text`: what `tokenizer(text)`
+    adds by default (BOS, for most models), 0 for a text that already starts with BOS."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return 0
+    return int(tokenizer.num_special_tokens_to_add(pair=False))

@@ -8,8 +8,10 @@ The wrapper is a thin proxy: `chat.completions.create` (sync or async client) ru
 answers; everything else is the wrapped client's own attribute. Whole answers, and the usage chunk of
 streams, also get `usage.terse = {"original_prompt_tokens", "sent_prompt_tokens", "saved_prompt_tokens",
 "token_count", ...hook notes}`, counted with `count_prompt_tokens` over the messages as sent, tool calls
-included (`ChatRequest.prompt_messages`; default: ~4 characters per token plus 4 per message, as proxy
-mode estimates; `token_count` then says "estimate").
+included (`ChatRequest.prompt_messages`), and the call's `tools` (their schemas are billed as prompt
+tokens too; a counter of messages alone counts them as one more message, `hooks.counting_tools`).
+Default: ~4 characters per token plus 4 per message, as proxy mode estimates; `token_count` then says
+"estimate".
 Messages go to the client in their wire form: a hook's rewrite keeps tool_calls, tool_call_id, name and
 other fields of every message.
 Requests whose messages have non-text parts (images, audio) pass through untouched, as in the server.
@@ -28,7 +30,16 @@ from typing import Any
 from terse.errors import InvalidRequestError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError
-from terse.pipelines.server.hooks import ChatHook, ChatResult, HookChain, PromptAccounting, PromptCounter
+from terse.pipelines.server.hooks import (
+    ChatHook,
+    ChatResult,
+    HookChain,
+    MessagesCounter,
+    PromptAccounting,
+    PromptCounter,
+    counting_tools,
+    tools_message,
+)
 from terse.pipelines.server.schema import ChatRequest, parse_chat
 from terse.pipelines.server.structured import calls_written_out
 
@@ -36,25 +47,31 @@ from terse.pipelines.server.structured import calls_written_out
 _NO_LIMITS = ServerConfig(max_messages=1_000_000, max_tokens_limit=10_000_000, max_n=1_000_000)
 
 
-def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
     """~4 characters per token plus 4 tokens of template overhead per message, earlier tool calls
-    written into the content (`structured.calls_written_out`)."""
-    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in calls_written_out(messages))
+    written into the content (`structured.calls_written_out`); tool definitions count as one more
+    message of their JSON (`hooks.tools_message`)."""
+    plain: list[Mapping[str, Any]] = list(calls_written_out(messages))
+    if tools:
+        plain.append(tools_message(tools))
+    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in plain)
 
 
 class _Prepared:
     """One call's request before/after hooks, and how to finish its answer."""
 
-    def __init__(self, chain: HookChain, count: PromptCounter, kwargs: dict[str, Any]) -> None:
+    def __init__(self, chain: HookChain, count: PromptCounter, estimated: bool, kwargs: dict[str, Any]) -> None:
         self.chain = chain
         self.kwargs = kwargs
         body = {"model": kwargs.get("model"), "messages": kwargs.get("messages")}
+        if kwargs.get("tools") is not None:
+            body["tools"] = kwargs["tools"]  # counted: their schemas are billed as prompt tokens
         try:
             self.original: ChatRequest = parse_chat(_plain(body), _NO_LIMITS)
         except ApiError as e:
             raise InvalidRequestError(f"chat.completions.create: {e.message}") from e
         self.sent = chain.on_request(self.original)
-        self.accounting = chain.account(self.original, self.sent, count, estimated=count is estimate_prompt_tokens)
+        self.accounting = chain.account(self.original, self.sent, count, estimated=estimated)
         if self.sent.wire_messages != self.original.wire_messages:
             # the rewritten messages in wire form: tool_calls, tool_call_id, name and parts kept
             self.kwargs = {**kwargs, "messages": [dict(m) for m in self.sent.wire_messages]}
@@ -119,29 +136,40 @@ class _AccountedStream:
 
 
 def _plain(body: dict[str, Any]) -> dict[str, Any]:
-    """Messages may be pydantic objects or TypedDicts; the parser wants JSON-like dicts."""
-    messages = body.get("messages")
-    if isinstance(messages, list | tuple):
-        body["messages"] = [m if isinstance(m, dict) else dict(m) for m in messages]
+    """Messages and tools may be pydantic objects or TypedDicts; the parser wants JSON-like dicts."""
+    for key in ("messages", "tools"):
+        items = body.get(key)
+        if isinstance(items, list | tuple):
+            body[key] = [_dict(item) for item in items]
     return body
 
 
+def _dict(item: Any) -> Any:
+    if isinstance(item, dict):
+        return item
+    dump = getattr(item, "model_dump", None)  # a pydantic model (nested objects become dicts too)
+    if callable(dump):
+        return dump(exclude_unset=True)
+    return dict(item)
+
+
 class _Completions:
-    def __init__(self, inner: Any, chain: HookChain, count: PromptCounter) -> None:
+    def __init__(self, inner: Any, chain: HookChain, count: PromptCounter | MessagesCounter) -> None:
         self._inner = inner
         self._chain = chain
-        self._count = count
+        self._estimated = count is estimate_prompt_tokens
+        self._count = counting_tools(count)
         # the async client's create is a plain function (a decorator) around a coroutine function
         is_async = inspect.iscoroutinefunction(inspect.unwrap(inner.create))
         self.create = self._acreate if is_async else self._create
 
     def _create(self, **kwargs: Any) -> Any:
-        prepared = _Prepared(self._chain, self._count, kwargs)
+        prepared = _Prepared(self._chain, self._count, self._estimated, kwargs)
         return prepared.finish(self._inner.create(**prepared.kwargs))
 
     async def _acreate(self, **kwargs: Any) -> Any:
         # hooks may be slow (compression runs a model): keep them off the event loop
-        prepared = await asyncio.to_thread(_Prepared, self._chain, self._count, kwargs)
+        prepared = await asyncio.to_thread(_Prepared, self._chain, self._count, self._estimated, kwargs)
         response = await self._inner.create(**prepared.kwargs)
         return await asyncio.to_thread(prepared.finish, response)
 
@@ -165,7 +193,7 @@ class WrappedOpenAI:
         self,
         client: Any,
         hooks: Sequence[ChatHook],
-        count_prompt_tokens: PromptCounter = estimate_prompt_tokens,
+        count_prompt_tokens: PromptCounter | MessagesCounter = estimate_prompt_tokens,
     ) -> None:
         self.wrapped = client
         self.hooks = HookChain(hooks)
@@ -178,9 +206,12 @@ class WrappedOpenAI:
 def wrap_openai(
     client: Any,
     *hooks: ChatHook,
-    count_prompt_tokens: PromptCounter = estimate_prompt_tokens,
+    count_prompt_tokens: PromptCounter | MessagesCounter = estimate_prompt_tokens,
 ) -> WrappedOpenAI:
     """Wrap `client` so its `chat.completions.create` calls pass through `hooks` (see module docstring).
+
+    `count_prompt_tokens(messages, tools=())` counts a call's prompt (`hooks.PromptCounter`); one that
+    takes the messages alone is accepted too, the tools then counted as one more message of their JSON.
 
     The client is not modified; use the returned object in its place.
     """

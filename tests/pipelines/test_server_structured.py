@@ -169,7 +169,7 @@ def test_tool_prompt_counts_in_the_accounting_and_the_context_check(tiny_model_f
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]
         assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
-        assert f"ask for at most {2048 - sent}" in error["message"]
+        assert f"ask for at most {2048 - usage.prompt_tokens}" in error["message"]  # the prompt as the engine holds it
     finally:
         server.stop()
         engine.close()

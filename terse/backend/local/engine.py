@@ -72,6 +72,7 @@ from terse.backend.tokenization import (
     encode_prompt,
     eos_token_ids,
     load_tokenizer,
+    num_added_tokens,
     render_chat_template,
 )
 from terse.backend.types import Message, SamplingParams, TokenLogprob, TokenScores
@@ -219,13 +220,20 @@ class LocalEngine(BackendBase):
         return handle
 
     def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
-        """Most tokens a prompt of `count_tokens()` length may generate: context room and what the KV pool
-        holds. Counts the BOS a text prompt may get on submit, so it can be one token short for ids."""
+        """Most tokens a prompt of `num_prompt_tokens` may generate: context room and what the KV pool
+        holds. The count is of the prompt as submitted: a text prompt's `count_tokens()` plus
+        `num_added_tokens()`."""
         policy = policy_for(params.streaming_kv or self.kv.default_streaming_kv)
-        num_prompt = num_prompt_tokens + len(self._bos_context)
         return max_new_tokens(
-            num_prompt, params, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size
+            num_prompt_tokens, params, policy, self._max_model_len, self.num_kv_blocks, self.config.kv_block_size
         )
+
+    def num_added_tokens(self, prompt: str) -> int:
+        """Special tokens `submit(prompt)` adds to the `count_tokens(prompt)` tokens of a text prompt (BOS
+        for most models; none when the prompt already starts with BOS)."""
+        tok = self._require_tokenizer("num_added_tokens()")
+        with self._tok_lock:
+            return num_added_tokens(tok, prompt)
 
     def score(self, texts: Sequence[str], *, prefix: str = "") -> list[TokenScores]:
         tok = self._require_tokenizer("score()")

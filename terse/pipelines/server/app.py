@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from terse.errors import TerseError
 from terse.pipelines.server.config import ServerConfig
 from terse.pipelines.server.errors import ApiError, api_error_from, invalid, log_api_error
-from terse.pipelines.server.hooks import HookChain, PromptAccounting, PromptCounter
+from terse.pipelines.server.hooks import HookChain, PromptAccounting, PromptCounter, counting_tools
 from terse.pipelines.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from terse.pipelines.server.metrics import MetricsMiddleware, ServerMetrics
 from terse.pipelines.server.request_body import parse_json_body
@@ -182,11 +182,12 @@ def _add_routes(
         ctx = gate.context(request)
         original = parse_chat(await gate.json_body(request), config)
         service.check_request(original)  # a parameter the mode cannot honour fails before any hook runs
-        count, cheap = service.count_prompt_tokens, service.cheap_counting  # cheap: an estimate
+        count, cheap = counting_tools(service.count_prompt_tokens), service.cheap_counting  # cheap: an estimate
+        ctx.count_added_tokens = metrics.add_prompt_tokens  # what the mode adds to the prompt later (tool prompt)
         counting = None
         if original.text_only and not cheap:
             # tokenize the original prompt while the hooks rewrite it (the tokenizer releases the GIL)
-            counting = asyncio.ensure_future(run_in_threadpool(count, original.prompt_messages()))
+            counting = asyncio.ensure_future(run_in_threadpool(count, original.prompt_messages(), original.prompt_tools()))
             counting.add_done_callback(_retrieved)
         sent = await run_in_threadpool(hooks.on_request, original) if hooks else original
         if counting is not None:

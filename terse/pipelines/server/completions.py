@@ -19,7 +19,14 @@ from starlette.responses import JSONResponse, Response
 from terse.backend.handle import RequestHandle
 from terse.backend.types import Completion, TokenLogprob, TokenScores, Usage
 from terse.pipelines.server.errors import api_error_from, invalid
-from terse.pipelines.server.handles import cancel_all, fit_params, merge_streams, total_usage, wait_handle
+from terse.pipelines.server.handles import (
+    cancel_all,
+    fit_params,
+    merge_streams,
+    submitted_prompt_len,
+    total_usage,
+    wait_handle,
+)
 from terse.pipelines.server.logprobs import TokenTexts, completion_logprobs
 from terse.pipelines.server.schema import CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 
 
 def _prompt_len(service: EngineService, prompt: str | tuple[int, ...]) -> int:
-    return len(prompt) if isinstance(prompt, tuple) else service.backend.count_tokens(prompt)
+    return submitted_prompt_len(service.backend, prompt)
 
 
 async def complete_prompts(service: EngineService, request: CompletionRequest, ctx: RequestContext) -> Response:

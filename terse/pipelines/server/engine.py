@@ -30,6 +30,7 @@ from terse.pipelines.server.handles import (
     choice_params,
     fit_params,
     merge_streams,
+    submitted_prompt_len,
     total_usage,
     wait_handle,
 )
@@ -94,28 +95,26 @@ class EngineService:
                 code="model_not_found",
             )
 
-    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
         """The chat template over the messages with earlier tool calls written out, as `chat` renders
-        them (the tool prompt of a request with `tools` comes on top: `chat` adds it, see `_prompt_tokens`)."""
+        them (a `PromptCounter`). `tools` are not counted here: the tool prompt this engine renders for
+        them depends on `tool_choice` and comes on top in `chat`, which counts it (`_prompt_tokens`)."""
         return self.backend.count_tokens(self.backend.render_chat(calls_written_out(messages)))
 
     async def _prompt_tokens(self, prompt: str, ctx: RequestContext, structured: StructuredRequest | None) -> int:
-        """Tokens of the rendered prompt, which size max_tokens. The hooks' accounting already counted the
-        messages; a request with callable tools also carries the tool prompt, so its prompt is counted
-        whole and the tool prompt added to both sides of the accounting (the saving is unchanged; the
-        server's token counters, already updated, leave it out)."""
+        """Tokens of the rendered prompt as the backend will hold them (special tokens such as BOS
+        included, `submitted_prompt_len`), which size max_tokens. The hooks' accounting already counted
+        the messages; a request with callable tools also carries the tool prompt, so its prompt is
+        counted whole and the tool prompt added to both sides of the accounting and to the server's
+        token counters (`RequestContext.add_prompt_tokens`; the saving is unchanged)."""
         tools = structured is not None and structured.tools is not None
         if ctx.accounting is not None and not tools:
-            return ctx.accounting.sent_prompt_tokens
-        num_prompt = await run_in_threadpool(self.backend.count_tokens, prompt)
-        if ctx.accounting is not None:
-            extra = num_prompt - ctx.accounting.sent_prompt_tokens
-            ctx.accounting = dataclasses.replace(
-                ctx.accounting,
-                original_prompt_tokens=ctx.accounting.original_prompt_tokens + extra,
-                sent_prompt_tokens=num_prompt,
-            )
-        return num_prompt
+            num_text = ctx.accounting.sent_prompt_tokens
+        else:
+            num_text = await run_in_threadpool(self.backend.count_tokens, prompt)
+            if ctx.accounting is not None:
+                ctx.add_prompt_tokens(num_text - ctx.accounting.sent_prompt_tokens)
+        return await run_in_threadpool(submitted_prompt_len, self.backend, prompt, num_text)
 
     def _submit(self, prompt: str | Sequence[int], params: SamplingParams, n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []

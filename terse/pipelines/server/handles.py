@@ -18,7 +18,31 @@ class GenerationRoom(Protocol):
     """A backend that knows how many tokens a prompt may generate beyond the context (the local
     engine: what its KV pool holds)."""
 
-    def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int: ...
+    def max_new_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """`num_prompt_tokens`: the prompt as submitted (`submitted_prompt_len`)."""
+        ...
+
+
+@runtime_checkable
+class AddedPromptTokens(Protocol):
+    """A backend that adds special tokens (BOS) to a text prompt on submit (the local engine, HF)."""
+
+    def num_added_tokens(self, prompt: str) -> int:
+        """Tokens `submit(prompt)` adds to the `count_tokens(prompt)` tokens of the text (0 when the prompt
+        already starts with them)."""
+        ...
+
+
+def submitted_prompt_len(backend: Backend, prompt: str | Sequence[int], num_text_tokens: int | None = None) -> int:
+    """Tokens `prompt` holds once `backend` has it: ids as given; a text's `count_tokens` (or
+    `num_text_tokens`, when already counted) plus the special tokens the backend adds on submit
+    (`AddedPromptTokens`; a backend that does not say adds none)."""
+    if not isinstance(prompt, str):
+        return len(prompt)
+    num_tokens = backend.count_tokens(prompt) if num_text_tokens is None else num_text_tokens
+    if isinstance(backend, AddedPromptTokens):
+        num_tokens += backend.num_added_tokens(prompt)
+    return num_tokens
 
 
 def fit_params(
@@ -26,6 +50,8 @@ def fit_params(
 ) -> SamplingParams:
     """Check prompt + max_tokens against the context; an absent max_tokens shrinks to what is left.
 
+    `num_prompt` counts the prompt as the backend holds it, special tokens included
+    (`submitted_prompt_len`), so a request this check passes is not refused by the backend for length.
     What is left is the context (max_model_len - prompt) and, for a `GenerationRoom` backend, what
     its KV pool can hold for this prompt, so a default never asks for more than can run. A prompt
     with no room is rejected naming `prompt_param` ("messages" for chat, "prompt" for completions).

@@ -12,6 +12,8 @@ Built-in hooks are named in `HOOKS` and built by `build_hook(name, options)`.
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -45,9 +47,50 @@ class ChatHook(Protocol):
 
 TokenCount = Literal["tokenizer", "estimate"]
 
-PromptCounter = Callable[[Sequence[Mapping[str, Any]]], int]
-"""Tokens of the prompt some messages make. The messages are `ChatRequest.prompt_messages()`: the wire
-form (tool_calls, tool_call_id, name kept) with text contents, so what the upstream renders is counted."""
+class PromptCounter(Protocol):
+    """Tokens of the prompt some messages and tool definitions make.
+
+    The messages are `ChatRequest.prompt_messages()`: the wire form (tool_calls, tool_call_id, name kept)
+    with text contents, so what the upstream renders is counted. `tools` are the request's tool
+    definitions (`ChatRequest.prompt_tools()`, `()` without): their JSON schemas go upstream and are
+    billed as prompt tokens. A counter that knows the model's chat template renders them with it; one
+    that does not counts `tools_message(tools)` as one more message, through its own tokenizer or
+    estimate. A counter taking the messages alone still works anywhere one is accepted: `counting_tools`
+    makes it count the tools that way."""
+
+    def __call__(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int: ...
+
+
+MessagesCounter = Callable[[Sequence[Mapping[str, Any]]], int]
+"""A prompt counter over the messages alone (the form counters had before they counted tools)."""
+
+
+def tools_message(tools: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The tool definitions as the one system message a counter without the upstream's chat template
+    counts for them: each definition's compact JSON on its own line (how chat templates commonly list
+    tools; the template's own wording around them is not known, so not counted)."""
+    return {"role": "system", "content": "\n".join(json.dumps(t, separators=(",", ":"), ensure_ascii=False) for t in tools)}
+
+
+def counting_tools(count: PromptCounter | MessagesCounter) -> PromptCounter:
+    """`count` as a `PromptCounter`: itself when it takes `tools`; a counter of messages alone counts
+    the tools as `tools_message(tools)` after the messages."""
+    if _takes_tools(count):
+        return count  # type: ignore[return-value]
+    messages_only: MessagesCounter = count  # type: ignore[assignment]
+
+    def with_tools(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
+        return messages_only([*messages, tools_message(tools)] if tools else messages)
+
+    return with_tools
+
+
+def _takes_tools(count: Callable[..., int]) -> bool:
+    try:
+        parameters = inspect.signature(count).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): called with messages only
+        return False
+    return "tools" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 @dataclass(frozen=True)
@@ -120,18 +163,21 @@ class HookChain:
         self,
         original: ChatRequest,
         sent: ChatRequest,
-        count: PromptCounter,
+        count: PromptCounter | MessagesCounter,
         estimated: bool = False,
         num_original: int | None = None,
     ) -> PromptAccounting:
-        """Count both prompts as they go upstream (`ChatRequest.prompt_messages`, tool calls included)
-        with `count` (`estimated`: it is not the model's tokenizer); counts once when the hooks changed
-        nothing; `num_original`: the original's count, when already made. The hooks' notes
-        (`sent.notes`) travel along."""
+        """Count both prompts as they go upstream (`ChatRequest.prompt_messages`, tool calls included,
+        with the request's tool definitions, `ChatRequest.prompt_tools`) with `count` (`estimated`: it is
+        not the model's tokenizer); counts once when the hooks changed nothing; `num_original`: the
+        original's count, when already made (a counter of messages alone counts the tools as one more
+        message, `counting_tools`). The hooks' notes (`sent.notes`) travel along."""
+        count = counting_tools(count)
         before, after = original.prompt_messages(), sent.prompt_messages()
+        tools_before, tools_after = original.prompt_tools(), sent.prompt_tools()
         if num_original is None:
-            num_original = count(before)
-        num_sent = num_original if before == after else count(after)
+            num_original = count(before, tools_before)
+        num_sent = num_original if (before, tools_before) == (after, tools_after) else count(after, tools_after)
         return PromptAccounting(num_original, num_sent, "estimate" if estimated else "tokenizer", dict(sent.notes))
 
 

@@ -109,6 +109,14 @@ class ServerMetrics:
         self.prompt_sent.inc(accounting.sent_prompt_tokens)
         self.prompt_saved.inc(max(accounting.saved_prompt_tokens, 0))
 
+    def add_prompt_tokens(self, num_tokens: int) -> None:
+        """Tokens a mode added to a prompt already accounted (engine mode's tool prompt): both the
+        original and the sent count grow, the saving does not. Counters only grow: nothing else is added."""
+        if num_tokens <= 0:
+            return
+        self.prompt_original.inc(num_tokens)
+        self.prompt_sent.inc(num_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

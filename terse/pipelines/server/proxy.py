@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
@@ -36,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from terse.backend.openai_http import error_from_body
 from terse.pipelines.server.config import ProxyConfig, ServerConfig
 from terse.pipelines.server.errors import api_error_from
-from terse.pipelines.server.hooks import ChatResult, HookChain
+from terse.pipelines.server.hooks import ChatResult, HookChain, tools_message
 from terse.pipelines.server.relay import checked_body, relay_sse
 from terse.pipelines.server.schema import ChatRequest, CompletionRequest
 from terse.pipelines.server.service import RequestContext, race_disconnect
@@ -44,9 +43,7 @@ from terse.pipelines.server.sse import SSEResponse
 from terse.pipelines.server.sse_usage import with_terse_usage
 from terse.pipelines.server.structured import calls_written_out
 from terse.pipelines.server.upstream import Upstream, UpstreamResponse, make_upstream
-
-_TOKENS_PER_MESSAGE = 4
-"""Estimate of chat-template overhead per message (role markers, separators) without a tokenizer."""
+from terse.pipelines.wrap import estimate_prompt_tokens
 
 
 class ProxyService:
@@ -68,19 +65,25 @@ class ProxyService:
 
             self._tokenizer = LocalTokenizer(config.tokenizer)
 
-    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """Tokens of the prompt as sent, earlier tool calls included: exact with `ProxyConfig.tokenizer`
-        (its chat template if any), else ~4 characters per token. A template that renders `tool_calls`
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
+        """Tokens of the prompt as sent, earlier tool calls and the request's tool definitions included
+        (a `PromptCounter`): exact with `ProxyConfig.tokenizer` (its chat template if any), else
+        ~4 characters per token (`wrap.estimate_prompt_tokens`). A template that renders `tool_calls`
         gets the messages as they are; for one that does not (and without a template, and for the
         estimate) the tool calls are written into the assistant's content as call blocks, as terse's
-        engine shows them to such a model."""
-        if self._tokenizer is not None:
-            template = self._tokenizer.chat_template or ""
-            plain = calls_written_out(messages)
-            rendered = self._tokenizer.render_chat(messages if "tool_calls" in template else plain)
-            texts = [rendered] if rendered is not None else [m["content"] for m in plain]
-            return sum(self._tokenizer.count_tokens(t) for t in texts)
-        return sum(math.ceil(len(m["content"]) / 4) + _TOKENS_PER_MESSAGE for m in calls_written_out(messages))
+        engine shows them to such a model. Tool definitions: a template that renders `tools` renders
+        them; otherwise (the upstream's wording around them unknown) their JSON, one definition a line
+        (`hooks.tools_message`), is counted through the same tokenizer or estimate."""
+        if self._tokenizer is None:
+            return estimate_prompt_tokens(messages, tools)
+        template = self._tokenizer.chat_template or ""
+        plain = calls_written_out(messages)
+        template_tools = tools if "tools" in template else ()
+        rendered = self._tokenizer.render_chat(messages if "tool_calls" in template else plain, template_tools)
+        texts = [rendered] if rendered is not None else [m["content"] for m in plain]
+        if tools and not template_tools:
+            texts.append(tools_message(tools)["content"])
+        return sum(self._tokenizer.count_tokens(t) for t in texts)
 
     # -- transport -------------------------------------------------------------------------------
     def _headers(self, ctx: RequestContext) -> dict[str, str]:

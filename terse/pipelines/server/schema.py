@@ -77,6 +77,15 @@ class ChatRequest:
             return self.messages
         return tuple({**w, "role": m["role"], "content": m["content"]} for m, w in zip(self.messages, self.wire_messages))
 
+    def prompt_tools(self) -> tuple[Mapping[str, Any], ...]:
+        """The tool definitions the request carries (`tools`), for counting: their JSON schemas go
+        upstream and are billed as prompt tokens. () without tools (or when `tools` is not a list;
+        engine mode refuses that with a 400 of its own)."""
+        tools = self.body.get("tools")
+        if not isinstance(tools, list | tuple):
+            return ()
+        return tuple(t for t in tools if isinstance(t, Mapping))
+
     def with_notes(self, **notes: str | int) -> ChatRequest:
         return dataclasses.replace(self, notes={**self.notes, **notes})
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +33,23 @@ class RequestContext:
     """The accounting while it is still being counted, alongside the upstream call (a mode with
     `accounting_alongside`): `settle_accounting` waits for it before anything reads `accounting`."""
 
+    count_added_tokens: Callable[[int], None] | None = None
+    """Told the tokens `add_prompt_tokens` adds, after the accounting itself was recorded (the server's
+    prompt-token counters, `ServerMetrics.add_prompt_tokens`)."""
+
+    def add_prompt_tokens(self, num_tokens: int) -> None:
+        """Add tokens a mode puts into the prompt beyond the counted messages (engine mode's tool prompt)
+        to both sides of the accounting and to the server's counters: the saving is unchanged."""
+        if self.accounting is None:
+            return
+        self.accounting = dataclasses.replace(
+            self.accounting,
+            original_prompt_tokens=self.accounting.original_prompt_tokens + num_tokens,
+            sent_prompt_tokens=self.accounting.sent_prompt_tokens + num_tokens,
+        )
+        if self.count_added_tokens is not None:
+            self.count_added_tokens(num_tokens)
+
     async def settle_accounting(self) -> None:
         """Wait for accounting counted alongside the upstream call, if any, and make it `accounting`."""
         if self.pending_accounting is not None:
@@ -58,9 +76,9 @@ class ChatService(Protocol):
     """True when the mode reads a chat request's accounting only once its answer comes back (it calls
     `RequestContext.settle_accounting` first): the prompt is then counted while the request is served."""
 
-    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """Tokens of the prompt these messages make, as this mode's model reads them (a `PromptCounter`:
-        wire-form messages, tool calls included; called from a worker thread)."""
+    def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
+        """Tokens of the prompt these messages and tool definitions make, as this mode's model reads them
+        (a `PromptCounter`: wire-form messages, tool calls included; called from a worker thread)."""
         ...
 
     def check_request(self, request: ChatRequest | CompletionRequest) -> None:
