@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.validation import check_int
+
 TILE_TOKENS = 64
 """Tokens per inner-loop tile (PAGES_PER_TILE pages)."""
 MIN_TILES_PER_SPLIT = 1
@@ -123,22 +125,35 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, table_width: int, block_size: int, device: torch.device) -> int:
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, table_width: int, block_size: int, device: torch.device,
+    min_tiles_per_split: int = MIN_TILES_PER_SPLIT,
+) -> int:
     """Splits per (sequence, KV head): enough programs for about two per multiprocessor, a power of two
-    (few compiled variants), at most the tiles a full table holds."""
+    (few compiled variants), at most the splits of `min_tiles_per_split` tiles a full table holds."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     wanted = -(-2 * sms // (num_seqs * num_kv_heads))
     splits = 1 << max(0, (wanted - 1).bit_length())
     max_tiles = -(-table_width * block_size // TILE_TOKENS)
-    return max(1, min(splits, MAX_SPLITS, -(-max_tiles // MIN_TILES_PER_SPLIT)))
+    return max(1, min(splits, MAX_SPLITS, -(-max_tiles // min_tiles_per_split)))
+
+
+def pipeline_stages(table_width: int, block_size: int, num_splits: int) -> int:
+    """Software-pipeline stages of the tile loop: none (1) where a split of a full table walks at most two
+    tiles, else 3 (the next tiles' loads in flight)."""
+    return 1 if -(-table_width * block_size // TILE_TOKENS) <= 2 * num_splits else 3
 
 
 def paged_decode_triton(
     q: torch.Tensor, layer_kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    num_splits: int | None = None,
+    num_splits: int | None = None, *, min_tiles_per_split: int = MIN_TILES_PER_SPLIT, num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [B, H, D]; layer_kv: [2, NB, bs, KVH, D] (contiguous); block_tables: [B, W] int; context_lens:
-    [B] int (>= 1). Returns [B, H, D] in q's dtype. `num_splits` None: `choose_num_splits`."""
+    [B] int (>= 1). Returns [B, H, D] in q's dtype. `num_splits` None: `choose_num_splits`;
+    `num_stages` None: `pipeline_stages` (both tunables are for benchmarks: bench/decode_profile.py)."""
+    check_int("min_tiles_per_split", min_tiles_per_split, low=1, example=MIN_TILES_PER_SPLIT, error=ValueError)
+    if num_stages is not None:
+        check_int("num_stages", num_stages, low=1, high=4, example=3, error=ValueError)
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, kv_dim = layer_kv.shape
     if kv_dim != head_dim or num_heads % num_kv_heads:
@@ -152,7 +167,7 @@ def paged_decode_triton(
     group = num_heads // num_kv_heads
     width = block_tables.shape[1]
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, width, block_size, q.device)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, width, block_size, q.device, min_tiles_per_split)
     num_splits = max(1, num_splits)
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     # partials: [B, H, S] for m and l, [B, H, S, D] for acc (float32); unused with one split
@@ -170,8 +185,8 @@ def paged_decode_triton(
         head_dim**-0.5,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, PAGES_PER_TILE=max(1, TILE_TOKENS // block_size), NUM_SPLITS=num_splits,
-        MIN_TILES=MIN_TILES_PER_SPLIT, IEEE=q.dtype == torch.float32,
-        STAGES=1 if -(-width * block_size // TILE_TOKENS) <= 2 * num_splits else 3,
+        MIN_TILES=min_tiles_per_split, IEEE=q.dtype == torch.float32,
+        STAGES=pipeline_stages(width, block_size, num_splits) if num_stages is None else num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs * num_heads,)](

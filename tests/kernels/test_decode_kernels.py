@@ -114,3 +114,30 @@ def test_paged_decode_reference_equals_dense_attention() -> None:
     expected = torch.einsum("hs,shd->hd", probs, v)
     got = paged_decode_reference(q, kv, table, torch.tensor([ctx]))
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("min_tiles", "num_stages"), [(1, 1), (2, 3), (3, None)])
+def test_paged_decode_tunables_keep_the_result(min_tiles: int, num_stages: int | None) -> None:
+    gen = torch.Generator().manual_seed(7)
+    kv = torch.randn(2, 40, 16, 2, 32, generator=gen)
+    q = torch.randn(3, 8, 32, generator=gen)
+    tables = (1 + torch.randperm(39, generator=gen)[:36]).view(3, 12)
+    context_lens = torch.tensor([5, 100, 190])  # one tile, two, three
+    got = paged_decode_triton(q, kv, tables, context_lens, min_tiles_per_split=min_tiles, num_stages=num_stages)
+    torch.testing.assert_close(got, paged_decode_reference(q, kv, tables, context_lens), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_refuses_bad_tunables() -> None:
+    q, kv = torch.randn(1, 4, 16), torch.randn(2, 4, 16, 2, 16)
+    tables, lens = torch.zeros(1, 2, dtype=torch.int64), torch.tensor([3])
+    with pytest.raises(ValueError, match="min_tiles_per_split"):
+        paged_decode_triton(q, kv, tables, lens, min_tiles_per_split=0)
+    with pytest.raises(ValueError, match="num_stages"):
+        paged_decode_triton(q, kv, tables, lens, num_stages=9)
+
+
+def test_pipeline_stages_follow_the_tiles_a_split_walks() -> None:
+    from terse.kernels.paged_decode import pipeline_stages
+
+    assert pipeline_stages(256, 16, 64) == 1  # batch 1 at 4096 tokens: one tile per split
+    assert pipeline_stages(256, 16, 2) == 3  # batch 32: 32 tiles per split

@@ -1,0 +1,193 @@
+"""Where a batch-1 decode step of the INT4 engine spends its time, and the small kernels around the products
+(one GPU, 8B shape, random weights).
+
+    PYTHONPATH=. python bench/decode_profile.py --out $OUT/decode_profile.json
+    PYTHONPATH=. python bench/decode_profile.py --table bench/results/decode_profile.json
+
+- `paged`: paged-decode attention (the kernel and its split merge) at batch 1 and 32 over a 4096-token
+  table (8 KV heads, 32 query heads, head dim 128, bf16), per split size (`min_tiles_per_split`) and
+  loop pipelining (`num_stages`; None: the kernel's rule), against the torch reference; timed launch-free.
+- `argmax`: greedy token ids over the 8B vocabulary, torch's reduction against `terse.kernels.argmax`.
+- `engine`: the INT4 engine (round-to-nearest, group 128, LM head quantized, CUDA graphs): batch-1 decode
+  ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone, and each kernel's
+  device time per decode step from the torch profiler (33 steps; the prompt's prefill is one of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PAGED_CASES = ((1, 130), (1, 256), (1, 600), (1, 1500), (1, 4000), (32, 300), (32, 2000))
+"""(batch, context tokens) of the paged-decode timings."""
+PAGED_SETTINGS = ((2, 3), (1, None), (1, 3), (2, None), (4, None))
+"""(min_tiles_per_split, num_stages): the settings before this benchmark's change first, then the default."""
+
+
+def _us(fn: Any) -> float:
+    from terse.kernels.w4a16_timing import graph_ms
+
+    return graph_ms([fn], min_calls=24, replays=7) * 1e3
+
+
+def paged_part() -> list[dict[str, Any]]:
+    import torch
+
+    from terse.kernels.decode_reference import paged_decode_reference
+    from terse.kernels.paged_decode import paged_decode_triton
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    kv = torch.randn(2, 4096, 16, 8, 128, device=dev, generator=gen).to(bf16)
+    rows = []
+    for batch, ctx in PAGED_CASES:
+        tables = torch.randint(1, 4096, (batch, 256), device=dev, generator=gen)
+        lens = torch.full((batch,), ctx, device=dev)
+        q = torch.randn(batch, 32, 128, device=dev, generator=gen).to(bf16)
+        want = paged_decode_reference(q.float(), kv.float(), tables, lens)
+        row: dict[str, Any] = {"batch": batch, "context": ctx}
+        for min_tiles, stages in PAGED_SETTINGS:
+
+            def call(q: Any = q, tables: Any = tables, lens: Any = lens, mt: int = min_tiles,
+                     st: int | None = stages) -> Any:
+                return paged_decode_triton(q, kv, tables, lens, min_tiles_per_split=mt, num_stages=st)
+
+            err = float((call().float() - want).norm() / want.norm())
+            row[f"min_tiles={min_tiles} stages={stages}"] = {"us": _us(call), "rel_err": err}
+        rows.append(row)
+        print(f"[decode_profile] paged {row}", flush=True)
+    return rows
+
+
+def argmax_part() -> list[dict[str, Any]]:
+    import torch
+
+    from terse.kernels.argmax import argmax_rows
+
+    rows = []
+    for batch in (1, 32):
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = torch.randn(batch, 128256, device="cuda").to(dtype)
+            row = {"batch": batch, "dtype": str(dtype), "torch_us": _us(lambda x=logits: x.argmax(dim=-1)),
+                   "triton_us": _us(lambda x=logits: argmax_rows(x)),
+                   "equal": bool(torch.equal(argmax_rows(logits), logits.argmax(dim=-1)))}
+            rows.append(row)
+            print(f"[decode_profile] argmax {row}", flush=True)
+    return rows
+
+
+def engine_part() -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from engine import model_config
+    from torch.profiler import ProfilerActivity, profile
+
+    from terse.backend.local.config import EngineConfig
+    from terse.backend.local.engine import LocalEngine
+    from terse.backend.local.quant.config import QuantizationConfig
+    from terse.backend.types import SamplingParams
+
+    config = model_config("8b", max_len=4096)
+    engine = LocalEngine.from_random(config, EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=8192, max_model_len=4096, num_kv_blocks=4096, enable_prefix_cache=False,
+        quantization=QuantizationConfig(awq=False, lm_head=True)))
+    rng = np.random.default_rng(0)
+
+    def generate(new: int) -> Any:
+        prompt = rng.integers(0, config.vocab_size, 128).tolist()
+        return engine.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))[0]
+
+    def decode_ms(new: int) -> float:
+        out = generate(new)
+        return float((out.metrics["latency"] - out.metrics["ttft"]) / (new - 1) * 1e3)
+
+    for _ in range(2):
+        decode_ms(8)  # plans measured, graphs warm
+    result: dict[str, Any] = {"decode_ms_batch1": [decode_ms(128) for _ in range(3)]}
+    graph = engine.runner.graphs.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    result["graph_replay_ms_batch1"] = start.elapsed_time(end) / 50
+    steps = 33
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(steps)
+    per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[event.name[:90]]
+            entry[0] += 1
+            entry[1] += event.device_time
+    result["kernels_per_step"] = sorted(
+        ({"kernel": name, "us_per_step": total / steps, "launches_per_step": count / steps}
+         for name, (count, total) in per_kernel.items()), key=lambda r: -r["us_per_step"])
+    engine.close()
+    print(f"[decode_profile] engine {result['decode_ms_batch1']} ms/token, graph {result['graph_replay_ms_batch1']:.3f} ms",
+          flush=True)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    if "paged" in result:
+        names = [k for k in result["paged"][0] if k not in ("batch", "context")]
+        lines += ["| batch | context | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for row in result["paged"]:
+            lines.append(f"| {row['batch']} | {row['context']} | " + " | ".join(f"{row[n]['us']:.2f}" for n in names) + " |")
+        lines.append("")
+    for row in result.get("argmax", []):
+        lines.append(f"argmax batch {row['batch']} {row['dtype']}: torch {row['torch_us']:.2f} us, triton "
+                     f"{row['triton_us']:.2f} us, equal {row['equal']}")
+    if "engine" in result:
+        e = result["engine"]
+        lines += ["", f"decode ms/token (batch 1): {', '.join(f'{v:.3f}' for v in e['decode_ms_batch1'])}; graph replay "
+                  f"{e['graph_replay_ms_batch1']:.3f} ms", "", "| kernel | us per step | launches per step |", "|---|---|---|"]
+        lines += [f"| `{r['kernel'][:60]}` | {r['us_per_step']:.1f} | {r['launches_per_step']:.2f} |"
+                  for r in e["kernels_per_step"][:16]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="paged,argmax,engine")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--table", type=Path, help="print the tables of a saved result and exit")
+    args = parser.parse_args(argv)
+    parts = {"paged": paged_part, "argmax": argmax_part, "engine": engine_part}
+    unknown = [name for name in args.parts.split(",") if name not in parts]
+    if unknown:
+        print(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(parts)}", file=sys.stderr)
+        return 2
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("decode_profile needs a CUDA GPU", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "versions": {
+        "torch": torch.__version__, "triton": triton.__version__}}
+    for name in args.parts.split(","):
+        t0 = time.perf_counter()
+        result[name] = parts[name]()
+        print(f"[decode_profile] {name} took {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
