@@ -1,9 +1,10 @@
 """Next-token sampling shared by the local engine and the transformers backend.
 
-Greedy rows take the argmax (`greedy_ids`: a one-launch Triton kernel on CUDA, torch.argmax elsewhere). Other rows sample from softmax(logits / temperature) restricted to the
-top-p nucleus, by inverse-CDF with one uniform number per row. A row with its own `torch.Generator`
-(a request with a seed) draws its number from it, so its sample does not depend on what else is in
-the batch; rows without a seed share one batched draw.
+Greedy rows take the argmax (`greedy_ids`: a one-launch Triton kernel on CUDA, torch.argmax elsewhere).
+Other rows sample from softmax(logits / temperature) restricted to the top-p nucleus, by inverse-CDF
+with one uniform number per row. A row with its own `torch.Generator` (a request with a seed) draws
+its number from it, so its sample does not depend on what else is in the batch; rows without a seed
+share one batched draw.
 """
 
 from __future__ import annotations
