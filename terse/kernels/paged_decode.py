@@ -36,7 +36,8 @@ TILE_TOKENS = 64
 """Tokens per inner-loop tile (PAGES_PER_TILE pages)."""
 MIN_TILES_PER_SPLIT = 1
 """A split covers at least this many tiles. One: on an H200 (batch 1, 8 KV heads, contexts 130-4000
-tokens) splits of one tile plus the merge ran in 6.1-8.6 us, splits of two in 7.9-9.6 us."""
+tokens) splits of one tile plus the merge ran in 5.7-8.5 us, splits of two in 7.8-9.5 us
+(bench/decode_profile.py)."""
 MAX_SPLITS = 64
 
 
