@@ -25,6 +25,8 @@ Values are compared in float32, which holds float16 and bfloat16 exactly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -112,12 +114,15 @@ def argmax_rows(logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     rows_per_launch = min(num_rows, MAX_ROWS_PER_LAUNCH)
     part_vals = torch.empty(rows_per_launch * block_c, dtype=torch.float32, device=logits.device)
     part_idxs = torch.empty(rows_per_launch * block_c, dtype=torch.int32, device=logits.device)
-    for start in range(0, num_rows, MAX_ROWS_PER_LAUNCH):
-        rows = logits[start : start + MAX_ROWS_PER_LAUNCH]  # [b, V]
-        _argmax_kernel[(rows.shape[0], num_chunks)](
-            rows, out[start:], part_vals, part_idxs, counters, rows.stride(0), vocab, num_chunks,
-            CHUNK=chunk, BLOCK_C=block_c,
-        )
+    # launch on the logits' GPU, whichever is current (a transformers model spread over several GPUs
+    # gives its logits on the last one)
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        for start in range(0, num_rows, MAX_ROWS_PER_LAUNCH):
+            rows = logits[start : start + MAX_ROWS_PER_LAUNCH]  # [b, V]
+            _argmax_kernel[(rows.shape[0], num_chunks)](
+                rows, out[start:], part_vals, part_idxs, counters, rows.stride(0), vocab, num_chunks,
+                CHUNK=chunk, BLOCK_C=block_c,
+            )
     return out
 
 
