@@ -5,8 +5,10 @@ output), and the ways to turn it on (load_backend, EngineConfig options, doc-QA 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,6 +147,25 @@ def test_every_way_of_turning_it_on(llama: Path, capsys: pytest.CaptureFixture[s
     assert "--speculative configure the local engine" in capsys.readouterr().err
 
 
+def _generate_together(eng: LocalEngine, prompts: list[str], params: SamplingParams) -> list[Any]:
+    """`generate`, with every prompt queued before the engine's loop takes any: all are prefilled in one
+    step and decode side by side to the end (a loop that woke at the first submit would start it alone)."""
+    queued = threading.Event()
+    drain = eng._drain_inbox
+
+    def held() -> None:
+        queued.wait()
+        drain()
+
+    eng._drain_inbox = held  # type: ignore[method-assign]
+    try:
+        handles = [eng.submit(p, params) for p in prompts]
+    finally:
+        queued.set()
+    eng._drain_inbox = drain  # type: ignore[method-assign]
+    return [h.result() for h in handles]
+
+
 def test_nothing_drafts_while_more_sequences_decode_than_max_batch_size(llama: Path) -> None:
     """Above `max_batch_size` decoding sequences no one drafts or waits for a draft (output unchanged);
     at or below it the same requests draft."""
@@ -155,7 +176,7 @@ def test_nothing_drafts_while_more_sequences_decode_than_max_batch_size(llama: P
         reference = [c.token_ids for c in plain.generate(prompts, params)]
     for cap, drafts in ((3, False), (4, True), (None, True)):
         with engine(llama, SPEC | {"max_batch_size": cap}, **whole) as eng:
-            out = eng.generate(prompts, params)
+            out = _generate_together(eng, prompts, params)
             assert [c.token_ids for c in out] == reference
             assert eng.speculator is not None
             assert (eng.speculator.num_verify_steps > 0) == drafts, cap
