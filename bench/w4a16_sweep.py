@@ -48,7 +48,7 @@ TILES = {  # BLOCK_M -> (BLOCK_N, BLOCK_K, warps, stages) of the swapped GEMM
 UNSWAPPED = [(16, 128, 128, 4, 3), (64, 128, 128, 8, 3)]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMV = [(64, 128, 4, 3), (128, 128, 4, 3), (32, 128, 2, 3), (256, 64, 4, 3), (128, 64, 2, 4)]
 COLUMN = [(bn, g, warps, stages) for bn in (16, 32, 64, 128, 256, 512) for g in (1, 2) for warps in (4, 8)
-          for stages in (1, 3, 6)]
+          for stages in (1, 3, 6)] + [(bn, g, warps, 4) for bn in (16, 32, 64) for g in (2, 4) for warps in (1, 2)]
 """(BLOCK_N, GROUPS, warps, stages) of the column GEMV swept at one row (the tuner's COLUMN_TILES came from it)."""
 NUM_SMS = 132
 
