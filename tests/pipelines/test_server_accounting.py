@@ -27,6 +27,7 @@ from terse.pipelines.wrap import estimate_prompt_tokens, last_accounting, wrap_o
 from tests.backend.structured_cases import SUM_TOOL, WEATHER_TOOL
 from tests.pipelines.test_server import MESSAGES, MODEL
 from tests.pipelines.test_server_proxy import start_proxy
+from tests.pipelines.test_server_structured import PassThrough
 from tests.pipelines.test_server_surface import _samples
 
 TOOLS = [WEATHER_TOOL, SUM_TOOL]
@@ -162,19 +163,9 @@ def test_wrap_openai_counts_the_tools_with_every_kind_of_counter() -> None:
 MAX_MODEL_LEN = 256
 
 
-class _PassThrough:
-    name = "pass"
-
-    def on_request(self, request: ChatRequest) -> ChatRequest:
-        return request
-
-    def on_response(self, request: ChatRequest, result: ChatResult) -> ChatResult:
-        return result
-
-
 def _engine_server(model_dir: Path, max_model_len: int) -> Iterator[tuple[ServerThread, LocalEngine]]:
     engine = LocalEngine.from_spec(str(model_dir), num_kv_blocks=400, max_model_len=max_model_len)
-    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=(MODEL,)), [_PassThrough()])).start()
+    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=(MODEL,)), [PassThrough()])).start()
     yield server, engine
     server.stop()
     engine.close()

@@ -134,7 +134,7 @@ def test_tool_history_is_written_into_the_prompt(client: openai.OpenAI, served: 
     assert "21 degrees, sunny" in prompt and "You can call these functions" in prompt
 
 
-class _PassThrough:
+class PassThrough:
     """A hook that changes nothing: with a hook the server accounts for the prompt (x-terse-* headers)."""
 
     name = "pass"
@@ -148,7 +148,7 @@ class _PassThrough:
 
 def test_tool_prompt_counts_in_the_accounting_and_the_context_check(tiny_model_factory: Callable[..., Path]) -> None:
     engine = LocalEngine.from_spec(str(tiny_model_factory("llama")), num_kv_blocks=400, max_model_len=2048)
-    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=(MODEL,)), [_PassThrough()])).start()
+    server = ServerThread(engine_app(engine, ServerConfig(served_model_names=(MODEL,)), [PassThrough()])).start()
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         plain = client.chat.completions.with_raw_response.create(model=MODEL, messages=ASK, max_tokens=2, temperature=0)
