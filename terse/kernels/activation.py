@@ -12,13 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
+
 BLOCK = 1024
 
 
 @triton.jit
 def _silu_mul_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
-    x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -37,5 +40,7 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     num_rows, width = gate_up.shape
     inner = width // 2
     out = torch.empty(num_rows, inner, dtype=gate_up.dtype, device=gate_up.device)
-    _silu_mul_kernel[(num_rows, triton.cdiv(inner, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=BLOCK)
+    _silu_mul_kernel[(num_rows, triton.cdiv(inner, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=BLOCK,
+        **launch_options(gate_up),
+    )
     return out

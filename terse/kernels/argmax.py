@@ -33,6 +33,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import interpreting
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CHUNK = 2048
@@ -62,8 +63,9 @@ def _first_max(values, index, valid):
 @triton.jit
 def _argmax_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
     x_ptr, out_ptr, part_val_ptr, part_idx_ptr, counter_ptr, stride_x, V, num_chunks,
-    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -121,7 +123,7 @@ def argmax_rows(logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
             rows = logits[start : start + MAX_ROWS_PER_LAUNCH]  # [b, V]
             _argmax_kernel[(rows.shape[0], num_chunks)](
                 rows, out[start:], part_vals, part_idxs, counters, rows.stride(0), vocab, num_chunks,
-                CHUNK=chunk, BLOCK_C=block_c,
+                CHUNK=chunk, BLOCK_C=block_c, **launch_options(logits),
             )
     return out
 

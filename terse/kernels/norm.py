@@ -15,14 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
+
 
 @triton.jit
 def _add_rms_norm_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_res, stride_out, stride_res_out,
     N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -65,6 +68,6 @@ def add_rms_norm_triton(
         x, residual, weight, out, res_out,
         x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0),
         n, eps,
-        HAS_RESIDUAL=res_out is not x, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        HAS_RESIDUAL=res_out is not x, BLOCK=block, num_warps=8 if block >= 4096 else 4, **launch_options(x),
     )
     return out, res_out

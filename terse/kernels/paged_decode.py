@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from terse.validation import check_int
 
 TILE_TOKENS = 64
@@ -52,8 +53,9 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
     scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MIN_TILES: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+    MIN_TILES: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     TILE: tl.constexpr = PAGES_PER_TILE * BLOCK_SIZE
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -111,8 +113,9 @@ def _paged_decode_kernel(  # type: ignore[no-untyped-def]  # Triton reads the an
 @triton.jit
 def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
     acc_ptr, m_ptr, l_ptr, out_ptr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)  # one (sequence, head)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -188,10 +191,11 @@ def paged_decode_triton(
         BLOCK_SIZE=block_size, PAGES_PER_TILE=max(1, TILE_TOKENS // block_size), NUM_SPLITS=num_splits,
         MIN_TILES=min_tiles_per_split, IEEE=q.dtype == torch.float32,
         STAGES=pipeline_stages(width, block_size, num_splits) if num_stages is None else num_stages,
+        **launch_options(q),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs * num_heads,)](
             acc, m, l_sum, out, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim,
+            HEAD_DIM=head_dim, **launch_options(q),
         )
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
+
 
 @triton.jit
 def _rotate_store(  # type: ignore[no-untyped-def]
@@ -53,8 +55,9 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]  # Triton reads the anno
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     stride_plane, stride_slot,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, KVH_PAD: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -101,6 +104,6 @@ def rope_store_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_table.stride(0),
         layer_kv.stride(0), layer_kv.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, H_PAD=triton.next_power_of_2(num_heads),
-        KVH_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
+        KVH_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, **launch_options(q),
     )
     return q_out, k_out

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton, interpreting
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from terse.kernels.w4a16_dequant import (
     dequantize_rows,
     group_scale_zero,
@@ -46,8 +47,9 @@ def _w4a16_gemm_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, POST_SCALE: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -174,7 +176,7 @@ def launch_gemm(
         USE_SPLIT=split_k > 1, GROUP_M=group_m, SWAP_AB=swap_ab, POST_SCALE=post_scale and one_group,
         FAST=fast_unpack(x),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(x),
     )
     return out
 

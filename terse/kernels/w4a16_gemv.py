@@ -19,6 +19,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from terse.kernels.w4a16_dequant import dequantize_rows, group_scale_zero, load_packed, nibbles_minus_zero
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 from terse.kernels.w4a16_tiles import row_launch, store_row, whole_steps_per_split
@@ -30,8 +31,9 @@ def _w4a16_gemv_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,6 +89,6 @@ def launch_gemv(
         n, k, k_per_split, r.split_k,
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         ONE_GROUP=weight.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=r.split_k > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(x),
     )
     return r.out

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
 from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
@@ -67,6 +68,23 @@ def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
     return acc
 
 
+PREFETCH_BYTES = 0
+"""Bytes of packed weight a dependent-launched column GEMV asks the L2 to fetch before it waits for the
+kernel before it (the first rows of every program's range); 0: none."""
+
+
+@triton.jit
+def _prefetch_l2(QW, row_begin, row_end, N, pid_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one L2 prefetch per 128-byte line of this program's first ROWS packed rows (its BLOCK_N columns);
+    # rows past the range and columns past N are clamped onto the last valid word (a repeated prefetch)
+    LINES: tl.constexpr = (BLOCK_N + 31) // 32
+    rows = tl.minimum(row_begin + tl.arange(0, ROWS), row_end - 1).to(tl.int64)
+    cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LINES) * 32, N - 1)
+    addr = (QW + rows[:, None] * N + cols[None, :]).to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["split_k"])
 def _w4a16_gemv_column_kernel(
     X, QW, S, Z, Bias, Out, WS, Locks,
@@ -74,10 +92,15 @@ def _w4a16_gemv_column_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
 ):
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
+        _prefetch_l2(QW, pid_k * (K_PER_SPLIT // 8), tl.minimum((pid_k + 1) * (K_PER_SPLIT // 8), K // 8), N, pid_n,
+                     PREFETCH_ROWS, BLOCK_N)
+    wait_for_previous_kernel(PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_g = tl.arange(0, GROUPS)
@@ -147,12 +170,22 @@ def launch_gemv_column(
     step = groups * gs
     k_per_split = whole_steps_per_split(k, step, split_k, triton.cdiv(n, block_n))
     r = row_launch(x, weight, block_n, k_per_split)
+    options = launch_options(x)
     _w4a16_gemv_column_kernel[r.grid](
         x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
         n, k, k_per_split, r.split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
         EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
-        num_warps=num_warps, num_stages=num_stages,
+        PREFETCH_ROWS=prefetch_rows(r.grid, block_n, k_per_split) if options["PDL"] else 0,
+        num_warps=num_warps, num_stages=num_stages, **options,
     )
     return r.out
+
+
+def prefetch_rows(grid: tuple[int, int], block_n: int, k_per_split: int) -> int:
+    """Packed rows each program prefetches: `PREFETCH_BYTES` over the programs, a power of two no larger
+    than a program's rows (0 when that is less than one row)."""
+    per_program = PREFETCH_BYTES // (grid[0] * grid[1] * block_n * 4)
+    rows = min(per_program, max(1, k_per_split // 8))
+    return 0 if rows < 1 else 1 << (rows.bit_length() - 1)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.checks import check_device_for_triton, interpreting
+from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 from terse.kernels.w4a16_tiles import MAX_SPLIT_TILES, row_launch, store_row
 from terse.validation import check_choice
@@ -130,8 +131,9 @@ def _w4a16_gemv_offset_kernel(
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr, EVEN: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,5 +225,6 @@ def launch_gemv_offset(
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, USE_SPLIT=r.split_k > 1,
         EVEN=n % block_n == 0 and k % weight.group_size == 0, FAST=fast_offset(x), num_warps=num_warps, num_stages=1,
+        **launch_options(x),
     )
     return r.out
