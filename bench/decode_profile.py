@@ -8,6 +8,10 @@
   table (8 KV heads, 32 query heads, head dim 128, bf16), per split size (`min_tiles_per_split`) and
   loop pipelining (`num_stages`; None: the kernel's rule), against the torch reference; timed launch-free.
 - `argmax`: greedy token ids over the 8B vocabulary, torch's reduction against `terse.kernels.argmax`.
+- `launch`: the INT4 engine's decode graphs captured with programmatic dependent launch off, on, and on
+  with the column GEMV's L2 prefetch at several sizes: one replay of the batch-1 and batch-32 graphs,
+  batch-1 decode ms/token, and whether the batch-1 graph's output and 48 greedy tokens equal those
+  without dependent launch (the kernels are the same; only launch order may differ).
 - `engine`: the INT4 engine (round-to-nearest, group 128, LM head quantized, CUDA graphs): batch-1 decode
   ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone, and each kernel's
   device time per decode step from the torch profiler (33 steps; the prompt's prefill is one of them).
@@ -83,21 +87,111 @@ def argmax_part() -> list[dict[str, Any]]:
     return rows
 
 
-def engine_part() -> dict[str, Any]:
-    import numpy as np
-    import torch
+LAUNCH_VARIANTS = (("off", False, 0), ("dependent", True, 0), ("dependent + 2 MB prefetch", True, 2 << 20),
+                   ("dependent + 4 MB prefetch", True, 4 << 20), ("dependent + 8 MB prefetch", True, 8 << 20),
+                   ("dependent + 16 MB prefetch", True, 16 << 20))
+"""(name, programmatic dependent launch, column GEMV prefetch bytes) of the `launch` part."""
+
+
+def _int4_engine(max_num_seqs: int) -> Any:
     from engine import model_config
-    from torch.profiler import ProfilerActivity, profile
 
     from terse.backend.local.config import EngineConfig
     from terse.backend.local.engine import LocalEngine
     from terse.backend.local.quant.config import QuantizationConfig
-    from terse.backend.types import SamplingParams
 
     config = model_config("8b", max_len=4096)
-    engine = LocalEngine.from_random(config, EngineConfig(
-        max_num_seqs=8, max_num_batched_tokens=8192, max_model_len=4096, num_kv_blocks=4096, enable_prefix_cache=False,
-        quantization=QuantizationConfig(awq=False, lm_head=True)))
+    return LocalEngine.from_random(config, EngineConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, max_model_len=4096, num_kv_blocks=4096,
+        enable_prefix_cache=False, quantization=QuantizationConfig(awq=False, lm_head=True)))
+
+
+def _replay_ms(graph: Any, replays: int) -> float:
+    import torch
+
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[2]
+
+
+def launch_part() -> list[dict[str, Any]]:
+    import gc
+
+    import numpy as np
+    import torch
+
+    from terse.backend.types import SamplingParams
+    from terse.kernels import dependent_launch, w4a16_gemv_column
+
+    default_prefetch = w4a16_gemv_column.PREFETCH_BYTES
+    engine = _int4_engine(32)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, 128).tolist()
+
+    def decode_ms(batch: int, new: int) -> float:
+        prompts = [rng.integers(0, vocab, 128).tolist() for _ in range(batch)]
+        outs = engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+        return float((max(o.metrics["latency"] for o in outs) - max(o.metrics["ttft"] for o in outs)) / (new - 1) * 1e3)
+
+    def batch1_output() -> Any:
+        # one token at position 0 whose K/V go to the scratch block: the same input for every variant
+        graphs = engine.runner.graphs
+        s, block = graphs.static, engine.runner.pool.scratch_block
+        s.input_ids[:1].fill_(7)
+        s.positions[:1].zero_()
+        s.slot_mapping[:1].fill_(block * engine.runner.block_size)
+        s.block_tables[:1].fill_(block)
+        s.context_lens[:1].fill_(1)
+        graphs.graphs[1].replay()
+        return graphs.outputs[1].clone()
+
+    decode_ms(1, 8)
+    decode_ms(32, 8)  # plans measured for both graph sizes
+    rows: list[dict[str, Any]] = []
+    baseline: dict[str, Any] = {}
+    try:
+        for name, dependent, prefetch in LAUNCH_VARIANTS:
+            dependent_launch.set_dependent_launch(dependent)
+            w4a16_gemv_column.PREFETCH_BYTES = prefetch
+            engine.runner.graphs = None
+            gc.collect()
+            engine.runner.capture_cuda_graphs(32)
+            output = batch1_output()
+            decode_ms(1, 8)
+            tokens = engine.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0].token_ids
+            baseline = baseline or {"output": output, "tokens": tokens}
+            rows.append({
+                "variant": name, "graph_ms_batch1": _replay_ms(engine.runner.graphs.graphs[1], 100),
+                "graph_ms_batch32": _replay_ms(engine.runner.graphs.graphs[32], 30),
+                "decode_ms_batch1": [decode_ms(1, 96) for _ in range(2)],
+                "output_equal": bool(torch.equal(output, baseline["output"])),
+                "tokens_equal": list(tokens) == list(baseline["tokens"]),
+            })
+            print(f"[decode_profile] launch {rows[-1]}", flush=True)
+    finally:
+        dependent_launch.set_dependent_launch(True)
+        w4a16_gemv_column.PREFETCH_BYTES = default_prefetch
+        engine.close()
+    return rows
+
+
+def engine_part() -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from terse.backend.types import SamplingParams
+
+    engine = _int4_engine(8)
+    config = engine.model_config
     rng = np.random.default_rng(0)
 
     def generate(new: int) -> Any:
@@ -148,6 +242,12 @@ def table(result: dict[str, Any]) -> str:
     for row in result.get("argmax", []):
         lines.append(f"argmax batch {row['batch']} {row['dtype']}: torch {row['torch_us']:.2f} us, triton "
                      f"{row['triton_us']:.2f} us, equal {row['equal']}")
+    if "launch" in result:
+        lines += ["", "| launch | graph ms, batch 1 | graph ms, batch 32 | decode ms/token, batch 1 | output equal | tokens equal |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['graph_ms_batch1']:.3f} | {r['graph_ms_batch32']:.3f} | "
+                  f"{', '.join(f'{v:.3f}' for v in r['decode_ms_batch1'])} | {r['output_equal']} | {r['tokens_equal']} |"
+                  for r in result["launch"]]
     if "engine" in result:
         e = result["engine"]
         lines += ["", f"decode ms/token (batch 1): {', '.join(f'{v:.3f}' for v in e['decode_ms_batch1'])}; graph replay "
@@ -159,11 +259,11 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="paged,argmax,engine")
+    parser.add_argument("--parts", default="paged,argmax,launch,engine")
     parser.add_argument("--out", default="")
     parser.add_argument("--table", type=Path, help="print the tables of a saved result and exit")
     args = parser.parse_args(argv)
-    parts = {"paged": paged_part, "argmax": argmax_part, "engine": engine_part}
+    parts = {"paged": paged_part, "argmax": argmax_part, "launch": launch_part, "engine": engine_part}
     unknown = [name for name in args.parts.split(",") if name not in parts]
     if unknown:
         print(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(parts)}", file=sys.stderr)

@@ -61,8 +61,8 @@ def dependent_launch_enabled(device: torch.device) -> bool:
 
 
 def launch_options(t: torch.Tensor) -> dict[str, bool]:
-    """Keyword arguments of a launch whose tensors are on t's device: {"PDL": ...} and, when on,
-    {"launch_pdl": True}."""
+    """Keyword arguments of a launch whose tensors are on t's device: {"PDL": False} when off, else
+    {"PDL": True, "launch_pdl": True}."""
     if dependent_launch_enabled(t.device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
