@@ -9,9 +9,10 @@
   loop pipelining (`num_stages`; None: the kernel's rule), against the torch reference; timed launch-free.
 - `argmax`: greedy token ids over the 8B vocabulary, torch's reduction against `terse.kernels.argmax`.
 - `launch`: the INT4 engine's decode graphs captured with programmatic dependent launch off, on, and on
-  with the column GEMV's L2 prefetch at several sizes: one replay of the batch-1 and batch-32 graphs,
-  batch-1 decode ms/token, and whether the batch-1 graph's output and 48 greedy tokens equal those
-  without dependent launch (the kernels are the same; only launch order may differ).
+  with the column GEMV's L2 prefetch at several sizes, and with the MLP's SiLU-and-multiply in the
+  gate/up product's launch or in its own: one replay of the batch-1 and batch-32 graphs, batch-1 decode
+  ms/token, and whether the batch-1 graph's output and 48 greedy tokens equal the first variant's (the
+  arithmetic is the same in every variant; only launches differ).
 - `engine`: the INT4 engine (round-to-nearest, group 128, LM head quantized, CUDA graphs): batch-1 decode
   ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone, and each kernel's
   device time per decode step from the torch profiler (33 steps; the prompt's prefill is one of them).
@@ -87,10 +88,12 @@ def argmax_part() -> list[dict[str, Any]]:
     return rows
 
 
-LAUNCH_VARIANTS = (("off", False, 0), ("dependent", True, 0), ("dependent + 2 MB prefetch", True, 2 << 20),
-                   ("dependent + 4 MB prefetch", True, 4 << 20), ("dependent + 8 MB prefetch", True, 8 << 20),
-                   ("dependent + 16 MB prefetch", True, 16 << 20))
-"""(name, programmatic dependent launch, column GEMV prefetch bytes) of the `launch` part."""
+LAUNCH_VARIANTS = (("off, activation apart", False, 0, False), ("off", False, 0, True), ("dependent", True, 0, True),
+                   ("dependent + 2 MB prefetch", True, 2 << 20, True),
+                   ("dependent + 4 MB prefetch, activation apart", True, 4 << 20, False),
+                   ("dependent + 4 MB prefetch", True, 4 << 20, True), ("dependent + 8 MB prefetch", True, 8 << 20, True))
+"""(name, programmatic dependent launch, column GEMV prefetch bytes, SiLU-and-multiply in the gate/up
+product's launch) of the `launch` part."""
 
 
 def _int4_engine(max_num_seqs: int) -> Any:
@@ -127,9 +130,11 @@ def launch_part() -> list[dict[str, Any]]:
     import numpy as np
     import torch
 
+    from terse.backend.local.quant.modules import Int4Linear
     from terse.backend.types import SamplingParams
     from terse.kernels import dependent_launch, w4a16_gemv_column
 
+    fused_activation = Int4Linear.silu_mul_forward
     default_prefetch = w4a16_gemv_column.PREFETCH_BYTES
     engine = _int4_engine(32)
     vocab = engine.model_config.vocab_size
@@ -158,9 +163,10 @@ def launch_part() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
     try:
-        for name, dependent, prefetch in LAUNCH_VARIANTS:
+        for name, dependent, prefetch, fused in LAUNCH_VARIANTS:
             dependent_launch.set_dependent_launch(dependent)
             w4a16_gemv_column.PREFETCH_BYTES = prefetch
+            Int4Linear.silu_mul_forward = fused_activation if fused else lambda self, x: None  # type: ignore[method-assign]
             engine.runner.graphs = None
             gc.collect()
             engine.runner.capture_cuda_graphs(32)
@@ -179,6 +185,7 @@ def launch_part() -> list[dict[str, Any]]:
     finally:
         dependent_launch.set_dependent_launch(True)
         w4a16_gemv_column.PREFETCH_BYTES = default_prefetch
+        Int4Linear.silu_mul_forward = fused_activation  # type: ignore[method-assign]
         engine.close()
     return rows
 

@@ -67,18 +67,42 @@ def w4a16_matmul(
         check_w4a16_inputs(x, weight, bias)
     if weight.input_perm is not None:
         x = x.index_select(1, weight.input_perm)  # act-order checkpoints: stored row r multiplies x[:, perm[r]]
-    m = x.shape[0]
-    if m == 0:
+    if x.shape[0] == 0:
         return torch.empty(0, weight.out_features, dtype=x.dtype, device=x.device)
-    bucket = 1 << (m - 1).bit_length()
+    return run_plan(_plan(x, weight, bias), x, weight, bias)
+
+
+def w4a16_matmul_silu_mul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu(gate) * up of the product x @ W + bias = [gate | up] (a fused gate/up projection, N = 2I) in
+    the product's own launch, equal to `silu_mul_triton` of `w4a16_matmul`'s result: [1, I]. None when
+    the product does not run the column GEMV (more rows, float32, act-order, or another plan measured
+    faster): the caller applies the activation to the plain product. x: [1, K], checked like
+    `w4a16_matmul`'s."""
+    check_w4a16_inputs(x, weight, bias)
+    if x.shape[0] != 1 or weight.input_perm is not None or weight.out_features % 2:
+        return None
+    plan = _plan(x, weight, bias)
+    if plan.kind != "column":
+        return None
+    from terse.kernels.w4a16_gemv_column import launch_gemv_column
+
+    o = dict(plan.options)
+    return launch_gemv_column(x, weight, bias, o["block_n"], o["groups"], o["split_k"], o["num_warps"],
+                              o["num_stages"], silu_mul=True)
+
+
+def _plan(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Plan:
+    """The measured plan of x's row-count bucket (measured now when new), or the heuristic one where
+    nothing can be timed (interpreter, CUDA graph capture). x: [M >= 1, K], already permuted."""
+    bucket = 1 << (x.shape[0] - 1).bit_length()
     key: PlanKey = (str(x.device), bucket, weight.out_features, weight.in_features, weight.group_size,
                     weight.zeros is not None, str(x.dtype))
     plan = _PLANS.get(key)
     if plan is None:
         if interpreting() or torch.cuda.is_current_stream_capturing():
-            return run_plan(heuristic_plan(bucket, weight, _num_sms(x.device)), x, weight, bias)
+            return heuristic_plan(bucket, weight, _num_sms(x.device))
         plan = _tune(key, x, weight, bias)
-    return run_plan(plan, x, weight, bias)
+    return plan
 
 
 def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:

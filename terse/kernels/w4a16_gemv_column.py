@@ -81,12 +81,29 @@ before a product can fetch only competes with the product before that."""
 
 
 @triton.jit
-def _prefetch_l2(QW, row_begin, row_end, N, pid_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one L2 prefetch per 128-byte line of this program's first ROWS packed rows (its BLOCK_N columns);
-    # rows past the range and columns past N are clamped onto the last valid word (a repeated prefetch)
-    LINES: tl.constexpr = (BLOCK_N + 31) // 32
+def _column_block(pid_n, N, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
+    # the program's weight columns [BLOCK_N] and which are inside the product; PAIRED: BLOCK_N / 2 gate
+    # columns, then the matching up columns N / 2 further (the store writes silu(gate) * up)
+    if PAIRED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        out_n = pid_n * HALF + tl.arange(0, BLOCK_N) % HALF
+        return (tl.arange(0, BLOCK_N) // HALF) * (N // 2) + out_n, out_n < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_n, offs_n < N
+
+
+@triton.jit
+def _prefetch_l2(QW, row_begin, row_end, N, pid_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
+    # one L2 prefetch per 128-byte line of this program's first ROWS packed rows (its BLOCK_N columns, as
+    # one run or, PAIRED, two runs N / 2 apart); rows past the range and columns past N are clamped onto
+    # the last valid word (a repeated prefetch)
+    RUN: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
+    LINES: tl.constexpr = (RUN + 31) // 32  # per run
+    RUNS: tl.constexpr = 2 if PAIRED else 1
+    line = tl.arange(0, RUNS * LINES)
+    cols = tl.minimum((line // LINES) * (N // 2) + pid_n * RUN + (line % LINES) * 32, N - 1)
     rows = tl.minimum(row_begin + tl.arange(0, ROWS), row_end - 1).to(tl.int64)
-    cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LINES) * 32, N - 1)
     addr = (QW + rows[:, None] * N + cols[None, :]).to(tl.int64, bitcast=True)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
                               is_pure=False, pack=1)
@@ -99,17 +116,16 @@ def _w4a16_gemv_column_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr,
 ):
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
         _prefetch_l2(QW, pid_k * (K_PER_SPLIT // 8), tl.minimum((pid_k + 1) * (K_PER_SPLIT // 8), K // 8), N, pid_n,
-                     PREFETCH_ROWS, BLOCK_N)
+                     PREFETCH_ROWS, BLOCK_N, PAIRED)
     wait_for_previous_kernel(PDL)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_n, n_mask = _column_block(pid_n, N, BLOCK_N, PAIRED)
     offs_g = tl.arange(0, GROUPS)
     offs_r = tl.arange(0, ROWS)
     acc = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
@@ -147,17 +163,22 @@ def _w4a16_gemv_column_kernel(
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
         acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N)
+    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, PAIRED)
 
 
 def w4a16_gemv_column(
     x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *,
     block_n: int = 64, groups: int = 2, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x: [1, K] bfloat16 or float16 (permuted when weight.input_perm is set: the caller applies it)
     -> [1, N] in x's dtype. Each loop step reads `groups` whole quantization groups of `block_n`
-    columns; `split_k` slices K into about that many ranges of whole steps."""
+    columns; `split_k` slices K into about that many ranges of whole steps. `silu_mul`: the weight is
+    a fused [gate | up] projection (N = 2I) and the result is silu(gate) * up, [1, I], equal to
+    `silu_mul_triton` of the plain product."""
     check_one_16bit_row("w4a16_gemv_column", x, weight, bias)
+    if silu_mul and weight.out_features % 2:
+        raise KernelInputError(f"silu_mul needs an even N = 2I ([gate | up]); the weight has N={weight.out_features}")
     check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     check_choice("groups", groups, (1, 2, 4, 8), error=KernelInputError)
     check_choice("num_stages", num_stages, (1, 2, 3, 4, 5, 6, 7, 8), error=KernelInputError)
@@ -165,25 +186,26 @@ def w4a16_gemv_column(
         raise KernelInputError(
             f"w4a16_gemv_column takes group sizes {GROUP_SIZES}; got {weight.group_size} (use w4a16_gemv_offset)"
         )
-    return launch_gemv_column(x, weight, bias, block_n, groups, split_k, num_warps, num_stages)
+    return launch_gemv_column(x, weight, bias, block_n, groups, split_k, num_warps, num_stages, silu_mul=silu_mul)
 
 
 def launch_gemv_column(
     x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, groups: int, split_k: int,
-    num_warps: int, num_stages: int,
+    num_warps: int, num_stages: int, *, silu_mul: bool = False,
 ) -> torch.Tensor:
     """`w4a16_gemv_column` without the input checks (for callers that checked once)."""
     n, k, gs = weight.out_features, weight.in_features, weight.group_size
     step = groups * gs
     k_per_split = whole_steps_per_split(k, step, split_k, triton.cdiv(n, block_n))
-    r = row_launch(x, weight, block_n, k_per_split)
+    r = row_launch(x, weight, block_n, k_per_split, paired=silu_mul)
     options = launch_options(x)
     _w4a16_gemv_column_kernel[r.grid](
         x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
         n, k, k_per_split, r.split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
-        EVEN_N=n % block_n == 0, EVEN_K=k % step == 0, NUM_STAGES=num_stages, FAST=fast_offset(x),
+        EVEN_N=(n // 2) % (block_n // 2) == 0 if silu_mul else n % block_n == 0, EVEN_K=k % step == 0,
+        NUM_STAGES=num_stages, FAST=fast_offset(x), PAIRED=silu_mul,
         PREFETCH_ROWS=prefetch_rows(r.grid, block_n, k_per_split) if options["PDL"] else 0,
         num_warps=num_warps, num_stages=num_stages, **options,
     )

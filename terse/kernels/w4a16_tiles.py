@@ -11,6 +11,9 @@
 
   One launch per product (no reduction kernel, no memset): the counters reset themselves, so the
   same workspace serves every later launch in stream order, CUDA graph replays included.
+  PAIRED: the tile's columns are gate columns and the matching up columns of a fused gate/up
+  projection ([gate | up], N = 2I wide); what is stored is silu(gate) * up, I wide, rounded as
+  `silu_mul_triton` rounds after the product: one launch where there were two.
 - `row_launch` / `whole_steps_per_split`: the grid, K slices and buffers of a one-row GEMV launch.
 """
 
@@ -29,6 +32,7 @@ from terse.kernels.w4a16_layout import Int4Weight
 def store_tile(
     acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range; split_k programs
     # share the tile (a runtime count: one compiled kernel serves every split)
@@ -42,29 +46,51 @@ def store_tile(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(split_k):
                 total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, mask=rows, other=0.0, cache_modifier=".cg")
-            _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+            _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N)
             tl.atomic_xchg(Locks + tile_id, 0)
     else:
-        _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+        _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def store_row(
     acc, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k,
-    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr,
 ):
     # acc: [BLOCK_N] float32, a one-row GEMV program's partial sum: `store_tile` with M = 1
     store_tile(acc[None, :], Out, Bias, WS, Locks, tl.arange(0, 1), offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N)
+               HAS_BIAS, USE_SPLIT, 1, BLOCK_N, PAIRED)
 
 
 @triton.jit
-def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
-    n_mask = offs_n < N
+def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if PAIRED:
+        _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, N // 2, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N // 2)
+    else:
+        n_mask = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, I, stride_om, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HALF: tl.constexpr):
+    # acc [BLOCK_M, 2 HALF]: HALF gate columns then the HALF up columns I further; offs_n alike
+    gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BLOCK_M, HALF] each
+    gate_n, up_n = tl.split(tl.permute(tl.reshape(offs_n, [2, HALF]), (1, 0)))  # [HALF]: up_n = I + gate_n
+    n_mask = gate_n < I
     if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+        gate += tl.load(Bias + gate_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(Bias + up_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = Out.dtype.element_ty
+    g = gate.to(dtype).to(tl.float32)  # the product's output, as the unfused path stores it
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)
+    out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+    ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + gate_n[None, :]
+    tl.store(ptrs, out, mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
 
@@ -106,12 +132,14 @@ class RowLaunch(NamedTuple):
     """The weight's zeros, or its scales as a stand-in the kernel does not read (HAS_ZEROS False)."""
 
 
-def row_launch(x: torch.Tensor, weight: Int4Weight, block_n: int, k_per_split: int) -> RowLaunch:
-    """Grid, split count and buffers of a one-row GEMV over `weight` slicing K every `k_per_split` rows."""
+def row_launch(x: torch.Tensor, weight: Int4Weight, block_n: int, k_per_split: int, *, paired: bool = False) -> RowLaunch:
+    """Grid, split count and buffers of a one-row GEMV over `weight` slicing K every `k_per_split` rows;
+    `paired`: a block holds block_n / 2 gate and as many up columns, the output is N / 2 wide."""
     n, k = weight.out_features, weight.in_features
-    num_n = triton.cdiv(n, block_n)
+    width = n // 2 if paired else n
+    num_n = triton.cdiv(width, block_n // 2 if paired else block_n)
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, width, dtype=x.dtype, device=x.device)
     workspace, locks = split_k_buffers(x.device, num_n * split_k * block_n if split_k > 1 else 1)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
     return RowLaunch((num_n, split_k), split_k, out, workspace, locks, zeros)

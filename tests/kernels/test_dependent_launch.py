@@ -91,8 +91,9 @@ norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf1
 out = {}
 for pdl in (False, True):
     consts = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=32, GROUPS=2, USE_SPLIT=False, EVEN_N=True,
-                  EVEN_K=True, NUM_STAGES=3, FAST=True, PDL=pdl, PREFETCH_ROWS=64 if pdl else 0)
+                  EVEN_K=True, NUM_STAGES=3, FAST=True, PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, PAIRED=False)
     out[f"column_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), consts, 4)
+    out[f"column-silu-mul_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PAIRED=True), 4)
     out[f"norm_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8)
 json.dump(out, sys.stdout)
 """
@@ -115,7 +116,7 @@ def _first(ptx: str, needle: str) -> int:
 
 
 def test_every_memory_access_comes_after_the_wait(hopper_ptx: dict[str, str]) -> None:
-    for kernel in ("norm", "column"):
+    for kernel in ("norm", "column", "column-silu-mul"):
         ptx = hopper_ptx[f"{kernel}_True"]
         wait = _first(ptx, "griddepcontrol.wait")
         assert wait < _first(ptx, "griddepcontrol.launch_dependents")
@@ -127,5 +128,6 @@ def test_every_memory_access_comes_after_the_wait(hopper_ptx: dict[str, str]) ->
 
 
 def test_the_column_gemv_prefetches_its_weight_before_the_wait(hopper_ptx: dict[str, str]) -> None:
-    ptx = hopper_ptx["column_True"]
-    assert _first(ptx, "prefetch.global.L2") < _first(ptx, "griddepcontrol.wait")
+    for kernel in ("column", "column-silu-mul"):
+        ptx = hopper_ptx[f"{kernel}_True"]
+        assert _first(ptx, "prefetch.global.L2") < _first(ptx, "griddepcontrol.wait")

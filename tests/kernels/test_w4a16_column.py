@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from terse.errors import KernelInputError
-from terse.kernels.w4a16 import Plan, candidate_plans, run_plan
+from terse.kernels.activation import silu_mul_triton
+from terse.kernels.w4a16 import Plan, candidate_plans, run_plan, w4a16_matmul, w4a16_matmul_silu_mul
 from terse.kernels.w4a16_gemv_column import w4a16_gemv_column
 from tests.kernels.helpers import rel_err
 from tests.kernels.test_w4a16 import TOL, random_weight, reference
@@ -32,6 +33,41 @@ def test_column_gemv_matches_reference(k, n, group_size, asym, block_n, groups, 
     out = w4a16_gemv_column(x, w, bias, block_n=block_n, groups=groups, split_k=split_k)
     assert out.dtype == dtype and out.shape == (1, n)
     assert rel_err(out, reference(x, w, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("k", "i", "block_n", "groups", "split_k", "bias", "dtype"),
+    [
+        (256, 48, 32, 1, 1, False, torch.bfloat16),  # I a multiple of the 16-column half blocks
+        (512, 50, 32, 2, 1, True, torch.bfloat16),  # I ragged: the last block's tail masked in both halves
+        (512, 64, 16, 2, 3, True, torch.float16),  # split-K: the last slice to arrive stores the activation
+        (200, 40, 64, 2, 2, False, torch.float16),  # K tail, half blocks wider than I's tail
+    ],
+)
+def test_silu_mul_store_equals_the_activation_of_the_product(k, i, block_n, groups, split_k, bias, dtype):
+    # a fused [gate | up] weight (N = 2I): silu(gate) * up in the product's launch, bit for bit what
+    # silu_mul_triton makes of the plain product
+    w = random_weight(k, 2 * i, 32, True, dtype, seed=k + i)
+    x = torch.randn(1, k).to(dtype)
+    b = torch.randn(2 * i).to(dtype) if bias else None
+    options = dict(block_n=block_n, groups=groups, split_k=split_k)
+    fused = w4a16_gemv_column(x, w, b, silu_mul=True, **options)
+    assert fused.shape == (1, i) and fused.dtype == dtype
+    assert torch.equal(fused, silu_mul_triton(w4a16_gemv_column(x, w, b, **options)))
+    with pytest.raises(KernelInputError, match="even N"):
+        w4a16_gemv_column(x, random_weight(k, 2 * i + 1, 32, True, dtype), silu_mul=True)
+
+
+def test_matmul_silu_mul_runs_where_the_plan_is_the_column_gemv():
+    w = random_weight(256, 96, 128, True, torch.bfloat16, seed=3)  # group 128, bf16: the column plan
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    fused = w4a16_matmul_silu_mul(x, w)
+    assert fused is not None and torch.equal(fused, silu_mul_triton(w4a16_matmul(x, w)))
+    assert w4a16_matmul_silu_mul(torch.randn(2, 256).to(torch.bfloat16), w) is None  # two rows: another plan
+    w32 = random_weight(256, 96, 128, True, torch.float32)
+    assert w4a16_matmul_silu_mul(torch.randn(1, 256), w32) is None  # float32: the float32 GEMV
+    with pytest.raises(KernelInputError):
+        w4a16_matmul_silu_mul(torch.randn(1, 128).to(torch.bfloat16), w)  # x does not fit K
 
 
 def test_column_plans_are_one_row_16_bit_candidates_and_run_through_the_plan_runner():
