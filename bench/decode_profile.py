@@ -88,12 +88,16 @@ def argmax_part() -> list[dict[str, Any]]:
     return rows
 
 
-LAUNCH_VARIANTS = (("off, activation apart", False, 0, False), ("off", False, 0, True), ("dependent", True, 0, True),
-                   ("dependent + 2 MB prefetch", True, 2 << 20, True),
-                   ("dependent + 4 MB prefetch, activation apart", True, 4 << 20, False),
-                   ("dependent + 4 MB prefetch", True, 4 << 20, True), ("dependent + 8 MB prefetch", True, 8 << 20, True))
+LAUNCH_VARIANTS = (("off, activation apart", False, 0, False, "none"), ("off", False, 0, True, "none"),
+                   ("dependent + 4 MB prefetch, activation apart", True, 4 << 20, False, "none"),
+                   ("dependent + 4 MB prefetch, activation apart, late launch", True, 4 << 20, False, "all"),
+                   ("dependent + 4 MB prefetch, early launch", True, 4 << 20, True, "none"),
+                   ("dependent + 4 MB prefetch, late launch", True, 4 << 20, True, "all"),
+                   ("dependent + 4 MB prefetch", True, 4 << 20, True, "silu_mul"),
+                   ("dependent + 2 MB prefetch", True, 2 << 20, True, "silu_mul"),
+                   ("dependent + 8 MB prefetch", True, 8 << 20, True, "silu_mul"))
 """(name, programmatic dependent launch, column GEMV prefetch bytes, SiLU-and-multiply in the gate/up
-product's launch) of the `launch` part."""
+product's launch, which column GEMVs let the next kernel launch only after their loop) of the `launch` part."""
 
 
 def _int4_engine(max_num_seqs: int) -> Any:
@@ -135,7 +139,7 @@ def launch_part() -> list[dict[str, Any]]:
     from terse.kernels import dependent_launch, w4a16_gemv_column
 
     fused_activation = Int4Linear.silu_mul_forward
-    default_prefetch = w4a16_gemv_column.PREFETCH_BYTES
+    default_prefetch, default_late = w4a16_gemv_column.PREFETCH_BYTES, w4a16_gemv_column.LATE_LAUNCH
     engine = _int4_engine(32)
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(0)
@@ -163,9 +167,10 @@ def launch_part() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
     try:
-        for name, dependent, prefetch, fused in LAUNCH_VARIANTS:
+        for name, dependent, prefetch, fused, late in LAUNCH_VARIANTS:
             dependent_launch.set_dependent_launch(dependent)
             w4a16_gemv_column.PREFETCH_BYTES = prefetch
+            w4a16_gemv_column.LATE_LAUNCH = late
             Int4Linear.silu_mul_forward = fused_activation if fused else lambda self, x: None  # type: ignore[method-assign]
             engine.runner.graphs = None
             gc.collect()
@@ -184,7 +189,7 @@ def launch_part() -> list[dict[str, Any]]:
             print(f"[decode_profile] launch {rows[-1]}", flush=True)
     finally:
         dependent_launch.set_dependent_launch(True)
-        w4a16_gemv_column.PREFETCH_BYTES = default_prefetch
+        w4a16_gemv_column.PREFETCH_BYTES, w4a16_gemv_column.LATE_LAUNCH = default_prefetch, default_late
         Int4Linear.silu_mul_forward = fused_activation  # type: ignore[method-assign]
         engine.close()
     return rows

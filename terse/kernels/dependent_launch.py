@@ -69,9 +69,17 @@ def launch_options(t: torch.Tensor) -> dict[str, bool]:
 
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
+def wait_for_previous_kernel(PDL: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True):
     # first statement of a kernel launched with `launch_options`: wait until the previous kernel in the
-    # stream completed (its writes visible), then let the next one launch
+    # stream completed (its writes visible), then (LAUNCH_NEXT) let the next one launch
     if PDL:
         gdc_wait()
+        if LAUNCH_NEXT:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def launch_next_kernel(PDL: tl.constexpr):
+    # for a kernel that waited with LAUNCH_NEXT=False: let the next kernel launch from here on
+    if PDL:
         gdc_launch_dependents()

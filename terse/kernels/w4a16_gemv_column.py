@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from terse.errors import KernelInputError
-from terse.kernels.dependent_launch import launch_options, wait_for_previous_kernel
+from terse.kernels.dependent_launch import launch_next_kernel, launch_options, wait_for_previous_kernel
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
 from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
@@ -80,6 +80,10 @@ with 8 MB (bench/decode_profile.py --parts launch): more than the few microsecon
 before a product can fetch only competes with the product before that."""
 
 
+LATE_LAUNCH = "silu_mul"
+"""Which column GEMVs let the next kernel launch only after their main loop: "silu_mul", "all" or "none"."""
+
+
 @triton.jit
 def _column_block(pid_n, N, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
     # the program's weight columns [BLOCK_N] and which are inside the product; PAIRED: BLOCK_N / 2 gate
@@ -116,7 +120,7 @@ def _w4a16_gemv_column_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr, LATE_LAUNCH: tl.constexpr,
 ):
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     pid_n = tl.program_id(0)
@@ -124,7 +128,7 @@ def _w4a16_gemv_column_kernel(
     if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
         _prefetch_l2(QW, pid_k * (K_PER_SPLIT // 8), tl.minimum((pid_k + 1) * (K_PER_SPLIT // 8), K // 8), N, pid_n,
                      PREFETCH_ROWS, BLOCK_N, PAIRED)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, not LATE_LAUNCH)
     offs_n, n_mask = _column_block(pid_n, N, BLOCK_N, PAIRED)
     offs_g = tl.arange(0, GROUPS)
     offs_r = tl.arange(0, ROWS)
@@ -162,6 +166,8 @@ def _w4a16_gemv_column_kernel(
         odd = (x1 + x3) + (x5 + x7)
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
         acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
+    if LATE_LAUNCH:
+        launch_next_kernel(PDL)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, PAIRED)
 
@@ -206,6 +212,7 @@ def launch_gemv_column(
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
         EVEN_N=(n // 2) % (block_n // 2) == 0 if silu_mul else n % block_n == 0, EVEN_K=k % step == 0,
         NUM_STAGES=num_stages, FAST=fast_offset(x), PAIRED=silu_mul,
+        LATE_LAUNCH=LATE_LAUNCH == "all" or (silu_mul and LATE_LAUNCH == "silu_mul"),
         PREFETCH_ROWS=prefetch_rows(r.grid, block_n, k_per_split) if options["PDL"] else 0,
         num_warps=num_warps, num_stages=num_stages, **options,
     )

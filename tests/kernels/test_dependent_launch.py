@@ -91,9 +91,10 @@ norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf1
 out = {}
 for pdl in (False, True):
     consts = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=32, GROUPS=2, USE_SPLIT=False, EVEN_N=True,
-                  EVEN_K=True, NUM_STAGES=3, FAST=True, PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, PAIRED=False)
+                  EVEN_K=True, NUM_STAGES=3, FAST=True, PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, PAIRED=False,
+                  LATE_LAUNCH=False)
     out[f"column_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), consts, 4)
-    out[f"column-silu-mul_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PAIRED=True), 4)
+    out[f"column-silu-mul_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PAIRED=True, LATE_LAUNCH=True), 4)
     out[f"norm_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8)
 json.dump(out, sys.stdout)
 """
