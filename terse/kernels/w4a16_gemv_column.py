@@ -72,16 +72,20 @@ def _fma8_tile(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST: tl.constexpr):
     return acc
 
 
-PREFETCH_BYTES = 4 << 20
+PREFETCH_BYTES = 2 << 20
 """Bytes of packed weight a dependent-launched column GEMV asks the L2 to fetch before it waits for the
-kernel before it (the first rows of every program's range), spread over its programs; 0: none. On an
-H200 the INT4 8B engine's batch-1 decode graph ran 2.29 ms without, 2.25 ms with 2 or 4 MB and 2.25 ms
-with 8 MB (bench/decode_profile.py --parts launch): more than the few microseconds of the short kernel
-before a product can fetch only competes with the product before that."""
+kernel before it (the first rows of every program's range), spread over its programs; 0: none. More
+than the few microseconds of the kernel before a product can fetch only competes with the product
+before that: on an H200 the INT4 8B engine's batch-1 decode graph was fastest at 2 MB, slower at 8 MB
+(docs/benchmarks.md, bench/decode_profile.py --parts launch)."""
 
 
 LATE_LAUNCH = "silu_mul"
-"""Which column GEMVs let the next kernel launch only after their main loop: "silu_mul", "all" or "none"."""
+"""Which column GEMVs let the next kernel launch only after their main loop: "silu_mul" (the gate/up
+product with the activation, which the down product follows directly), "all" or "none" (each lets it
+launch once it waited). A product's programs waiting beside another product's slow it: on an H200 the
+decode graph ran 2.43 ms when down launched at once after gate/up, 2.21 ms when it launched after
+gate/up's loop (bench/decode_profile.py --parts launch)."""
 
 
 @triton.jit
