@@ -94,6 +94,7 @@ LAUNCH_VARIANTS = (("off, activation apart", False, 0, False, "none"), ("off", F
                    ("dependent + 4 MB prefetch, early launch", True, 4 << 20, True, "none"),
                    ("dependent + 4 MB prefetch, late launch", True, 4 << 20, True, "all"),
                    ("dependent + 4 MB prefetch", True, 4 << 20, True, "silu_mul"),
+                   ("dependent + 1 MB prefetch", True, 1 << 20, True, "silu_mul"),
                    ("dependent + 2 MB prefetch", True, 2 << 20, True, "silu_mul"),
                    ("dependent + 8 MB prefetch", True, 8 << 20, True, "silu_mul"))
 """(name, programmatic dependent launch, column GEMV prefetch bytes, SiLU-and-multiply in the gate/up
