@@ -26,9 +26,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if TYPE_CHECKING:
+    from terse.kernels.w4a16_gemv_column import LateLaunch
 
 PAGED_CASES = ((1, 130), (1, 256), (1, 600), (1, 1500), (1, 4000), (32, 300), (32, 2000))
 """(batch, context tokens) of the paged-decode timings."""
@@ -88,7 +91,7 @@ def argmax_part() -> list[dict[str, Any]]:
     return rows
 
 
-LAUNCH_VARIANTS = (("off, activation apart", False, 0, False, "none"), ("off", False, 0, True, "none"),
+LAUNCH_VARIANTS: tuple[tuple[str, bool, int, bool, LateLaunch], ...] = (("off, activation apart", False, 0, False, "none"), ("off", False, 0, True, "none"),
                    ("dependent + 4 MB prefetch, activation apart", True, 4 << 20, False, "none"),
                    ("dependent + 4 MB prefetch, activation apart, late launch", True, 4 << 20, False, "all"),
                    ("dependent + 4 MB prefetch, early launch", True, 4 << 20, True, "none"),

@@ -10,9 +10,11 @@ launch, a kernel's programs may start while the kernel before it in the stream i
 
 Every kernel here that takes `PDL` calls `wait_for_previous_kernel` first, before any load or store
 (so it never reads what the previous kernel writes, nor overwrites what it still reads), and then lets
-the next kernel launch. A kernel completes only after its own wait, so a kernel two or more launches
-back has completed too: the chain keeps stream order for memory while the launches overlap. A kernel
-launched without the attribute (torch's, cuBLAS's) keeps plain stream order on both sides.
+the next kernel launch, at once or, with `launch_next_kernel`, later (a product that another product
+follows: programs waiting beside a running product slow it). A kernel completes only after its own
+wait, so a kernel two or more launches back has completed too: the chain keeps stream order for
+memory while the launches overlap. A kernel launched without the attribute (torch's, cuBLAS's) keeps
+plain stream order on both sides.
 
 `launch_options(tensor)` gives a launch's keyword arguments: `PDL` (the kernels' constexpr) and, where
 the tensor's GPU has it, Triton's `launch_pdl`. CUDA graphs capture the attribute (programmatic edges).

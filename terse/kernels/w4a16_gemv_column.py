@@ -18,11 +18,18 @@ Group sizes are powers of two from 16 to 512 (the tile's middle axis is a `tl.ar
 group and ragged edges are masked. Grid: [N / BLOCK_N, split_k]; `store_row` adds split partial sums.
 
 Under programmatic dependent launch (`dependent_launch`) the programs start while the kernel before
-them (a norm, attention's merge, the SiLU) still runs: before waiting for it they ask the L2 for the
-first rows of their weight range (`PREFETCH_BYTES` in all), which does not depend on that kernel.
+them (a norm, attention's merge) still runs: before waiting for it they ask the L2 for the first rows
+of their weight range (`PREFETCH_BYTES` in all), which does not depend on that kernel.
+
+`silu_mul=True` (a fused [gate | up] weight, N = 2I): a program's block holds BLOCK_N / 2 gate columns
+and the matching up columns N / 2 further, and the store writes silu(gate) * up, [1, I], rounded as
+`silu_mul_triton` rounds after the plain product (bit-identical); that product lets the next kernel (the
+down product) launch only after its loop (`LATE_LAUNCH`).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import triton
@@ -80,7 +87,8 @@ before that: on an H200 the INT4 8B engine's batch-1 decode graph was fastest at
 (docs/benchmarks.md, bench/decode_profile.py --parts launch)."""
 
 
-LATE_LAUNCH = "silu_mul"
+LateLaunch = Literal["silu_mul", "all", "none"]
+LATE_LAUNCH: LateLaunch = "silu_mul"
 """Which column GEMVs let the next kernel launch only after their main loop: "silu_mul" (the gate/up
 product with the activation, which the down product follows directly), "all" or "none" (each lets it
 launch once it waited). A product's programs waiting beside another product's slow it: on an H200 the
