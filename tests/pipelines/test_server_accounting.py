@@ -1,7 +1,7 @@
 """Prompt-token accounting of `terse serve` and `wrap_openai`: tool definitions are counted in proxy mode
 and by the wrapper (both sides, so the saving stays honest), engine mode's token counters include the tool
-prompt it renders, and engine mode's context check counts the prompt as the engine holds it (BOS included,
-never twice)."""
+prompt it renders, engine mode's context check counts the prompt as the engine holds it (BOS included,
+never twice), and its accounting headers agree with `usage.prompt_tokens`."""
 
 from __future__ import annotations
 
@@ -199,6 +199,15 @@ def test_engine_metrics_count_the_tool_prompt(tools_server: tuple[ServerThread, 
     assert grown == {"terse_prompt_tokens_original_total": original, "terse_prompt_tokens_sent_total": sent,
                      "terse_prompt_tokens_saved_total": saved}
     assert sent > _accounting(_post(server, "chat/completions", {"messages": MESSAGES, "max_tokens": 2}))[1] + 20
+
+
+def test_engine_accounting_counts_the_prompt_as_usage_does(tools_server: tuple[ServerThread, LocalEngine]) -> None:
+    server = tools_server[0]
+    for body in ({"messages": MESSAGES}, {"messages": MESSAGES, "tools": [WEATHER_TOOL]}):
+        response = _post(server, "chat/completions", {**body, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        original, sent, saved = _accounting(response)
+        assert original == sent == response.json()["usage"]["prompt_tokens"] and saved == 0  # BOS on both sides
 
 
 @pytest.mark.parametrize("path, body", [

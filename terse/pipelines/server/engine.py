@@ -96,25 +96,26 @@ class EngineService:
             )
 
     def count_prompt_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
-        """The chat template over the messages with earlier tool calls written out, as `chat` renders
-        them (a `PromptCounter`). `tools` are not counted here: the tool prompt this engine renders for
-        them depends on `tool_choice` and comes on top in `chat`, which counts it (`_prompt_tokens`)."""
-        return self.backend.count_tokens(self.backend.render_chat(calls_written_out(messages)))
+        """The prompt the messages make as the backend holds it (a `PromptCounter`): the chat template
+        over them with earlier tool calls written out, as `chat` renders them, plus the special tokens
+        the backend adds on submit (BOS), so the accounting headers agree with `usage.prompt_tokens`.
+        `tools` are not counted here: the tool prompt this engine renders for them depends on
+        `tool_choice` and comes on top in `chat`, which counts it (`_prompt_tokens`)."""
+        return submitted_prompt_len(self.backend, self.backend.render_chat(calls_written_out(messages)))
 
     async def _prompt_tokens(self, prompt: str, ctx: RequestContext, structured: StructuredRequest | None) -> int:
         """Tokens of the rendered prompt as the backend will hold them (special tokens such as BOS
         included, `submitted_prompt_len`), which size max_tokens. The hooks' accounting already counted
-        the messages; a request with callable tools also carries the tool prompt, so its prompt is
-        counted whole and the tool prompt added to both sides of the accounting and to the server's
-        token counters (`RequestContext.add_prompt_tokens`; the saving is unchanged)."""
+        the sent messages that way; a request with callable tools also carries the tool prompt, so its
+        prompt is counted whole and the tool prompt added to both sides of the accounting and to the
+        server's token counters (`RequestContext.add_prompt_tokens`; the saving is unchanged)."""
         tools = structured is not None and structured.tools is not None
         if ctx.accounting is not None and not tools:
-            num_text = ctx.accounting.sent_prompt_tokens
-        else:
-            num_text = await run_in_threadpool(self.backend.count_tokens, prompt)
-            if ctx.accounting is not None:
-                ctx.add_prompt_tokens(num_text - ctx.accounting.sent_prompt_tokens)
-        return await run_in_threadpool(submitted_prompt_len, self.backend, prompt, num_text)
+            return ctx.accounting.sent_prompt_tokens
+        num_held = await run_in_threadpool(submitted_prompt_len, self.backend, prompt)
+        if ctx.accounting is not None:
+            ctx.add_prompt_tokens(num_held - ctx.accounting.sent_prompt_tokens)
+        return num_held
 
     def _submit(self, prompt: str | Sequence[int], params: SamplingParams, n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
