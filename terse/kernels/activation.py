@@ -18,6 +18,15 @@ BLOCK = 1024
 
 
 @triton.jit
+def silu_times(gate, up):
+    # silu(gate) * up for 16-bit (or float32) gate and up, rounded to their dtype after the activation and
+    # after the product, as torch rounds op by op (the INT4 gate/up product's store uses it too)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annotations itself
     x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -27,10 +36,7 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]  # Triton reads the annota
     mask = cols < I
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    out = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, silu_times(gate, up), mask=mask)
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

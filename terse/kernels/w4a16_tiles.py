@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from terse.kernels.activation import silu_times
 from terse.kernels.w4a16_layout import Int4Weight
 
 
@@ -86,9 +87,7 @@ def _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, I, stride_om, HAS_BIAS: t
         gate += tl.load(Bias + gate_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         up += tl.load(Bias + up_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     dtype = Out.dtype.element_ty
-    g = gate.to(dtype).to(tl.float32)  # the product's output, as the unfused path stores it
-    act = (g / (1.0 + tl.exp(-g))).to(dtype)
-    out = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+    out = silu_times(gate.to(dtype), up.to(dtype))  # the product rounded as the unfused path stores it
     ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + gate_n[None, :]
     tl.store(ptrs, out, mask=(offs_m < M)[:, None] & n_mask[None, :])
 
