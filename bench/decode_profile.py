@@ -117,19 +117,11 @@ def _int4_engine(max_num_seqs: int) -> Any:
         enable_prefix_cache=False, quantization=QuantizationConfig(awq=False, lm_head=True)))
 
 
-def _replay_ms(graph: Any, replays: int) -> float:
-    import torch
+def _median_replay_ms(graph: Any, replays: int) -> float:
+    """Median of 5 timings of `replays` back-to-back replays of a captured graph (ms per replay)."""
+    from terse.backend.local.cuda_graph import replay_ms
 
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return sorted(times)[2]
+    return sorted(replay_ms(graph, replays) for _ in range(5))[2]
 
 
 def launch_part() -> list[dict[str, Any]]:
@@ -184,8 +176,8 @@ def launch_part() -> list[dict[str, Any]]:
             tokens = engine.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True))[0].token_ids
             baseline = baseline or {"output": output, "tokens": tokens}
             rows.append({
-                "variant": name, "graph_ms_batch1": _replay_ms(engine.runner.graphs.graphs[1], 100),
-                "graph_ms_batch32": _replay_ms(engine.runner.graphs.graphs[32], 30),
+                "variant": name, "graph_ms_batch1": _median_replay_ms(engine.runner.graphs.graphs[1], 100),
+                "graph_ms_batch32": _median_replay_ms(engine.runner.graphs.graphs[32], 30),
                 "decode_ms_batch1": [decode_ms(1, 96) for _ in range(2)],
                 "output_equal": bool(torch.equal(output, baseline["output"])),
                 "tokens_equal": list(tokens) == list(baseline["tokens"]),
@@ -204,6 +196,7 @@ def engine_part() -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from terse.backend.local.cuda_graph import replay_ms
     from terse.backend.types import SamplingParams
 
     engine = _int4_engine(8)
@@ -221,14 +214,7 @@ def engine_part() -> dict[str, Any]:
     for _ in range(2):
         decode_ms(8)  # plans measured, graphs warm
     result: dict[str, Any] = {"decode_ms_batch1": [decode_ms(128) for _ in range(3)]}
-    graph = engine.runner.graphs.graphs[1]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    result["graph_replay_ms_batch1"] = start.elapsed_time(end) / 50
+    result["graph_replay_ms_batch1"] = replay_ms(engine.runner.graphs.graphs[1], 50)
     steps = 33
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(steps)

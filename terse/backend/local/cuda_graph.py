@@ -50,7 +50,7 @@ def fastest(timers: dict[str, Callable[[], float]], rounds: int) -> str:
     return min(timers, key=lambda key: statistics.median(times[key]))
 
 
-def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 2) -> float:
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 2) -> float:
     """Milliseconds per replay of `graph`, measured on the device."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -113,7 +113,7 @@ class DecodeGraphs:
                         captured[library] = (graph, output)
                     best = libraries[0]
                     if len(captured) > 1:
-                        best = fastest({lib: partial(_replay_ms, g) for lib, (g, _) in captured.items()},
+                        best = fastest({lib: partial(replay_ms, g) for lib, (g, _) in captured.items()},
                                        timing_rounds)
                     self.graphs[size], self.outputs[size] = captured[best]
                     self.blas[size] = best
