@@ -72,13 +72,16 @@ def w4a16_matmul(
     return run_plan(_plan(x, weight, bias), x, weight, bias)
 
 
-def w4a16_matmul_silu_mul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+def w4a16_matmul_silu_mul(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True
+) -> torch.Tensor | None:
     """silu(gate) * up of the product x @ W + bias = [gate | up] (a fused gate/up projection, N = 2I) in
     the product's own launch, equal to `silu_mul_triton` of `w4a16_matmul`'s result: [1, I]. None when
     the product does not run the column GEMV (more rows, float32, act-order, or another plan measured
-    faster): the caller applies the activation to the plain product. x: [1, K], checked like
-    `w4a16_matmul`'s."""
-    check_w4a16_inputs(x, weight, bias)
+    faster): the caller applies the activation to the plain product. x: [1, K]; `check` as in
+    `w4a16_matmul`."""
+    if check:
+        check_w4a16_inputs(x, weight, bias)
     if x.shape[0] != 1 or weight.input_perm is not None or weight.out_features % 2:
         return None
     plan = _plan(x, weight, bias)

@@ -58,11 +58,13 @@ class Int4Linear(nn.Module):
         """silu(gate) * up of self(x) = [gate | up] (this layer a fused gate/up projection) in the
         product's own launch where its kernel allows (one 16-bit row on CUDA running the column GEMV),
         else None: the caller applies the activation to self(x). x: [1, K] -> [1, N / 2]."""
-        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or x.dtype != self.scales.dtype or x.stride(1) != 1:
+        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or x.dtype != self.scales.dtype or x.stride(1) != 1 \
+                or x.shape[1] != self.in_features:
             return None
         from terse.kernels.w4a16 import w4a16_matmul_silu_mul
 
-        return w4a16_matmul_silu_mul(x, self.int4, self.bias)
+        # the weight was checked when this layer was built; x's shape, dtype and stride just above
+        return w4a16_matmul_silu_mul(x, self.int4, self.bias, check=False)
 
     def extra_repr(self) -> str:
         scheme = "sym" if self.zeros is None else "asym"
