@@ -94,6 +94,28 @@ def w4a16_matmul_silu_mul(
                               o["num_stages"], silu_mul=True)
 
 
+def w4a16_matmul_rope_store(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, cos_table: torch.Tensor, sin_table: torch.Tensor,
+    positions: torch.Tensor, layer_kv: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The fused q/k/v product x @ W + bias with RoPE and the KV write in its own launch: (q [1, H, D],
+    k [1, KVH, D] rotated, v [1, KVH, D]), k and v written into layer_kv at the slot, equal to
+    `w4a16_matmul` followed by `rope_store_triton` (arguments as there). None when the product does not
+    run the column GEMV without split-K or its column block does not fit the head halves: the caller
+    multiplies, then rotates. x: [1, K]."""
+    check_w4a16_inputs(x, weight, bias)
+    if x.shape[0] != 1 or weight.input_perm is not None:
+        return None
+    plan = _plan(x, weight, bias)
+    o = dict(plan.options)
+    from terse.kernels.w4a16_qkv_rope import fits_qkv_rope, launch_qkv_rope
+
+    if plan.kind != "column" or o["split_k"] != 1 or not fits_qkv_rope(weight, num_heads, num_kv_heads, o["block_n"]):
+        return None
+    return launch_qkv_rope(x, weight, bias, cos_table, sin_table, positions, layer_kv, slot_mapping, num_heads,
+                           num_kv_heads, o["block_n"], o["groups"], o["num_warps"], o["num_stages"])
+
+
 def _plan(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Plan:
     """The measured plan of x's row-count bucket (measured now when new), or the heuristic one where
     nothing can be timed (interpreter, CUDA graph capture). x: [M >= 1, K], already permuted."""

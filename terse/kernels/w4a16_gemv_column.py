@@ -97,51 +97,54 @@ gate/up's loop (bench/decode_profile.py --parts launch)."""
 
 
 @triton.jit
-def _column_block(pid_n, N, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
-    # the program's weight columns [BLOCK_N] and which are inside the product; PAIRED: BLOCK_N / 2 gate
-    # columns, then the matching up columns N / 2 further (the store writes silu(gate) * up)
-    if PAIRED:
-        HALF: tl.constexpr = BLOCK_N // 2
-        out_n = pid_n * HALF + tl.arange(0, BLOCK_N) % HALF
-        return (tl.arange(0, BLOCK_N) // HALF) * (N // 2) + out_n, out_n < N // 2
-    else:
+def column_block(pid_n, N, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr, PAIR_HALF: tl.constexpr):
+    # the program's weight columns [BLOCK_N], which are inside the product, and where its runs of
+    # contiguous columns start: (offs_n, n_mask, first run's start, the second's distance from it).
+    #   PAIRS 0: BLOCK_N columns in one run
+    #   PAIRS 1: BLOCK_N / 2 gate columns, then the matching up columns N / 2 further (gate/up)
+    #   PAIRS 2: BLOCK_N / 2 columns of a head's first half, then the matching ones PAIR_HALF further
+    #            (RoPE's halves; heads of 2 PAIR_HALF columns, PAIR_HALF a multiple of BLOCK_N / 2)
+    if PAIRS == 0:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        return offs_n, offs_n < N
+        return offs_n, offs_n < N, pid_n * BLOCK_N, 0
+    else:
+        RUN: tl.constexpr = BLOCK_N // 2
+        pair = pid_n * RUN + tl.arange(0, BLOCK_N) % RUN  # index among the N / 2 first-half columns
+        second = tl.arange(0, BLOCK_N) // RUN  # 0: first half, 1: second
+        if PAIRS == 1:
+            return second * (N // 2) + pair, pair < N // 2, pid_n * RUN, N // 2
+        else:  # a block stays inside one head half: its first run starts at one column (written so that
+            # Triton sees runs of RUN contiguous, aligned columns and loads them 16 bytes at a time)
+            start = tl.multiple_of((pid_n * RUN // PAIR_HALF) * (2 * PAIR_HALF) + (pid_n * RUN) % PAIR_HALF, RUN)
+            return start + second * PAIR_HALF + tl.arange(0, BLOCK_N) % RUN, pair < N // 2, start, PAIR_HALF
 
 
 @triton.jit
-def _prefetch_l2(QW, row_begin, row_end, N, pid_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
-    # one L2 prefetch per 128-byte line of this program's first ROWS packed rows (its BLOCK_N columns, as
-    # one run or, PAIRED, two runs N / 2 apart); rows past the range and columns past N are clamped onto
-    # the last valid word (a repeated prefetch)
-    RUN: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N
+def prefetch_l2(QW, pid_k, K_PER_SPLIT, K, N, run_start, run_gap, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                PAIRS: tl.constexpr):
+    # one L2 prefetch per 128-byte line of this program's first ROWS packed rows (its column runs, from
+    # `column_block`); rows past the program's range and columns past N are clamped onto the last valid
+    # word (a repeated prefetch)
+    RUN: tl.constexpr = BLOCK_N // 2 if PAIRS > 0 else BLOCK_N
     LINES: tl.constexpr = (RUN + 31) // 32  # per run
-    RUNS: tl.constexpr = 2 if PAIRED else 1
+    RUNS: tl.constexpr = 2 if PAIRS > 0 else 1
     line = tl.arange(0, RUNS * LINES)
-    cols = tl.minimum((line // LINES) * (N // 2) + pid_n * RUN + (line % LINES) * 32, N - 1)
-    rows = tl.minimum(row_begin + tl.arange(0, ROWS), row_end - 1).to(tl.int64)
+    cols = tl.minimum(run_start + (line // LINES) * run_gap + (line % LINES) * 32, N - 1)
+    row_end = tl.minimum((pid_k + 1) * (K_PER_SPLIT // 8), K // 8)
+    rows = tl.minimum(pid_k * (K_PER_SPLIT // 8) + tl.arange(0, ROWS), row_end - 1).to(tl.int64)
     addr = (QW + rows[:, None] * N + cols[None, :]).to(tl.int64, bitcast=True)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["split_k"])
-def _w4a16_gemv_column_kernel(
-    X, QW, S, Z, Bias, Out, WS, Locks,
-    N, K, K_PER_SPLIT, split_k,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
+@triton.jit
+def column_dot(
+    X, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr, LATE_LAUNCH: tl.constexpr,
 ):
+    # x's product with the columns offs_n over the program's K range -> float32 [BLOCK_N]
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
-        _prefetch_l2(QW, pid_k * (K_PER_SPLIT // 8), tl.minimum((pid_k + 1) * (K_PER_SPLIT // 8), K // 8), N, pid_n,
-                     PREFETCH_ROWS, BLOCK_N, PAIRED)
-    wait_for_previous_kernel(PDL, not LATE_LAUNCH)
-    offs_n, n_mask = _column_block(pid_n, N, BLOCK_N, PAIRED)
     offs_g = tl.arange(0, GROUPS)
     offs_r = tl.arange(0, ROWS)
     acc = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
@@ -178,9 +181,28 @@ def _w4a16_gemv_column_kernel(
         odd = (x1 + x3) + (x5 + x7)
         start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
         acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _w4a16_gemv_column_kernel(
+    X, QW, S, Z, Bias, Out, WS, Locks,
+    N, K, K_PER_SPLIT, split_k,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr, LATE_LAUNCH: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n, n_mask, run_start, run_gap = column_block(pid_n, N, BLOCK_N, 1 if PAIRED else 0, 0)
+    if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
+        prefetch_l2(QW, pid_k, K_PER_SPLIT, K, N, run_start, run_gap, PREFETCH_ROWS, BLOCK_N, 1 if PAIRED else 0)
+    wait_for_previous_kernel(PDL, not LATE_LAUNCH)
+    total = column_dot(X, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask, GROUP_SIZE, HAS_ZEROS, BLOCK_N,
+                       GROUPS, EVEN_N, EVEN_K, NUM_STAGES, FAST)
     if LATE_LAUNCH:
         launch_next_kernel(PDL)
-    total = tl.sum(tl.sum(acc, axis=1), axis=0)
     store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, PAIRED)
 
 

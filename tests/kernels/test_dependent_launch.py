@@ -75,6 +75,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from terse.kernels.norm import _add_rms_norm_kernel
 from terse.kernels.w4a16_gemv_column import _w4a16_gemv_column_kernel
+from terse.kernels.w4a16_qkv_rope import _w4a16_qkv_rope_kernel
 
 def ptx(fn, sig, consts, warps):
     for name in consts:
@@ -88,6 +89,9 @@ column = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Bias": "*bf16
           "Locks": "*i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "split_k": "i32"}
 norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
         "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "N": "i32", "eps": "fp32"}
+rope = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Bias": "*bf16", "COS": "*fp32", "SIN": "*fp32",
+        "POS": "*i64", "SLOT": "*i64", "KV": "*bf16", "QOut": "*bf16", "KOut": "*bf16", "VOut": "*bf16", "N": "i32",
+        "K": "i32", "stride_cos": "i32", "stride_plane": "i32", "stride_slot": "i32"}
 out = {}
 for pdl in (False, True):
     consts = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=32, GROUPS=2, USE_SPLIT=False, EVEN_N=True,
@@ -95,6 +99,9 @@ for pdl in (False, True):
                   LATE_LAUNCH=False)
     out[f"column_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), consts, 4)
     out[f"column-silu-mul_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PAIRED=True, LATE_LAUNCH=True), 4)
+    out[f"qkv-rope_{pdl}"] = ptx(_w4a16_qkv_rope_kernel, dict(rope), dict(
+        GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=16, GROUPS=4, EVEN_K=True, NUM_STAGES=4, FAST=True,
+        PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, NUM_HEADS=32, NUM_KV_HEADS=8, HALF=64), 4)
     out[f"norm_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8)
 json.dump(out, sys.stdout)
 """
@@ -117,7 +124,7 @@ def _first(ptx: str, needle: str) -> int:
 
 
 def test_every_memory_access_comes_after_the_wait(hopper_ptx: dict[str, str]) -> None:
-    for kernel in ("norm", "column", "column-silu-mul"):
+    for kernel in ("norm", "column", "column-silu-mul", "qkv-rope"):
         ptx = hopper_ptx[f"{kernel}_True"]
         wait = _first(ptx, "griddepcontrol.wait")
         assert wait < _first(ptx, "griddepcontrol.launch_dependents")
@@ -129,6 +136,6 @@ def test_every_memory_access_comes_after_the_wait(hopper_ptx: dict[str, str]) ->
 
 
 def test_the_column_gemv_prefetches_its_weight_before_the_wait(hopper_ptx: dict[str, str]) -> None:
-    for kernel in ("column", "column-silu-mul"):
+    for kernel in ("column", "column-silu-mul", "qkv-rope"):
         ptx = hopper_ptx[f"{kernel}_True"]
         assert _first(ptx, "prefetch.global.L2") < _first(ptx, "griddepcontrol.wait")

@@ -13,8 +13,9 @@ The residual stream travels beside the hidden states so each norm can fuse the a
               h = attention(h);  h, res = norm(h + res);  h = mlp(h)
     final:    out, _ = norm(h + res)
 
-An INT4 fused gate/up projection of one row (batch-1 decode on CUDA) applies SiLU-and-multiply in its
-own kernel (`Int4Linear.silu_mul_forward`): one launch fewer per layer.
+An INT4 fused projection of one row (batch-1 decode on CUDA) takes the elementwise work after it into
+its own kernel where it can: q/k/v the RoPE + KV write (`ops.project_rope_store`), gate/up the
+SiLU-and-multiply (`Int4Linear.silu_mul_forward`): two launches fewer per layer.
 """
 
 from __future__ import annotations
@@ -218,6 +219,23 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: LayerOps, rope: Any, kv: KVCachePool, attn: AttentionPlan) -> torch.Tensor:
         num_tokens = x.shape[0]
+        layer_kv = kv.layer(self.layer_index)
+        fused = None
+        if self.qkv_proj is not None and self.q_norm is None:  # RoPE + KV write in the product's launch
+            fused = ops.project_rope_store(self.qkv_proj, x, rope, layer_kv, attn.slot_mapping, self.num_heads,
+                                           self.num_kv_heads)
+        if fused is not None:
+            q, k, v = fused
+        else:
+            q, k, v = self._project_rotate_store(x, ops, rope, layer_kv, attn)
+        out = attn.attend(q, k, v, layer_kv, self.layer_index)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _project_rotate_store(
+        self, x: torch.Tensor, ops: LayerOps, rope: Any, layer_kv: torch.Tensor, attn: AttentionPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q/k/v projections, q/k norms, RoPE, and k, v written into layer_kv. -> (q, k, v)."""
+        num_tokens = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
             q_flat, k_flat, v_flat = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -229,10 +247,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = _head_norm(ops, q, self.q_norm)
             k = _head_norm(ops, k, self.k_norm)
-        layer_kv = kv.layer(self.layer_index)
         q, k = ops.rope_store(rope, q, k, v, layer_kv, attn.slot_mapping)  # writes k, v into the pool
-        out = attn.attend(q, k, v, layer_kv, self.layer_index)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return q, k, v
 
 
 class MLP(nn.Module):

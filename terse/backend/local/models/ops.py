@@ -3,7 +3,8 @@
 - `TorchOps`: the torch references (terse.kernels.decode_reference), op for op what transformers
   computes: the path on CPU and in float32, where greedy output must equal transformers token for token;
 - `TritonOps`: the fused Triton kernels (residual add + RMSNorm, RoPE + KV write, SiLU-and-multiply):
-  a decode layer launches about ten kernels instead of forty. bfloat16 / float16 on CUDA.
+  a decode layer launches about ten kernels instead of forty. bfloat16 / float16 on CUDA. An INT4 q/k/v
+  projection of one row takes RoPE + KV write into its own launch (`project_rope_store`).
 
 `choose_ops` picks one when the engine is built; the model never branches on the device.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from terse.backend.local.quant.modules import Int4Linear
 from terse.kernels.decode_reference import (
     add_rms_norm_reference,
     rms_norm_reference,
@@ -50,6 +53,15 @@ class LayerOps(Protocol):
         """[T, 2I] -> [T, I]."""
         ...
 
+    def project_rope_store(
+        self, proj: nn.Module, x: torch.Tensor, rope: Any, layer_kv: torch.Tensor, slot_mapping: torch.Tensor,
+        num_heads: int, num_kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The fused q/k/v projection proj(x) with `rope_store` in one launch where proj's kernel allows it:
+        (q [T, H, D], k [T, KVH, D] rotated, v [T, KVH, D]), k and v written into layer_kv; else None (the
+        model projects, then calls `rope_store`)."""
+        ...
+
 
 class TorchOps:
     """The reference path (any device and dtype)."""
@@ -74,6 +86,12 @@ class TorchOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_mul_reference(gate_up)
+
+    def project_rope_store(
+        self, proj: nn.Module, x: torch.Tensor, rope: Any, layer_kv: torch.Tensor, slot_mapping: torch.Tensor,
+        num_heads: int, num_kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None
 
 
 class TritonOps:
@@ -103,6 +121,15 @@ class TritonOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._silu(gate_up)
+
+    def project_rope_store(
+        self, proj: nn.Module, x: torch.Tensor, rope: Any, layer_kv: torch.Tensor, slot_mapping: torch.Tensor,
+        num_heads: int, num_kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not isinstance(proj, Int4Linear):
+            return None
+        cos, sin, positions = rope
+        return proj.rope_store_forward(x, cos, sin, positions, layer_kv, slot_mapping, num_heads, num_kv_heads)
 
 
 def choose_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> LayerOps:

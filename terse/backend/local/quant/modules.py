@@ -66,6 +66,20 @@ class Int4Linear(nn.Module):
         # the weight was checked when this layer was built; x's shape, dtype and stride just above
         return w4a16_matmul_silu_mul(x, self.int4, self.bias, check=False)
 
+    def rope_store_forward(
+        self, x: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+        layer_kv: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(q, k, v) of this fused q/k/v projection with RoPE applied and k, v written into layer_kv, in
+        the product's own launch where its kernel allows (one 16-bit row on CUDA running the column GEMV
+        without split-K), else None: the caller projects, then rotates and stores. x: [1, K]."""
+        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or x.dtype != self.scales.dtype or x.stride(1) != 1:
+            return None
+        from terse.kernels.w4a16 import w4a16_matmul_rope_store
+
+        return w4a16_matmul_rope_store(x, self.int4, self.bias, cos_table, sin_table, positions, layer_kv, slot_mapping,
+                                       num_heads, num_kv_heads)
+
     def extra_repr(self) -> str:
         scheme = "sym" if self.zeros is None else "asym"
         return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, {scheme}"

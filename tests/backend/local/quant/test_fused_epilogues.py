@@ -1,0 +1,122 @@
+"""The elementwise work after an INT4 fused projection, taken from the product's own launch where the
+layer's kernel allows it (the kernels themselves are tested in tests/kernels), else done by the model's
+ops on the plain product: the MLP's SiLU-and-multiply after gate/up, attention's RoPE + KV write after
+q/k/v."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from terse.backend.local.models.llama import Attention, ModelConfig, _gate_up_activation
+from terse.backend.local.models.ops import TorchOps, TritonOps
+from terse.backend.local.quant.modules import Int4Linear
+from terse.backend.local.quant.rtn import quantize_weight
+
+
+def _gate_up_layer(inner: int = 24, hidden: int = 64) -> Int4Linear:
+    torch.manual_seed(0)
+    return Int4Linear(quantize_weight(torch.randn(2 * inner, hidden) / hidden**0.5, 32, "asym", torch.float32))
+
+
+def test_on_the_cpu_the_ops_apply_the_activation_to_the_product() -> None:
+    layer, ops = _gate_up_layer(), TorchOps()
+    x = torch.randn(1, 64)
+    assert layer.silu_mul_forward(x) is None  # no Triton kernel for CPU tensors
+    assert torch.equal(_gate_up_activation(layer, x, ops), ops.silu_mul(layer(x)))
+
+
+def test_the_layer_s_own_activation_is_used_when_its_kernel_gives_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, ops = _gate_up_layer(), TorchOps()
+    x = torch.randn(1, 64)
+    fused = ops.silu_mul(layer(x)).clone()
+    calls: list[torch.Tensor] = []
+
+    def from_kernel(self: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x)
+        return fused
+
+    monkeypatch.setattr(Int4Linear, "silu_mul_forward", from_kernel)
+    assert _gate_up_activation(layer, x, ops) is fused and calls == [x]
+    dense = torch.nn.Linear(64, 48)  # not INT4: the ops path
+    assert torch.equal(_gate_up_activation(dense, x, ops), ops.silu_mul(dense(x))) and len(calls) == 1
+
+
+def _config(qk_norm: bool = False) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+        max_position_embeddings=64, attention_bias=False, qk_norm=qk_norm, mlp_bias=False, tie_word_embeddings=False,
+        sliding_window=None, bos_token_id=None, eos_token_ids=(),
+    )
+
+
+class _Plan:
+    slot_mapping = torch.tensor([3])
+
+    def __init__(self) -> None:
+        self.attended: tuple[torch.Tensor, ...] = ()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor, layer_index: int):
+        self.attended = (q, k, v)
+        return q
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.kv = torch.zeros(2, 2, 4, 2, 8)
+
+    def layer(self, index: int) -> torch.Tensor:
+        return self.kv
+
+
+class _FusedOps(TorchOps):
+    """Torch ops whose projection step reports a fused result (and counts the calls)."""
+
+    def __init__(self, result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        self.result, self.calls, self.rope_calls = result, 0, 0
+
+    def project_rope_store(self, proj, x, rope, layer_kv, slot_mapping, num_heads, num_kv_heads):
+        self.calls += 1
+        return self.result
+
+    def rope_store(self, rope, q, k, v, layer_kv, slot_mapping):
+        self.rope_calls += 1
+        return super().rope_store(rope, q, k, v, layer_kv, slot_mapping)
+
+
+def _attention(qk_norm: bool = False) -> Attention:
+    torch.manual_seed(0)
+    attention = Attention(_config(qk_norm), 0, "cpu", torch.float32)
+    attention.fuse()
+    return attention
+
+
+def test_attention_takes_q_k_v_from_the_fused_projection_when_given() -> None:
+    attention, plan = _attention(), _Plan()
+    fused = (torch.randn(1, 4, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8))
+    ops = _FusedOps(fused)
+    rope = (torch.ones(1, 1, 8), torch.zeros(1, 1, 8))
+    out = attention(torch.randn(1, 32), ops, rope, _Pool(), plan)
+    assert ops.calls == 1 and ops.rope_calls == 0 and all(a is b for a, b in zip(plan.attended, fused))
+    assert torch.equal(out, attention.o_proj(fused[0].reshape(1, 32)))
+
+
+def test_attention_projects_and_rotates_itself_otherwise() -> None:
+    for qk_norm, result in ((False, None), (True, (torch.zeros(1, 4, 8),) * 3)):  # q/k norm: never fused
+        attention, plan = _attention(qk_norm), _Plan()
+        ops = _FusedOps(result)
+        x = torch.randn(1, 32)
+        attention(x, ops, (torch.ones(1, 1, 8), torch.zeros(1, 1, 8)), _Pool(), plan)
+        assert ops.rope_calls == 1 and ops.calls == (0 if qk_norm else 1)
+        if not qk_norm:  # cos 1, sin 0: q is the projection's first 32 columns
+            assert torch.allclose(plan.attended[0].reshape(1, -1), attention.qkv_proj(x)[:, :32])
+
+
+def test_the_ops_fuse_only_int4_projections_on_the_gpu() -> None:
+    layer = _gate_up_layer(inner=16, hidden=64)  # any INT4 layer: CPU tensors take no kernel
+    rope = (torch.ones(64, 8), torch.zeros(64, 8), torch.tensor([0]))
+    args = (torch.randn(1, 64), rope, torch.zeros(2, 2, 4, 2, 8), torch.tensor([0]), 2, 1)
+    assert TorchOps().project_rope_store(layer, *args) is None
+    assert TritonOps().project_rope_store(torch.nn.Linear(64, 32), *args) is None  # dense: the plain path
+    assert TritonOps().project_rope_store(layer, *args) is None  # CPU tensors
