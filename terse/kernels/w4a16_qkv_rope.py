@@ -15,7 +15,7 @@ to the pool and to v. Under the interpreter, bit for bit what the product follow
 gives. Compiled for CUDA, q/k/v products and v are still identical, but the compiler contracts each
 rotated half's multiply and add into one bfloat16 FMA (the product's rounding skipped), and it picks the
 product to fuse per kernel, so rotated q and k may differ from `rope_store_triton`'s in the last bit of a
-rounding: on an H200 at the 8B shape, 15-17% of q/k values, at most 1.6e-2 apart, with a relative error
+rounding: on an H200 at the 8B shape, 11-17% of q/k values, at most 1.6e-2 apart, with a relative error
 against the float32 reference of 4.0-4.9e-3 here and 5.3-6.5e-3 for the two-kernel path.
 
 One row only (batch-1 decode), no split-K (each program runs all of K: the q/k/v product's measured plan
