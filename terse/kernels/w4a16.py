@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from terse.kernels.checks import interpreting
+from terse.kernels.row_prep import PACKED_ROW, RowPrep
 from terse.kernels.w4a16_layout import Int4Weight, check_w4a16_inputs
 
 PlanKind = Literal["offset", "column", "gemv", "gemm", "dequant"]
@@ -57,29 +58,60 @@ def chosen_plans() -> dict[PlanKey, tuple[Plan, list[tuple[str, float]]]]:
 
 
 def w4a16_matmul(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True,
+    prep: RowPrep | None = None,
 ) -> torch.Tensor:
     """x: [M, K] (any row stride, contiguous along K) -> [M, N] in x's dtype. CUDA (or the interpreter).
 
     `check=False` skips the input checks: for layers that validated their weight once and pass x of the
-    right shape and dtype (a decode step's dozens of products pay no Python checks)."""
+    right shape and dtype (a decode step's dozens of products pay no Python checks). `prep`: x's
+    `RowPrep` (one row, span from `row_prep_span`), used where the plan is the column GEMV."""
     if check:
         check_w4a16_inputs(x, weight, bias)
     if weight.input_perm is not None:
         x = x.index_select(1, weight.input_perm)  # act-order checkpoints: stored row r multiplies x[:, perm[r]]
+        prep = None  # a prep of the unpermuted row
     if x.shape[0] == 0:
         return torch.empty(0, weight.out_features, dtype=x.dtype, device=x.device)
-    return run_plan(_plan(x, weight, bias), x, weight, bias)
+    return run_plan(_plan(x, weight, bias), x, weight, bias, prep)
+
+
+ROW_PREP_MIN_COLUMNS_PER_WARP = 32
+"""A one-row column GEMV takes a `RowPrep` from the kernel that writes its input when its tile has at
+least this many columns per warp. On an H200 (8B shapes, bf16, launch-free) the prep made the tiles of
+32 columns per warp 5-16% faster (gate/up, down, the LM head) and the 16-column four-warp tiles of q/k/v
+and o 5-30% slower (terse/kernels/row_prep.py)."""
+
+
+def row_prep_span(device: torch.device, dtype: torch.dtype, weight: Int4Weight) -> int:
+    """The `RowPrep` span the one-row product of a [1, K] x of `dtype` on `device` takes from the kernel
+    that writes x: the weight's group size where its measured plan is a column GEMV wide enough per warp
+    (`ROW_PREP_MIN_COLUMNS_PER_WARP`), else 0 (it works from x alone). A producer that cannot sum whole
+    groups may give sums per packed row (span 8) instead. Looks plans up without measuring: 0 until the
+    product ran once (the engine runs each decode graph's batch eagerly before capturing it)."""
+    if dtype not in (torch.bfloat16, torch.float16) or weight.input_perm is not None:
+        return 0
+    key: PlanKey = (str(device), 1, weight.out_features, weight.in_features, weight.group_size,
+                    weight.zeros is not None, str(dtype))
+    plan = _PLANS.get(key)
+    if plan is None and interpreting():
+        plan = heuristic_plan(1, weight, _num_sms(device))
+    if plan is None or plan.kind != "column":
+        return 0
+    o = dict(plan.options)
+    return weight.group_size if o["block_n"] >= ROW_PREP_MIN_COLUMNS_PER_WARP * o["num_warps"] else 0
 
 
 def w4a16_matmul_silu_mul(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *, check: bool = True,
+    prep: RowPrep | None = None, prep_into: RowPrep | None = None,
 ) -> torch.Tensor | None:
     """silu(gate) * up of the product x @ W + bias = [gate | up] (a fused gate/up projection, N = 2I) in
     the product's own launch, equal to `silu_mul_triton` of `w4a16_matmul`'s result: [1, I]. None when
     the product does not run the column GEMV (more rows, float32, act-order, or another plan measured
-    faster): the caller applies the activation to the plain product. x: [1, K]; `check` as in
-    `w4a16_matmul`."""
+    faster): the caller applies the activation to the plain product. x: [1, K]; `check` and `prep` as in
+    `w4a16_matmul`; `prep_into`: buffers (`empty_prep(I, 8)`) the store fills with the result's prep per
+    packed row, for the product after (left unwritten when this returns None)."""
     if check:
         check_w4a16_inputs(x, weight, bias)
     if x.shape[0] != 1 or weight.input_perm is not None or weight.out_features % 2:
@@ -91,7 +123,12 @@ def w4a16_matmul_silu_mul(
 
     o = dict(plan.options)
     return launch_gemv_column(x, weight, bias, o["block_n"], o["groups"], o["split_k"], o["num_warps"],
-                              o["num_stages"], silu_mul=True)
+                              o["num_stages"], silu_mul=True, prep=_usable(prep, weight), prep_into=prep_into)
+
+
+def _usable(prep: RowPrep | None, weight: Int4Weight) -> RowPrep | None:
+    """prep where the column GEMV takes its span for this weight, else None (the product works from x)."""
+    return prep if prep is not None and prep.span in (PACKED_ROW, weight.group_size) else None
 
 
 def w4a16_matmul_rope_store(
@@ -130,8 +167,10 @@ def _plan(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Pla
     return plan
 
 
-def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """Run one plan on an already permuted x."""
+def run_plan(
+    plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, prep: RowPrep | None = None
+) -> torch.Tensor:
+    """Run one plan on an already permuted x (`prep`: x's `RowPrep`, used by the column GEMV)."""
     o = dict(plan.options)
     if plan.kind == "offset":
         from terse.kernels.w4a16_gemv_offset import launch_gemv_offset
@@ -141,7 +180,7 @@ def run_plan(plan: Plan, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor
         from terse.kernels.w4a16_gemv_column import launch_gemv_column
 
         return launch_gemv_column(x, weight, bias, o["block_n"], o["groups"], o["split_k"], o["num_warps"],
-                                  o["num_stages"])
+                                  o["num_stages"], prep=_usable(prep, weight))
     if plan.kind == "gemv":
         from terse.kernels.w4a16_gemv import launch_gemv
 

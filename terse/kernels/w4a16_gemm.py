@@ -114,7 +114,7 @@ def _w4a16_gemm_kernel(
         out = acc
     tile_id = pid_m * num_pid_n + pid_n
     store_tile(out, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, BLOCK_M, BLOCK_N, False)
+               HAS_BIAS, USE_SPLIT, BLOCK_M, BLOCK_N, False, Out, Out, False)
 
 
 @triton.jit

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from terse.errors import KernelInputError
 from terse.kernels.dependent_launch import launch_next_kernel, launch_options, wait_for_previous_kernel
+from terse.kernels.row_prep import PACKED_ROW, RowPrep
 from terse.kernels.w4a16 import COLUMN_GROUP_SIZES as GROUP_SIZES  # GROUP_SIZE / 8 must be a power of two
 from terse.kernels.w4a16_gemv_offset import check_one_16bit_row, fast_offset, offset_floats
 from terse.kernels.w4a16_layout import Int4Weight
@@ -139,15 +140,19 @@ def prefetch_l2(QW, pid_k, K_PER_SPLIT, K, N, run_start, run_gap, ROWS: tl.const
 
 @triton.jit
 def column_dot(
-    X, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask,
+    X, XP, SP, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
+    PREP_SPAN: tl.constexpr,
 ):
-    # x's product with the columns offs_n over the program's K range -> float32 [BLOCK_N]
+    # x's product with the columns offs_n over the program's K range -> float32 [BLOCK_N]. PREP_SPAN 0: from
+    # x itself; 8: x as float32 (XP) and its sums per packed row (SP), the same operations; GROUP_SIZE: per
+    # group sums, whose offsets come off once per group and column (gacc) instead of once per word
     ROWS: tl.constexpr = GROUP_SIZE // 8  # packed rows per group
     offs_g = tl.arange(0, GROUPS)
     offs_r = tl.arange(0, ROWS)
     acc = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
+    gacc = tl.zeros([GROUPS, BLOCK_N], dtype=tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in tl.range(k_begin, k_end, GROUPS * GROUP_SIZE, num_stages=NUM_STAGES):
@@ -176,22 +181,44 @@ def column_dot(
                 z = tl.load(Z + s_ptrs, mask=groups_in, other=0.0).to(tl.float32)
         else:
             z = tl.full([GROUPS, BLOCK_N], 8.0, tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(X, kr, rows, GROUPS, ROWS, not EVEN_K)
-        even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
-        odd = (x1 + x3) + (x5 + x7)
-        start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
+        if PREP_SPAN == 0:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(X, kr, rows, GROUPS, ROWS, not EVEN_K)
+            even = (x0 + x2) + (x4 + x6)  # [G, R, 1]
+            odd = (x1 + x3) + (x5 + x7)
+            start = -(even * 2048.0 + odd * 128.0) - z[:, None, :] * (even + odd)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_rows(XP, kr, rows, GROUPS, ROWS, not EVEN_K)
+            if PREP_SPAN == 8:
+                sums = SP + (kr // 8)[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+                if EVEN_K:
+                    c, t = tl.split(tl.load(sums))  # [G, R] each
+                else:
+                    c, t = tl.split(tl.load(sums, mask=rows[:, :, None], other=0.0))
+                start = c[:, :, None] - z[:, None, :] * t[:, :, None]
+            else:
+                sums = SP + g[:, None] * 2 + tl.arange(0, 2)[None, :]
+                if EVEN_K:
+                    c, t = tl.split(tl.load(sums))  # [G] each
+                else:
+                    c, t = tl.split(tl.load(sums, mask=(g * GROUP_SIZE < k_end)[:, None], other=0.0))
+                gacc += s * (c[:, None] - z * t[:, None])
+                start = tl.zeros([GROUPS, ROWS, BLOCK_N], dtype=tl.float32)
         acc += s[:, None, :] * _fma8_tile(start, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
-    return tl.sum(tl.sum(acc, axis=1), axis=0)
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if PREP_SPAN == GROUP_SIZE:
+        total += tl.sum(gacc, axis=0)
+    return total
 
 
 @triton.jit(do_not_specialize=["split_k"])
 def _w4a16_gemv_column_kernel(
-    X, QW, S, Z, Bias, Out, WS, Locks,
+    X, XP, SP, QW, S, Z, Bias, Out, WS, Locks, OutXP, OutSP,
     N, K, K_PER_SPLIT, split_k,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr, PAIRED: tl.constexpr, LATE_LAUNCH: tl.constexpr,
+    PREP_SPAN: tl.constexpr, PREP_OUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -199,26 +226,38 @@ def _w4a16_gemv_column_kernel(
     if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
         prefetch_l2(QW, pid_k, K_PER_SPLIT, K, N, run_start, run_gap, PREFETCH_ROWS, BLOCK_N, 1 if PAIRED else 0)
     wait_for_previous_kernel(PDL, not LATE_LAUNCH)
-    total = column_dot(X, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask, GROUP_SIZE, HAS_ZEROS, BLOCK_N,
-                       GROUPS, EVEN_N, EVEN_K, NUM_STAGES, FAST)
+    total = column_dot(X, XP, SP, QW, S, Z, N, K, K_PER_SPLIT, pid_k, offs_n, n_mask, GROUP_SIZE, HAS_ZEROS, BLOCK_N,
+                       GROUPS, EVEN_N, EVEN_K, NUM_STAGES, FAST, PREP_SPAN)
     if LATE_LAUNCH:
         launch_next_kernel(PDL)
-    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, PAIRED)
+    store_row(total, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, PAIRED,
+              OutXP, OutSP, PREP_OUT)
 
 
 def w4a16_gemv_column(
     x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, *,
     block_n: int = 64, groups: int = 2, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-    silu_mul: bool = False,
+    silu_mul: bool = False, prep: RowPrep | None = None, prep_into: RowPrep | None = None,
 ) -> torch.Tensor:
     """x: [1, K] bfloat16 or float16 (permuted when weight.input_perm is set: the caller applies it)
     -> [1, N] in x's dtype. Each loop step reads `groups` whole quantization groups of `block_n`
     columns; `split_k` slices K into about that many ranges of whole steps. `silu_mul`: the weight is
     a fused [gate | up] projection (N = 2I) and the result is silu(gate) * up, [1, I], equal to
-    `silu_mul_triton` of the plain product."""
+    `silu_mul_triton` of the plain product. `prep`: x's `RowPrep` (sums per packed row or per group of
+    this weight), written by the kernel before; `prep_into`: buffers (`row_prep.empty_prep(I, 8)`) the
+    silu_mul store fills with its output's prep per packed row, for the product after."""
     check_one_16bit_row("w4a16_gemv_column", x, weight, bias)
     if silu_mul and weight.out_features % 2:
         raise KernelInputError(f"silu_mul needs an even N = 2I ([gate | up]); the weight has N={weight.out_features}")
+    if prep is not None:
+        prep.check(weight.in_features)
+        if prep.span not in (PACKED_ROW, weight.group_size):
+            raise KernelInputError(f"row prep span {prep.span}: the product takes sums per packed row ({PACKED_ROW}) "
+                                   f"or per group ({weight.group_size})")
+    if prep_into is not None:
+        if not silu_mul or prep_into.span != PACKED_ROW:
+            raise KernelInputError("prep_into needs silu_mul and sums per packed row (span 8)")
+        prep_into.check(weight.out_features // 2)
     check_choice("block_n", block_n, (16, 32, 64, 128, 256, 512), error=KernelInputError)
     check_choice("groups", groups, (1, 2, 4, 8), error=KernelInputError)
     check_choice("num_stages", num_stages, (1, 2, 3, 4, 5, 6, 7, 8), error=KernelInputError)
@@ -226,12 +265,14 @@ def w4a16_gemv_column(
         raise KernelInputError(
             f"w4a16_gemv_column takes group sizes {GROUP_SIZES}; got {weight.group_size} (use w4a16_gemv_offset)"
         )
-    return launch_gemv_column(x, weight, bias, block_n, groups, split_k, num_warps, num_stages, silu_mul=silu_mul)
+    return launch_gemv_column(x, weight, bias, block_n, groups, split_k, num_warps, num_stages, silu_mul=silu_mul,
+                              prep=prep, prep_into=prep_into)
 
 
 def launch_gemv_column(
     x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, block_n: int, groups: int, split_k: int,
-    num_warps: int, num_stages: int, *, silu_mul: bool = False,
+    num_warps: int, num_stages: int, *, silu_mul: bool = False, prep: RowPrep | None = None,
+    prep_into: RowPrep | None = None,
 ) -> torch.Tensor:
     """`w4a16_gemv_column` without the input checks (for callers that checked once)."""
     n, k, gs = weight.out_features, weight.in_features, weight.group_size
@@ -240,7 +281,9 @@ def launch_gemv_column(
     r = row_launch(x, weight, block_n, k_per_split, paired=silu_mul)
     options = launch_options(x)
     _w4a16_gemv_column_kernel[r.grid](
-        x, weight.qweight, weight.scales, r.zeros, bias if bias is not None else r.out, r.out, r.workspace, r.locks,
+        x, prep.values if prep else x, prep.sums if prep else x, weight.qweight, weight.scales, r.zeros,
+        bias if bias is not None else r.out, r.out, r.workspace, r.locks,
+        prep_into.values if prep_into else r.out, prep_into.sums if prep_into else r.out,
         n, k, k_per_split, r.split_k,
         GROUP_SIZE=gs, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, GROUPS=groups, USE_SPLIT=r.split_k > 1,
@@ -248,6 +291,7 @@ def launch_gemv_column(
         NUM_STAGES=num_stages, FAST=fast_offset(x), PAIRED=silu_mul,
         LATE_LAUNCH=LATE_LAUNCH == "all" or (silu_mul and LATE_LAUNCH == "silu_mul"),
         PREFETCH_ROWS=prefetch_rows(r.grid, block_n, k_per_split) if options["PDL"] else 0,
+        PREP_SPAN=prep.span if prep else 0, PREP_OUT=prep_into is not None,
         num_warps=num_warps, num_stages=num_stages, **options,
     )
     return r.out

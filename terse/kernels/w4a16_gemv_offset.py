@@ -165,7 +165,7 @@ def _w4a16_gemv_offset_kernel(
             tg = _fma8(tg, words, x0, x1, x2, x3, x4, x5, x6, x7, FAST)
         s, z = _group_scale_zero(S, Z, g0 // GROUP_SIZE, offs_n, n_mask, N, HAS_ZEROS, EVEN, BLOCK_N)
         acc += s[None, :] * (tg - offset[:, None] - z[None, :] * xsum[:, None])
-    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, False)
+    store_row(tl.sum(acc, axis=0), Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k, HAS_BIAS, USE_SPLIT, BLOCK_N, False, Out, Out, False)
 
 
 def w4a16_gemv_offset(

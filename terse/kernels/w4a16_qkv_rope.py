@@ -95,8 +95,8 @@ def _w4a16_qkv_rope_kernel(
     if PREFETCH_ROWS > 0:  # the weight does not depend on the kernel before: fetch it while that one runs
         prefetch_l2(QW, 0, K, K, N, run_start, run_gap, PREFETCH_ROWS, BLOCK_N, 2)
     wait_for_previous_kernel(PDL)
-    total = column_dot(X, QW, S, Z, N, K, K, 0, offs_n, n_mask, GROUP_SIZE, HAS_ZEROS, BLOCK_N, GROUPS, True,
-                       EVEN_K, NUM_STAGES, FAST)
+    total = column_dot(X, X, X, QW, S, Z, N, K, K, 0, offs_n, n_mask, GROUP_SIZE, HAS_ZEROS, BLOCK_N, GROUPS, True,
+                       EVEN_K, NUM_STAGES, FAST, 0)
     _store_rotated(total, offs_n, Bias, COS, SIN, POS, SLOT, KV, QOut, KOut, VOut, stride_cos, stride_plane,
                    stride_slot, HAS_BIAS, NUM_HEADS, NUM_KV_HEADS, HALF, BLOCK_N)
 

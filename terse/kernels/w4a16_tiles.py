@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from terse.kernels.activation import silu_times
+from terse.kernels.row_prep_kernels import store_prep
 from terse.kernels.w4a16_layout import Int4Weight
 
 
@@ -33,7 +34,7 @@ from terse.kernels.w4a16_layout import Int4Weight
 def store_tile(
     acc, Out, Bias, WS, Locks, offs_m, offs_n, M, N, stride_om, tile_id, pid_k, split_k,
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIRED: tl.constexpr,
+    PAIRED: tl.constexpr, OutXP, OutSP, PREP_OUT: tl.constexpr,
 ):
     # acc: [BLOCK_M, BLOCK_N] float32, this program's partial sum over its K range; split_k programs
     # share the tile (a runtime count: one compiled kernel serves every split)
@@ -47,27 +48,31 @@ def store_tile(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(split_k):
                 total += tl.load(base + s * (BLOCK_M * BLOCK_N) + tile, mask=rows, other=0.0, cache_modifier=".cg")
-            _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N)
+            _store_out(total, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N,
+                       OutXP, OutSP, PREP_OUT)
             tl.atomic_xchg(Locks + tile_id, 0)
     else:
-        _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N)
+        _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS, PAIRED, BLOCK_M, BLOCK_N, OutXP, OutSP,
+                   PREP_OUT)
 
 
 @triton.jit
 def store_row(
     acc, Out, Bias, WS, Locks, offs_n, N, pid_n, pid_k, split_k,
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr,
+    OutXP, OutSP, PREP_OUT: tl.constexpr,
 ):
     # acc: [BLOCK_N] float32, a one-row GEMV program's partial sum: `store_tile` with M = 1
     store_tile(acc[None, :], Out, Bias, WS, Locks, tl.arange(0, 1), offs_n, 1, N, N, pid_n, pid_k, split_k,
-               HAS_BIAS, USE_SPLIT, 1, BLOCK_N, PAIRED)
+               HAS_BIAS, USE_SPLIT, 1, BLOCK_N, PAIRED, OutXP, OutSP, PREP_OUT)
 
 
 @triton.jit
 def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OutXP, OutSP, PREP_OUT: tl.constexpr):
     if PAIRED:
-        _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, N // 2, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N // 2)
+        _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, N // 2, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N // 2,
+                        OutXP, OutSP, PREP_OUT)
     else:
         n_mask = offs_n < N
         if HAS_BIAS:
@@ -78,7 +83,7 @@ def _store_out(acc, Out, Bias, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.con
 
 @triton.jit
 def _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, I, stride_om, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HALF: tl.constexpr):
+                    HALF: tl.constexpr, OutXP, OutSP, PREP_OUT: tl.constexpr):
     # acc [BLOCK_M, 2 HALF]: HALF gate columns then the HALF up columns I further; offs_n alike
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BLOCK_M, HALF] each
     gate_n, up_n = tl.split(tl.permute(tl.reshape(offs_n, [2, HALF]), (1, 0)))  # [HALF]: up_n = I + gate_n
@@ -90,6 +95,8 @@ def _store_silu_mul(acc, Out, Bias, offs_m, offs_n, M, I, stride_om, HAS_BIAS: t
     out = silu_times(gate.to(dtype), up.to(dtype))  # the product rounded as the unfused path stores it
     ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + gate_n[None, :]
     tl.store(ptrs, out, mask=(offs_m < M)[:, None] & n_mask[None, :])
+    if PREP_OUT:  # one row: the down product's input side (row_prep), per packed row of the HALF outputs
+        store_prep(tl.reshape(out.to(tl.float32), [HALF]), gate_n, I, OutXP, OutSP, HALF // 8, 8)
 
 
 

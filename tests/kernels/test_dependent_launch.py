@@ -85,10 +85,11 @@ def ptx(fn, sig, consts, warps):
     opts = {"num_warps": warps, "num_stages": 3, "launch_pdl": consts["PDL"]}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
-column = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Bias": "*bf16", "Out": "*bf16", "WS": "*fp32",
-          "Locks": "*i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "split_k": "i32"}
+column = {"X": "*bf16", "XP": "*fp32", "SP": "*fp32", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Bias": "*bf16",
+          "Out": "*bf16", "WS": "*fp32", "Locks": "*i32", "OutXP": "*fp32", "OutSP": "*fp32", "N": "i32", "K": "i32",
+          "K_PER_SPLIT": "i32", "split_k": "i32"}
 norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
-        "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "N": "i32", "eps": "fp32"}
+        "prep_x_ptr": "*fp32", "prep_sums_ptr": "*fp32", "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "N": "i32", "eps": "fp32"}
 rope = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Bias": "*bf16", "COS": "*fp32", "SIN": "*fp32",
         "POS": "*i64", "SLOT": "*i64", "KV": "*bf16", "QOut": "*bf16", "KOut": "*bf16", "VOut": "*bf16", "N": "i32",
         "K": "i32", "stride_cos": "i32", "stride_plane": "i32", "stride_slot": "i32"}
@@ -96,13 +97,18 @@ out = {}
 for pdl in (False, True):
     consts = dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=32, GROUPS=2, USE_SPLIT=False, EVEN_N=True,
                   EVEN_K=True, NUM_STAGES=3, FAST=True, PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, PAIRED=False,
-                  LATE_LAUNCH=False)
+                  LATE_LAUNCH=False, PREP_SPAN=0, PREP_OUT=False)
     out[f"column_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), consts, 4)
     out[f"column-silu-mul_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PAIRED=True, LATE_LAUNCH=True), 4)
+    out[f"column-prep-in-out_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(
+        consts, PAIRED=True, LATE_LAUNCH=True, PREP_SPAN=128, PREP_OUT=True), 1)
+    out[f"column-row-prep_{pdl}"] = ptx(_w4a16_gemv_column_kernel, dict(column), dict(consts, PREP_SPAN=8), 2)
     out[f"qkv-rope_{pdl}"] = ptx(_w4a16_qkv_rope_kernel, dict(rope), dict(
         GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=False, BLOCK_N=16, GROUPS=4, EVEN_K=True, NUM_STAGES=4, FAST=True,
         PDL=pdl, PREFETCH_ROWS=64 if pdl else 0, NUM_HEADS=32, NUM_KV_HEADS=8, HALF=64), 4)
-    out[f"norm_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8)
+    out[f"norm_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl, PREP_SPAN=0), 8)
+    out[f"norm-prep_{pdl}"] = ptx(_add_rms_norm_kernel, dict(norm), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl,
+                                                                        PREP_SPAN=128), 8)
 json.dump(out, sys.stdout)
 """
 
@@ -124,7 +130,7 @@ def _first(ptx: str, needle: str) -> int:
 
 
 def test_every_memory_access_comes_after_the_wait(hopper_ptx: dict[str, str]) -> None:
-    for kernel in ("norm", "column", "column-silu-mul", "qkv-rope"):
+    for kernel in ("norm", "norm-prep", "column", "column-silu-mul", "column-prep-in-out", "column-row-prep", "qkv-rope"):
         ptx = hopper_ptx[f"{kernel}_True"]
         wait = _first(ptx, "griddepcontrol.wait")
         assert wait < _first(ptx, "griddepcontrol.launch_dependents")

@@ -1,6 +1,7 @@
 """The column GEMV (terse/kernels/w4a16_gemv_column.py) against the dequantized torch reference under
 the Triton interpreter: ragged N and K, a short last group, tiles of one and several groups, split-K
-slices of whole steps, symmetric and asymmetric, fp16 and bf16."""
+slices of whole steps, symmetric and asymmetric, fp16 and bf16; the row prep (terse/kernels/row_prep.py)
+it takes from the kernel before and the one its SiLU store and the norm write."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from terse.errors import KernelInputError
 from terse.kernels.activation import silu_mul_triton
+from terse.kernels.norm import add_rms_norm_prep_triton, add_rms_norm_triton
+from terse.kernels.row_prep import empty_prep, row_prep_reference
 from terse.kernels.w4a16 import Plan, candidate_plans, run_plan, w4a16_matmul, w4a16_matmul_silu_mul
 from terse.kernels.w4a16_gemv_column import w4a16_gemv_column
 from tests.kernels.helpers import rel_err
@@ -94,3 +97,65 @@ def test_column_gemv_rejects_bad_inputs():
         w4a16_gemv_column(torch.randn(1, 64).half(), w, groups=3)
     with pytest.raises(KernelInputError, match="group sizes"):
         w4a16_gemv_column(torch.randn(1, 48).half(), random_weight(48, 16, 24, True, torch.float16))
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "group_size", "asym", "block_n", "groups", "split_k", "dtype"),
+    [
+        (512, 96, 128, True, 32, 2, 1, torch.bfloat16),  # even K, two groups per step
+        (544, 40, 32, False, 16, 4, 2, torch.float16),  # K tail (a step past K), split-K, symmetric
+        (200, 64, 64, True, 64, 1, 3, torch.bfloat16),  # K tail inside the last group
+    ],
+)
+def test_a_row_prep_per_packed_row_changes_nothing_per_group_stays_within_rounding(
+    k, n, group_size, asym, block_n, groups, split_k, dtype
+):
+    # x's prep worked out before the product: per packed row the same operations (bit for bit), per group
+    # the offsets come off once per group (other rounding, same accuracy against the reference)
+    w = random_weight(k, n, group_size, asym, dtype, seed=k + n + 1)
+    x = torch.randn(1, k).to(dtype)
+    options = dict(block_n=block_n, groups=groups, split_k=split_k)
+    plain = w4a16_gemv_column(x, w, **options)
+    assert torch.equal(w4a16_gemv_column(x, w, prep=row_prep_reference(x, 8), **options), plain)
+    grouped = w4a16_gemv_column(x, w, prep=row_prep_reference(x, group_size), **options)
+    want = reference(x, w, None)
+    assert rel_err(grouped, want) < TOL[dtype] and rel_err(grouped, plain) < TOL[dtype]
+    with pytest.raises(KernelInputError, match="span"):
+        w4a16_gemv_column(x, w, prep=row_prep_reference(x, 2 * group_size), **options)
+    with pytest.raises(KernelInputError, match="values"):
+        w4a16_gemv_column(x, w, prep=row_prep_reference(x[:, :-8], 8), **options)
+
+
+@pytest.mark.parametrize(("k", "i", "block_n", "split_k"), [(256, 48, 32, 1), (512, 50, 16, 3), (200, 40, 64, 2)])
+def test_the_silu_mul_store_writes_its_output_s_prep_per_packed_row(k, i, block_n, split_k):
+    # what the down product after gate/up takes: the activation as float32 and its sums per packed row,
+    # as row_prep_reference works them out from the stored activation (ragged I: the last row short)
+    w = random_weight(k, 2 * i, 32, True, torch.bfloat16, seed=k + i + 2)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    into = empty_prep(i, 8, x.device)
+    act = w4a16_gemv_column(x, w, silu_mul=True, block_n=block_n, split_k=split_k, prep_into=into)
+    assert torch.equal(act, w4a16_gemv_column(x, w, silu_mul=True, block_n=block_n, split_k=split_k))
+    want = row_prep_reference(act, 8)
+    assert torch.equal(into.values, want.values) and torch.equal(into.sums, want.sums)
+    with pytest.raises(KernelInputError, match="prep_into"):
+        w4a16_gemv_column(x, w, block_n=block_n, prep_into=empty_prep(2 * i, 8, x.device))
+
+
+@pytest.mark.parametrize(("n", "span", "residual"), [(512, 128, True), (544, 32, True), (544, 8, False), (64, 64, True)])
+def test_the_norm_writes_the_next_product_s_row_prep(n, span, residual):
+    torch.manual_seed(n + span)
+    x, res = (torch.randn(1, n).to(torch.bfloat16) for _ in range(2))
+    weight = torch.randn(n).to(torch.bfloat16)
+    res = res if residual else None
+    out, new_res = add_rms_norm_triton(x, res, weight, 1e-5)
+    out2, new_res2, prep = add_rms_norm_prep_triton(x, res, weight, 1e-5, span)
+    want = row_prep_reference(out, span)
+    assert torch.equal(out2, out) and torch.equal(new_res2, new_res) and prep.span == span
+    assert torch.equal(prep.values, want.values)
+    assert torch.allclose(prep.sums, want.sums, rtol=1e-6, atol=1e-3)  # group sums: any order of addition
+    if span == 8:
+        assert torch.equal(prep.sums, want.sums)
+    with pytest.raises(ValueError, match="span"):
+        add_rms_norm_prep_triton(x, res, weight, 1e-5, 12)
+    with pytest.raises(ValueError, match="one row"):
+        add_rms_norm_prep_triton(torch.cat((x, x)), None, weight, 1e-5, span)

@@ -15,7 +15,9 @@ The residual stream travels beside the hidden states so each norm can fuse the a
 
 An INT4 fused projection of one row (batch-1 decode on CUDA) takes the elementwise work after it into
 its own kernel where it can: q/k/v the RoPE + KV write (`ops.project_rope_store`), gate/up the
-SiLU-and-multiply (`Int4Linear.silu_mul_forward`): two launches fewer per layer.
+SiLU-and-multiply (`Int4Linear.silu_mul_forward`): two launches fewer per layer. Where an INT4 product
+of one row gains from it, the kernel writing its input also writes the input side of its arithmetic (a
+`RowPrep`, terse.kernels.row_prep): the norm before gate/up, and gate/up's store for down.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.ops import LayerOps, TorchOps
 from terse.backend.local.quant.modules import Int4Linear
 from terse.errors import ModelLoadError
+from terse.kernels.row_prep import PACKED_ROW, RowPrep, empty_prep
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -264,20 +267,38 @@ class MLP(nn.Module):
         self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+    def input_prep_span(self, x: torch.Tensor) -> int:
+        """The `RowPrep` span the MLP's first product takes for x (one row of an INT4 gate/up), else 0."""
+        proj = self.gate_up_proj
+        if not isinstance(proj, Int4Linear) or x.shape[0] != 1:
+            return 0
+        return proj.row_prep_span(x.device, x.dtype)
+
+    def forward(self, x: torch.Tensor, ops: LayerOps, prep: RowPrep | None = None) -> torch.Tensor:
+        """`prep`: x's `RowPrep` (span from `input_prep_span`), written by the norm before."""
         if self.gate_up_proj is not None:
-            return self.down_proj(_gate_up_activation(self.gate_up_proj, x, ops))
+            act, act_prep = _gate_up_activation(self.gate_up_proj, x, ops, prep, self.down_proj)
+            if act_prep is not None and isinstance(self.down_proj, Int4Linear):
+                return self.down_proj(act, act_prep)
+            return self.down_proj(act)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _gate_up_activation(proj: nn.Module, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+def _gate_up_activation(
+    proj: nn.Module, x: torch.Tensor, ops: LayerOps, prep: RowPrep | None = None, next_proj: nn.Module | None = None
+) -> tuple[torch.Tensor, RowPrep | None]:
     """silu(gate) * up of the fused projection [gate | up] = proj(x): in the product's own launch where an
-    INT4 layer's kernel allows it, else `ops.silu_mul` of the product."""
+    INT4 layer's kernel allows it, else `ops.silu_mul` of the product. -> (activation, its `RowPrep` per
+    packed row when the launch wrote one for `next_proj`, an INT4 product that takes it, else None)."""
     if isinstance(proj, Int4Linear):
-        act = proj.silu_mul_forward(x)
+        into = None
+        if isinstance(next_proj, Int4Linear) and x.shape[0] == 1 and next_proj.row_prep_span(x.device, x.dtype):
+            into = empty_prep(proj.out_features // 2, PACKED_ROW, x.device)
+        act = proj.silu_mul_forward(x, prep, into)
         if act is not None:
-            return act
-    return ops.silu_mul(proj(x))
+            return act, into
+        return ops.silu_mul(proj(x, prep)), None
+    return ops.silu_mul(proj(x)), None
 
 
 class DecoderLayer(nn.Module):
@@ -297,6 +318,10 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         h, residual = ops.rms_norm(x, residual, norm1.weight, norm1.eps)
         h = self.self_attn(h, ops, rope, kv, attn)
+        span = self.mlp.input_prep_span(h)
+        if span:  # one row into an INT4 gate/up that gains from its input side worked out by the norm
+            h, residual, prep = ops.rms_norm_prep(h, residual, norm2.weight, norm2.eps, span)
+            return self.mlp(h, ops, prep), residual
         h, residual = ops.rms_norm(h, residual, norm2.weight, norm2.eps)
         return self.mlp(h, ops), residual
 

@@ -4,7 +4,8 @@
   computes: the path on CPU and in float32, where greedy output must equal transformers token for token;
 - `TritonOps`: the fused Triton kernels (residual add + RMSNorm, RoPE + KV write, SiLU-and-multiply):
   a decode layer launches about ten kernels instead of forty. bfloat16 / float16 on CUDA. An INT4 q/k/v
-  projection of one row takes RoPE + KV write into its own launch (`project_rope_store`).
+  projection of one row takes RoPE + KV write into its own launch (`project_rope_store`), and a norm
+  before an INT4 product of one row can write that product's input side (`rms_norm_prep`, a `RowPrep`).
 
 `choose_ops` picks one when the engine is built; the model never branches on the device.
 """
@@ -23,6 +24,7 @@ from terse.kernels.decode_reference import (
     rope_store_reference,
     silu_mul_reference,
 )
+from terse.kernels.row_prep import RowPrep, row_prep_reference
 
 
 class RopeTables(Protocol):
@@ -40,6 +42,13 @@ class LayerOps(Protocol):
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, N] -> (norm(x + residual), x + residual); residual None -> (norm(x), x)."""
+        ...
+
+    def rms_norm_prep(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor, RowPrep]:
+        """`rms_norm` of one row x [1, N], with the normed row's `RowPrep` (sums per `span` inputs) for the
+        INT4 product that follows."""
         ...
 
     def rope_store(
@@ -77,6 +86,12 @@ class TorchOps:
             return rms_norm_reference(x, weight, eps), x
         return add_rms_norm_reference(x, residual, weight, eps)
 
+    def rms_norm_prep(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor, RowPrep]:
+        out, res = self.rms_norm(x, residual, weight, eps)
+        return out, res, row_prep_reference(out, span)
+
     def rope_store(
         self, rope: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
         slot_mapping: torch.Tensor,
@@ -99,10 +114,11 @@ class TritonOps:
 
     def __init__(self) -> None:
         from terse.kernels.activation import silu_mul_triton
-        from terse.kernels.norm import add_rms_norm_triton
+        from terse.kernels.norm import add_rms_norm_prep_triton, add_rms_norm_triton
         from terse.kernels.rope_store import rope_store_triton
 
         self._norm, self._rope, self._silu = add_rms_norm_triton, rope_store_triton, silu_mul_triton
+        self._norm_prep = add_rms_norm_prep_triton
 
     def prepare_rope(self, tables: RopeTables, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return tables.cos, tables.sin, positions
@@ -111,6 +127,11 @@ class TritonOps:
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._norm(x, residual, weight, eps)
+
+    def rms_norm_prep(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor, RowPrep]:
+        return self._norm_prep(x, residual, weight, eps, span)
 
     def rope_store(
         self, rope: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from terse.kernels.row_prep import RowPrep
 from terse.kernels.w4a16_layout import Int4Weight, dequantize, w4a16_reference
 
 
@@ -40,7 +41,9 @@ class Int4Linear(nn.Module):
         """The packed weight (views of this module's buffers)."""
         return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.input_perm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prep: RowPrep | None = None) -> torch.Tensor:
+        """`prep`: x's `RowPrep` (one row, the span `row_prep_span` asked for), written by the kernel
+        that wrote x; the CUDA product's column GEMV uses it, other paths ignore it."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if x2.is_cuda:
@@ -48,23 +51,38 @@ class Int4Linear(nn.Module):
 
             if x2.dtype != self.scales.dtype or x2.stride(1) != 1:
                 x2 = x2.to(self.scales.dtype).contiguous()
+                prep = None  # the prep of another rounding of x
             # the weight was checked when this layer was built; x's shape comes from the reshape above
-            out = w4a16_matmul(x2, self.int4, self.bias, check=False)
+            out = w4a16_matmul(x2, self.int4, self.bias, check=False, prep=prep if x2.shape[0] == 1 else None)
         else:
             out = w4a16_reference(x2, self.int4, self.bias)
         return out.view(*lead, self.out_features)
 
-    def silu_mul_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def row_prep_span(self, device: torch.device, dtype: torch.dtype) -> int:
+        """The `RowPrep` span this layer's one-row product of a `dtype` x on `device` takes from the kernel
+        that writes x: its group size, or 0 where its kernel works from x alone (not CUDA, another dtype,
+        a plan that does not gain: `terse.kernels.w4a16.row_prep_span`)."""
+        if device.type != "cuda" or dtype != self.scales.dtype:
+            return 0
+        from terse.kernels.w4a16 import row_prep_span
+
+        return row_prep_span(device, dtype, self.int4)
+
+    def silu_mul_forward(
+        self, x: torch.Tensor, prep: RowPrep | None = None, prep_into: RowPrep | None = None
+    ) -> torch.Tensor | None:
         """silu(gate) * up of self(x) = [gate | up] (this layer a fused gate/up projection) in the
         product's own launch where its kernel allows (one 16-bit row on CUDA running the column GEMV),
-        else None: the caller applies the activation to self(x). x: [1, K] -> [1, N / 2]."""
+        else None: the caller applies the activation to self(x). x: [1, K] -> [1, N / 2]. `prep` as in
+        `forward`; `prep_into`: `RowPrep` buffers per packed row ([1, N / 2]) the launch fills for the
+        product after (unwritten when this returns None)."""
         if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or x.dtype != self.scales.dtype or x.stride(1) != 1 \
                 or x.shape[1] != self.in_features:
             return None
         from terse.kernels.w4a16 import w4a16_matmul_silu_mul
 
         # the weight was checked when this layer was built; x's shape, dtype and stride just above
-        return w4a16_matmul_silu_mul(x, self.int4, self.bias, check=False)
+        return w4a16_matmul_silu_mul(x, self.int4, self.bias, check=False, prep=prep, prep_into=prep_into)
 
     def rope_store_forward(
         self, x: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from terse.backend.local.models.llama import Attention, ModelConfig, _gate_up_activation
+from terse.backend.local.models.llama import Attention, DecoderLayer, ModelConfig, _gate_up_activation
 from terse.backend.local.models.ops import TorchOps, TritonOps
 from terse.backend.local.quant.modules import Int4Linear
 from terse.backend.local.quant.rtn import quantize_weight
+from terse.kernels.row_prep import RowPrep, row_prep_reference
 
 
 def _gate_up_layer(inner: int = 24, hidden: int = 64) -> Int4Linear:
@@ -23,23 +24,90 @@ def test_on_the_cpu_the_ops_apply_the_activation_to_the_product() -> None:
     layer, ops = _gate_up_layer(), TorchOps()
     x = torch.randn(1, 64)
     assert layer.silu_mul_forward(x) is None  # no Triton kernel for CPU tensors
-    assert torch.equal(_gate_up_activation(layer, x, ops), ops.silu_mul(layer(x)))
+    assert layer.row_prep_span(x.device, x.dtype) == 0  # nor a row prep
+    act, prep = _gate_up_activation(layer, x, ops, None, _gate_up_layer(inner=32, hidden=24))
+    assert torch.equal(act, ops.silu_mul(layer(x))) and prep is None
 
 
 def test_the_layer_s_own_activation_is_used_when_its_kernel_gives_one(monkeypatch: pytest.MonkeyPatch) -> None:
     layer, ops = _gate_up_layer(), TorchOps()
     x = torch.randn(1, 64)
     fused = ops.silu_mul(layer(x)).clone()
-    calls: list[torch.Tensor] = []
+    calls: list[tuple[torch.Tensor, RowPrep | None, RowPrep | None]] = []
 
-    def from_kernel(self: Int4Linear, x: torch.Tensor) -> torch.Tensor:
-        calls.append(x)
+    def from_kernel(self: Int4Linear, x: torch.Tensor, prep: RowPrep | None = None,
+                    prep_into: RowPrep | None = None) -> torch.Tensor:
+        calls.append((x, prep, prep_into))
         return fused
 
     monkeypatch.setattr(Int4Linear, "silu_mul_forward", from_kernel)
-    assert _gate_up_activation(layer, x, ops) is fused and calls == [x]
+    act, prep = _gate_up_activation(layer, x, ops)
+    assert act is fused and prep is None and calls == [(x, None, None)]
     dense = torch.nn.Linear(64, 48)  # not INT4: the ops path
-    assert torch.equal(_gate_up_activation(dense, x, ops), ops.silu_mul(dense(x))) and len(calls) == 1
+    act, prep = _gate_up_activation(dense, x, ops)
+    assert torch.equal(act, ops.silu_mul(dense(x))) and prep is None and len(calls) == 1
+
+
+def test_the_activation_writes_a_row_prep_for_a_down_product_that_takes_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # gate/up [1, 64] -> [1, 24]; a down product asking for a prep gets buffers per packed row of the 24
+    # activations, filled by the gate/up launch (here: a stand-in kernel that fills them as the store does)
+    layer, down, ops = _gate_up_layer(), _gate_up_layer(inner=32, hidden=24), TorchOps()
+    x = torch.randn(1, 64)
+
+    def from_kernel(self: Int4Linear, x: torch.Tensor, prep: RowPrep | None = None,
+                    prep_into: RowPrep | None = None) -> torch.Tensor:
+        act = ops.silu_mul(self(x))
+        if prep_into is not None:
+            want = row_prep_reference(act, prep_into.span)
+            prep_into.values.copy_(want.values)
+            prep_into.sums.copy_(want.sums)
+        return act
+
+    monkeypatch.setattr(Int4Linear, "silu_mul_forward", from_kernel)
+    monkeypatch.setattr(Int4Linear, "row_prep_span", lambda self, device, dtype: self.group_size)
+    act, prep = _gate_up_activation(layer, x, ops, None, down)
+    assert prep is not None and prep.span == 8 and prep.values.shape == (1, 24) and prep.sums.shape == (1, 3, 2)
+    assert torch.equal(prep.values, act)
+    assert _gate_up_activation(layer, torch.randn(2, 64), ops, None, down)[1] is None  # two rows: no prep
+
+
+def test_the_norm_before_gate_up_writes_its_prep_and_the_mlp_passes_preps_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the layer's second norm writes gate/up's prep when the MLP asks for one; gate/up and down receive
+    # theirs; on the CPU the products ignore them, so the output equals the plain path's
+    torch.manual_seed(1)
+    cfg = _config()
+    layer = DecoderLayer(cfg, 0, "cpu", torch.float32)
+    layer.self_attn.fuse()
+    layer.mlp.fuse()
+    gate_up = layer.mlp.gate_up_proj
+    assert isinstance(gate_up, torch.nn.Linear)
+    layer.mlp.gate_up_proj = Int4Linear(quantize_weight(gate_up.weight.detach(), 32, "asym", torch.float32))
+    layer.mlp.down_proj = Int4Linear(quantize_weight(layer.mlp.down_proj.weight.detach(), 32, "asym", torch.float32))
+    x, residual = torch.randn(1, 32), torch.randn(1, 32)
+    rope = (torch.ones(1, 1, 8), torch.zeros(1, 1, 8))
+    plain = layer(x, residual, TorchOps(), rope, _Pool(), _Plan())
+
+    seen: list[tuple[int, RowPrep | None]] = []
+    forward = Int4Linear.forward
+
+    def spy(self: Int4Linear, x: torch.Tensor, prep: RowPrep | None = None) -> torch.Tensor:
+        seen.append((self.in_features, prep))
+        return forward(self, x, prep)
+
+    spans: list[int] = []
+
+    class _PrepOps(TorchOps):
+        def rms_norm_prep(self, x, residual, weight, eps, span):
+            spans.append(span)
+            return super().rms_norm_prep(x, residual, weight, eps, span)
+
+    monkeypatch.setattr(Int4Linear, "row_prep_span", lambda self, device, dtype: self.group_size)
+    monkeypatch.setattr(Int4Linear, "forward", spy)
+    got = layer(x, residual, _PrepOps(), rope, _Pool(), _Plan())
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    assert spans == [32]
+    gate_up_prep = next(p for k, p in seen if k == 32)
+    assert gate_up_prep is not None and gate_up_prep.span == 32 and gate_up_prep.sums.shape == (1, 1, 2)
 
 
 def _config(qk_norm: bool = False) -> ModelConfig:
