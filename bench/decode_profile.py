@@ -14,7 +14,8 @@
   ms/token, and whether the batch-1 graph's output and 48 greedy tokens equal the first variant's (the
   arithmetic is the same in every variant; only launches differ).
 - `engine`: the INT4 engine (round-to-nearest, group 128, LM head quantized, CUDA graphs): batch-1 decode
-  ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone, and each kernel's
+  ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone (the LM head included:
+  the graphs capture it; results before that change exclude it), and each kernel's
   device time per decode step from the torch profiler (33 steps; the prompt's prefill is one of them).
 """
 

@@ -75,7 +75,7 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeOutputs(NamedTuple):
-    """A graph's outputs: static buffers, overwritten by the next replay of any size (read them, or queue
+    """A graph's outputs: static buffers, overwritten by its next replay (read them, or queue
     the kernels that do, before it)."""
 
     hidden: torch.Tensor
@@ -91,7 +91,7 @@ class DecodeGraphs:
     The static inputs are one flat int64 buffer; the graph of size s reads its first
     `DecodeLayout(s, max_blocks_per_seq).num_elements` entries as that layout (inputs.py), so a step's
     inputs land with one host -> device copy (`prepare_decode(..., dest=graphs.static_inputs(size))`)
-    and the replay needs no copy of its own. The sizes alias the same memory: each step writes its whole
+    and the replay needs no copy of its own. The sizes' inputs alias the same memory: each step writes its whole
     layout before its replay, and that copy is ordered on the stream after the previous replay.
     """
 
