@@ -95,19 +95,25 @@ def _check_argmax(device: torch.device, gen: torch.Generator) -> bool:
     return bool(exact)
 
 
-def check_engine(device: torch.device) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def tiny_model(arch: str, num_prompts: int, seed: int = 5) -> tuple[Path, list[str]]:
+    """A random tiny model of `arch` in a new temporary directory, and `num_prompts` prompts of 1-39 words
+    of its tokenizer's corpus (drawn from `seed`)."""
     from tests.tiny_models import (  # (not tests.backend.local: it turns on Triton's interpreter)
         CORPUS,
         build_tiny_model,
     )
 
-    report: dict[str, Any] = {}
-    path = build_tiny_model(Path(tempfile.mkdtemp()), "qwen3")
-    rng = np.random.default_rng(5)
+    path = build_tiny_model(Path(tempfile.mkdtemp()), arch)
+    rng = np.random.default_rng(seed)
     words = " ".join(CORPUS).split()
-    prompts = [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(24)]
+    return path, [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(num_prompts)]
+
+
+def check_engine(device: torch.device) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report: dict[str, Any] = {}
+    path, prompts = tiny_model("qwen3", 24)
     tok = AutoTokenizer.from_pretrained(path)
     for dtype in ("float32", "bfloat16"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()

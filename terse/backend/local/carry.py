@@ -76,6 +76,10 @@ def take_carry(rows: DecodeRows, chunks: list[ScheduledChunk], carry: StepCarry 
     if not pending:
         return 0, NO_GATES
     assert carry is not None
+    if _in_place(pending, carry):
+        # pending rows 0..P-1 take carry rows 0..P-1: one copy, no indices to send
+        rows.input_ids[: len(pending)].copy_(carry.tokens[: len(pending)])
+        return len(pending), NO_GATES
     shifted = [(r, c, s) for r, c, s, _ in pending if c.seq.num_speculative_tokens]
     guessed = [(j, c.draft) for j, (_, c, _, _) in enumerate(pending) if c.draft is not None and c.draft.guess is not None]
     dst, s_index, first_rows, shift_rows, shift_seqs, g_index, assumed, guess = to_device_parts(
@@ -98,6 +102,17 @@ def take_carry(rows: DecodeRows, chunks: list[ScheduledChunk], carry: StepCarry 
     accepted = carry.accepted.index_select(0, s_index.index_select(0, g_index)) if carry.accepted is not None else 0
     gate = (accepted == assumed) & (x.index_select(0, g_index) == guess)
     return len(pending), Gates([pending[j][1].seq.seq_id for j, _ in guessed], gate)
+
+
+def _in_place(pending: list[tuple[int, ScheduledChunk, int, int]], carry: StepCarry) -> bool:
+    """True when the general path would only copy carry.tokens[j] into row j for j < P: the pending
+    chunks' rows here and their rows in the carry are both 0..P-1 in order (so the carry's rows are its
+    sequences' input tokens: `last_rows` is None), no sequence is shifted and no draft guessed."""
+    return carry.last_rows is None and all(
+        row == j and first == j and not chunk.seq.num_speculative_tokens
+        and (chunk.draft is None or chunk.draft.guess is None)
+        for j, (row, chunk, _, first) in enumerate(pending)
+    )
 
 
 def _shift(rows: DecodeRows, index: torch.Tensor, accepted: torch.Tensor, block_size: int) -> None:

@@ -2,14 +2,21 @@
 
 Decode shapes depend only on the batch size once inputs are padded (see `inputs.DecodeBatch`), so a
 graph captured per size in {1, 2, 4, 8, 16, 24, 32, ...} serves any batch up to that size; padding rows
-read and write the pool's scratch block, never a real one. The wrapper takes tensors only: it copies a
-`DecodeBatch` into its static buffers and replays the graph of that size around the forward function
-it was given (the runner's eager decode forward, the same code).
+read and write the pool's scratch block, never a real one. The wrapper takes tensors only: the runner
+copies a step's inputs straight into the static input buffer (one host -> device copy in the layout of
+`inputs.DecodeLayout`) and the wrapper replays the graph of that size around the functions it was given
+(the runner's eager decode forward, the same code, and the model's LM head on all of the graph's rows).
 
 Each size's graph bakes in the matrix-product kernels of the BLAS library torch prefers while it is
 captured. Which library is faster depends on the shapes: on one H200 (8B shape) cuBLASLt ran the MLP
 products faster at 64 rows and cuBLAS the smaller ones and single rows. With `blas="auto"` each size is
 captured once per library and the graph that replays faster is kept (interleaved timings, median).
+The LM head is captured under the library an eager call would use, so its logits are those of the eager
+head on the same rows.
+
+Memory: every size keeps its outputs, the logits [size, vocab] in the model dtype among them, in the
+graphs' pool. Over the default sizes up to 256 (4,231 rows in all) and a 128K vocabulary that is about
+1.1 GB in bfloat16 (2.2 GB in float32); lower `max_cuda_graph_batch_size` where that matters.
 """
 
 from __future__ import annotations
@@ -19,18 +26,19 @@ import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from terse.backend.local.config import CUDA_GRAPH_BLAS
-from terse.backend.local.inputs import DecodeBatch
+from terse.backend.local.inputs import DecodeBatch, DecodeLayout
 from terse.validation import check_choice
 
 _LIBRARIES = ("cublas", "cublaslt")
 
 
 @contextmanager
-def preferred_blas(library: str) -> Iterator[None]:
+def preferred_blas(library: str | torch._C._BlasBackend) -> Iterator[None]:
     """Make `library` torch's preferred BLAS for matrix products inside the block, then restore it."""
     before = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library(library)
@@ -66,30 +74,53 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
 
 
+class DecodeOutputs(NamedTuple):
+    """A graph's outputs: static buffers, overwritten by its next replay (read them, or queue
+    the kernels that do, before it)."""
+
+    hidden: torch.Tensor
+    """[size, hidden]: the final hidden states."""
+    logits: torch.Tensor
+    """[size, vocab] in the model dtype: `head(hidden)` of all `size` rows."""
+
+
 class DecodeGraphs:
-    """Captured decode forwards sharing one set of static input buffers and one memory pool."""
+    """Captured decode forwards (the decoder and the LM head) sharing one static input buffer and one
+    memory pool.
+
+    The static inputs are one flat int64 buffer; the graph of size s reads its first
+    `DecodeLayout(s, max_blocks_per_seq).num_elements` entries as that layout (inputs.py), so a step's
+    inputs land with one host -> device copy (`prepare_decode(..., dest=graphs.static_inputs(size))`)
+    and the replay needs no copy of its own. The sizes' inputs alias the same memory: each step writes its whole
+    layout before its replay, and that copy is ordered on the stream after the previous replay.
+    """
 
     def __init__(
-        self, forward: Callable[[DecodeBatch], torch.Tensor], *, max_batch_size: int, max_blocks_per_seq: int,
-        scratch_block: int, block_size: int, device: torch.device, blas: str = "auto", timing_rounds: int = 5,
+        self, forward: Callable[[DecodeBatch], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor], *,
+        max_batch_size: int, max_blocks_per_seq: int, scratch_block: int, block_size: int, device: torch.device,
+        blas: str = "auto", timing_rounds: int = 5,
     ) -> None:
+        """forward: a decode batch -> hidden [size, hidden]; head: hidden -> logits [size, vocab]. The
+        forward is captured under each candidate BLAS library (`blas`), the head under the library in effect
+        here, the one an eager call of it would use."""
         check_choice("cuda_graph_blas", blas, CUDA_GRAPH_BLAS)
         libraries = _LIBRARIES if blas == "auto" else (blas,)
+        head_library = torch.backends.cuda.preferred_blas_library()
         self.sizes = graph_batch_sizes(max_batch_size)
-        n = max_batch_size
-        i64 = torch.int64
-        # Capture writes must not touch real blocks: every static row starts on the scratch block.
-        self.static = DecodeBatch(
-            input_ids=torch.zeros(n, dtype=i64, device=device),
-            positions=torch.zeros(n, dtype=i64, device=device),
-            slot_mapping=torch.full((n,), scratch_block * block_size, dtype=i64, device=device),
-            block_tables=torch.full((n, max_blocks_per_seq), scratch_block, dtype=i64, device=device),
-            context_lens=torch.ones(n, dtype=i64, device=device),
-        )
+        self.width = max_blocks_per_seq
+        """Block-table entries per row of the static inputs."""
+        self.scratch_block, self.block_size = scratch_block, block_size
+        self._inputs = torch.empty(self.layout(max_batch_size).num_elements, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, DecodeOutputs] = {}
         self.blas: dict[int, str] = {}
-        """The BLAS library each size's graph was captured with."""
+        """The BLAS library each size's graph was captured with (its forward; the head keeps the default)."""
+
+        def step(inputs: DecodeBatch) -> DecodeOutputs:
+            hidden = forward(inputs)
+            with preferred_blas(head_library):
+                return DecodeOutputs(hidden, head(hidden))
+
         pool = None
         # Collect garbage before capturing and not during it: tensors freed mid-capture (say, of an
         # engine this process closed earlier) would touch the allocator while the stream is captured.
@@ -99,15 +130,15 @@ class DecodeGraphs:
         try:
             with torch.inference_mode():
                 for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
-                    inputs = self._view(size)
-                    captured: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+                    inputs = self.pad(size)
+                    captured: dict[str, tuple[torch.cuda.CUDAGraph, DecodeOutputs]] = {}
                     for library in libraries:
                         with preferred_blas(library):
-                            forward(inputs)  # warm-up outside capture (kernel compilation, lazy init)
+                            step(inputs)  # warm-up outside capture (kernel compilation, lazy init, plans)
                             torch.cuda.synchronize()
                             graph = torch.cuda.CUDAGraph()
                             with torch.cuda.graph(graph, pool=pool):
-                                output = forward(inputs)
+                                output = step(inputs)
                         pool = graph.pool()
                         graph.replay()  # the first replay uploads the graph: keep it out of the timings
                         captured[library] = (graph, output)
@@ -123,25 +154,34 @@ class DecodeGraphs:
                 gc.enable()
         torch.cuda.synchronize()
 
-    def _view(self, size: int) -> DecodeBatch:
-        s = self.static
-        return DecodeBatch(s.input_ids[:size], s.positions[:size], s.slot_mapping[:size], s.block_tables[:size],
-                           s.context_lens[:size])
+    def layout(self, size: int) -> DecodeLayout:
+        """The layout of the graph of `size`'s inputs (fill a host buffer of it for `static_inputs`)."""
+        return DecodeLayout(size, self.width)
+
+    def static_inputs(self, size: int) -> torch.Tensor:
+        """[layout(size).num_elements] int64: where the graph of `size` reads its inputs."""
+        return self._inputs[: self.layout(size).num_elements]
+
+    def inputs(self, size: int) -> DecodeBatch:
+        """The graph of `size`'s inputs as `DecodeBatch` views of the static buffer."""
+        return self.layout(size).views(self._inputs)
+
+    def pad(self, size: int) -> DecodeBatch:
+        """Fill the inputs of `size` with padding rows only (each on the scratch block: a replay writes no
+        real block) and return them."""
+        inputs = self.inputs(size)
+        inputs.input_ids.zero_()
+        inputs.positions.zero_()
+        inputs.slot_mapping.fill_(self.scratch_block * self.block_size)
+        inputs.block_tables.fill_(self.scratch_block)
+        inputs.context_lens.fill_(1)
+        return inputs
 
     def padded_size(self, batch_size: int) -> int | None:
         """The captured size a batch of `batch_size` rows runs at (None: larger than any graph)."""
         return next((s for s in self.sizes if s >= batch_size), None)
 
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
-        """Replay the graph of batch's (padded) size on its inputs. -> hidden states [size, hidden]
-        (a static buffer: read it before the next replay)."""
-        size = batch.input_ids.shape[0]
-        width = batch.block_tables.shape[1]
-        s = self.static
-        s.input_ids[:size].copy_(batch.input_ids)
-        s.positions[:size].copy_(batch.positions)
-        s.slot_mapping[:size].copy_(batch.slot_mapping)
-        s.context_lens[:size].copy_(batch.context_lens)
-        s.block_tables[:size, :width].copy_(batch.block_tables)  # entries past width: stale but valid ids
+    def run(self, size: int) -> DecodeOutputs:
+        """Replay the graph of `size` on its static inputs (written before: see `static_inputs`)."""
         self.graphs[size].replay()
         return self.outputs[size]

@@ -5,7 +5,8 @@ Per token the runner provides its id, its RoPE position p and its KV slot:
     slot(p) = block_ids[c // block_size] * block_size + c % block_size,  c = p - num_dropped_tokens
 
 (c = p for the dense cache; a streaming sequence's table skips its released blocks, see streaming.py).
-Integers are packed into one pinned host buffer and sent with one non-blocking copy.
+Integers are packed into one pinned host buffer (`DecodeLayout`) and sent with one non-blocking copy:
+into a new device buffer, or into a CUDA graph's static inputs.
 
 A decode input may still be on the device (`PENDING_TOKEN`: sampled by the step launched just before
 and not yet read back); its row gets 0 here and the runner copies the sampled id in on the device.
@@ -27,7 +28,7 @@ import torch
 
 from terse.backend.local.attention import PrefillSpan
 from terse.backend.local.scheduler import ScheduledChunk
-from terse.backend.local.staging import pinned_empty, send
+from terse.backend.local.staging import pinned_empty, send, send_into
 
 
 class DecodeBatch(NamedTuple):
@@ -42,7 +43,7 @@ class DecodeBatch(NamedTuple):
     slot_mapping: torch.Tensor
     """[size] int64."""
     block_tables: torch.Tensor
-    """[size, W] int64: W = the most blocks any row holds."""
+    """[size, W] int64: W = the most blocks any row holds (a CUDA graph's: max_blocks_per_seq)."""
     context_lens: torch.Tensor
     """[size] int64: KV entries each query reads, its own included."""
 
@@ -63,6 +64,35 @@ class MixedBatch(NamedTuple):
     spans: list[PrefillSpan]
 
 
+class DecodeLayout(NamedTuple):
+    """Where a decode step's integers sit in its one flat int64 buffer (host and device alike):
+
+        | input_ids | positions | slot_mapping | context_lens | block_tables, row by row |
+          size        size        size           size           size x width
+
+    The CUDA graphs keep their static inputs in this layout at width max_blocks_per_seq, so that one
+    host -> device copy lands a step's inputs where the graph reads them (cuda_graph.py)."""
+
+    size: int
+    """Rows, padding included."""
+    width: int
+    """Block-table entries per row."""
+
+    @property
+    def num_elements(self) -> int:
+        return self.size * (4 + self.width)
+
+    def views(self, flat: torch.Tensor) -> DecodeBatch:
+        """The `DecodeBatch` views of a buffer laid out so (its first `num_elements` entries)."""
+        n, flat = self.size, flat[: self.num_elements]
+        return DecodeBatch(flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n], flat[4 * n :].view(n, self.width), flat[3 * n : 4 * n])
+
+    @classmethod
+    def fit(cls, chunks: list[ScheduledChunk], size: int) -> DecodeLayout:
+        """`size` rows as wide as the longest block table of `chunks` (at least 1)."""
+        return cls(size, max(max((len(c.kv.block_ids) for c in chunks), default=1), 1))
+
+
 def _token(token_id: int) -> int:
     return token_id if token_id >= 0 else 0  # pending: filled in on the device
 
@@ -71,15 +101,16 @@ def num_decode_rows(chunks: list[ScheduledChunk]) -> int:
     return sum(c.num_new_tokens for c in chunks)
 
 
-def prepare_decode(
-    chunks: list[ScheduledChunk], size: int, block_size: int, scratch_block: int, device: torch.device
-) -> DecodeBatch:
-    """The decode rows of `chunks` (the input token, then any draft tokens), padded to `size` rows."""
-    width = max(max((len(c.kv.block_ids) for c in chunks), default=1), 1)
-    host = pinned_empty(size * (4 + width), torch.int64, device)
-    arr = host.numpy()
-    ids, pos, slots, lens = (arr[i * size : (i + 1) * size] for i in range(4))
-    tables = arr[4 * size :].reshape(size, width)
+def fill_decode(
+    flat: np.ndarray, layout: DecodeLayout, chunks: list[ScheduledChunk], block_size: int, scratch_block: int
+) -> None:
+    """Write the decode rows of `chunks` (the input token, then any draft tokens) into `flat` [num_elements]
+    laid out as `layout`; rows past them, and table entries past a row's blocks, are padding (id 0,
+    position 0, the scratch slot and block, context length 1)."""
+    size, width = layout
+    assert flat.shape == (layout.num_elements,), f"buffer of {flat.shape}, layout needs {layout.num_elements}"
+    ids, pos, slots, lens = (flat[i * size : (i + 1) * size] for i in range(4))
+    tables = flat[4 * size :].reshape(size, width)
     ids[:], pos[:], slots[:], lens[:], tables[:] = 0, 0, scratch_block * block_size, 1, scratch_block
     row = 0
     for chunk in chunks:
@@ -87,6 +118,7 @@ def prepare_decode(
         p = seq.num_computed_tokens
         c = p - kv.num_dropped_tokens
         blocks = kv.block_ids
+        assert len(blocks) <= width, f"a table of {len(blocks)} blocks does not fit a layout {width} wide"
         draft = chunk.draft.tokens if chunk.draft is not None else ()
         for i in range(chunk.num_new_tokens):
             ids[row] = _token(seq.token_ids[p]) if i == 0 else draft[i - 1]
@@ -95,11 +127,18 @@ def prepare_decode(
             lens[row] = c + i + 1
             tables[row, : len(blocks)] = blocks
             row += 1
-    dev = send(host, device)
-    return DecodeBatch(
-        dev[:size], dev[size : 2 * size], dev[2 * size : 3 * size], dev[4 * size :].view(size, width),
-        dev[3 * size : 4 * size],
-    )
+    assert row <= size, f"{row} decode rows do not fit a layout of {size}"
+
+
+def prepare_decode(
+    chunks: list[ScheduledChunk], layout: DecodeLayout, block_size: int, scratch_block: int, device: torch.device,
+    dest: torch.Tensor | None = None,
+) -> DecodeBatch:
+    """The decode rows of `chunks`, padded to `layout`, in one host -> device copy: into `dest` [num_elements]
+    int64 on `device` when given (a CUDA graph's static inputs), else into a new buffer. -> views of it."""
+    host = pinned_empty(layout.num_elements, torch.int64, device)
+    fill_decode(host.numpy(), layout, chunks, block_size, scratch_block)
+    return layout.views(send(host, device) if dest is None else send_into(host, dest))
 
 
 def prepare_mixed(
@@ -109,7 +148,7 @@ def prepare_mixed(
     """Flat inputs of a step with prefill chunks. `sparse_min_len`: chunks of at least this many new
     tokens are marked for the sparse prefill (None: sparse prefill off)."""
     num_rows = num_decode_rows(decodes)
-    dec = prepare_decode(decodes, num_rows, block_size, 0, device) if decodes else None
+    dec = prepare_decode(decodes, DecodeLayout.fit(decodes, num_rows), block_size, 0, device) if decodes else None
     ids, pos, slots, spans = [], [], [], []
     row = num_rows
     for chunk in prefills:

@@ -8,7 +8,9 @@ by the step just before (still `PENDING_TOKEN` on the host) is copied from that 
 the device.
 
 Only rows that need logits go through the lm_head: the last token of a chunk that completes its
-sequence (it samples the next token), and every scored position of a scoring request. Sampling runs
+sequence (it samples the next token), and every scored position of a scoring request. A decode graph
+runs the lm_head on all its rows inside the replay; its logits are taken when every row samples (batch
+1, say), else the sampling rows go through the lm_head again (see `_sampling_logits`). Sampling runs
 outside any captured graph, in two places:
 
     launch        free rows (no grammar): sampled at once; log-probabilities on the device for the
@@ -40,7 +42,13 @@ from terse.backend.local.attention import AttentionBackend
 from terse.backend.local.carry import NO_GATES, DecodeRows, Gates, StepCarry, take_carry
 from terse.backend.local.cuda_graph import DecodeGraphs
 from terse.backend.local.grammar import GrammarMasks
-from terse.backend.local.inputs import DecodeBatch, num_decode_rows, prepare_decode, prepare_mixed
+from terse.backend.local.inputs import (
+    DecodeBatch,
+    DecodeLayout,
+    num_decode_rows,
+    prepare_decode,
+    prepare_mixed,
+)
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
 from terse.backend.local.scheduler import ScheduledChunk, StepPlan
@@ -123,8 +131,9 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, max_batch_size: int, blas: str = "auto") -> None:
         self.graphs = DecodeGraphs(
-            self._forward_decode, max_batch_size=max_batch_size, max_blocks_per_seq=self.max_blocks_per_seq,
-            scratch_block=self.pool.scratch_block, block_size=self.block_size, device=self.device, blas=blas,
+            self._forward_decode, self.model.logits, max_batch_size=max_batch_size,
+            max_blocks_per_seq=self.max_blocks_per_seq, scratch_block=self.pool.scratch_block,
+            block_size=self.block_size, device=self.device, blas=blas,
         )
 
     def release(self) -> None:
@@ -138,7 +147,10 @@ class ModelRunner:
         constrained rows returns an unsealed handle: call `sample_late` before the next launch."""
         for copy in plan.copies:
             self.pool.apply_copy(copy, self._inv_freq)
-        hidden, gates = self._run_mixed(plan) if plan.prefills else self._run_decode(plan.decodes)  # [T, hidden]
+        if plan.prefills:
+            (hidden, gates), graph_logits = self._run_mixed(plan), None  # [T, hidden]
+        else:
+            hidden, graph_logits, gates = self._run_decode(plan.decodes)
         rows = _step_rows(plan)
         free = [x for x in rows.sample if x.seq.constraint is None]
         late = [x for x in rows.sample if x.seq.constraint is not None]
@@ -152,7 +164,7 @@ class ModelRunner:
         logprobs: LogprobRows | None = None
         if free:
             row_seqs = [x.seq for x in free for _ in range(x.num_rows)]
-            logits = self.model.logits(self._rows(hidden, [x.row + i for x in free for i in range(x.num_rows)]))  # [Rf, V]
+            logits = self._sampling_logits(hidden, graph_logits, [x.row + i for x in free for i in range(x.num_rows)])  # [Rf, V]
             if num_free_rows > len(free):  # some sequence verifies a draft
                 layout = VerifyLayout.build([x.draft.tokens if x.draft is not None else () for x in free])
                 seqs = [x.seq for x in free]
@@ -216,15 +228,22 @@ class ModelRunner:
         handle.seal()
 
     # -- forward passes --------------------------------------------------------------------------
-    def _run_decode(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, Gates]:
+    def _run_decode(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor | None, Gates]:
+        """-> (hidden [size, hidden], the graph's logits [size, vocab] or None when run eagerly, gates).
+        A graph step's inputs land in the graph's static buffer (one copy) and the carry fills them there."""
         graphs = self.graphs
         num_rows = num_decode_rows(decodes)
         size = graphs.padded_size(num_rows) if graphs is not None else None
-        batch = prepare_decode(decodes, size or num_rows, self.block_size, self.pool.scratch_block, self.device)
+        scratch = self.pool.scratch_block
+        if graphs is None or size is None:
+            batch = prepare_decode(decodes, DecodeLayout.fit(decodes, num_rows), self.block_size, scratch, self.device)
+            gates = self._take_carry(DecodeRows(*batch), decodes)
+            return self._forward_decode(batch, _decode_rows(decodes)), None, gates
+        batch = prepare_decode(decodes, graphs.layout(size), self.block_size, scratch, self.device,
+                               dest=graphs.static_inputs(size))
         gates = self._take_carry(DecodeRows(*batch), decodes)
-        if graphs is not None and size is not None:
-            return graphs.run(batch), gates
-        return self._forward_decode(batch, _decode_rows(decodes)), gates
+        out = graphs.run(size)
+        return out.hidden, out.logits, gates
 
     def _forward_decode(self, batch: DecodeBatch, decode_rows: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """The decode forward (eager, and the function the CUDA graphs capture, which attend every row
@@ -256,6 +275,16 @@ class ModelRunner:
         return gates
 
     # -- outputs ---------------------------------------------------------------------------------
+    def _sampling_logits(self, hidden: torch.Tensor, graph_logits: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+        """The LM head of `rows` of `hidden` -> [len(rows), V]. A graph step computed it for all its rows
+        already: those logits serve only when `rows` are exactly all of them, in order. A product's kernel
+        plan depends on its row count (BLAS heuristics, the INT4 plans per row bucket), so a row's logits
+        in a product of other rows may differ in the last bits; fewer rows (say 5 of a graph of 8) go
+        through the head again, on exactly the rows they always did."""
+        if graph_logits is not None and rows == list(range(graph_logits.shape[0])):
+            return graph_logits  # a static buffer: everything reading it is queued before the next replay
+        return self.model.logits(self._rows(hidden, rows))
+
     def _rows(self, values: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if rows == list(range(len(rows))):
             return values[: len(rows)]

@@ -36,6 +36,12 @@ def send(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def send_into(host: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """Copy a host buffer from `pinned_empty` into the existing `dest` (same shape) without blocking the
+    host; the copy is ordered on the current stream after the work queued before it. -> dest."""
+    return dest.copy_(host, non_blocking=dest.device.type == "cuda")
+
+
 def to_device_parts(parts: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
     """Several int64 index lists in one host -> device copy: a view of the device tensor per part."""
     sizes = [len(p) for p in parts]
