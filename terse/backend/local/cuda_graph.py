@@ -14,9 +14,11 @@ captured once per library and the graph that replays faster is kept (interleaved
 The LM head is captured under the library an eager call would use, so its logits are those of the eager
 head on the same rows.
 
-Memory: every size keeps its outputs, the logits [size, vocab] in the model dtype among them, in the
-graphs' pool. Over the default sizes up to 256 (4,231 rows in all) and a 128K vocabulary that is about
-1.1 GB in bfloat16 (2.2 GB in float32); lower `max_cuda_graph_batch_size` where that matters.
+Only the graphs of up to `HEAD_MAX_SIZE` rows run the LM head: their logits serve when every row samples
+(a batch of one, say), and their outputs stay small. Every size keeps its outputs in the graphs' pool;
+logits [size, vocab] in every size up to 256 (4,231 rows) would hold about 1.1 GB in bfloat16 at a 128K
+vocabulary, against 15 rows (~4 MB) this way. Larger batches run the head after the replay, on the rows
+that sample, as eager steps do.
 """
 
 from __future__ import annotations
@@ -80,8 +82,12 @@ class DecodeOutputs(NamedTuple):
 
     hidden: torch.Tensor
     """[size, hidden]: the final hidden states."""
-    logits: torch.Tensor
-    """[size, vocab] in the model dtype: `head(hidden)` of all `size` rows."""
+    logits: torch.Tensor | None
+    """[size, vocab] in the model dtype: `head(hidden)` of all `size` rows (None past `HEAD_MAX_SIZE`)."""
+
+
+HEAD_MAX_SIZE = 8
+"""The largest graph size that runs the LM head in its replay."""
 
 
 class DecodeGraphs:
@@ -118,6 +124,8 @@ class DecodeGraphs:
 
         def step(inputs: DecodeBatch) -> DecodeOutputs:
             hidden = forward(inputs)
+            if hidden.shape[0] > HEAD_MAX_SIZE:
+                return DecodeOutputs(hidden, None)
             with preferred_blas(head_library):
                 return DecodeOutputs(hidden, head(hidden))
 

@@ -346,6 +346,8 @@ class LlamaForCausalLM(nn.Module):
         self.rope: RotaryEmbedding | None = None
         self.ops: LayerOps = TorchOps()
         """The elementwise kernels (see models/ops.py); the engine may swap in the Triton ones."""
+        self._head_prep: tuple[torch.Tensor, RowPrep] | None = None
+        """(the latest forward's output, the `RowPrep` its final norm wrote for an INT4 LM head), or None."""
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:
@@ -387,13 +389,23 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer in self.decoder_layers:
             x, residual = layer(x, residual, ops, rope, kv, attn)
-        norm = self.model.norm
+        norm, head = self.model.norm, self.lm_head
+        span = head.row_prep_span(x.device, x.dtype) if isinstance(head, Int4Linear) and x.shape[0] == 1 else 0
+        if span:  # one row into an INT4 LM head that gains from its input side worked out by the norm
+            out, _, prep = ops.rms_norm_prep(x, residual, norm.weight, norm.eps, span)
+            self._head_prep = (out, prep)
+            return out
+        self._head_prep = None
         out, _ = ops.rms_norm(x, residual, norm.weight, norm.eps)
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in the model dtype (sampling upcasts what it needs:
-        the argmax of the upcast is the argmax of these)."""
+        the argmax of the upcast is the argmax of these). On the very tensor the latest `forward`
+        returned (the decode graphs' LM head), an INT4 head takes the `RowPrep` its final norm wrote."""
+        head_prep = self._head_prep
+        if head_prep is not None and head_prep[0] is hidden and isinstance(self.lm_head, Int4Linear):
+            return self.lm_head(hidden, head_prep[1])
         logits: torch.Tensor = self.lm_head(hidden)
         return logits
 

@@ -5,10 +5,18 @@ q/k/v."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from terse.backend.local.models.llama import Attention, DecoderLayer, ModelConfig, _gate_up_activation
+from terse.backend.local.models.llama import (
+    Attention,
+    DecoderLayer,
+    LlamaForCausalLM,
+    ModelConfig,
+    _gate_up_activation,
+)
 from terse.backend.local.models.ops import TorchOps, TritonOps
 from terse.backend.local.quant.modules import Int4Linear
 from terse.backend.local.quant.rtn import quantize_weight
@@ -188,3 +196,28 @@ def test_the_ops_fuse_only_int4_projections_on_the_gpu() -> None:
     assert TorchOps().project_rope_store(layer, *args) is None
     assert TritonOps().project_rope_store(torch.nn.Linear(64, 32), *args) is None  # dense: the plain path
     assert TritonOps().project_rope_store(layer, *args) is None  # CPU tensors
+
+
+def test_an_int4_lm_head_takes_the_final_norm_s_prep_on_the_forward_s_own_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the decode graphs run the head on exactly the tensor forward returned: that call gets the prep the
+    # final norm wrote; any other tensor (rows selected from it, a two-row forward) goes without
+    torch.manual_seed(2)
+    cfg = replace(_config(), num_layers=0)
+    model = LlamaForCausalLM(cfg, device="cpu", dtype=torch.float32)
+    model.lm_head = Int4Linear(quantize_weight(torch.randn(8, 32), 32, "asym", torch.float32))
+    model.setup_rope(16, torch.device("cpu"))
+    seen: list[RowPrep | None] = []
+    forward = Int4Linear.forward
+
+    def spy(self: Int4Linear, x: torch.Tensor, prep: RowPrep | None = None) -> torch.Tensor:
+        seen.append(prep)
+        return forward(self, x, prep)
+
+    monkeypatch.setattr(Int4Linear, "row_prep_span", lambda self, device, dtype: self.group_size)
+    monkeypatch.setattr(Int4Linear, "forward", spy)
+    out = model(torch.tensor([3]), torch.tensor([0]), None, None)  # no layers: no KV, no attention
+    logits = model.logits(out)
+    assert seen[-1] is not None and seen[-1].span == 32 and torch.equal(seen[-1].values, out)
+    assert torch.equal(model.logits(out[:1]), logits) and seen[-1] is None  # another view: no prep
+    model(torch.tensor([3, 4]), torch.tensor([0, 1]), None, None)
+    assert model._head_prep is None
