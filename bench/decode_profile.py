@@ -13,6 +13,9 @@
   gate/up product's launch or in its own: one replay of the batch-1 and batch-32 graphs, batch-1 decode
   ms/token, and whether the batch-1 graph's output and 48 greedy tokens equal the first variant's (the
   arithmetic is the same in every variant; only launches differ).
+- `epilogues`: the same measurements with the row prep (terse/kernels/row_prep.py: the norm and the
+  gate/up store writing the next product's input side) and the RoPE + KV store in the q/k/v product's
+  launch each on and off (the variants round differently, so outputs may differ in the last bits).
 - `engine`: the INT4 engine (round-to-nearest, group 128, LM head quantized, CUDA graphs): batch-1 decode
   ms/token after a 128-token prompt, one replay of the batch-1 decode graph alone (the LM head included:
   the graphs capture it; results before that change exclude it), and each kernel's
@@ -26,6 +29,7 @@ import collections
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +108,10 @@ LAUNCH_VARIANTS: tuple[tuple[str, bool, int, bool, LateLaunch], ...] = (("off, a
 """(name, programmatic dependent launch, column GEMV prefetch bytes, SiLU-and-multiply in the gate/up
 product's launch, which column GEMVs let the next kernel launch only after their loop) of the `launch` part."""
 
+EPILOGUE_VARIANTS = (("row prep + fused RoPE store (default)", True, True), ("no row prep", False, True),
+                     ("no fused RoPE store", True, False), ("neither", False, False))
+"""(name, row prep, RoPE + KV store in the q/k/v product's launch) of the `epilogues` part."""
+
 
 def _int4_engine(max_num_seqs: int) -> Any:
     from engine import model_config
@@ -125,18 +133,17 @@ def _median_replay_ms(graph: Any, replays: int) -> float:
     return sorted(replay_ms(graph, replays) for _ in range(5))[2]
 
 
-def launch_part() -> list[dict[str, Any]]:
+def _graph_variants(variants: list[tuple[str, Callable[[], None]]]) -> list[dict[str, Any]]:
+    """Per variant (name, a function that sets it up), one INT4 engine's decode graphs recaptured: one replay
+    of the batch-1 and batch-32 graphs, batch-1 decode ms/token, and whether the batch-1 graph's output and
+    48 greedy tokens equal the first variant's."""
     import gc
 
     import numpy as np
     import torch
 
-    from terse.backend.local.quant.modules import Int4Linear
     from terse.backend.types import SamplingParams
-    from terse.kernels import dependent_launch, w4a16_gemv_column
 
-    fused_activation = Int4Linear.silu_mul_forward
-    default_prefetch, default_late = w4a16_gemv_column.PREFETCH_BYTES, w4a16_gemv_column.LATE_LAUNCH
     engine = _int4_engine(32)
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(0)
@@ -159,11 +166,8 @@ def launch_part() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
     try:
-        for name, dependent, prefetch, fused, late in LAUNCH_VARIANTS:
-            dependent_launch.set_dependent_launch(dependent)
-            w4a16_gemv_column.PREFETCH_BYTES = prefetch
-            w4a16_gemv_column.LATE_LAUNCH = late
-            Int4Linear.silu_mul_forward = fused_activation if fused else lambda self, x: None  # type: ignore[method-assign]
+        for name, set_up in variants:
+            set_up()
             engine.runner.graphs = None
             gc.collect()
             engine.runner.capture_cuda_graphs(32)
@@ -178,13 +182,52 @@ def launch_part() -> list[dict[str, Any]]:
                 "output_equal": bool(torch.equal(output, baseline["output"])),
                 "tokens_equal": list(tokens) == list(baseline["tokens"]),
             })
-            print(f"[decode_profile] launch {rows[-1]}", flush=True)
+            print(f"[decode_profile] {rows[-1]}", flush=True)
+    finally:
+        engine.close()
+    return rows
+
+
+def launch_part() -> list[dict[str, Any]]:
+    from terse.backend.local.quant.modules import Int4Linear
+    from terse.kernels import dependent_launch, w4a16_gemv_column
+
+    fused_activation = Int4Linear.silu_mul_forward
+    default_prefetch, default_late = w4a16_gemv_column.PREFETCH_BYTES, w4a16_gemv_column.LATE_LAUNCH
+
+    def variant(dependent: bool, prefetch: int, fused: bool, late: LateLaunch) -> Callable[[], None]:
+        def set_up() -> None:
+            dependent_launch.set_dependent_launch(dependent)
+            w4a16_gemv_column.PREFETCH_BYTES = prefetch
+            w4a16_gemv_column.LATE_LAUNCH = late
+            Int4Linear.silu_mul_forward = fused_activation if fused else lambda self, x, *rest: None  # type: ignore[method-assign]
+        return set_up
+
+    try:
+        return _graph_variants([(name, variant(*flags)) for name, *flags in LAUNCH_VARIANTS])
     finally:
         dependent_launch.set_dependent_launch(True)
         w4a16_gemv_column.PREFETCH_BYTES, w4a16_gemv_column.LATE_LAUNCH = default_prefetch, default_late
         Int4Linear.silu_mul_forward = fused_activation  # type: ignore[method-assign]
-        engine.close()
-    return rows
+
+
+def epilogues_part() -> list[dict[str, Any]]:
+    """The row prep (terse/kernels/row_prep.py) and the q/k/v product's RoPE + KV store, each on and off."""
+    from terse.backend.local.models.ops import TritonOps
+    from terse.kernels import w4a16
+
+    min_columns, rope_store = w4a16.ROW_PREP_MIN_COLUMNS_PER_WARP, TritonOps.project_rope_store
+
+    def variant(prep: bool, rope: bool) -> Callable[[], None]:
+        def set_up() -> None:
+            w4a16.ROW_PREP_MIN_COLUMNS_PER_WARP = min_columns if prep else 1 << 30
+            TritonOps.project_rope_store = rope_store if rope else lambda self, *args: None  # type: ignore[method-assign]
+        return set_up
+
+    try:
+        return _graph_variants([(name, variant(*flags)) for name, *flags in EPILOGUE_VARIANTS])
+    finally:
+        w4a16.ROW_PREP_MIN_COLUMNS_PER_WARP, TritonOps.project_rope_store = min_columns, rope_store  # type: ignore[method-assign]
 
 
 def engine_part() -> dict[str, Any]:
@@ -240,12 +283,14 @@ def table(result: dict[str, Any]) -> str:
     for row in result.get("argmax", []):
         lines.append(f"argmax batch {row['batch']} {row['dtype']}: torch {row['torch_us']:.2f} us, triton "
                      f"{row['triton_us']:.2f} us, equal {row['equal']}")
-    if "launch" in result:
-        lines += ["", "| launch | graph ms, batch 1 | graph ms, batch 32 | decode ms/token, batch 1 | output equal | tokens equal |",
+    for part in ("launch", "epilogues"):
+        if part not in result:
+            continue
+        lines += ["", f"| {part} | graph ms, batch 1 | graph ms, batch 32 | decode ms/token, batch 1 | output equal | tokens equal |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['graph_ms_batch1']:.3f} | {r['graph_ms_batch32']:.3f} | "
                   f"{', '.join(f'{v:.3f}' for v in r['decode_ms_batch1'])} | {r['output_equal']} | {r['tokens_equal']} |"
-                  for r in result["launch"]]
+                  for r in result[part]]
     if "engine" in result:
         e = result["engine"]
         lines += ["", f"decode ms/token (batch 1): {', '.join(f'{v:.3f}' for v in e['decode_ms_batch1'])}; graph replay "
@@ -261,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="")
     parser.add_argument("--table", type=Path, help="print the tables of a saved result and exit")
     args = parser.parse_args(argv)
-    parts = {"paged": paged_part, "argmax": argmax_part, "launch": launch_part, "engine": engine_part}
+    parts = {"paged": paged_part, "argmax": argmax_part, "launch": launch_part, "epilogues": epilogues_part,
+             "engine": engine_part}
     unknown = [name for name in args.parts.split(",") if name not in parts]
     if unknown:
         print(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(parts)}", file=sys.stderr)
