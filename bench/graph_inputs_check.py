@@ -4,7 +4,8 @@
   engine with graphs off (eager decode steps), token for token. Batch 1, and batch 5 with requests of
   different lengths, so that the batch shrinks through the graphs of sizes 8, 4, 2 and 1 (they share one
   static input buffer); each once plainly and once with speculative decoding (prompt lookup on
-  repetitive prompts: verified drafts, carried positions, guessed drafts).
+  repetitive prompts: verified drafts, carried positions, guessed drafts); the graph engine twice, its
+  steps' inputs sent at the full table width in one copy and (forced) at the batch's width, then spread.
 - `head`: per captured size, the graph's logits equal the eager LM head on the graph's hidden rows,
   bit for bit, in float32 and bfloat16 (the runner takes them for steps whose every row samples).
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from engine_check import tiny_model
 
+from terse.backend.local import runner as runner_module
 from terse.backend.local.engine import LocalEngine
 from terse.backend.types import SamplingParams
 
@@ -61,27 +63,35 @@ def check_tokens(path: Path, prompts: list[str]) -> bool:
         "batch5_speculative": (repetitive[:5], LENGTHS),
     }
     ok = True
+    full_width = runner_module.FULL_WIDTH_COPY_BYTES
     for spec in (None, SPECULATIVE):
-        outputs: dict[bool, dict[str, list[list[int]]]] = {}
-        num_drafted: dict[str, int] = {}  # per run of the graph engine
-        for graphs in (True, False):
+        outputs: dict[str, dict[str, list[list[int]]]] = {}
+        num_drafted: dict[str, int] = {}  # per run of the graph engines
+        # "spread": graph steps' inputs sent at the batch's table width and spread on the device (the path
+        # of long max_model_len), forced here by a zero threshold
+        for mode in ("graphs", "spread", "eager"):
+            runner_module.FULL_WIDTH_COPY_BYTES = 0 if mode == "spread" else full_width
+            graphs = mode != "eager"
             engine = _engine(path, "float32", graphs, spec)
             assert (engine.runner.graphs is not None) is graphs, "graphs on: the engine must have captured them"
-            outputs[graphs] = {}
+            outputs[mode] = {}
             for name, run in runs.items():
                 if name.endswith("_speculative") is (spec is not None):
                     before = engine.speculator.num_draft_tokens if engine.speculator is not None else 0
-                    outputs[graphs][name] = _generate(engine, *run)
+                    outputs[mode][name] = _generate(engine, *run)
                     after = engine.speculator.num_draft_tokens if engine.speculator is not None else 0
                     if graphs:
                         num_drafted[name] = after - before
             engine.close()
-        for name, graph_tokens in outputs[True].items():
-            eager_tokens = outputs[False][name]
-            same = sum(g == e for g, e in zip(graph_tokens, eager_tokens))
-            drafted = f", {num_drafted[name]} draft tokens verified" if spec is not None else ""
-            ok &= _report(f"tokens float32 {name}", same == len(eager_tokens) and (spec is None or num_drafted[name] > 0),
-                          f"{same}/{len(eager_tokens)} sequences identical (graphs vs eager){drafted}")
+        runner_module.FULL_WIDTH_COPY_BYTES = full_width
+        for mode in ("graphs", "spread"):
+            for name, graph_tokens in outputs[mode].items():
+                eager_tokens = outputs["eager"][name]
+                same = sum(g == e for g, e in zip(graph_tokens, eager_tokens))
+                drafted = f", {num_drafted[name]} draft tokens verified" if spec is not None else ""
+                ok &= _report(f"tokens float32 {name} ({mode})",
+                              same == len(eager_tokens) and (spec is None or num_drafted[name] > 0),
+                              f"{same}/{len(eager_tokens)} sequences identical (graphs vs eager){drafted}")
     return ok
 
 

@@ -136,9 +136,31 @@ def prepare_decode(
 ) -> DecodeBatch:
     """The decode rows of `chunks`, padded to `layout`, in one host -> device copy: into `dest` [num_elements]
     int64 on `device` when given (a CUDA graph's static inputs), else into a new buffer. -> views of it."""
+    return layout.views(send_decode(chunks, layout, block_size, scratch_block, device, dest))
+
+
+def send_decode(
+    chunks: list[ScheduledChunk], layout: DecodeLayout, block_size: int, scratch_block: int, device: torch.device,
+    dest: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`prepare_decode`'s flat buffer on the device ([num_elements] int64; `dest` when given)."""
     host = pinned_empty(layout.num_elements, torch.int64, device)
     fill_decode(host.numpy(), layout, chunks, block_size, scratch_block)
-    return layout.views(send(host, device) if dest is None else send_into(host, dest))
+    return send(host, device) if dest is None else send_into(host, dest)
+
+
+def spread_decode(flat: torch.Tensor, layout: DecodeLayout, dest: torch.Tensor, wide: DecodeLayout) -> DecodeBatch:
+    """Copy a step's inputs laid out as `layout` (its batch's table width) into `dest` laid out as `wide` (the
+    same rows, a wider table: a CUDA graph's static inputs): the four vectors in one copy, the tables into
+    the first `layout.width` entries of each wide row (entries past them keep what they held: a row reads
+    no more of its table than its context covers). -> `wide`'s views of dest."""
+    n = layout.size
+    if wide.size != n or wide.width < layout.width:
+        raise ValueError(f"a {n}-row layout {layout.width} wide does not spread into {wide.size} rows {wide.width} wide")
+    dest[: 4 * n].copy_(flat[: 4 * n])
+    views = wide.views(dest)
+    views.block_tables[:, : layout.width].copy_(layout.views(flat).block_tables)
+    return views
 
 
 def prepare_mixed(

@@ -48,6 +48,8 @@ from terse.backend.local.inputs import (
     num_decode_rows,
     prepare_decode,
     prepare_mixed,
+    send_decode,
+    spread_decode,
 )
 from terse.backend.local.kv_cache import KVCachePool
 from terse.backend.local.models.llama import LlamaForCausalLM, rope_inv_freq
@@ -105,6 +107,13 @@ def _decode_rows(decodes: list[ScheduledChunk]) -> list[tuple[int, int]]:
         out.append((row, chunk.num_new_tokens))
         row += chunk.num_new_tokens
     return out
+
+
+FULL_WIDTH_COPY_BYTES = 256 << 10
+"""A graph step's inputs go straight into the graph's static buffer, block tables at its full width
+(max_model_len / block_size), while that layout takes at most this many bytes; beyond (long contexts at
+large batches: 32 rows of a 131072-token model are 2.1 MB) they are sent at the batch's own table width
+and spread into the static buffer by two device copies."""
 
 
 class ModelRunner:
@@ -230,7 +239,8 @@ class ModelRunner:
     # -- forward passes --------------------------------------------------------------------------
     def _run_decode(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor | None, Gates]:
         """-> (hidden [size, hidden], the graph's logits [size, vocab] or None when run eagerly, gates).
-        A graph step's inputs land in the graph's static buffer (one copy) and the carry fills them there."""
+        A graph step's inputs land in the graph's static buffer (one copy while its full-width layout is
+        small, else at the batch's table width and spread on the device) and the carry fills them there."""
         graphs = self.graphs
         num_rows = num_decode_rows(decodes)
         size = graphs.padded_size(num_rows) if graphs is not None else None
@@ -239,8 +249,13 @@ class ModelRunner:
             batch = prepare_decode(decodes, DecodeLayout.fit(decodes, num_rows), self.block_size, scratch, self.device)
             gates = self._take_carry(DecodeRows(*batch), decodes)
             return self._forward_decode(batch, _decode_rows(decodes)), None, gates
-        batch = prepare_decode(decodes, graphs.layout(size), self.block_size, scratch, self.device,
-                               dest=graphs.static_inputs(size))
+        wide = graphs.layout(size)
+        if wide.num_elements * 8 <= FULL_WIDTH_COPY_BYTES:
+            batch = prepare_decode(decodes, wide, self.block_size, scratch, self.device, dest=graphs.static_inputs(size))
+        else:
+            layout = DecodeLayout.fit(decodes, size)
+            flat = send_decode(decodes, layout, self.block_size, scratch, self.device)
+            batch = spread_decode(flat, layout, graphs.static_inputs(size), wide)
         gates = self._take_carry(DecodeRows(*batch), decodes)
         out = graphs.run(size)
         return out.hidden, out.logits, gates

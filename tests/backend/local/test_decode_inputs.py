@@ -9,7 +9,14 @@ import torch
 
 from terse.backend.local import carry as carry_module
 from terse.backend.local.carry import NO_GATES, DecodeRows, StepCarry, take_carry
-from terse.backend.local.inputs import DecodeBatch, DecodeLayout, fill_decode, prepare_decode
+from terse.backend.local.inputs import (
+    DecodeBatch,
+    DecodeLayout,
+    fill_decode,
+    prepare_decode,
+    send_decode,
+    spread_decode,
+)
 from terse.backend.local.kv_policy import DENSE, SeqKV
 from terse.backend.local.scheduler import ScheduledChunk
 from terse.backend.local.sequence import PENDING_TOKEN, Draft, Sequence
@@ -165,3 +172,29 @@ def test_take_carry_one_copy_path_equals_the_general_path(case: str, monkeypatch
     assert num_filled == general_filled
     if one_copy:
         assert gates is NO_GATES and general_gates is NO_GATES
+
+
+def test_a_step_sent_at_its_own_width_spreads_into_the_wide_graph_layout() -> None:
+    """Where the full-width layout is large (long max_model_len), a step goes over at its batch's table width
+    and is spread into the static buffer: the vectors and each row's first entries as the one-copy path
+    writes them; entries past the batch's width keep what they held (no row reads them)."""
+    chunks, size, wide_width = _chunks(), 8, 6
+    layout = DecodeLayout.fit(chunks, size)
+    flat = send_decode(chunks, layout, BLOCK_SIZE, SCRATCH, CPU)
+    static = torch.full((DecodeLayout(16, wide_width).num_elements,), -7, dtype=torch.int64)
+    wide = DecodeLayout(size, wide_width)
+    got = spread_decode(flat, layout, static[: wide.num_elements], wide)
+    want = _expected(chunks, size, layout.width)
+    _assert_equal(got._replace(block_tables=got.block_tables[:, : layout.width]), want)
+    assert bool((got.block_tables[:, layout.width :] == -7).all())
+    assert bool((static[wide.num_elements :] == -7).all())
+    assert got.input_ids.data_ptr() == static.data_ptr()  # views of the static buffer
+    with pytest.raises(ValueError, match="does not spread"):
+        spread_decode(flat, layout, static, DecodeLayout(size, 2))
+
+
+def test_graph_steps_spread_only_when_the_wide_layout_is_large() -> None:
+    from terse.backend.local.runner import FULL_WIDTH_COPY_BYTES
+
+    assert DecodeLayout(32, 256).num_elements * 8 <= FULL_WIDTH_COPY_BYTES  # 4K tokens, 16-token blocks: one copy
+    assert DecodeLayout(32, 8192).num_elements * 8 > FULL_WIDTH_COPY_BYTES  # 128K tokens: sent at the batch's width
