@@ -15,8 +15,9 @@ packed row and column, which rounds differently (within the product's float32 ac
 
 On an H200 (8B shapes, one row, bf16, launch-free) this made the column tiles of 32 columns per warp 9-17%
 faster (gate/up 25.9 -> 23.1 us with group sums, down 14.3 -> 13.0 us with per-row sums, the LM head 92.0 ->
-76.2 us) and the narrow four-warp tiles of q/k/v and o slower (q/k/v 8.4 -> 8.5 us with per-row sums, 10.7 us
-with group sums), so a product takes a prep only where its tile is wide per warp (`w4a16.row_prep_span`).
+76.2 us) and the narrow four-warp tiles of q/k/v and o slower (q/k/v 8.1 -> 8.5 us with per-row sums, 10.5 us
+with group sums; o 6.2 -> 6.4 and 13.2 us), so a product takes a prep only where its tile is wide per warp
+(`w4a16.row_prep_span`).
 
 This module is torch only; the Triton side that writes a prep is `row_prep_kernels`.
 """

@@ -80,7 +80,7 @@ ROW_PREP_MIN_COLUMNS_PER_WARP = 32
 """A one-row column GEMV takes a `RowPrep` from the kernel that writes its input when its tile has at
 least this many columns per warp. On an H200 (8B shapes, bf16, launch-free) the prep made the tiles of
 32 columns per warp 9-17% faster (gate/up, down, the LM head) and the 16-column four-warp tiles of q/k/v
-and o 3-28% slower (terse/kernels/row_prep.py)."""
+and o slower: 3-6% with per-row sums, 30-110% with group sums (terse/kernels/row_prep.py)."""
 
 
 def row_prep_span(device: torch.device, dtype: torch.dtype, weight: Int4Weight) -> int:
