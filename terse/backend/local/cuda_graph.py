@@ -4,8 +4,9 @@ Decode shapes depend only on the batch size once inputs are padded (see `inputs.
 graph captured per size in {1, 2, 4, 8, 16, 24, 32, ...} serves any batch up to that size; padding rows
 read and write the pool's scratch block, never a real one. The wrapper takes tensors only: the runner
 copies a step's inputs straight into the static input buffer (one host -> device copy in the layout of
-`inputs.DecodeLayout`) and the wrapper replays the graph of that size around the functions it was given
-(the runner's eager decode forward, the same code, and the model's LM head on all of the graph's rows).
+`inputs.DecodeLayout`; for long contexts at large batches, at the batch's table width and spread there,
+see `runner.FULL_WIDTH_COPY_BYTES`) and the wrapper replays the graph of that size around the functions it
+was given (the runner's eager decode forward, the same code, and the model's LM head on the graph's rows).
 
 Each size's graph bakes in the matrix-product kernels of the BLAS library torch prefers while it is
 captured. Which library is faster depends on the shapes: on one H200 (8B shape) cuBLASLt ran the MLP

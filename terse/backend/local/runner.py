@@ -8,9 +8,10 @@ by the step just before (still `PENDING_TOKEN` on the host) is copied from that 
 the device.
 
 Only rows that need logits go through the lm_head: the last token of a chunk that completes its
-sequence (it samples the next token), and every scored position of a scoring request. A decode graph
-runs the lm_head on all its rows inside the replay; its logits are taken when every row samples (batch
-1, say), else the sampling rows go through the lm_head again (see `_sampling_logits`). Sampling runs
+sequence (it samples the next token), and every scored position of a scoring request. A decode graph of
+up to `cuda_graph.HEAD_MAX_SIZE` rows runs the lm_head on all its rows inside the replay; its logits are
+taken when every row samples (batch 1, say), else the sampling rows go through the lm_head again (see
+`_sampling_logits`). Sampling runs
 outside any captured graph, in two places:
 
     launch        free rows (no grammar): sampled at once; log-probabilities on the device for the
