@@ -12,8 +12,9 @@ Each size's graph bakes in the matrix-product kernels of the BLAS library torch 
 captured. Which library is faster depends on the shapes: on one H200 (8B shape) cuBLASLt ran the MLP
 products faster at 64 rows and cuBLAS the smaller ones and single rows. With `blas="auto"` each size is
 captured once per library and the graph that replays faster is kept (interleaved timings, median).
-The LM head is captured under the library an eager call would use, so its logits are those of the eager
-head on the same rows.
+The LM head is captured under the library an eager call would use, so a dense head's logits are those of
+the eager head on the same rows (an INT4 head of one row takes the final norm's row prep in the graph,
+terse.kernels.row_prep: the same product up to float32 rounding).
 
 Only the graphs of up to `HEAD_MAX_SIZE` rows run the LM head: their logits serve when every row samples
 (a batch of one, say), and their outputs stay small. Every size keeps its outputs in the graphs' pool;
