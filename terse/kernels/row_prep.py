@@ -68,9 +68,8 @@ def row_prep_reference(x: torch.Tensor, span: int) -> RowPrep:
     values = x.float().contiguous()
     padded = torch.nn.functional.pad(values, (0, (-k) % span)).view(-1, span)
     if span == PACKED_ROW:
-        r = padded
-        even = (r[:, 0] + r[:, 2]) + (r[:, 4] + r[:, 6])
-        odd = (r[:, 1] + r[:, 3]) + (r[:, 5] + r[:, 7])
+        even = (padded[:, 0] + padded[:, 2]) + (padded[:, 4] + padded[:, 6])
+        odd = (padded[:, 1] + padded[:, 3]) + (padded[:, 5] + padded[:, 7])
     else:
         even, odd = padded[:, 0::2].sum(1), padded[:, 1::2].sum(1)
     sums = torch.stack((-(even * 2048.0 + odd * 128.0), even + odd), 1)

@@ -91,9 +91,7 @@ def row_prep_span(device: torch.device, dtype: torch.dtype, weight: Int4Weight) 
     product ran once (the engine runs each decode graph's batch eagerly before capturing it)."""
     if dtype not in (torch.bfloat16, torch.float16) or weight.input_perm is not None:
         return 0
-    key: PlanKey = (str(device), 1, weight.out_features, weight.in_features, weight.group_size,
-                    weight.zeros is not None, str(dtype))
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(_plan_key(device, 1, weight, dtype))
     if plan is None and interpreting():
         plan = heuristic_plan(1, weight, _num_sms(device))
     if plan is None or plan.kind != "column":
@@ -157,14 +155,18 @@ def _plan(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> Pla
     """The measured plan of x's row-count bucket (measured now when new), or the heuristic one where
     nothing can be timed (interpreter, CUDA graph capture). x: [M >= 1, K], already permuted."""
     bucket = 1 << (x.shape[0] - 1).bit_length()
-    key: PlanKey = (str(x.device), bucket, weight.out_features, weight.in_features, weight.group_size,
-                    weight.zeros is not None, str(x.dtype))
+    key = _plan_key(x.device, bucket, weight, x.dtype)
     plan = _PLANS.get(key)
     if plan is None:
         if interpreting() or torch.cuda.is_current_stream_capturing():
             return heuristic_plan(bucket, weight, _num_sms(x.device))
         plan = _tune(key, x, weight, bias)
     return plan
+
+
+def _plan_key(device: torch.device, bucket: int, weight: Int4Weight, dtype: torch.dtype) -> PlanKey:
+    return (str(device), bucket, weight.out_features, weight.in_features, weight.group_size, weight.zeros is not None,
+            str(dtype))
 
 
 def run_plan(

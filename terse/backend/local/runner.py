@@ -302,8 +302,10 @@ class ModelRunner:
         return self.model.logits(self._rows(hidden, rows))
 
     def _rows(self, values: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """values[rows]: all of values itself (so the LM head of a one-row step gets the forward's own
+        output and the final norm's row prep with it, `LlamaForCausalLM.logits`), a leading slice a view."""
         if rows == list(range(len(rows))):
-            return values[: len(rows)]
+            return values if len(rows) == values.shape[0] else values[: len(rows)]
         return values.index_select(0, to_device(rows, torch.int64, self.device))
 
     def _logprobs(

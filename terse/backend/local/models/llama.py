@@ -402,7 +402,8 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in the model dtype (sampling upcasts what it needs:
         the argmax of the upcast is the argmax of these). On the very tensor the latest `forward`
-        returned (the decode graphs' LM head), an INT4 head takes the `RowPrep` its final norm wrote."""
+        returned (the decode graphs' LM head, and the runner's for a step whose every row samples), an INT4
+        head takes the `RowPrep` its final norm wrote."""
         head_prep = self._head_prep
         if head_prep is not None and head_prep[0] is hidden and isinstance(self.lm_head, Int4Linear):
             return self.lm_head(hidden, head_prep[1])

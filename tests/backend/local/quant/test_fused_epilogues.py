@@ -221,3 +221,35 @@ def test_an_int4_lm_head_takes_the_final_norm_s_prep_on_the_forward_s_own_output
     assert torch.equal(model.logits(out[:1]), logits) and seen[-1] is None  # another view: no prep
     model(torch.tensor([3, 4]), torch.tensor([0, 1]), None, None)
     assert model._head_prep is None
+
+
+def test_a_one_row_step_gives_the_lm_head_the_forward_s_own_output(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the runner hands the LM head the forward's output itself when every row samples, so an INT4 head of a
+    # one-row step gets the final norm's row prep in eager steps as in the decode graphs (CPU: the reference
+    # prep, ignored by the product; tokens unchanged)
+    from terse.backend.local.engine import LocalEngine
+    from terse.backend.types import SamplingParams
+
+    engine = LocalEngine.from_spec(str(tiny_model_factory("llama")), kv_block_size=4, num_kv_blocks=64,
+                                   quantization={"group_size": 32, "awq": False, "lm_head": True})
+    try:
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        plain = engine.generate(["a b c"], params)[0].token_ids
+        head = engine.runner.model.lm_head
+        assert isinstance(head, Int4Linear)
+        calls: list[tuple[torch.Tensor, RowPrep | None]] = []
+        forward = Int4Linear.forward
+
+        def spy(self: Int4Linear, x: torch.Tensor, prep: RowPrep | None = None) -> torch.Tensor:
+            if self is head:
+                calls.append((x, prep))
+            return forward(self, x, prep)
+
+        monkeypatch.setattr(Int4Linear, "row_prep_span", lambda self, device, dtype: self.group_size)
+        monkeypatch.setattr(Int4Linear, "forward", spy)
+        assert engine.generate(["a b c"], params)[0].token_ids == plain
+        assert len(calls) == 6  # the prompt's step (its uncached rows) and five decode steps
+        for x, prep in calls[1:]:  # one row each: the head gets the norm's prep of exactly that row
+            assert prep is not None and prep.span == 32 and torch.equal(prep.values, x)
+    finally:
+        engine.close()
